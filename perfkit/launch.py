@@ -1,0 +1,71 @@
+"""Start the reference trainer under torchrun (torch.distributed's own launcher).
+
+Torch-free: ``perfkit train`` validates the configuration and builds the command before any
+process starts, so a bad configuration costs no torch import and no rank start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from perfkit.errors import ConfigError
+from perfkit.trainer.config import TrainConfig
+
+
+def visible_gpus() -> int:
+    """How many NVIDIA GPUs this process may use, without importing torch (0 when none or no driver)."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library, no GPU: all mean zero GPUs here
+        return 0
+
+
+def check_devices(cfg: TrainConfig, nproc: int) -> None:
+    if cfg.device == "cuda":
+        gpus = visible_gpus()
+        if gpus == 0:
+            raise ConfigError("device=cuda but no NVIDIA GPU is visible; use --set device=cpu")
+        if nproc > gpus:
+            raise ConfigError(
+                f"--nproc {nproc} needs one GPU per rank but {gpus} are visible; use --nproc {gpus} or fewer"
+            )
+
+
+def trainer_command(
+    nproc: int, config: str, overrides: tuple[str, ...] | list[str], log_json: Path | None
+) -> list[str]:
+    """argv that runs the trainer: alone for one rank, else under torchrun on this node."""
+    args = ["-m", "perfkit.trainer", "--config", config]
+    for item in overrides:
+        args += ["--set", item]
+    if log_json is not None:
+        args += ["--log-json", str(log_json)]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run_command(argv: list[str], nproc: int) -> int:
+    """Run argv to its end and return its exit code; Ctrl-C is passed on and waited for."""
+    env = dict(os.environ)
+    # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()

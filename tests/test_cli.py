@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from perfkit import __version__
+from perfkit.cli import cli
+
+NOT_BUILT = ["profile", "analyze", "report", "optimize", "sweep", "compare"]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_help_lists_every_command(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in ["train", "demo", *NOT_BUILT]:
+        assert f"  {name} " in result.output
+
+
+@pytest.mark.parametrize("name", ["train", "demo", *NOT_BUILT])
+def test_each_command_has_help(runner: CliRunner, name: str) -> None:
+    result = runner.invoke(cli, [name, "--help"])
+    assert result.exit_code == 0
+    assert f"Usage: cli {name}" in result.output or f"Usage: perfkit {name}" in result.output
+
+
+@pytest.mark.parametrize("name", NOT_BUILT)
+def test_not_built_commands_exit_2_with_one_line(runner: CliRunner, name: str) -> None:
+    result = runner.invoke(cli, [name, "some-run", "--flag"])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0
+    assert "not built yet" in result.output
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from perfkit.cli import cli; cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+def test_train_invalid_config_is_one_line_exit_2(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["train", "--nproc", "2", "--set", "parallel.tp=3"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: parallel.tp=3 does not divide model.n_heads=4; choose 1, 2 or 4"

@@ -1,0 +1,75 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from perfkit.errors import RunDirError
+from perfkit.run import MANIFEST_NAME, SCHEMA_VERSION, Run, default_run_path
+
+
+def test_create_open_roundtrip(tmp_path: Path) -> None:
+    run = Run.create(tmp_path / "r", command=["train"], world_size=2, config={"steps": 3})
+    run.rank_dir(1)
+    run.rank_dir(0)
+    (run.path / "rank10").mkdir()
+    (run.path / "rankX").mkdir()
+    run.set_collector("nvml", "disabled", "no NVIDIA driver")
+    run.finish("complete", 0)
+    again = Run.open(tmp_path / "r")
+    assert again.manifest.status == "complete"
+    assert again.manifest.world_size == 2
+    assert again.manifest.config == {"steps": 3}
+    assert again.manifest.collectors["nvml"].reason == "no NVIDIA driver"
+    assert again.manifest.end is not None and again.manifest.end >= again.manifest.start
+    assert again.ranks() == [0, 1, 10]
+
+
+def test_create_refuses_existing_run(tmp_path: Path) -> None:
+    Run.create(tmp_path, command=["x"], world_size=1)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Run.create(tmp_path, command=["y"], world_size=1)
+
+
+def test_manifest_write_is_atomic(tmp_path: Path) -> None:
+    run = Run.create(tmp_path, command=["x"], world_size=1)
+    for i in range(20):
+        run.manifest.config = {"i": i}
+        run.save()
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]  # no temporary files left
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["config"] == {"i": 19}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "manifest.json is missing"),
+        ("{not json", "cannot be read"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"name": "x"}', "no schema_version"),
+        (json.dumps({"schema_version": SCHEMA_VERSION + 1, "name": "x"}), "newer than this perfkit reads"),
+        (json.dumps({"schema_version": SCHEMA_VERSION, "name": "x"}), "lacks command, world_size"),
+        (
+            json.dumps({"schema_version": 1, "name": "x", "command": [], "world_size": 1, "status": "odd"}),
+            "unknown status",
+        ),
+    ],
+)
+def test_open_bad_manifest_names_the_file(tmp_path: Path, content: str | None, message: str) -> None:
+    if content is not None:
+        (tmp_path / MANIFEST_NAME).write_text(content)
+    with pytest.raises(RunDirError, match=message) as info:
+        Run.open(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_open_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="no such run directory"):
+        Run.open(tmp_path / "nope")
+
+
+def test_default_run_path_is_unique(tmp_path: Path) -> None:
+    first = default_run_path("demo", tmp_path)
+    first.mkdir()
+    second = default_run_path("demo", tmp_path)
+    assert second != first and second.name.startswith(first.name)
