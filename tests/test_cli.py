@@ -52,3 +52,19 @@ def test_train_invalid_config_is_one_line_exit_2(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["train", "--nproc", "2", "--set", "parallel.tp=3"])
     assert result.exit_code == 2
     assert result.output.strip() == "Error: parallel.tp=3 does not divide model.n_heads=4; choose 1, 2 or 4"
+
+
+def test_demo_writes_a_complete_run(tmp_path) -> None:
+    from perfkit.run import Run
+
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "perfkit", "demo", "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"run directory:  {out}" in proc.stdout
+    assert "not built yet" in proc.stdout
+    run = Run.open(out)
+    assert run.manifest.status == "complete" and run.manifest.exit_code == 0 and run.manifest.world_size == 2
+    assert run.manifest.config["model"]["d_model"] == 48
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 20
