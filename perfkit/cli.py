@@ -6,7 +6,6 @@ Errors a user can cause reach them as one line and an exit code, never a traceba
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,52 +90,183 @@ def train(config_name: str, overrides: tuple[str, ...], nproc: int, log_json: Pa
     sys.exit(run_command(trainer_command(nproc, config_name, overrides, log_json), nproc))
 
 
+_PROFILE_HELP = """Run a training command with collectors attached; write a run directory.
+
+\b
+COMMAND is the bundled trainer or any command, after --:
+  perfkit profile                                   the trainer, tiny-cpu, 2 ranks
+  perfkit profile --nproc 4 -- reference --config tiny-cpu --set parallel.tp=2
+  perfkit profile -- python train.py --lr 3e-4
+  perfkit profile -- torchrun --nproc_per_node 4 train.py
+
+An unmodified script needs no change: each rank process attaches the collectors itself and finds
+its steps from optimizer-step hooks. Exits with the command's exit code.
+"""
+
+
+@cli.command(
+    help=_PROFILE_HELP,
+    short_help="Run a training command with collectors attached; write a run directory.",
+    context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory (default runs/<time>-<name>).",
+)
+@click.option("--name", help="Run name (default: the script's or config's name).")
+@click.option(
+    "--collect",
+    default="all",
+    show_default=True,
+    help="Collectors: steps,kernels,comms,memory,io,nvml or all.",
+)
+@click.option(
+    "--profile-steps", default="5-7", show_default=True, help="Kernel-trace window (1-based steps), or none."
+)
+@click.option(
+    "--nvml-hz",
+    type=click.FloatRange(min=0.1, max=1000),
+    default=10.0,
+    show_default=True,
+    help="NVML samples per second.",
+)
+@click.option(
+    "--memory-history", default=None, help="Record a CUDA allocator history over these steps, e.g. 3-4."
+)
+@click.option(
+    "--memory-history-entries",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Cap on allocator history entries.",
+)
+@click.option(
+    "--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks for the bundled trainer."
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def profile(
+    out: Path | None,
+    name: str | None,
+    collect: str,
+    profile_steps: str,
+    nvml_hz: float,
+    memory_history: str | None,
+    memory_history_entries: int,
+    nproc: int,
+    command: tuple[str, ...],
+) -> None:
+    from perfkit.collectors.base import parse_collect
+    from perfkit.profile import ProfileRequest, parse_window
+    from perfkit.run import default_run_path
+
+    argv = list(command) or ["reference"]
+    config: dict[str, Any] = {}
+    world = 1
+    if argv[0] == "reference":
+        argv, config, cfg_name = _reference_command(argv[1:], nproc, out)
+        world = nproc
+        name = name or cfg_name
+    else:
+        name = name or Path(next((a for a in argv if a.endswith(".py")), argv[0])).stem
+    req = ProfileRequest(
+        command=argv,
+        out=out or default_run_path(name),
+        collect=parse_collect(collect),
+        profile_steps=None if profile_steps == "none" else parse_window(profile_steps, "--profile-steps"),
+        nvml_hz=nvml_hz,
+        memory_history=parse_window(memory_history, "--memory-history"),
+        memory_history_entries=memory_history_entries,
+        world_size=world,
+        config=config,
+        name=name,
+    )
+    if argv and argv[0] == sys.executable and "perfkit.trainer" in argv:
+        req.command[-1] = str(req.out / "train_log.jsonl")  # the trainer's own log, in the run
+    sys.exit(_run_and_summarize(req))
+
+
+def _reference_command(
+    args: list[str], nproc: int, out: Path | None
+) -> tuple[list[str], dict[str, Any], str]:
+    """The bundled trainer's argv (checked before any process starts), its config and name."""
+    from perfkit.launch import check_devices, trainer_command
+    from perfkit.trainer.cli import main as trainer_main
+    from perfkit.trainer.config import load_config, resolve_layout
+
+    with trainer_main.make_context("reference", list(args)) as ctx:
+        params = ctx.params
+    cfg = load_config(params["config_name"], params["overrides"])
+    resolve_layout(cfg, nproc)
+    check_devices(cfg, nproc)
+    argv = trainer_command(nproc, params["config_name"], params["overrides"], Path("train_log.jsonl"))
+    return argv, cfg.to_dict(), Path(params["config_name"]).stem
+
+
+def _run_and_summarize(req: Any) -> int:
+    from perfkit.profile import check_command, run_profile
+    from perfkit.tables import TABLES
+
+    check_command(req.command)
+    click.echo(f"perfkit: profiling {' '.join(req.command)}", err=True)
+    click.echo(f"perfkit: run directory {req.out}", err=True)
+    run, rc = run_profile(req)
+    m = run.manifest
+    click.echo("")
+    click.echo(f"run directory:  {run.path}  (status {m.status}, exit code {rc}, {m.world_size} rank(s))")
+    for rank in run.ranks():
+        d = run.path / f"rank{rank}"
+        counts = []
+        for table in TABLES.values():
+            files = [table.file(d), *d.glob(f"{table.name}.w*.jsonl")]
+            n = sum(f.read_bytes().count(b"\n") for f in files if f.exists())
+            if n:
+                counts.append(f"{table.name} {n}")
+        if (d / "trace.json.gz").exists():
+            counts.append(f"trace.json.gz {(d / 'trace.json.gz').stat().st_size / 1e6:.1f} MB")
+        click.echo(f"  rank{rank}/  " + (", ".join(counts) or "no data"))
+    for cname, state in sorted(m.collectors.items()):
+        if state.status != "ok":
+            click.echo(f"  collector {cname}: {state.status} ({state.reason})")
+    click.echo(
+        "next: perfkit analyze and the HTML report are not built yet; the tables above are JSON lines."
+    )
+    return rc
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Run directory to write (default runs/<time>-demo).",
+    help="Run directory (default runs/<time>-demo).",
 )
 @click.option("--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks to start.")
 def demo(out: Path | None, nproc: int) -> None:
-    """The main job on its embedded default: run the bundled trainer (tiny-cpu) on NPROC ranks into
-    a run directory and print where everything is."""
-    from perfkit.envinfo import environment
-    from perfkit.launch import run_command, trainer_command
-    from perfkit.run import Run, default_run_path
-    from perfkit.trainer.config import load_config, resolve_layout
+    """The main job on its embedded default: profile the bundled trainer (tiny-cpu) on NPROC CPU
+    ranks with every collector, and print where everything is."""
+    from perfkit.collectors.base import parse_collect
+    from perfkit.profile import ProfileRequest
+    from perfkit.run import default_run_path
 
-    cfg = load_config("tiny-cpu")
-    resolve_layout(cfg, nproc)
-    run = Run.create(
-        out or default_run_path("demo"),
-        command=sys.argv,
+    argv, config, _ = _reference_command([], nproc, out)
+    target = out or default_run_path("demo")
+    argv[-1] = str(target / "train_log.jsonl")
+    req = ProfileRequest(
+        command=argv,
+        out=target,
+        collect=parse_collect("all"),
+        profile_steps=(5, 7),
+        nvml_hz=10.0,
+        memory_history=None,
+        memory_history_entries=100_000,
         world_size=nproc,
-        config=cfg.to_dict(),
-        env=environment(),
+        config=config,
+        name="demo",
     )
-    log = run.path / "train_log.jsonl"
-    click.echo(f"perfkit demo: training the reference GPT (tiny-cpu) on {nproc} CPU ranks into {run.path}")
-    rc = run_command(trainer_command(nproc, "tiny-cpu", [], log), nproc)
-    run.finish("complete" if rc == 0 else "failed", rc)
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    click.echo("")
-    click.echo(f"run directory:  {run.path}")
-    click.echo(f"  manifest:     {run.manifest_path}  (status {run.manifest.status})")
-    if records:
-        first, last = records[0], records[-1]
-        click.echo(
-            f"  step log:     {log}  ({len(records)} steps, loss {first['loss']:.3f} -> {last['loss']:.3f})"
-        )
-    click.echo(
-        "not built yet: the collectors (per-rank kernels, collectives, memory, I/O, NVML), "
-        "perfkit analyze and the HTML report; this demo shows only the trainer's own step log."
-    )
-    sys.exit(rc)
+    sys.exit(_run_and_summarize(req))
 
 
 _NOT_BUILT = {
-    "profile": "Run a training command with collectors attached and write a run directory.",
     "analyze": "Turn a run directory or Kineto traces into metrics and ranked diagnoses.",
     "report": "Write a self-contained HTML report for a run directory.",
     "optimize": "Apply remedies for a run's findings, re-run, and keep what measurably helps.",

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from perfkit import __version__
 from perfkit.cli import cli
 
-NOT_BUILT = ["profile", "analyze", "report", "optimize", "sweep", "compare"]
+NOT_BUILT = ["analyze", "report", "optimize", "sweep", "compare"]
 
 
 @pytest.fixture
@@ -18,11 +18,11 @@ def runner() -> CliRunner:
 def test_help_lists_every_command(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for name in ["train", "demo", *NOT_BUILT]:
+    for name in ["train", "demo", "profile", *NOT_BUILT]:
         assert f"  {name} " in result.output
 
 
-@pytest.mark.parametrize("name", ["train", "demo", *NOT_BUILT])
+@pytest.mark.parametrize("name", ["train", "demo", "profile", *NOT_BUILT])
 def test_each_command_has_help(runner: CliRunner, name: str) -> None:
     result = runner.invoke(cli, [name, "--help"])
     assert result.exit_code == 0
@@ -68,3 +68,20 @@ def test_demo_writes_a_complete_run(tmp_path) -> None:
     assert run.manifest.status == "complete" and run.manifest.exit_code == 0 and run.manifest.world_size == 2
     assert run.manifest.config["model"]["d_model"] == 48
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 20
+    for rank in (0, 1):
+        assert len((out / f"rank{rank}" / "steps.jsonl").read_text().splitlines()) == 20
+        assert (out / f"rank{rank}" / "trace.json.gz").exists()
+
+
+def test_profile_bad_arguments_are_one_line(tmp_path) -> None:
+    runner = CliRunner()
+    for args, message in [
+        (["--profile-steps", "7-5"], "--profile-steps '7-5' must be FIRST-LAST"),
+        (["--collect", "gpu"], "unknown collector 'gpu'"),
+        (["--", "no-such-command-xyz"], "command 'no-such-command-xyz' not found"),
+        (["--", "reference", "--set", "parallel.tp=3"], "parallel.tp=3 does not divide"),
+    ]:
+        result = runner.invoke(cli, ["profile", "--out", str(tmp_path / "r"), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and result.output.count("\n") == 1
+        assert not (tmp_path / "r").exists()

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from perfkit.hardware import gpu_peak_tflops
 from perfkit.trainer.config import ModelConfig, load_config
 from perfkit.trainer.data import TokenBatches, synthetic_corpus
 from perfkit.trainer.model import GPT, flops_per_token, num_params
-from perfkit.trainer.train import gpu_peak_tflops, lr_at
+from perfkit.trainer.train import lr_at
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from perfkit.collectors.io import record_read
 from perfkit.errors import ConfigError
 
 CORPUS_FORMAT = "raw little-endian uint16 token ids"
@@ -83,8 +85,11 @@ class TokenBatches(Dataset[torch.Tensor]):
     def __getitem__(self, step: int) -> torch.Tensor:
         if self._tokens is None:
             self._tokens = np.memmap(self.path, dtype="<u2", mode="r")
-        rows = [self._tokens[o : o + self.seq_len + 1] for o in self.offsets(step)]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        start_ns, t0 = time.time_ns(), time.perf_counter()
+        # The copy out of the map is where the pages are read (from the page cache or the disk).
+        rows = np.stack([self._tokens[o : o + self.seq_len + 1] for o in self.offsets(step)])
+        record_read(rows.nbytes, time.perf_counter() - t0, start_ns, str(self.path), step=step + 1)
+        return torch.from_numpy(rows.astype(np.int64))
 
 
 def make_loader(

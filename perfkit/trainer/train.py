@@ -13,13 +13,16 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 import torch.distributed as dist
 
+from perfkit.collectors.probe import start_manual
 from perfkit.errors import ConfigError
+from perfkit.hardware import gpu_peak_tflops
 from perfkit.trainer.checkpoint import Checkpointer, latest_step
 from perfkit.trainer.config import TrainConfig, resolve_layout
 from perfkit.trainer.data import TokenBatches, make_loader, synthetic_corpus
@@ -33,16 +36,11 @@ from perfkit.trainer.parallelize import (
     reduce_gradients,
 )
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s), for MFU. The analyzers may
-# use a measured ceiling instead (the H100 fixture measured 779 against the 989 listed here).
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+Phase = Callable[[str], contextlib.AbstractContextManager[None]]
 
 
-def gpu_peak_tflops(name: str) -> float | None:
-    for key, peak in GPU_PEAK_TFLOPS.items():
-        if key in name:
-            return peak
-    return None
+def _no_phase(name: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 def _standalone_env() -> None:
@@ -85,14 +83,15 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def _forward_backward(
-    par: Parallelized, cfg: TrainConfig, batch: torch.Tensor, device: torch.device
+    par: Parallelized, cfg: TrainConfig, batch: torch.Tensor, device: torch.device, phase: Phase
 ) -> torch.Tensor | None:
     """One optimizer step's forward and backward; returns the mean loss where this rank has it."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.kernels.precision == "bf16")
     inputs, targets = batch[:, :-1], batch[:, 1:]
     if par.schedule is not None:
         losses: list[torch.Tensor] = []
-        with autocast:
+        # The schedule interleaves forward and backward of microbatches: one phase.
+        with phase("forward_backward"), autocast:
             if par.has_first_stage:
                 par.schedule.step(inputs, target=targets if par.has_last_stage else None, losses=losses)
             elif par.has_last_stage:
@@ -106,9 +105,10 @@ def _forward_backward(
     for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n))):
         sync = contextlib.nullcontext() if i == n - 1 else no_gradient_sync(par.parts)
         with sync:
-            with autocast:
+            with phase("forward"), autocast:
                 loss = cross_entropy(model(x), y) / n
-            loss.backward()
+            with phase("backward"):
+                loss.backward()
         total += loss.detach()
     return total
 
@@ -197,25 +197,40 @@ def _train(
             file=out,
             flush=True,
         )
-    kill_at = int(os.environ.get("PERFKIT_TEST_KILL_AT_STEP", "-1"))  # for the kill-and-resume test
+    # For the kill tests: SIGKILL this rank at the start of that step (0-based).
+    kill_at = int(os.environ.get("PERFKIT_TEST_KILL_AT_STEP", "-1"))
+    kill_rank = int(os.environ.get("PERFKIT_TEST_KILL_RANK", "0"))
+    probe = start_manual()  # under `perfkit profile`: collectors attached, steps marked here
+    phase: Phase = probe.phase if probe is not None else _no_phase
+    if probe is not None:
+        probe.step = start
+    local_tokens = layout.local_batch * cfg.model.seq_len
     t_last, step_last = time.perf_counter(), start
+    batches = iter(loader)
     try:
-        for step, batch in enumerate(loader, start=start):
-            if step == kill_at and rank == 0:
+        for step in range(start, cfg.steps):
+            with phase("data_wait"):
+                batch = next(batches)
+            if step == kill_at and rank == kill_rank:
                 os.kill(os.getpid(), 9)
             for opt in par.optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step)
-            loss = _forward_backward(par, cfg, batch.to(device, non_blocking=True), device)
+            loss = _forward_backward(par, cfg, batch.to(device, non_blocking=True), device, phase)
             if par.reduce_after_backward:
-                reduce_gradients(par.params, par.dp_group)
-            grad_norm = clip_grad_norm_(
-                par.params, cfg.optimizer.grad_clip, par.pp_group if layout.pp > 1 else None
-            )
-            for opt in par.optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                with phase("backward"):
+                    reduce_gradients(par.params, par.dp_group)
+            with phase("optimizer"):
+                grad_norm = clip_grad_norm_(
+                    par.params, cfg.optimizer.grad_clip, par.pp_group if layout.pp > 1 else None
+                )
+                for opt in par.optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             done = step + 1
+            if ckpt and ((cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.steps):
+                with phase("checkpoint"):
+                    ckpt.save(done)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 value = _global_loss(par, loss, device)  # syncs the device, so the clock below is true
                 now = time.perf_counter()
@@ -243,13 +258,15 @@ def _train(
                     if log_file:
                         log_file.write(json.dumps(rec) + "\n")
                         log_file.flush()
-            if ckpt and ((cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.steps):
-                ckpt.save(done)
+            if probe is not None:
+                probe.end_step(tokens=local_tokens, loss=loss)
         if ckpt:
             ckpt.wait()
     finally:
         if log_file:
             log_file.close()
+        if probe is not None:
+            probe.stop()
     if rank == 0 and records:
         timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
         median = sorted(timed)[len(timed) // 2]

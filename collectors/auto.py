@@ -1,0 +1,156 @@
+"""Step boundaries and phases for an unmodified script, found from hooks alone (auto mode).
+
+- a step ends after the optimizer steps (global optimizer-step hooks); with several optimizers it
+  ends at the first activity after the last of them, so all their time counts to the step;
+- data wait: time inside a DataLoader iterator's ``__next__``;
+- forward: from the outermost module's forward start to its end. In the first step global module
+  hooks find the outermost modules; then only those keep hooks (so later steps pay for two hooks,
+  not one per module);
+- backward: time inside ``Tensor.backward`` / ``torch.autograd.backward``; the scalar it starts
+  from is taken as the step's loss;
+- tokens: the element count of an integer 2-D first argument of the outermost module.
+
+All hooks go quiet when the script marks steps itself (``perfkit.step()``: manual mode).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+from perfkit.collectors.probe import Probe
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.data import dataloader
+
+
+class AutoSteps:
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.opt_start: dict[int, Any] = {}
+        self.pending_end: Any = None
+        self.depth = 0
+        self.forward_start: Any = None
+        self.in_backward = False
+        self.loss: Any = None
+        self.roots: set[int] = set()
+        self.root_modules: list[nn.Module] = []
+        self.global_handles: list[Any] = []
+
+    @property
+    def active(self) -> bool:
+        return not self.probe.manual and not self.probe._stopped
+
+    def activity(self) -> None:
+        """Something of a new step happens: close the previous one if its optimizer finished."""
+        if self.pending_end is not None:
+            end, self.pending_end = self.pending_end, None
+            loss, self.loss = self.loss, None
+            self.probe.end_step(loss=loss, end_mark=end)
+            if self.global_handles:  # the first step found the outermost modules
+                self._narrow_forward_hooks()
+        self.probe.begin_step()
+
+    # optimizer
+    def opt_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.active:
+            if self.pending_end is not None:  # another optimizer of the same step
+                self.pending_end = None
+            self.probe.begin_step()
+            self.opt_start[id(opt)] = self.probe.mark()
+
+    def opt_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.active and id(opt) in self.opt_start:
+            self.probe.add_phase("optimizer", self.opt_start.pop(id(opt)))
+            self.pending_end = self.probe.mark()
+
+    # forward
+    def fwd_pre(self, module: nn.Module, args: Any) -> None:
+        if not self.active or self.in_backward:
+            return
+        if self.depth == 0:
+            self.activity()
+            self.forward_start = self.probe.mark()
+            if self.global_handles:
+                if id(module) not in self.roots:
+                    self.roots.add(id(module))
+                    self.root_modules.append(module)
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point():
+                self.probe.add_tokens(x.numel())
+        self.depth += 1
+
+    def fwd_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.active or self.in_backward:
+            return
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0 and self.forward_start is not None:
+            self.probe.add_phase("forward", self.forward_start)
+            self.forward_start = None
+
+    def _narrow_forward_hooks(self) -> None:
+        for h in self.global_handles:
+            h.remove()
+        self.global_handles = []
+        for m in self.root_modules:
+            m.register_forward_pre_hook(self.fwd_pre)
+            m.register_forward_hook(self.fwd_post)
+
+    def install(self) -> None:
+        register_optimizer_step_pre_hook(self.opt_pre)
+        register_optimizer_step_post_hook(self.opt_post)
+        self.global_handles = [
+            nn.modules.module.register_module_forward_pre_hook(self.fwd_pre),
+            nn.modules.module.register_module_forward_hook(self.fwd_post),
+        ]
+        auto = self
+
+        original_next = dataloader._BaseDataLoaderIter.__next__
+
+        @functools.wraps(original_next)
+        def next_(self: Any) -> Any:
+            if not auto.active:
+                return original_next(self)
+            auto.activity()
+            t0 = time.perf_counter()
+            try:
+                return original_next(self)
+            finally:
+                auto.probe.add_data_wait(time.perf_counter() - t0)
+
+        dataloader._BaseDataLoaderIter.__next__ = next_  # type: ignore[method-assign]
+
+        def timed_backward(fn: Any) -> Any:
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if not auto.active or auto.in_backward:
+                    return fn(*args, **kwargs)
+                auto.activity()
+                first = args[0] if args else kwargs.get("tensors")
+                if isinstance(first, torch.Tensor) and first.numel() == 1:
+                    auto.loss = first.detach()
+                auto.in_backward = True
+                start = auto.probe.mark()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    auto.in_backward = False
+                    auto.probe.add_phase("backward", start)
+
+            return wrapper
+
+        torch.Tensor.backward = timed_backward(torch.Tensor.backward)  # type: ignore[method-assign]
+        torch.autograd.backward = timed_backward(torch.autograd.backward)
+
+    def finish(self) -> None:
+        if self.pending_end is not None and not self.probe._stopped:
+            end, self.pending_end = self.pending_end, None
+            self.probe.end_step(loss=self.loss, end_mark=end)
+
+
+def install(probe: Probe) -> AutoSteps:
+    auto = AutoSteps(probe)
+    auto.install()
+    return auto

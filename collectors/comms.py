@@ -1,0 +1,335 @@
+"""comms: every collective and point-to-point op a rank issues, on every step.
+
+On gloo the profiler trace carries no collective metadata and DDP issues its all-reduces from C++
+(shared/design/torch-distributed-facts.md), so this collector records them itself, at three doors:
+
+- the Python API ``torch.distributed.*`` (user calls, FSDP2, ZeRO, pipeline send/recv, DCP);
+- DDP's gradient buckets: a comm hook (torch's own default all-reduce hook, which calls the Python
+  API) is registered before DDP's first forward, unless the user registers one, which is wrapped;
+- functional collectives (``torch.distributed._functional_collectives``, used by DTensor / TP).
+
+Per op: op, source, group name and ranks, bytes (the message: all-gather's output, reduce-scatter's
+input), dtype, start and end (wall-clock ns). An async op's end is when its Work completed; a
+functional collective's end is unknown (null): it completes at a later wait.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from perfkit.collectors.base import Collector, register
+from perfkit.collectors.probe import Probe
+
+from perfkit.tables import COMMS
+
+# function -> index of the tensor that is "the message" (all-gather's output, reduce-scatter's
+# input, a list's total), and of the group argument. Names vary across torch releases (2.13 has
+# all_gather_single / reduce_scatter_single, which FSDP2 calls); those absent are skipped.
+_PY_OPS: dict[str, tuple[int, int]] = {
+    "all_reduce": (0, 2),
+    "all_reduce_coalesced": (0, 2),
+    "broadcast": (0, 2),
+    "reduce": (0, 3),
+    "all_gather": (0, 2),
+    "all_gather_into_tensor": (0, 2),
+    "all_gather_single": (0, 2),
+    "all_gather_coalesced": (0, 2),
+    "reduce_scatter": (1, 3),
+    "reduce_scatter_tensor": (1, 3),
+    "reduce_scatter_single": (1, 3),
+    "all_to_all": (1, 2),
+    "all_to_all_single": (1, 4),
+    "gather": (0, 3),
+    "scatter": (0, 3),
+    "send": (0, 2),
+    "recv": (0, 2),
+    "isend": (0, 2),
+    "irecv": (0, 2),
+    "barrier": (-1, 0),
+}
+_FUNCOL_OPS: dict[str, tuple[int, int]] = {
+    "all_reduce": (0, 2),
+    "all_gather_tensor": (0, 2),
+    "all_gather_single": (0, 2),
+    "reduce_scatter_tensor": (0, 3),
+    "reduce_scatter_single": (0, 3),
+    "all_to_all_single": (0, 3),
+    "broadcast": (0, 2),
+}
+
+_state = threading.local()
+
+
+def canonical(name: str) -> str:
+    """One op name per collective, whatever the API: all_gather_single -> all_gather, isend -> send."""
+    for base in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        if name.startswith(base):
+            return base
+    return {"isend": "send", "irecv": "recv"}.get(name, name)
+
+
+class _Recorder:
+    def __init__(self, probe: Probe, collector: CommsCollector) -> None:
+        self.probe = probe
+        self.collector = collector
+        self.seq = 0
+        self.lock = threading.Lock()
+        self.groups: dict[int, tuple[str, str, int]] = {}
+
+    def group_info(self, group: Any) -> tuple[str, str, int]:
+        key = id(group)
+        info = self.groups.get(key)
+        if info is None:
+            try:
+                pg = group if isinstance(group, dist.ProcessGroup) else c10d._get_default_group()
+                ranks = dist.get_process_group_ranks(pg)
+                name = getattr(pg, "group_name", "") or ("default" if group is None else str(key))
+                info = (name, ",".join(map(str, ranks)), len(ranks))
+            except Exception:
+                info = (type(group).__name__, "", 0)
+            self.groups[key] = info
+        return info
+
+    def finish(
+        self,
+        work: Any,
+        op: str,
+        source: str,
+        group: Any,
+        tensor: Any,
+        start: int,
+        step: int,
+        end_known: bool = True,
+    ) -> None:
+        """Record an op now (synchronous) or when its Work completes; never raise into the caller."""
+        try:
+            fut = None
+            if isinstance(work, dist.Work):
+                try:
+                    fut = work.get_future()
+                except RuntimeError:  # gloo's point-to-point Work has no future: end unknown
+                    end_known = False
+            if fut is not None:
+                fut.then(lambda _f: self.safe_add(op, source, group, tensor, start, time.time_ns(), step))
+            else:
+                self.add(op, source, group, tensor, start, time.time_ns() if end_known else None, step)
+        except Exception as e:
+            self.probe.disable(self.collector, f"recording {op} failed: {type(e).__name__}: {e}")
+
+    def safe_add(self, *args: Any) -> None:
+        try:
+            self.add(*args)
+        except Exception as e:
+            self.probe.disable(self.collector, f"recording failed: {type(e).__name__}: {e}")
+
+    def add(
+        self, op: str, source: str, group: Any, tensor: Any, start_ns: int, end_ns: int | None, step: int
+    ) -> None:
+        op = canonical(op)
+        nbytes, dtype = _message(tensor)
+        name, ranks, size = self.group_info(group)
+        with self.lock:
+            self.seq += 1
+            self.probe.writer(COMMS).add(
+                {
+                    "step": step,
+                    "seq": self.seq,
+                    "op": op,
+                    "source": source,
+                    "group": name,
+                    "group_ranks": ranks,
+                    "group_size": size,
+                    "bytes": nbytes,
+                    "dtype": dtype,
+                    "start_ns": start_ns,
+                    "end_ns": end_ns,
+                }
+            )
+
+
+def _message(t: Any) -> tuple[int, str]:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size(), str(t.dtype).removeprefix("torch.")
+    if isinstance(t, list | tuple) and t and isinstance(t[0], torch.Tensor):
+        return sum(x.numel() * x.element_size() for x in t), str(t[0].dtype).removeprefix("torch.")
+    return 0, ""
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str | None) -> Any:
+    """The argument at position ``index`` or given by keyword ``name``."""
+    if name is not None and name in kwargs:
+        return kwargs[name]
+    return args[index] if 0 <= index < len(args) else None
+
+
+def _param_name(fn: Any, index: int) -> str | None:
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names[index] if 0 <= index < len(names) else None
+
+
+def _wrap_py(
+    name: str, fn: Any, recorder_ref: list[_Recorder | None], tensor_idx: int, group_idx: int
+) -> Any:
+    tensor_name = _param_name(fn, tensor_idx)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rec = recorder_ref[0]
+        if rec is None or not rec.collector.enabled or getattr(_state, "inside", False):
+            return fn(*args, **kwargs)
+        _state.inside = True
+        step = rec.probe.step + 1
+        start = time.time_ns()
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            _state.inside = False
+        source = getattr(_state, "source", None) or "python"
+        tensor = _arg(args, kwargs, tensor_idx, tensor_name) if tensor_idx >= 0 else None
+        rec.finish(result, name, source, _arg(args, kwargs, group_idx, "group"), tensor, start, step)
+        return result
+
+    wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _wrap_batch(fn: Any, recorder_ref: list[_Recorder | None]) -> Any:
+    @functools.wraps(fn)
+    def wrapper(p2p_op_list: list[Any], *args: Any, **kwargs: Any) -> Any:
+        rec = recorder_ref[0]
+        if rec is None or not rec.collector.enabled or getattr(_state, "inside", False):
+            return fn(p2p_op_list, *args, **kwargs)
+        step, start = rec.probe.step + 1, time.time_ns()
+        _state.inside = True
+        try:
+            works = fn(p2p_op_list, *args, **kwargs)
+        finally:
+            _state.inside = False
+        for p2p, work in zip(p2p_op_list, works or []):
+            op = "send" if getattr(p2p.op, "__name__", "") in ("isend", "send") else "recv"
+            rec.finish(work, op, "python", p2p.group, p2p.tensor, start, step)
+        return works
+
+    wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _wrap_funcol(
+    name: str, fn: Any, recorder_ref: list[_Recorder | None], tensor_idx: int, group_idx: int
+) -> Any:
+    tensor_name = _param_name(fn, tensor_idx)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rec = recorder_ref[0]
+        if rec is None or not rec.collector.enabled or getattr(_state, "inside", False):
+            return fn(*args, **kwargs)
+        start = time.time_ns()
+        _state.inside = True
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            _state.inside = False
+        tensor = result if name.startswith("all_gather") else _arg(args, kwargs, tensor_idx, tensor_name)
+        group = _arg(args, kwargs, group_idx, "group")
+        if not isinstance(group, dist.ProcessGroup):
+            try:
+                group = c10d._resolve_process_group(funcol._resolve_group_name(group))
+            except Exception:
+                pass
+        rec.finish(None, name, "funcol", group, tensor, start, rec.probe.step + 1, end_known=False)
+        return result
+
+    wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+import torch.distributed._functional_collectives as funcol  # noqa: E402
+
+_recorder: list[_Recorder | None] = [None]
+_patched = False
+
+
+def patch_all() -> None:
+    global _patched
+    if _patched:
+        return
+    _patched = True
+    for name, (ti, gi) in _PY_OPS.items():
+        fn = getattr(c10d, name, None)
+        if fn is None or getattr(fn, "__perfkit_wrapped__", False):
+            continue
+        wrapped = _wrap_py(name, fn, _recorder, ti, gi)
+        setattr(c10d, name, wrapped)
+        if getattr(dist, name, None) is fn:
+            setattr(dist, name, wrapped)
+    batch = _wrap_batch(c10d.batch_isend_irecv, _recorder)
+    c10d.batch_isend_irecv = batch
+    dist.batch_isend_irecv = batch
+    for name, (ti, gi) in _FUNCOL_OPS.items():
+        fn = getattr(funcol, name, None)
+        if fn is not None and not getattr(fn, "__perfkit_wrapped__", False):
+            setattr(funcol, name, _wrap_funcol(name, fn, _recorder, ti, gi))
+    _patch_ddp()
+
+
+def _patch_ddp() -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def tagged(hook: Any) -> Any:
+        @functools.wraps(hook)
+        def run(state: Any, bucket: Any) -> Any:
+            _state.source = "ddp"
+            try:
+                return hook(state, bucket)
+            finally:
+                _state.source = None
+
+        return run
+
+    original_register = DDP.register_comm_hook
+    original_builtin = DDP._register_builtin_comm_hook
+    original_forward = DDP.forward
+
+    def register_comm_hook(self: DDP, state: object, hook: Any) -> None:
+        setattr(self, "_perfkit_hooked", True)  # noqa: B010 - nn.Module typing refuses a new attribute
+        original_register(self, state, tagged(hook))
+
+    def register_builtin(self: DDP, comm_hook_type: Any) -> None:
+        setattr(self, "_perfkit_hooked", True)  # noqa: B010 - nn.Module typing refuses a new attribute
+        original_builtin(self, comm_hook_type)
+
+    def forward(self: DDP, *args: Any, **kwargs: Any) -> Any:
+        rec = _recorder[0]
+        if not getattr(self, "_perfkit_hooked", False) and rec is not None and rec.collector.enabled:
+            # torch's default all-reduce hook: the same math as DDP's C++ default, through the
+            # Python API that this collector records.
+            register_comm_hook(self, self.process_group, default_hooks.allreduce_hook)
+        return original_forward(self, *args, **kwargs)
+
+    DDP.register_comm_hook = register_comm_hook  # type: ignore[method-assign]
+    DDP._register_builtin_comm_hook = register_builtin  # type: ignore[method-assign]
+    DDP.forward = forward  # type: ignore[method-assign]
+
+
+@register
+class CommsCollector(Collector):
+    name = "comms"
+
+    def start(self, probe: Probe) -> None:
+        patch_all()
+        _recorder[0] = _Recorder(probe, self)
+
+    def stop(self, probe: Probe) -> None:
+        _recorder[0] = None

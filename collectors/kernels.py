@@ -1,0 +1,61 @@
+"""kernels: a torch.profiler window over chosen steps, CPU and CUDA activities with shapes,
+written per rank as ``trace.json.gz`` (written to a temporary name, then renamed)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from perfkit.collectors.base import Collector, register
+from perfkit.collectors.probe import Probe
+from torch.profiler import ProfilerActivity, profile, schedule
+
+
+@register
+class KernelsCollector(Collector):
+    name = "kernels"
+
+    def __init__(self) -> None:
+        self._prof: profile | None = None
+        self._done = False
+
+    def available(self, probe: Probe) -> str | None:
+        if probe.options.profile_steps is None:
+            return "no --profile-steps window"
+        return None
+
+    def start(self, probe: Probe) -> None:
+        first, last = probe.options.profile_steps  # type: ignore[misc]
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        # The profiler steps at each step end; step k (1-based) is profiled once k-1 steps passed.
+        warmup = 1 if first >= 2 else 0
+        self._prof = profile(
+            activities=activities,
+            schedule=schedule(
+                wait=max(0, first - 1 - warmup), warmup=warmup, active=last - first + 1, repeat=1
+            ),
+            record_shapes=True,
+            on_trace_ready=lambda p: self._export(probe, p),
+        )
+        self._prof.start()
+
+    def _export(self, probe: Probe, prof: profile) -> None:
+        final = probe.rank_dir / "trace.json.gz"
+        tmp = probe.rank_dir / f".trace.{os.getpid()}.tmp.json.gz"
+        prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, final)
+        self._done = True
+
+    def step_end(self, probe: Probe, step: int) -> None:
+        if self._prof is not None and not self._done:
+            self._prof.step()
+            if self._done:
+                self._prof.stop()
+                self._prof = None
+
+    def stop(self, probe: Probe) -> None:
+        if self._prof is not None:
+            self._prof.stop()  # a run shorter than the window still writes what it saw
+            self._prof = None

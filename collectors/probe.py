@@ -1,0 +1,382 @@
+"""The per-rank Probe: step boundaries, phase timing, and the collectors it drives.
+
+One Probe per rank process. It is created by ``perfkit profile``'s injection (every rank of an
+unmodified script), by ``perfkit.profile()`` in a script, or by the reference trainer. Step
+boundaries come from explicit ``perfkit.step()`` calls (manual mode) or from optimizer-step hooks
+(auto mode, see auto.py). Every collector call is guarded: a collector that raises is disabled and
+recorded, and the training goes on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from perfkit.collectors.base import DEFAULT, REGISTRY, Collector
+
+from perfkit.run import write_json_atomic
+from perfkit.tables import STEPS, RowWriter, Table
+
+PHASES = ("data_wait", "forward", "backward", "optimizer")
+
+
+@dataclass(kw_only=True)
+class ProbeOptions:
+    collect: list[str] = field(default_factory=lambda: list(DEFAULT))
+    """Collectors to run, by name."""
+    profile_steps: tuple[int, int] | None = None
+    """Kernel-trace window, first and last step (1-based, inclusive); None: no trace."""
+    nvml_hz: float = 10.0
+    """NVML samples per second."""
+    memory_history: tuple[int, int] | None = None
+    """Steps over which to record a CUDA allocator history snapshot; None: none."""
+    memory_history_entries: int = 100_000
+    """Cap on allocator history entries."""
+
+    @classmethod
+    def from_env(cls) -> ProbeOptions:
+        def window(value: str | None) -> tuple[int, int] | None:
+            if not value:
+                return None
+            a, _, b = value.partition("-")
+            return int(a), int(b or a)
+
+        env = os.environ
+        return cls(
+            collect=[c for c in env.get("PERFKIT_COLLECT", ",".join(DEFAULT)).split(",") if c],
+            profile_steps=window(env.get("PERFKIT_PROFILE_STEPS")),
+            nvml_hz=float(env.get("PERFKIT_NVML_HZ", "10")),
+            memory_history=window(env.get("PERFKIT_MEMORY_HISTORY")),
+            memory_history_entries=int(env.get("PERFKIT_MEMORY_HISTORY_ENTRIES", "100000")),
+        )
+
+
+@dataclass
+class _Pending:
+    """A finished step whose GPU-side timings may not be resolved yet."""
+
+    step: int
+    start_ns: int
+    end_ns: int
+    host_s: float
+    data_wait_s: float
+    marks: list[tuple[str, Any, Any]]
+    tokens: int | None
+    loss: Any
+
+
+class Probe:
+    current: Probe | None = None
+
+    def __init__(
+        self, run_dir: Path, rank: int, world_size: int, local_rank: int, options: ProbeOptions
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.options = options
+        self.rank_dir = self.run_dir / f"rank{rank}"
+        self.pid = os.getpid()
+        self.manual = False
+        self.step = 0  # steps completed
+        self.collectors: list[Collector] = []
+        self.status: dict[str, dict[str, str]] = {}
+        self._writers: dict[str, RowWriter] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._outcome = "complete"
+        self._cuda = False
+        self._in_step = False
+        self._step_t0 = 0.0
+        self._step_start_ns = 0
+        self._data_wait = 0.0
+        self._marks: list[tuple[str, Any, Any]] = []
+        self._step_mark: Any = None
+        self._tokens: int | None = None
+        self._pending: list[_Pending] = []
+        self._started = False
+        self.auto: Any = None  # AutoSteps, when hooks find the steps
+
+    # ---- life cycle -------------------------------------------------------------------------
+    def start(self) -> Probe:
+        if self._started:
+            return self
+        self._started = True
+        self.rank_dir.mkdir(parents=True, exist_ok=True)
+        Probe.current = self
+        for name in self.options.collect:
+            collector = REGISTRY[name]()
+            reason = (
+                self._guard(collector, "available", collector.available, self) if collector.enabled else None
+            )
+            if reason:
+                collector.enabled = False
+                self.status[name] = {"status": "disabled", "reason": str(reason)}
+                continue
+            self.collectors.append(collector)
+            self.status[name] = {"status": "ok", "reason": ""}
+        for collector in self.collectors:
+            self._guard(collector, "start", collector.start, self)
+        self._write_probe_json("running")
+        atexit.register(self.stop)
+        if threading.current_thread() is threading.main_thread():
+            self._install_signal_handlers()
+        return self
+
+    def stop(self, outcome: str | None = None) -> None:
+        """Flush everything and write the rank's final status. Safe to call twice."""
+        if self._stopped or os.getpid() != self.pid or not self._started:
+            return
+        if self.auto is not None:
+            self.auto.finish()
+        self._stopped = True
+        if outcome:
+            self._outcome = outcome
+        self._resolve(force=True)
+        for collector in self.collectors:
+            if collector.enabled:
+                self._guard(collector, "stop", collector.stop, self)
+        for w in self._writers.values():
+            with contextlib.suppress(OSError):
+                w.close()
+        self._write_probe_json(self._outcome)
+        if Probe.current is self:
+            Probe.current = None
+
+    def _install_signal_handlers(self) -> None:
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            self.stop("interrupted")
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+        previous_int = signal.getsignal(signal.SIGINT)
+
+        def on_int(signum: int, frame: FrameType | None) -> None:
+            self._outcome = "interrupted"
+            if callable(previous_int):
+                previous_int(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_int)
+
+    def _write_probe_json(self, status: str) -> None:
+        info: dict[str, Any] = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": self.local_rank,
+            "status": status,
+            "steps": self.step,
+            "mode": "manual" if self.manual else "auto",
+            "collectors": self.status,
+            "options": asdict(self.options),
+        }
+        if self.rank == 0:
+            info["env"] = torch_environment()
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.rank_dir / "probe.json", info)
+
+    def _guard(self, collector: Collector, what: str, fn: Any, *args: Any) -> Any:
+        if not collector.enabled:
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:  # a collector must never stop the training
+            self.disable(collector, f"{what} failed: {type(e).__name__}: {e}")
+            return None
+
+    def disable(self, collector: Collector, reason: str) -> None:
+        collector.enabled = False
+        self.status[collector.name] = {"status": "failed", "reason": reason.splitlines()[0][:500]}
+        self._write_probe_json("running")
+
+    def writer(self, table: Table, name: str | None = None) -> RowWriter:
+        key = name or table.name
+        if key not in self._writers:
+            self._writers[key] = RowWriter(self.rank_dir / f"{key}.jsonl")
+        return self._writers[key]
+
+    # ---- steps and phases -------------------------------------------------------------------
+    def _mark(self) -> Any:
+        if self._cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def begin_step(self) -> None:
+        if self._in_step or self._stopped:
+            return
+        if not self._started:  # injected probes start at the first step of a real training loop
+            self.start()
+        self._in_step = True
+        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._step_start_ns = time.time_ns()
+        self._step_t0 = time.perf_counter()
+        self._step_mark = self._mark()
+        self._data_wait = 0.0
+        self._marks = []
+        self._tokens = None
+        for c in self.collectors:
+            if c.enabled:
+                self._guard(c, "step_begin", c.step_begin, self, self.step + 1)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the current step (data_wait is timed on the host: it is the host waiting)."""
+        self.begin_step()
+        if name == "data_wait":
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._data_wait += time.perf_counter() - t0
+            return
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self._marks.append((name, start, self._mark()))
+
+    def mark(self) -> Any:
+        """A timestamp on the step clock (a CUDA event on GPU), to pass to ``add_phase``."""
+        return self._mark()
+
+    def add_phase(self, name: str, start: Any, end: Any = None) -> None:
+        self._marks.append((name, start, end if end is not None else self._mark()))
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.begin_step()
+        self._data_wait += seconds
+
+    def add_tokens(self, n: int) -> None:
+        self._tokens = (self._tokens or 0) + n
+
+    def end_step(self, tokens: int | None = None, loss: Any = None, end_mark: Any = None) -> None:
+        """Close the current step (at ``end_mark``, a ``mark()`` taken earlier, or now)."""
+        if self._stopped:
+            return
+        self.begin_step()
+        end_mark = end_mark if end_mark is not None else self._mark()
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+            if loss.is_cuda:  # copy without a device sync; read once the step's events completed
+                host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
+                host.copy_(loss, non_blocking=True)
+                loss = host
+        self.step += 1
+        self._pending.append(
+            _Pending(
+                step=self.step,
+                start_ns=self._step_start_ns,
+                end_ns=time.time_ns(),
+                host_s=time.perf_counter() - self._step_t0,
+                data_wait_s=self._data_wait,
+                marks=[("__step__", self._step_mark, end_mark), *self._marks],
+                tokens=tokens if tokens is not None else self._tokens,
+                loss=loss,
+            )
+        )
+        self._in_step = False
+        for c in self.collectors:
+            if c.enabled:
+                self._guard(c, "step_end", c.step_end, self, self.step)
+        self._resolve(force=False)
+        for w in list(self._writers.values()):
+            with contextlib.suppress(OSError):
+                w.flush()
+
+    def _resolve(self, force: bool) -> None:
+        """Write the rows of finished steps whose timings are known (all of them when forced)."""
+        writer = self.writer(STEPS)
+        while self._pending:
+            p = self._pending[0]
+            end = p.marks[0][2]
+            if isinstance(end, torch.cuda.Event):
+                if force:
+                    end.synchronize()
+                elif not end.query():
+                    break
+            self._pending.pop(0)
+            durations: dict[str, float] = {}
+            for name, a, b in p.marks:
+                dt = a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+                durations[name] = durations.get(name, 0.0) + dt
+            step_time = (
+                durations.pop("__step__") if p.marks and isinstance(end, torch.cuda.Event) else p.host_s
+            )
+            durations.pop("__step__", None)
+            loss = p.loss
+            if isinstance(loss, torch.Tensor):
+                loss = float(loss.float().mean())
+            row = {
+                "step": p.step,
+                "start_ns": p.start_ns,
+                "end_ns": p.end_ns,
+                "step_time_s": step_time,
+                "data_wait_s": p.data_wait_s,
+                **{f"{k}_s": v for k, v in durations.items()},
+                "tokens": p.tokens,
+                "loss": loss,
+            }
+            if "steps" in self.status and self.status["steps"]["status"] == "ok":
+                writer.add(row)
+
+
+def torch_environment() -> dict[str, Any]:
+    """Versions and device of this rank, for the manifest."""
+    from perfkit.hardware import gpu_peak_tflops, nvlink_gbps
+
+    env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        env.update(
+            gpu=name,
+            gpu_count=torch.cuda.device_count(),
+            peak_tflops=gpu_peak_tflops(name),
+            nvlink_gbps=nvlink_gbps(name),
+        )
+        with contextlib.suppress(Exception):
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return env
+
+
+def rank_from_env() -> tuple[int, int, int]:
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def probe_from_env() -> Probe | None:
+    """This process's Probe when ``perfkit profile`` asked for one (PERFKIT_RUN_DIR set), not started."""
+    if Probe.current is not None:
+        return Probe.current
+    run_dir = os.environ.get("PERFKIT_RUN_DIR")
+    if not run_dir:
+        return None
+    import perfkit.collectors.registry  # noqa: F401 - registers the collectors
+
+    rank, world, local = rank_from_env()
+    Probe.current = Probe(Path(run_dir), rank, world, local, ProbeOptions.from_env())
+    return Probe.current
+
+
+def start_manual() -> Probe | None:
+    """For code that marks its own steps (the reference trainer, ``perfkit.step()``): start the
+    Probe now, with the automatic step hooks quiet."""
+    probe = probe_from_env()
+    if probe is not None:
+        probe.manual = True
+        probe.start()
+    return probe

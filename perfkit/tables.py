@@ -1,0 +1,175 @@
+"""Declared schemas of the per-rank tables and their on-disk form.
+
+While a rank runs, each table is a JSON-lines file, one object per row, appended and flushed to
+the OS at every step end: a rank killed with SIGKILL leaves every completed step readable, and at
+most the last line half-written, which the reader drops (and says so). Loading checks each row
+against the table's declared columns.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+
+from perfkit.errors import RunDirError
+
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    """File stem inside rank<N>/: ``<name>.jsonl``."""
+    columns: dict[str, str]
+    """Column name to kind (int, float, str, bool). Columns after ``required`` may be null."""
+    required: tuple[str, ...]
+
+    def file(self, rank_dir: Path) -> Path:
+        return rank_dir / f"{self.name}.jsonl"
+
+
+STEPS = Table(
+    "steps",
+    {
+        "step": "int",
+        "start_ns": "int",
+        "end_ns": "int",
+        "data_wait_s": "float",
+        "forward_s": "float",
+        "backward_s": "float",
+        "optimizer_s": "float",
+        "step_time_s": "float",
+        "tokens": "int",
+        "loss": "float",
+    },
+    required=("step", "start_ns", "end_ns", "step_time_s"),
+)
+COMMS = Table(
+    "comms",
+    {
+        "step": "int",
+        "seq": "int",
+        "op": "str",
+        "source": "str",
+        "group": "str",
+        "group_ranks": "str",
+        "group_size": "int",
+        "bytes": "int",
+        "dtype": "str",
+        "start_ns": "int",
+        "end_ns": "int",
+    },
+    required=("step", "seq", "op", "bytes", "start_ns"),
+)
+IO = Table(
+    "io",
+    {"step": "int", "kind": "str", "bytes": "int", "latency_s": "float", "start_ns": "int", "path": "str"},
+    required=("kind", "latency_s", "start_ns"),
+)
+MEMORY = Table(
+    "memory",
+    {
+        "step": "int",
+        "device": "str",
+        "allocated": "int",
+        "reserved": "int",
+        "peak_allocated": "int",
+        "inactive_split": "int",
+        "alloc_retries": "int",
+        "ooms": "int",
+        "rss": "int",
+    },
+    required=("step", "device", "rss"),
+)
+NVML = Table(
+    "nvml",
+    {
+        "t_ns": "int",
+        "gpu": "int",
+        "gpu_util": "float",
+        "mem_util": "float",
+        "mem_used_mb": "float",
+        "sm_clock_mhz": "float",
+        "mem_clock_mhz": "float",
+        "power_w": "float",
+        "temp_c": "float",
+        "pcie_tx_kbs": "float",
+        "pcie_rx_kbs": "float",
+    },
+    required=("t_ns", "gpu"),
+)
+TABLES = {t.name: t for t in (STEPS, COMMS, IO, MEMORY, NVML)}
+
+
+class RowWriter:
+    """Buffers rows in memory and appends them to a JSON-lines file at each ``flush()``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._rows: list[str] = []
+        self._file: TextIO | None = None
+        self._lock = threading.Lock()  # rows also arrive from completion callbacks and samplers
+
+    def add(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, separators=(",", ":"))
+        with self._lock:
+            self._rows.append(line)
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if not rows:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run's length
+        self._file.write("\n".join(rows) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_table(path: Path, table: Table) -> tuple[pd.DataFrame, list[str]]:
+    """Load one table file. Returns the rows and notes on what was dropped (a half-written last line).
+
+    A row that is not a JSON object, lacks a required column or has a value of the wrong kind makes
+    the file unusable: a RunDirError names the file and the line."""
+    notes: list[str] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text().split("\n")
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be read ({e.strerror})") from None
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == last:  # no newline after it: the writer was killed mid-line
+                notes.append(f"{path}: dropped a half-written last line (the rank was killed)")
+                continue
+            raise RunDirError(f"{path}:{i + 1}: not valid JSON; the file is damaged") from None
+        if not isinstance(row, dict):
+            raise RunDirError(f"{path}:{i + 1}: a row must be a JSON object")
+        for col in table.required:
+            if row.get(col) is None:
+                raise RunDirError(f"{path}:{i + 1}: missing required column {col!r} of table {table.name}")
+        for col, value in row.items():
+            kind = table.columns.get(col)
+            if kind is None or value is None:
+                continue
+            if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
+                raise RunDirError(f"{path}:{i + 1}: column {col!r} should be {kind}, got {value!r}")
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*table.columns, *(k for r in rows for k in r)])))
+    return frame, notes

@@ -1,0 +1,192 @@
+"""Collectors in one process: tables, the Probe's guard, NVML parsing and sampling, options."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from perfkit.collectors import nvml
+from perfkit.collectors.base import REGISTRY, Collector, parse_collect
+from perfkit.collectors.probe import Probe, ProbeOptions
+
+from perfkit.errors import ConfigError, RunDirError
+from perfkit.tables import NVML, STEPS, RowWriter, read_table
+
+FIXTURE = Path(__file__).parent / "data" / "h100" / "nvml_samples.csv"
+
+
+def test_parse_collect() -> None:
+    assert parse_collect("all")[0] == "steps"
+    assert parse_collect("steps, comms") == ["steps", "comms"]
+    with pytest.raises(ConfigError, match="unknown collector 'gpu' in --collect; choose from steps, comms"):
+        parse_collect("steps,gpu")
+
+
+def test_table_roundtrip_and_half_written_line(tmp_path: Path) -> None:
+    w = RowWriter(tmp_path / "steps.jsonl")
+    for i in range(3):
+        w.add({"step": i + 1, "start_ns": i, "end_ns": i + 1, "step_time_s": 0.5, "loss": None})
+    w.close()
+    with open(tmp_path / "steps.jsonl", "a") as f:
+        f.write('{"step": 4, "start_')  # killed mid-line
+    frame, notes = read_table(tmp_path / "steps.jsonl", STEPS)
+    assert list(frame["step"]) == [1, 2, 3]
+    assert notes and "half-written" in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"step": 1}\n', "missing required column 'start_ns'"),
+        ('{"step": "one", "start_ns": 1, "end_ns": 2, "step_time_s": 1.0}\n', "column 'step' should be int"),
+        ("[1]\n", "a row must be a JSON object"),
+        ("{bad\n{}\n", "not valid JSON"),
+    ],
+)
+def test_table_schema_is_checked(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "steps.jsonl").write_text(line)
+    with pytest.raises(RunDirError, match=message) as info:
+        read_table(tmp_path / "steps.jsonl", STEPS)
+    assert "steps.jsonl:1" in str(info.value)
+
+
+def test_nvml_fixture_parses() -> None:
+    frame = nvml.read_samples(FIXTURE)
+    assert len(frame) > 100
+    assert set(nvml.CSV_COLUMNS) <= set(frame.columns)
+    assert frame["t_ns"].is_monotonic_increasing
+    assert frame["gpu_util"].between(0, 100).all() and frame["gpu_util"].max() > 90  # it trained
+    assert frame["sm_clock_mhz"].max() >= 1900  # H100 boost clock
+    gaps = frame["t_ns"].diff().dropna() / 1e6
+    assert 40 < gaps.median() < 70  # sampled every 50 ms
+
+
+class FakeNvml(types.SimpleNamespace):
+    """pynvml replaying the H100 fixture's samples."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+    NVML_PCIE_UTIL_TX_BYTES, NVML_PCIE_UTIL_RX_BYTES = 0, 1
+
+    def __init__(self, rows: list[dict]) -> None:
+        super().__init__()
+        self.rows, self.i = rows, -1
+
+    def _row(self) -> dict:
+        return self.rows[self.i % len(self.rows)]
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> str:
+        return "gpu0"
+
+    def nvmlDeviceGetHandleByUUID(self, u: str) -> str:
+        return "gpu0"
+
+    def nvmlDeviceGetUtilizationRates(self, h: str) -> types.SimpleNamespace:
+        self.i += 1
+        return types.SimpleNamespace(gpu=self._row()["gpu_util"], memory=self._row()["mem_util"])
+
+    def nvmlDeviceGetMemoryInfo(self, h: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(used=self._row()["mem_used_mb"] * 2**20)
+
+    def nvmlDeviceGetClockInfo(self, h: str, which: int) -> int:
+        return self._row()["sm_clock_mhz" if which == 1 else "mem_clock_mhz"]
+
+    def nvmlDeviceGetPowerUsage(self, h: str) -> int:
+        return int(self._row()["power_w"] * 1000)
+
+    def nvmlDeviceGetTemperature(self, h: str, which: int) -> int:
+        return self._row()["temp_c"]
+
+    def nvmlDeviceGetPcieThroughput(self, h: str, which: int) -> int:
+        raise RuntimeError("not supported")
+
+
+def _probe(tmp_path: Path, collect: list[str], **kw) -> Probe:
+    import perfkit.collectors.registry  # noqa: F401
+
+    return Probe(tmp_path, 0, 1, 0, ProbeOptions(collect=collect, **kw))
+
+
+def test_nvml_sampler_writes_what_nvml_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = pd.read_csv(FIXTURE).head(40).to_dict("records")
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(rows))
+    probe = _probe(tmp_path, ["nvml", "steps"], nvml_hz=200.0).start()
+    assert probe.status["nvml"]["status"] == "ok"
+    import time
+
+    time.sleep(0.3)
+    probe.end_step()
+    probe.stop()
+    frame = nvml.read_samples(tmp_path / "rank0" / "nvml.jsonl")
+    assert len(frame) >= 10
+    replayed = pd.DataFrame(rows)
+    # Each sample's counters are one fixture row's (the sampler reads the utilization first).
+    for _, r in frame.head(5).iterrows():
+        match = replayed[
+            (replayed["gpu_util"] == r["gpu_util"]) & (replayed["sm_clock_mhz"] == r["sm_clock_mhz"])
+        ]
+        assert not match.empty
+    assert "pcie_tx_kbs" not in frame.columns or frame["pcie_tx_kbs"].isna().all()
+
+
+def test_nvml_absent_disables_only_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = types.SimpleNamespace(
+        nvmlInit=lambda: (_ for _ in ()).throw(OSError("libnvidia-ml.so.1 not found"))
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    probe = _probe(tmp_path, ["steps", "nvml", "memory"]).start()
+    probe.end_step(tokens=10, loss=1.5)
+    probe.stop()
+    assert probe.status["nvml"]["status"] == "disabled"
+    assert "libnvidia-ml.so.1 not found" in probe.status["nvml"]["reason"]
+    report = json.loads((tmp_path / "rank0" / "probe.json").read_text())
+    assert report["status"] == "complete" and report["collectors"]["memory"]["status"] == "ok"
+    steps, _ = read_table(tmp_path / "rank0" / "steps.jsonl", STEPS)
+    assert list(steps["tokens"]) == [10] and list(steps["loss"]) == [1.5]
+
+
+def test_failing_collector_is_disabled_and_training_goes_on(tmp_path: Path) -> None:
+    class Exploding(Collector):
+        name = "exploding"
+
+        def step_end(self, probe: Probe, step: int) -> None:
+            if step == 2:
+                raise OSError(28, "No space left on device")
+
+    REGISTRY["exploding"] = Exploding
+    try:
+        probe = _probe(tmp_path, ["steps", "exploding"]).start()
+        for _ in range(4):
+            with probe.phase("forward"):
+                pass
+            probe.end_step()
+        probe.stop()
+    finally:
+        del REGISTRY["exploding"]
+    assert probe.status["exploding"] == {
+        "status": "failed",
+        "reason": "step_end failed: OSError: [Errno 28] No space left on device",
+    }
+    steps, _ = read_table(tmp_path / "rank0" / "steps.jsonl", STEPS)
+    assert list(steps["step"]) == [1, 2, 3, 4]
+    assert (steps["forward_s"] >= 0).all()
+
+
+def test_probe_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERFKIT_COLLECT", "steps,comms")
+    monkeypatch.setenv("PERFKIT_PROFILE_STEPS", "5-7")
+    monkeypatch.setenv("PERFKIT_MEMORY_HISTORY", "3")
+    o = ProbeOptions.from_env()
+    assert o.collect == ["steps", "comms"] and o.profile_steps == (5, 7) and o.memory_history == (3, 3)
+
+
+def test_nvml_table_schema_matches_fixture_columns() -> None:
+    assert set(nvml.CSV_COLUMNS) <= set(NVML.columns)

@@ -1,0 +1,239 @@
+"""`perfkit profile` on real 2-rank CPU runs (gloo): the bundled trainer under DP, FSDP, TP and PP,
+an unmodified DDP script, a rank killed with SIGKILL, and an interrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from perfkit.run import Run
+from perfkit.tables import COMMS, IO, MEMORY, STEPS, Table, read_table
+from perfkit.trainer.config import load_config
+from perfkit.trainer.model import GPT, num_params
+
+pytestmark = pytest.mark.slow
+STEPS_N = 6
+BIN = Path(sys.executable).parent
+
+
+def profile(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "perfkit", "profile", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
+    )
+
+
+def reference(out: Path, *sets: str, profile_steps: str = "none", **kw) -> subprocess.CompletedProcess[str]:
+    args = [
+        "--profile-steps",
+        profile_steps,
+        "--",
+        "reference",
+        "--config",
+        "tiny-cpu",
+        "--set",
+        f"steps={STEPS_N}",
+    ]
+    for s in sets:
+        args += ["--set", s]
+    return profile(out, *args, **kw)
+
+
+def table(run: Path, rank: int, t: Table) -> pd.DataFrame:
+    d = run / f"rank{rank}"
+    frames = [read_table(f, t)[0] for f in [t.file(d), *d.glob(f"{t.name}.w*.jsonl")] if f.exists()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+PARAM_BYTES = num_params(GPT(load_config("tiny-cpu").model)) * 4
+
+
+def per_step(comms: pd.DataFrame, op: str, source: str | None = None) -> pd.Series:
+    rows = comms[(comms["op"] == op) & ((comms["source"] == source) if source else True)]
+    return rows.groupby("step").size().reindex(range(1, STEPS_N + 1), fill_value=0)
+
+
+def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
+    out = tmp_path / "dp"
+    proc = reference(out, profile_steps="2-3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = Run.open(out)
+    assert run.manifest.status == "complete" and run.manifest.world_size == 2
+    assert run.manifest.collectors["nvml"].status == "disabled"
+    assert {k for k, v in run.manifest.collectors.items() if v.status == "ok"} == {
+        "steps",
+        "comms",
+        "memory",
+        "io",
+        "kernels",
+    }
+    assert run.manifest.env["torch"].startswith("2.")
+    for rank in (0, 1):
+        steps = table(out, rank, STEPS)
+        assert list(steps["step"]) == list(range(1, STEPS_N + 1))
+        assert (steps[["data_wait_s", "forward_s", "backward_s", "optimizer_s"]] >= 0).all().all()
+        phases = steps[["data_wait_s", "forward_s", "backward_s", "optimizer_s"]].sum(axis=1)
+        assert (phases <= steps["step_time_s"] * 1.01).all()
+        assert (steps["tokens"] == 8 * 64).all() and steps["loss"].notna().all()
+        comms = table(out, rank, COMMS)
+        # One gradient bucket per step holding every gradient, and the trainer's loss all-reduce.
+        assert (per_step(comms, "all_reduce", "ddp") == 1).all()
+        ddp = comms[comms["source"] == "ddp"]
+        assert (ddp["bytes"] == PARAM_BYTES).all() and (ddp["group_size"] == 2).all()
+        assert (per_step(comms, "all_reduce", "python") == 1).all()
+        assert (comms["end_ns"] >= comms["start_ns"]).all()
+        assert len(table(out, rank, MEMORY)) == STEPS_N and (table(out, rank, MEMORY)["rss"] > 0).all()
+        reads = table(out, rank, IO)
+        assert sorted(reads[reads["kind"] == "read"]["step"]) == list(range(1, STEPS_N + 1))
+        assert (reads["bytes"] == 8 * 65 * 2).all()
+        assert (out / f"rank{rank}" / "trace.json.gz").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("name", "sets"),
+    [
+        ("fsdp", ["parallel.zero=3"]),
+        ("tp", ["parallel.tp=2"]),
+        ("pp", ["parallel.pp=2", "parallel.microbatches=2"]),
+    ],
+)
+def test_layout_collective_counts(tmp_path: Path, name: str, sets: list[str]) -> None:
+    out = tmp_path / name
+    proc = reference(out, *sets, "checkpoint.every=3", f"checkpoint.dir={tmp_path / 'ck'}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = {}
+    for rank in (0, 1):
+        comms = table(out, rank, COMMS)
+        steady = comms[comms["step"].between(2, STEPS_N)]
+        counts[rank] = steady.groupby(["step", "op"]).size().unstack(fill_value=0)
+        # The same collectives every step (checkpoint steps aside), on both ranks.
+        plain = counts[rank].drop(index=[3, 6], errors="ignore")
+        assert (plain.nunique() == 1).all(), plain
+        saves = table(out, rank, IO)
+        assert sorted(saves[saves["kind"] == "checkpoint_save"]["step"]) == [3, 6]
+    assert counts[0].drop(index=[3, 6]).equals(counts[1].drop(index=[3, 6]))
+    c, comms0 = counts[0].loc[2], table(out, 0, COMMS)
+    if name == "fsdp":
+        # 5 FSDP units (4 blocks + root): one reduce-scatter each, of all the gradients.
+        assert c["reduce_scatter"] == 5
+        rs = comms0[(comms0["op"] == "reduce_scatter") & (comms0["step"] == 2)]
+        assert rs["bytes"].sum() >= PARAM_BYTES
+        assert c["all_gather"] >= 5
+    elif name == "tp":
+        # Row-wise o and fc2 all-reduce in forward: 2 per block, 4 blocks, at least.
+        funcol = comms0[(comms0["source"] == "funcol") & (comms0["step"] == 2)]
+        assert len(funcol) >= 8
+    else:
+        # 1F1B, 2 microbatches: stage 0 sends 2 activations and receives 2 gradients.
+        assert c["send"] == 2 and c["recv"] == 2
+        assert counts[1].loc[2]["send"] == 2 and counts[1].loc[2]["recv"] == 2
+
+
+UNMODIFIED = """
+import os, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = DDP(nn.Sequential(nn.Embedding(64, 32), nn.Flatten(), nn.Linear(32 * 8, 64)))
+data = TensorDataset(torch.randint(0, 64, (256, 8)), torch.randint(0, 64, (256,)))
+loader = DataLoader(data, batch_size=16, sampler=DistributedSampler(data), num_workers=1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for x, y in loader:
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+if dist.get_rank() == 0:
+    torch.save(model.state_dict(), os.environ["CKPT"])
+print("perfkit" in __import__("sys").modules and "imported" or "not imported")
+dist.destroy_process_group()
+"""
+
+
+def test_unmodified_ddp_script(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(UNMODIFIED)
+    out = tmp_path / "run"
+    proc = profile(
+        out, "--", "torchrun", "--nproc_per_node", "2", str(script), env={"CKPT": str(tmp_path / "ck.pt")}
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = Run.open(out)
+    assert run.manifest.world_size == 2 and run.manifest.status == "complete"
+    params = (64 * 32 + 32 * 8 * 64 + 64) * 4
+    for rank in (0, 1):
+        steps = table(out, rank, STEPS)
+        assert list(steps["step"]) == list(range(1, 9))  # 256 samples / 2 ranks / 16
+        assert (steps["tokens"] == 16 * 8).all() and steps["loss"].notna().all()
+        assert (
+            (steps["forward_s"] > 0).all()
+            and (steps["backward_s"] > 0).all()
+            and (steps["optimizer_s"] > 0).all()
+        )
+        comms = table(out, rank, COMMS)
+        assert list(comms[comms["source"] == "ddp"].groupby("step").size()) == [1] * 8
+        assert (comms[comms["source"] == "ddp"]["bytes"] == params).all()
+        assert len(table(out, rank, MEMORY)) == 8
+    saves = table(out, 0, IO)
+    assert list(saves["kind"]) == ["checkpoint_save"] and saves["bytes"].iloc[0] > params
+
+
+def test_sigkill_leaves_completed_steps_readable(tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = reference(out, "steps=8", env={"PERFKIT_TEST_KILL_AT_STEP": "5", "PERFKIT_TEST_KILL_RANK": "1"})
+    assert proc.returncode != 0
+    run = Run.open(out)
+    assert run.manifest.status == "failed" and run.manifest.exit_code == proc.returncode
+    killed = table(out, 1, STEPS)
+    assert list(killed["step"]) == [1, 2, 3, 4, 5]  # killed at the start of the 6th
+    for t in (COMMS, MEMORY, IO):
+        assert set(table(out, 1, t)["step"]) >= {1, 2, 3, 4, 5}
+
+
+def test_sigint_marks_the_run_interrupted(tmp_path: Path) -> None:
+    out = tmp_path / "int"
+    environ = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "perfkit",
+        "profile",
+        "--out",
+        str(out),
+        "--profile-steps",
+        "none",
+        "--",
+        "reference",
+        "--set",
+        "steps=100000",
+        "--set",
+        "log_every=1000",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    steps_file = out / "rank0" / "steps.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not steps_file.exists() or steps_file.read_text().count("\n") < 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+    proc.communicate(timeout=120)
+    run = Run.open(out)
+    assert run.manifest.status == "interrupted"
+    for rank in (0, 1):
+        assert len(table(out, rank, STEPS)) >= 3
