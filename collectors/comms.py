@@ -132,6 +132,7 @@ class _Recorder:
     def add(
         self, op: str, source: str, group: Any, tensor: Any, start_ns: int, end_ns: int | None, step: int
     ) -> None:
+        t0 = time.perf_counter()
         op = canonical(op)
         nbytes, dtype = _message(tensor)
         name, ranks, size = self.group_info(group)
@@ -152,6 +153,7 @@ class _Recorder:
                     "end_ns": end_ns,
                 }
             )
+            self.probe.self_time_s += time.perf_counter() - t0
 
 
 def _message(t: Any) -> tuple[int, str]:

@@ -106,6 +106,8 @@ class Probe:
         self._tokens: int | None = None
         self._pending: list[_Pending] = []
         self._started = False
+        self.self_time_s = 0.0
+        """Time spent in perfkit's own per-step work (step end, collectors, writing, comms records)."""
         self.auto: Any = None  # AutoSteps, when hooks find the steps
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -180,6 +182,8 @@ class Probe:
             "status": status,
             "steps": self.step,
             "mode": "manual" if self.manual else "auto",
+            "self_time_s": self.self_time_s,
+            "self_time_per_step_ms": 1e3 * self.self_time_s / self.step if self.step else None,
             "collectors": self.status,
             "options": asdict(self.options),
         }
@@ -270,6 +274,7 @@ class Probe:
             return
         self.begin_step()
         end_mark = end_mark if end_mark is not None else self._mark()
+        t_enter = time.perf_counter()
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
             if loss.is_cuda:  # copy without a device sync; read once the step's events completed
@@ -297,6 +302,7 @@ class Probe:
         for w in list(self._writers.values()):
             with contextlib.suppress(OSError):
                 w.flush()
+        self.self_time_s += time.perf_counter() - t_enter
 
     def _resolve(self, force: bool) -> None:
         """Write the rows of finished steps whose timings are known (all of them when forced)."""

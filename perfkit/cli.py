@@ -204,7 +204,7 @@ def _reference_command(
 
 
 def _run_and_summarize(req: Any) -> int:
-    from perfkit.profile import check_command, run_profile
+    from perfkit.profile import check_command, rank_reports, run_profile
     from perfkit.tables import TABLES
 
     check_command(req.command)
@@ -225,6 +225,10 @@ def _run_and_summarize(req: Any) -> int:
         if (d / "trace.json.gz").exists():
             counts.append(f"trace.json.gz {(d / 'trace.json.gz').stat().st_size / 1e6:.1f} MB")
         click.echo(f"  rank{rank}/  " + (", ".join(counts) or "no data"))
+    reports = rank_reports(run)
+    own = [r["self_time_per_step_ms"] for r in reports.values() if r.get("self_time_per_step_ms")]
+    if own:
+        click.echo(f"  perfkit's own time per step: {max(own):.3f} ms (the busiest rank)")
     for cname, state in sorted(m.collectors.items()):
         if state.status != "ok":
             click.echo(f"  collector {cname}: {state.status} ({state.reason})")

@@ -1,0 +1,173 @@
+"""Where GPU time goes: the temporal breakdown (compute / communication / memory / idle), the
+attribution of idle time to its causes, and how much communication is exposed.
+
+Intervals are merged with numpy (sort, running max of ends): a union over 100k kernels costs
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from perfkit.analyzers.kernels import classify, hta_kernel_type
+from perfkit.analyzers.trace import Trace
+
+
+def merge(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The union of [start, end) intervals as disjoint sorted intervals."""
+    if len(starts) == 0:
+        return starts, ends
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], ends[order]
+    running = np.maximum.accumulate(e)
+    new = np.empty(len(s), dtype=bool)
+    new[0] = True
+    new[1:] = s[1:] > running[:-1]
+    idx = np.flatnonzero(new)
+    return s[idx], np.maximum.reduceat(e, idx)
+
+
+def covered(starts: np.ndarray, ends: np.ndarray) -> int:
+    s, e = merge(starts, ends)
+    return int((e - s).sum())
+
+
+def intersect_len(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> int:
+    """Total length of the intersection of two disjoint sorted interval sets."""
+    (as_, ae), (bs, be) = a, b
+    i = j = 0
+    total = 0
+    while i < len(as_) and j < len(bs):
+        lo, hi = max(as_[i], bs[j]), min(ae[i], be[j])
+        if hi > lo:
+            total += hi - lo
+        if ae[i] < be[j]:
+            i += 1
+        else:
+            j += 1
+    return int(total)
+
+
+def temporal_breakdown(trace: Trace, hta_definitions: bool = False) -> dict[str, float]:
+    """Shares of the GPU's span (first GPU event start to last end).
+
+    compute: time any compute kernel runs; communication and memory: time they run and no compute
+    kernel does; idle: no GPU event. With ``hta_definitions`` kernels are split as HTA does (only
+    ``nccl...Kernel`` names count as communication) and non_compute = communication + memory."""
+    gpu = trace.gpu
+    if gpu.empty:
+        return {}
+    starts, ends = gpu["ts"].to_numpy(), gpu["end"].to_numpy()
+    span = int(ends.max() - starts.min())
+    busy = covered(starts, ends)
+    if hta_definitions:
+        kinds = gpu["name"].astype(str).map(hta_kernel_type).to_numpy()
+    else:
+        kinds = classify(gpu)["category"].replace({c: "compute" for c in _COMPUTE}).to_numpy()
+    compute_mask = kinds == "compute"
+    compute = covered(starts[compute_mask], ends[compute_mask])
+    comm_mask = kinds == "communication"
+    comm_only = covered(starts[comm_mask | compute_mask], ends[comm_mask | compute_mask]) - compute
+    out = {
+        "span_ns": span,
+        "busy_ns": busy,
+        "compute_ns": compute,
+        "communication_ns": comm_only,
+        "memory_ns": busy - compute - comm_only,
+        "idle_ns": span - busy,
+    }
+    for key in ("compute", "communication", "memory", "idle"):
+        out[f"{key}_pct"] = 100.0 * out[f"{key}_ns"] / span if span else 0.0
+    out["non_compute_pct"] = out["communication_pct"] + out["memory_pct"]
+    return out
+
+
+_COMPUTE = ("gemm", "attention", "optimizer", "normalization", "softmax", "reduction", "elementwise", "other")
+_SYNC = re.compile(r"Synchronize|cudaMemcpy$|hipMemcpy$|cudaStreamWaitEvent$", re.I)
+_LAUNCH = re.compile(r"Launch|cudaMemcpyAsync|cudaMemsetAsync|hipExtModuleLaunchKernel|cuLaunch", re.I)
+_INPUT = re.compile(r"DataLoader|dataloader|__next__")
+
+
+def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
+    """Split GPU idle time (gaps in the union of GPU activity, ignoring gaps under ``min_gap_ns``,
+    ordinary back-to-back launch latency) into its causes, in this order of precedence:
+
+    - input: the host was inside a DataLoader ``__next__`` during the gap;
+    - sync: a host-device synchronization (cudaStreamSynchronize, blocking cudaMemcpy, ...) ended
+      just before or within the gap: the host waited for the GPU, then had nothing queued;
+    - host_launch: the kernel after the gap was launched after the gap began: the GPU waited for
+      the CPU to issue work (launch-bound);
+    - other: the next kernel was queued in time but started late (dependencies, events)."""
+    ev = trace.events
+    gpu = trace.gpu
+    if gpu.empty:
+        return {}
+    s, e = merge(gpu["ts"].to_numpy(), gpu["end"].to_numpy())
+    gap_start, gap_end = e[:-1], s[1:]
+    keep = (gap_end - gap_start) >= min_gap_ns
+    gap_start, gap_end = gap_start[keep], gap_end[keep]
+    result = {"idle_ns": int((s[1:] - e[:-1]).sum()), "gaps": int(len(gap_start))}
+    causes = dict.fromkeys(("input", "sync", "host_launch", "other"), 0)
+    if len(gap_start):
+        names = ev["name"].astype(str)
+        runtime = ev[ev["cat"].isin(("cuda_runtime", "cuda_driver"))]
+        rt_names = runtime["name"].astype(str)
+        syncs = runtime[rt_names.str.contains(_SYNC).values]
+        launches = runtime[rt_names.str.contains(_LAUNCH).values]
+        inputs = ev[names.str.contains(_INPUT).values & ev["cat"].isin(("cpu_op", "user_annotation", "python_function")).values]
+        sync_end = np.sort(syncs["end"].to_numpy())
+        in_s, in_e = merge(inputs["ts"].to_numpy(), inputs["end"].to_numpy())
+        # the launch time of the first GPU event after each gap, through the correlation id
+        launch_ts = dict(zip(launches["correlation"].to_numpy(), launches["ts"].to_numpy()))
+        g = gpu.sort_values("ts")
+        g_ts, g_corr = g["ts"].to_numpy(), g["correlation"].to_numpy()
+        nxt = np.searchsorted(g_ts, gap_end, side="left")
+        for a, b, k in zip(gap_start, gap_end, nxt):
+            length = int(b - a)
+            if len(in_s) and intersect_len((in_s, in_e), (np.array([a]), np.array([b]))) > length // 2:
+                causes["input"] += length
+                continue
+            j = np.searchsorted(sync_end, a - 5_000)
+            if j < len(sync_end) and sync_end[j] <= b:
+                causes["sync"] += length
+                continue
+            lt = launch_ts.get(int(g_corr[k])) if k < len(g_corr) else None
+            if lt is not None and lt > a:
+                causes["host_launch"] += length
+            else:
+                causes["other"] += length
+    result.update({f"{k}_ns": v for k, v in causes.items()})
+    attributed = sum(causes.values())
+    result["short_gaps_ns"] = result["idle_ns"] - attributed
+    return result
+
+
+def exposed_communication(trace: Trace) -> dict[str, float]:
+    """Communication kernel time, and the part of it with no compute kernel running alongside
+    (exposed: the step waits for it)."""
+    gpu = classify(trace.gpu)
+    if gpu.empty:
+        return {}
+    comm = gpu[gpu["category"] == "communication"]
+    comp = gpu[gpu["category"].isin(_COMPUTE)]
+    c = merge(comm["ts"].to_numpy(), comm["end"].to_numpy())
+    total = int((c[1] - c[0]).sum())
+    overlapped = intersect_len(c, merge(comp["ts"].to_numpy(), comp["end"].to_numpy()))
+    return {
+        "comm_ns": total,
+        "overlapped_ns": overlapped,
+        "exposed_ns": total - overlapped,
+        "overlap_pct": 100.0 * overlapped / total if total else 100.0,
+    }
+
+
+def profiler_steps(trace: Trace) -> pd.DataFrame:
+    """The ``ProfilerStep#N`` annotations: one row per step with its CPU span."""
+    ev = trace.events
+    steps = ev[(ev["cat"] == "user_annotation") & ev["name"].astype(str).str.startswith("ProfilerStep#").values]
+    out = steps[["name", "ts", "end", "dur"]].copy()
+    out["step"] = out["name"].astype(str).str.removeprefix("ProfilerStep#").astype(int)
+    return out.sort_values("step").reset_index(drop=True)
