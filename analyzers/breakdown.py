@@ -11,7 +11,6 @@ import re
 
 import numpy as np
 import pandas as pd
-
 from perfkit.analyzers.kernels import classify, hta_kernel_type
 from perfkit.analyzers.trace import Trace
 
@@ -71,7 +70,8 @@ def temporal_breakdown(trace: Trace, hta_definitions: bool = False) -> dict[str,
     compute = covered(starts[compute_mask], ends[compute_mask])
     comm_mask = kinds == "communication"
     comm_only = covered(starts[comm_mask | compute_mask], ends[comm_mask | compute_mask]) - compute
-    out = {
+    out: dict[str, float] = {
+        "kernels": len(gpu),
         "span_ns": span,
         "busy_ns": busy,
         "compute_ns": compute,
@@ -109,7 +109,7 @@ def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
     gap_start, gap_end = e[:-1], s[1:]
     keep = (gap_end - gap_start) >= min_gap_ns
     gap_start, gap_end = gap_start[keep], gap_end[keep]
-    result = {"idle_ns": int((s[1:] - e[:-1]).sum()), "gaps": int(len(gap_start))}
+    result: dict[str, float] = {"idle_ns": int((s[1:] - e[:-1]).sum()), "gaps": int(len(gap_start))}
     causes = dict.fromkeys(("input", "sync", "host_launch", "other"), 0)
     if len(gap_start):
         names = ev["name"].astype(str)
@@ -117,7 +117,10 @@ def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
         rt_names = runtime["name"].astype(str)
         syncs = runtime[rt_names.str.contains(_SYNC).values]
         launches = runtime[rt_names.str.contains(_LAUNCH).values]
-        inputs = ev[names.str.contains(_INPUT).values & ev["cat"].isin(("cpu_op", "user_annotation", "python_function")).values]
+        inputs = ev[
+            names.str.contains(_INPUT).to_numpy()
+            & ev["cat"].isin(("cpu_op", "user_annotation", "python_function")).to_numpy()
+        ]
         sync_end = np.sort(syncs["end"].to_numpy())
         in_s, in_e = merge(inputs["ts"].to_numpy(), inputs["end"].to_numpy())
         # the launch time of the first GPU event after each gap, through the correlation id
@@ -167,7 +170,10 @@ def exposed_communication(trace: Trace) -> dict[str, float]:
 def profiler_steps(trace: Trace) -> pd.DataFrame:
     """The ``ProfilerStep#N`` annotations: one row per step with its CPU span."""
     ev = trace.events
-    steps = ev[(ev["cat"] == "user_annotation") & ev["name"].astype(str).str.startswith("ProfilerStep#").values]
+    steps = ev[
+        (ev["cat"] == "user_annotation").to_numpy()
+        & ev["name"].astype(str).str.startswith("ProfilerStep#").to_numpy()
+    ]
     out = steps[["name", "ts", "end", "dur"]].copy()
     out["step"] = out["name"].astype(str).str.removeprefix("ProfilerStep#").astype(int)
     return out.sort_values("step").reset_index(drop=True)

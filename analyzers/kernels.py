@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pandas as pd
-
 from perfkit.analyzers.trace import Trace
 
 # First match wins; order matters (flash attention kernels are cutlass kernels too).
@@ -15,14 +14,25 @@ _CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("attention", re.compile(r"flash|fmha|attention|sdpa|_attn|mha_", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor_apply|sgd_|lamb_", re.I)),
     ("normalization", re.compile(r"layer_?norm|rms_?norm|batch_?norm|group_?norm|bn_(fw|bw)|welford", re.I)),
-    ("gemm", re.compile(r"gemm|cutlass|cublas|xmma|nvjet|wgmma|matmul|triton_tem_|_mm_|gemv|tensorop|Cijk_", re.I)),
+    (
+        "gemm",
+        re.compile(
+            r"(?<!fb)gemm(?!_gpu)|cutlass|cublas|xmma|nvjet|wgmma|matmul|triton_tem_|_mm_|gemv|tensorop|Cijk_",
+            re.I,
+        ),
+    ),
     ("softmax", re.compile(r"softmax", re.I)),
     ("reduction", re.compile(r"reduce|triton_(per|red)_|norm_kernel", re.I)),
-    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|triton_poi_|fill|copy|index|where|cast", re.I)),
+    (
+        "elementwise",
+        re.compile(r"elementwise|vectorized|unrolled|triton_poi_|fill|copy|index|where|cast", re.I),
+    ),
 ]
 # cuBLAS/CUTLASS names of FP32 SIMT GEMMs (no tensor cores): sgemm, gemmSN, f32 gemv, *_f32f32_*.
 _FP32_GEMM = re.compile(r"sgemm|gemmSN|gemv2?T?_kernel.*float|f32f32_f32|_s\d+x\d+_?(?!.*tf32)", re.I)
-_TENSOR_CORE = re.compile(r"h\d{3,5}|s1688|s16816|bf16|f16|fp16|half|tf32|tensorop|xmma|wgmma|nvjet|hmma|triton_tem_", re.I)
+_TENSOR_CORE = re.compile(
+    r"h\d{3,5}|s1688|s16816|bf16|f16|fp16|half|tf32|tensorop|xmma|wgmma|nvjet|hmma|triton_tem_", re.I
+)
 
 
 def category(name: str) -> str:
@@ -69,14 +79,21 @@ def kernel_table(trace: Trace, top: int = 15) -> tuple[pd.DataFrame, pd.DataFram
     gpu = classify(trace.gpu)
     if gpu.empty:
         empty = pd.DataFrame(columns=["category", "time_ns", "count", "share"])
-        return empty, pd.DataFrame(columns=["name", "category", "precision", "count", "time_ns", "mean_ns", "share"])
+        return empty, pd.DataFrame(
+            columns=["name", "category", "precision", "count", "time_ns", "mean_ns", "share"]
+        )
     total = gpu["dur"].sum()
     by_cat = gpu.groupby("category", observed=True)["dur"].agg(time_ns="sum", count="size").reset_index()
     by_cat["share"] = by_cat["time_ns"] / total
     gpu["name_s"] = gpu["name"].astype(str)
     by_name = (
         gpu.groupby("name_s", observed=True)
-        .agg(category=("category", "first"), precision=("precision", "first"), count=("dur", "size"), time_ns=("dur", "sum"))
+        .agg(
+            category=("category", "first"),
+            precision=("precision", "first"),
+            count=("dur", "size"),
+            time_ns=("dur", "sum"),
+        )
         .reset_index()
         .rename(columns={"name_s": "name"})
     )

@@ -146,7 +146,11 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
             "ext_id": np.asarray(ext, dtype=np.int64),
         }
     )
-    comm = pd.DataFrame.from_dict(comm_rows, orient="index") if comm_rows else pd.DataFrame(columns=list(COMM_ARGS.values()))
+    comm = (
+        pd.DataFrame.from_dict(comm_rows, orient="index")
+        if comm_rows
+        else pd.DataFrame(columns=list(COMM_ARGS.values()))
+    )
     props = data.get("deviceProperties") or []
     return Trace(
         path=path,

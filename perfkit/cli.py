@@ -270,8 +270,77 @@ def demo(out: Path | None, nproc: int) -> None:
     sys.exit(_run_and_summarize(req))
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for analysis.json (default: beside the input; required when it is read-only).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print analysis.json to stdout instead of the summary.")
+@click.option("--peak-tflops", type=click.FloatRange(min=0.001), help="Peak TFLOP/s per GPU for MFU.")
+@click.option(
+    "--jobs", type=click.IntRange(min=1), help="Processes that parse traces (default: one per core)."
+)
+def analyze(
+    source: Path, out: Path | None, as_json: bool, peak_tflops: float | None, jobs: int | None
+) -> None:
+    """Find why a run is slow: metrics and ranked findings for a run directory, one Kineto trace,
+    or a folder of per-rank traces. Writes analysis.json."""
+    import json as jsonlib
+
+    from perfkit.analyzers.analyze import analyze as run_analysis
+    from perfkit.analyzers.analyze import output_path
+    from perfkit.run import write_json_atomic
+
+    target = output_path(source, out)
+    result = run_analysis(source, peak_tflops=peak_tflops, jobs=jobs)
+    data = result.to_json()
+    write_json_atomic(target, data)
+    if as_json:
+        click.echo(jsonlib.dumps(data, indent=1, default=str))
+        return
+    click.echo(_analysis_summary(result, target))
+
+
+def _analysis_summary(result: Any, target: Path) -> str:
+    m = result.metrics
+    lines = [
+        f"perfkit analyze: {result.source}  ({len(result.ranks)} rank(s){', PARTIAL' if result.partial else ''})"
+    ]
+    for p in result.problems:
+        lines.append(f"  problem: {p}")
+    steps = m.get("steps", {})
+    if steps:
+        line = f"  step time {steps['step_time_ms']:.1f} ms (median)"
+        if "tokens_per_s" in steps:
+            line += f", {steps['tokens_per_s']:,.0f} tokens/s"
+        mfu = m.get("throughput", {}).get("mfu")
+        if mfu is not None:
+            line += f", MFU {mfu:.1%}"
+        lines.append(line)
+    for rank, t in sorted(m.get("trace", {}).items(), key=lambda kv: int(kv[0]))[:8]:
+        b = t["temporal_breakdown"]
+        if b:
+            lines.append(
+                f"  rank {rank}: GPU compute {b['compute_pct']:.0f}%, communication {b['communication_pct']:.0f}%, "
+                f"memory {b['memory_pct']:.0f}%, idle {b['idle_pct']:.0f}%"
+            )
+    if not result.findings:
+        lines.append("  no findings: nothing stands out")
+    for i, f in enumerate(result.findings, 1):
+        saving = f" (~{f.saving_ms_per_step:.1f} ms/step)" if f.saving_ms_per_step else ""
+        ranks = f" ranks {','.join(map(str, f.ranks[:8]))}" if f.ranks else ""
+        lines.append(f"{i:>2}. [{f.severity}] {f.title}{saving}{ranks}")
+        change = " ".join(
+            f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in f.remedy.change.items()
+        )
+        lines.append(f"      fix: {f.remedy.description}" + (f"  ({change})" if change else ""))
+    lines.append(f"wrote {target}")
+    return "\n".join(lines)
+
+
 _NOT_BUILT = {
-    "analyze": "Turn a run directory or Kineto traces into metrics and ranked diagnoses.",
     "report": "Write a self-contained HTML report for a run directory.",
     "optimize": "Apply remedies for a run's findings, re-run, and keep what measurably helps.",
     "sweep": "Benchmark the trainer over a set of parallel configurations.",

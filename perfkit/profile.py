@@ -125,7 +125,9 @@ class Progress:
 def check_command(argv: list[str]) -> None:
     if not argv or shutil.which(argv[0]) is None:
         what = argv[0] if argv else "(none)"
-        raise ConfigError(f"command {what!r} not found; check the command after -- (is its virtual environment active?)")
+        raise ConfigError(
+            f"command {what!r} not found; check the command after -- (is its virtual environment active?)"
+        )
 
 
 def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, int]:

@@ -1,0 +1,225 @@
+"""The front door: a run directory, one Kineto trace or a folder of traces in; metrics, ranked
+findings and tables out.
+
+Traces are parsed in a process pool, one file per task; each worker returns only the small
+per-rank facts and tables, so memory holds one parsed trace per worker at a time, however many
+ranks there are. A trace that cannot be read is named in ``problems`` and the analysis goes on
+with the others (``partial``).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from perfkit.analyzers import findings as rules
+from perfkit.analyzers.comms import collective_table, trace_collectives
+from perfkit.analyzers.kernels import kernel_table
+from perfkit.analyzers.memory import load_snapshot, snapshot_summary
+from perfkit.analyzers.runtables import (
+    comm_metrics,
+    io_metrics,
+    load_tables,
+    memory_metrics,
+    step_metrics,
+    straggler_metrics,
+    throughput_metrics,
+)
+from perfkit.analyzers.trace import TraceError, load_trace
+
+from perfkit.errors import RunDirError
+from perfkit.hardware import gpu_peak_tflops
+from perfkit.run import MANIFEST_NAME, Run
+
+SCHEMA_VERSION = 1
+_TRACE_SUFFIXES = (".json", ".json.gz")
+
+
+@dataclass
+class Analysis:
+    source: Path
+    metrics: dict[str, Any]
+    findings: list[rules.Finding]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """kernels, kernel_categories, collectives, breakdown: DataFrames with a rank column."""
+    problems: list[str] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.problems)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "source": str(self.source),
+            "ranks": self.ranks,
+            "partial": self.partial,
+            "problems": self.problems,
+            "metrics": self.metrics,
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+def find_traces(folder: Path) -> list[Path]:
+    found = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and p.name.endswith(_TRACE_SUFFIXES)
+        and p.name not in (MANIFEST_NAME, "analysis.json", "probe.json")
+    ]
+    return found
+
+
+def _trace_job(path: Path) -> dict[str, Any]:
+    """Parse one trace and reduce it to what the analysis keeps (runs in a worker process)."""
+    try:
+        trace = load_trace(path)
+    except TraceError as e:
+        return {"error": str(e)}
+    facts = rules.trace_facts(trace)
+    categories, top = kernel_table(trace)
+    collectives = trace_collectives(trace)
+    return {
+        "rank": trace.rank,
+        "path": str(path),
+        "facts": facts,
+        "device": trace.device.get("name"),
+        "world_size": trace.world_size,
+        "categories": categories.assign(rank=trace.rank),
+        "top": top.assign(rank=trace.rank),
+        "collectives": collectives,
+    }
+
+
+def _parse_all(paths: list[Path], jobs: int | None) -> list[dict[str, Any]]:
+    if len(paths) <= 1 or jobs == 1:
+        return [_trace_job(p) for p in paths]
+    workers = min(len(paths), jobs or os.cpu_count() or 1)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_trace_job, paths))
+
+
+def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | None = None) -> Analysis:
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"{path}: no such run directory or trace")
+    run: Run | None = None
+    if path.is_dir() and (path / MANIFEST_NAME).exists():
+        run = Run.open(path)
+        traces = sorted(path.glob("rank*/trace.json.gz"))
+    elif path.is_dir():
+        traces = find_traces(path)
+        if not traces:
+            raise RunDirError(f"{path}: holds no manifest.json and no *.json[.gz] traces; nothing to analyze")
+    elif path.name.endswith((".pickle", ".pickle.gz")):
+        summary = snapshot_summary(load_snapshot(path))
+        return Analysis(source=path, metrics={"memory_snapshot": summary}, findings=[], ranks=[])
+    else:
+        traces = [path]
+
+    results = _parse_all(traces, jobs)
+    problems = [r["error"] for r in results if "error" in r]
+    good = [r for r in results if "error" not in r]
+    if not good and run is None:
+        raise RunDirError(
+            problems[0]
+            if len(problems) == 1
+            else f"{path}: none of {len(traces)} traces could be read; first: {problems[0]}"
+        )
+
+    metrics: dict[str, Any] = {}
+    tables: dict[str, pd.DataFrame] = {}
+    findings: list[rules.Finding] = []
+    ranks: set[int] = set()
+    device = next((r["device"] for r in good if r["device"]), None)
+    if good:
+        per_rank: dict[str, Any] = {}
+        for r in good:
+            f: rules.TraceFacts = r["facts"]
+            per_rank[str(r["rank"])] = {
+                "trace": r["path"],
+                "steps_in_trace": f.steps,
+                "step_ms": f.step_ms,
+                "temporal_breakdown": f.breakdown,
+                "idle_attribution": f.idle,
+                "communication_overlap": f.exposed,
+                "gemm_fp32_share": f.gemm_fp32_ns / f.gemm_ns if f.gemm_ns else None,
+            }
+            ranks.add(r["rank"])
+        metrics["trace"] = per_rank
+        tables["kernel_categories"] = pd.concat([r["categories"] for r in good], ignore_index=True)
+        tables["kernels"] = pd.concat([r["top"] for r in good], ignore_index=True)
+        coll = pd.concat([r["collectives"] for r in good], ignore_index=True)
+        tables["trace_collectives"] = collective_table(coll) if not coll.empty else coll
+        metrics["kernel_categories"] = (
+            tables["kernel_categories"]
+            .groupby("category")["time_ns"]
+            .sum()
+            .div(max(1, tables["kernel_categories"]["time_ns"].sum()))
+            .round(4)
+            .to_dict()
+        )
+        metrics["trace_collectives"] = tables["trace_collectives"].to_dict("records")
+        findings += rules.trace_rules([r["facts"] for r in good])
+
+    if run is not None:
+        t = load_tables(run)
+        problems += t.notes
+        ranks |= set(run.ranks())
+        env = run.manifest.env
+        peak = peak_tflops or env.get("peak_tflops") or (gpu_peak_tflops(device) if device else None)
+        metrics["run"] = {
+            "name": run.manifest.name,
+            "status": run.manifest.status,
+            "world_size": run.manifest.world_size,
+            "command": run.manifest.command,
+            "env": env,
+            "collectors": {k: v.status for k, v in run.manifest.collectors.items()},
+        }
+        metrics["config"] = run.manifest.config
+        metrics["steps"] = step_metrics(t)
+        metrics["stragglers"] = straggler_metrics(t)
+        metrics["comms"] = comm_metrics(t)
+        metrics["io"] = io_metrics(t)
+        metrics["memory"] = memory_metrics(t)
+        metrics["throughput"] = throughput_metrics(t, metrics["steps"], peak)
+        snaps = sorted(path.glob("rank*/*snapshot.pickle"))
+        if snaps:
+            metrics["memory_snapshot"] = {
+                p.parent.name + "/" + p.name: snapshot_summary(load_snapshot(p)) for p in snaps
+            }
+        if metrics["comms"].get("table"):
+            tables["collectives"] = pd.DataFrame(metrics["comms"]["table"])
+        tables["steps"] = t.steps
+        findings += rules.run_rules(metrics)
+        if run.manifest.status == "running":
+            problems.append(
+                f"{run.path}: the run has not finished (status running); its last steps may be missing"
+            )
+    elif peak_tflops:
+        metrics["peak_tflops"] = peak_tflops
+    return Analysis(
+        source=path,
+        metrics=metrics,
+        findings=rules.rank(findings),
+        tables=tables,
+        problems=problems,
+        ranks=sorted(ranks),
+    )
+
+
+def output_path(source: Path, out: Path | None) -> Path:
+    """Where analysis.json goes: --out, else beside the input; a read-only input needs --out."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        return out / "analysis.json"
+    folder = source if source.is_dir() else source.parent
+    if not os.access(folder, os.W_OK):
+        raise RunDirError(f"{folder} is read-only; pass --out DIR to write analysis.json elsewhere")
+    return folder / "analysis.json"

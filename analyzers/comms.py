@@ -1,0 +1,112 @@
+"""Communication metrics: per collective and size bucket, count, bytes, time, algorithm and bus
+bandwidth (nccl-tests' factors), from perfkit's comms tables or from NCCL kernels in a trace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from perfkit.analyzers.trace import Trace
+
+
+def bus_factor(op: str, n: int) -> float:
+    """nccl-tests' PERFORMANCE.md: busbw = algbw × factor."""
+    if n <= 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (n - 1) / n
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) / n
+    return 1.0
+
+
+_BUCKETS = [0, 64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 62]
+_BUCKET_NAMES = ["<64KiB", "64KiB-1MiB", "1-16MiB", "16-256MiB", ">=256MiB"]
+
+
+def size_bucket(nbytes: pd.Series) -> pd.Series:
+    """Message-size class; "unknown" where the trace did not record the size."""
+    return pd.cut(nbytes, _BUCKETS, labels=_BUCKET_NAMES, right=False).astype(object).fillna("unknown")
+
+
+def collective_table(comms: pd.DataFrame) -> pd.DataFrame:
+    """``comms``: rows with op, bytes, group_size, duration_ns (NaN where unknown), rank.
+    Returns one row per (op, size bucket): count, bytes, time, algbw and busbw in GB/s."""
+    if comms.empty:
+        return pd.DataFrame(columns=["op", "size", "count", "bytes", "time_ms", "algbw_gbps", "busbw_gbps"])
+    df = comms.assign(size=size_bucket(comms["bytes"]))
+    timed = df[df["duration_ns"].notna() & (df["duration_ns"] > 0)]
+    agg = (
+        df.groupby(["op", "size"], observed=True)
+        .agg(count=("bytes", "size"), bytes=("bytes", "sum"), group_size=("group_size", "max"))
+        .reset_index()
+    )
+    t = timed.groupby(["op", "size"], observed=True).agg(
+        time_ns=("duration_ns", "sum"), timed_bytes=("bytes", "sum")
+    )
+    agg = agg.merge(t.reset_index(), on=["op", "size"], how="left")
+    agg["time_ms"] = agg["time_ns"] / 1e6
+    agg["algbw_gbps"] = agg["timed_bytes"] / agg["time_ns"]  # bytes/ns == GB/s
+    agg["busbw_gbps"] = agg["algbw_gbps"] * [
+        bus_factor(o, int(n)) for o, n in zip(agg["op"], agg["group_size"].fillna(1))
+    ]
+    return agg.drop(columns=["time_ns", "timed_bytes"]).sort_values(["op", "size"], ignore_index=True)
+
+
+_NCCL_OPS = {
+    "AllReduce": "all_reduce",
+    "AllGather": "all_gather",
+    "ReduceScatter": "reduce_scatter",
+    "Broadcast": "broadcast",
+    "Reduce": "reduce",
+    "SendRecv": "send_recv",
+    "AllToAll": "all_to_all",
+}
+_DTYPE_BYTES = {
+    "Float": 4,
+    "float": 4,
+    "Half": 2,
+    "BFloat16": 2,
+    "Double": 8,
+    "Int": 4,
+    "Long": 8,
+    "Byte": 1,
+    "Char": 1,
+}
+
+
+def trace_collectives(trace: Trace) -> pd.DataFrame:
+    """NCCL kernels of a trace as collective rows (op, bytes where the trace records them, duration)."""
+    ev = trace.events
+    kern = ev[(ev["cat"] == "kernel") & ev["name"].astype(str).str.contains("nccl", case=False).to_numpy()]
+    if kern.empty:
+        return pd.DataFrame(columns=["op", "bytes", "group_size", "duration_ns", "rank"])
+    names = kern["name"].astype(str)
+    op = names.map(lambda n: next((v for k, v in _NCCL_OPS.items() if k in n), "other"))
+    nbytes = pd.Series(np.nan, index=kern.index)
+    group = pd.Series(float(trace.world_size or 1), index=kern.index)
+    if not trace.comm_args.empty:
+        # record_param_comms (CPU) and its kernel share the External id.
+        meta = trace.comm_args.join(ev[["ext_id"]], how="left")
+        meta = meta[meta["ext_id"] >= 0].drop_duplicates("ext_id").set_index("ext_id")
+        ids = kern["ext_id"]
+        found = ids.isin(meta.index)
+        if found.any():
+            m = meta.loc[ids[found]]
+            elems = np.maximum(
+                pd.to_numeric(m["in_nelems"], errors="coerce").to_numpy(),
+                pd.to_numeric(m["out_nelems"], errors="coerce").to_numpy(),
+            )
+            width = m["dtype"].map(_DTYPE_BYTES).fillna(4).to_numpy()
+            nbytes[found.to_numpy()] = elems * width
+            gs = pd.to_numeric(m["group_size"], errors="coerce").to_numpy()
+            mask = found.to_numpy()
+            group[mask] = np.where(np.isnan(gs), group[mask], gs)
+    return pd.DataFrame(
+        {
+            "op": op.values,
+            "bytes": nbytes.values,
+            "group_size": group.values,
+            "duration_ns": kern["dur"].values.astype(float),
+            "rank": trace.rank,
+        }
+    )

@@ -1,0 +1,232 @@
+"""Analyzers on real GPU traces (H100, HTA's A100/V100/MI250) and on hand-built inputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from perfkit.analyzers.analyze import analyze
+from perfkit.analyzers.breakdown import intersect_len, merge
+from perfkit.analyzers.comms import bus_factor
+from perfkit.analyzers.kernels import category, gemm_precision
+from perfkit.analyzers.memory import load_snapshot, snapshot_summary
+from perfkit.analyzers.trace import TraceError, load_trace
+
+from perfkit.cli import cli
+
+DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+TUNED, COMPILED = DATA / "h100" / "tuned_trace.json.gz", DATA / "h100" / "compiled_trace.json.gz"
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    return analyze(TUNED)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return analyze(COMPILED)
+
+
+def ids(analysis) -> dict[str, object]:
+    return {f.id: f for f in analysis.findings}
+
+
+def test_eager_tuned_h100_trace_is_launch_bound(tuned) -> None:
+    b = tuned.metrics["trace"]["0"]["temporal_breakdown"]
+    assert 50 <= 100 - b["idle_pct"] <= 60  # the GPU is busy ~55% of the profiled steps
+    f = ids(tuned)["host_launch_bound"]
+    assert f.severity == "high" and f.ranks == [0] and f.saving_ms_per_step > 5
+    assert f.remedy.change == {"kernels.compile": True}
+    assert tuned.findings[0].id == "host_launch_bound"
+
+
+def test_compiled_h100_trace_gets_nothing_its_configuration_rules_out(compiled) -> None:
+    # bf16, fused attention and optimizer, pinned prefetched input, no per-step sync
+    ruled_out = {
+        "fp32_gemm",
+        "unfused_attention",
+        "unfused_optimizer",
+        "pageable_h2d",
+        "input_stall",
+        "host_device_sync",
+    }
+    assert not ruled_out & set(ids(compiled))
+    kernels = compiled.tables["kernels"]
+    assert (kernels[kernels["category"] == "gemm"]["precision"] == "tensor-core").all()
+
+
+def test_tuned_trace_kernel_categories(tuned) -> None:
+    cats = tuned.metrics["kernel_categories"]
+    assert cats["gemm"] > 0.25 and cats["attention"] > 0.05 and cats["optimizer"] > 0
+    assert "communication" not in cats or cats["communication"] < 0.01  # a 1-rank NCCL group: no kernels
+
+
+def test_two_rank_hta_traces(tmp_path: Path) -> None:
+    a = analyze(DATA / "hta" / "trace_filter")
+    assert a.ranks == [0, 1] and not a.partial
+    for rank in ("0", "1"):
+        b = a.metrics["trace"][rank]["temporal_breakdown"]
+        assert abs(b["compute_pct"] + b["communication_pct"] + b["memory_pct"] + b["idle_pct"] - 100) < 1e-6
+        assert b["communication_pct"] > 10  # NCCL SendRecv
+    assert "exposed_communication" in ids(a)
+    ops = {row["op"] for row in a.metrics["trace_collectives"]}
+    assert "send_recv" in ops
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((SHARED / "hta" / "tests").rglob("*.json.gz")) + sorted((SHARED / "h100").glob("*.json.gz")),
+    ids=lambda p: p.name,
+)
+def test_every_shared_fixture_loads_and_analyzes(path: Path) -> None:
+    a = analyze(path)
+    assert not a.partial and len(a.ranks) == 1
+    trace = load_trace(path)
+    assert (
+        trace.events["ts"].dtype == np.int64 and (trace.events["ts"] > 1.6e18).all()
+    )  # absolute ns, no overflow
+
+
+def test_time_bases_agree(tmp_path: Path) -> None:
+    kernel = {"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "dur": 5.0, "args": {"stream": 7}}
+    relative = {
+        "baseTimeNanoseconds": 1_790_000_000_000_000_000,
+        "traceEvents": [{**kernel, "ts": 4_988_707_477_240.984}],
+    }
+    absolute = {"traceEvents": [{**kernel, "ts": 1_790_000_000_000_000 + 4_988_707_477_240.984}]}
+    for name, data in (("rel.json", relative), ("abs.json", absolute)):
+        (tmp_path / name).write_text(json.dumps(data))
+    a, b = load_trace(tmp_path / "rel.json").events, load_trace(tmp_path / "abs.json").events
+    assert a["ts"].iloc[0] == 1_794_988_707_477_240_984
+    assert abs(int(a["ts"].iloc[0]) - int(b["ts"].iloc[0])) < 1_000  # float µs of an epoch time: sub-µs
+    assert a["dur"].iloc[0] == 5_000
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x1f\x8b\x08\x00" + b"\x00" * 10, "cannot be read or is truncated"),
+        (b'{"traceEvents": [{"ph": "X", ', "not valid JSON"),
+        (b"hello", "not valid JSON"),
+        (b'{"events": []}', "not a Kineto trace (no traceEvents list)"),
+        (b'{"traceEvents": []}', "holds no complete events"),
+    ],
+)
+def test_bad_trace_is_one_line_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "rank0.json.gz"
+    path.write_bytes(content)
+    with pytest.raises(TraceError, match=re.escape(message)) as info:
+        load_trace(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_bad_rank_leaves_the_others_analyzed(tmp_path: Path) -> None:
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    for i in (0, 1):
+        (folder / f"rank-{i}.json.gz").write_bytes(
+            (DATA / "hta" / "trace_filter" / f"sampled_rank-{i}.json.gz").read_bytes()
+        )
+    good = (DATA / "hta" / "trace_filter" / "sampled_rank-1.json.gz").read_bytes()
+    (folder / "rank-2.json.gz").write_bytes(good[: len(good) // 2])  # truncated
+    a = analyze(folder)
+    assert a.partial and a.ranks == [0, 1]
+    assert len(a.problems) == 1 and "rank-2.json.gz" in a.problems[0]
+    result = CliRunner().invoke(cli, ["analyze", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "PARTIAL" in result.output and "problem:" in result.output
+    written = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert written["partial"] is True and written["schema_version"] == 1
+
+
+def test_cli_json_has_the_promised_keys(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["analyze", str(TUNED), "--json", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {"schema_version", "metrics", "findings", "ranks", "partial"} <= set(data)
+    for f in data["findings"]:
+        assert {"id", "title", "severity", "evidence", "ranks", "saving_ms_per_step", "remedy"} <= set(f)
+        assert f["severity"] in ("high", "medium", "low")
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "no such run directory or trace" in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "nothing to analyze" in r.output
+
+
+def test_snapshot_is_summarized() -> None:
+    s = snapshot_summary(load_snapshot(DATA / "h100" / "tuned_memory_snapshot.pickle.gz"))
+    assert s["reserved_bytes"] > s["allocated_bytes"] > 0
+    assert s["history_entries"] > 1000 and len(s["largest"]) == 10
+    assert s["largest"][0]["size"] >= s["largest"][-1]["size"]
+
+
+def test_crafted_snapshot_pickle_is_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pickle"
+    path.write_bytes(pickle.dumps({"segments": [Evil()]}))
+    with pytest.raises(TraceError, match="refused builtins.print"):
+        load_snapshot(path)
+    gz = tmp_path / "evil.pickle.gz"
+    gz.write_bytes(gzip.compress(pickle.dumps({"segments": [], "x": Evil()})))
+    with pytest.raises(TraceError, match="refused"):
+        load_snapshot(gz)
+
+
+def test_interval_helpers() -> None:
+    s, e = merge(np.array([0, 5, 2, 20]), np.array([3, 10, 6, 25]))
+    assert list(s) == [0, 20] and list(e) == [10, 25]
+    assert intersect_len((s, e), (np.array([8, 22]), np.array([21, 30]))) == 2 + 1 + 3
+
+
+@pytest.mark.parametrize(
+    ("op", "n", "factor"),
+    [
+        ("all_reduce", 8, 1.75),
+        ("all_gather", 4, 0.75),
+        ("reduce_scatter", 2, 0.5),
+        ("broadcast", 8, 1.0),
+        ("all_reduce", 1, 0.0),
+    ],
+)
+def test_bus_factors(op: str, n: int, factor: float) -> None:
+    assert bus_factor(op, n) == pytest.approx(factor)
+
+
+@pytest.mark.parametrize(
+    ("name", "cat", "precision"),
+    [
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication", None),
+        ("ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t(ncclWorkElem)", "communication", None),
+        ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "gemm", "tensor-core"),
+        ("volta_sgemm_128x64_nn", "gemm", "fp32"),
+        ("ampere_fp16_s16816gemm_fp16_128x128_ldg8_f2f_stages_32x5_nn", "gemm", "tensor-core"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "attention", None),
+        (
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float>>",
+            "optimizer",
+            None,
+        ),
+        ("void at::native::unrolled_elementwise_kernel<{lambda()#1}>", "elementwise", None),
+        ("triton_per_fused__to_copy_add_native_layer_norm_backward_view_10", "normalization", None),
+        ("void fbgemm_gpu::permute_2D_data_kernel<false, int>", "other", None),
+        ("Memcpy HtoD (Pinned -> Device)", "memory", None),
+    ],
+)
+def test_kernel_categories(name: str, cat: str, precision: str | None) -> None:
+    assert category(name) == cat
+    if precision:
+        assert gemm_precision(name) == precision
