@@ -1,0 +1,156 @@
+"""Planted problems in real 2-rank CPU runs: `perfkit profile` then `perfkit analyze` must put each
+one at the top of its kind, and a clean run must not show it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perfkit.analyzers.analyze import analyze
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+SCRIPT = """
+import os, time, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+PLANT = os.environ.get("PLANT", "")
+
+class Tokens(Dataset):
+    def __len__(self):
+        return 512
+    def __getitem__(self, i):
+        if PLANT == "data_sleep":
+            time.sleep(0.004)  # a slow input pipeline: 64 ms a batch
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(0, 64, (8,), generator=g), torch.randint(0, 64, (), generator=g)
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = DDP(nn.Sequential(nn.Embedding(64, 64), nn.Flatten(), nn.Linear(64 * 8, 256), nn.ReLU(), nn.Linear(256, 64)))
+data = Tokens()
+loader = DataLoader(data, batch_size=16, sampler=DistributedSampler(data))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for x, y in loader:
+    if PLANT == "straggler" and dist.get_rank() == 1:
+        time.sleep(0.03)  # one slow rank
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if PLANT == "item":
+        loss.item()  # a device sync every step on GPU
+dist.destroy_process_group()
+"""
+
+
+def profile_script(tmp: Path, plant: str) -> Path:
+    script = tmp / "train.py"
+    script.write_text(SCRIPT)
+    out = tmp / f"run-{plant or 'clean'}"
+    env = {**os.environ, "PLANT": plant, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perfkit",
+            "profile",
+            "--out",
+            str(out),
+            "--profile-steps",
+            "3-5",
+            "--",
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory):
+    return analyze(profile_script(tmp_path_factory.mktemp("clean"), ""))
+
+
+def by_id(a) -> dict:
+    return {f.id: f for f in a.findings}
+
+
+def test_clean_run_has_no_high_finding(clean) -> None:
+    assert not [f for f in clean.findings if f.severity == "high"], [
+        (f.id, f.evidence) for f in clean.findings
+    ]
+    assert not {"straggler", "input_stall", "host_device_sync"} & set(by_id(clean))
+
+
+def test_slow_data_loader(tmp_path: Path) -> None:
+    a = analyze(profile_script(tmp_path, "data_sleep"))
+    top = a.findings[0]
+    assert top.id == "input_stall" and top.severity == "high", [
+        (f.id, f.saving_ms_per_step) for f in a.findings
+    ]
+    assert top.evidence["data_wait_share"] > 0.5
+    assert top.remedy.change["data.num_workers"] > 0
+
+
+def test_straggler_rank_is_named(tmp_path: Path) -> None:
+    a = analyze(profile_script(tmp_path, "straggler"))
+    top = a.findings[0]
+    assert top.id == "straggler" and top.ranks == [1], [(f.id, f.evidence) for f in a.findings]
+    ranks = {r["rank"]: r for r in a.metrics["stragglers"]["ranks"]}
+    assert ranks[1]["score"] < 0.75 <= ranks[0]["score"]
+    assert top.saving_ms_per_step > 20  # it sleeps 30 ms a step
+
+
+def test_item_every_step(tmp_path: Path, clean) -> None:
+    a = analyze(profile_script(tmp_path, "item"))
+    sync = by_id(a)["host_device_sync"]
+    assert sync.evidence["item_calls_per_step"] >= 1 and sync.ranks == [0, 1]
+
+
+def test_tiny_ddp_buckets(tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perfkit",
+            "profile",
+            "--out",
+            str(out),
+            "--profile-steps",
+            "none",
+            "--",
+            "reference",
+            "--set",
+            "steps=8",
+            "--set",
+            "overlap.bucket_cap_mb=0.001",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = analyze(out)
+    top = a.findings[0]
+    assert top.id == "small_ddp_buckets", [(f.id, f.saving_ms_per_step) for f in a.findings]
+    assert top.evidence["buckets_per_step"] > 20
+    assert top.remedy.change == {"overlap.bucket_cap_mb": 25}
