@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from perfkit.analyzers.analyze import analyze
 
 pytestmark = pytest.mark.slow
