@@ -89,27 +89,42 @@ def step_metrics(t: RunTables) -> dict[str, Any]:
 
 
 def straggler_metrics(t: RunTables) -> dict[str, Any]:
-    """Per rank: median busy time (step time less time blocked in collectives) and how late it
-    arrives at collectives. Under data parallelism every rank's step takes as long as the slowest,
-    so step time alone cannot name the straggler; the others wait for it inside the collectives."""
+    """Per rank: median busy time and how late it arrives at collectives.
+
+    Under data parallelism every rank's step lasts as long as the slowest one's: the others wait
+    for it inside the collectives. So a rank's busy time is its step time less the time it waited
+    for the last rank to arrive at each collective (the k-th collective of a group in a step,
+    matched across ranks by arrival). Completion times are not used: an async collective's end
+    says when it finished, not how long anyone was blocked."""
     s = steady(t.steps)
     if s.empty or t.steps["rank"].nunique() < 2:
         return {}
-    c = t.comms
-    wait = pd.Series(0.0, index=pd.MultiIndex.from_frame(s[["rank", "step"]]))
+    index = pd.MultiIndex.from_frame(s[["rank", "step"]])
+    wait = pd.Series(0.0, index=index)
     lateness = pd.Series(dtype=float)
-    if not c.empty and c["end_ns"].notna().any():
-        timed = c[c["end_ns"].notna()].assign(dur=lambda d: (d["end_ns"] - d["start_ns"]) / 1e9)
-        wait = timed.groupby(["rank", "step"])["dur"].sum()
-        # Match the k-th collective of a group in a step across ranks; lateness = start - earliest.
-        timed = timed.sort_values("seq")
-        timed["k"] = timed.groupby(["rank", "step", "group"]).cumcount()
-        first = timed.groupby(["step", "group", "k"])["start_ns"].transform("min")
-        timed["late_ms"] = (timed["start_ns"] - first) / 1e6
-        lateness = timed.groupby("rank")["late_ms"].median()
-    busy = s.set_index(["rank", "step"])["step_time_s"] - wait.reindex(
-        s.set_index(["rank", "step"]).index
-    ).fillna(0)
+    last_share: pd.Series | None = None
+    c = t.comms
+    n_ranks = t.steps["rank"].nunique()
+    if not c.empty:
+        c = c.sort_values("seq")
+        c = c.assign(k=c.groupby(["rank", "step", "group"]).cumcount())
+        key = c.groupby(["step", "group", "k"])["start_ns"]
+        complete = key.transform("size") == n_ranks
+        matched = c[complete.to_numpy()]
+        if not matched.empty:
+            key = matched.groupby(["step", "group", "k"])["start_ns"]
+            latest, earliest = key.transform("max"), key.transform("min")
+            matched = matched.assign(
+                wait_s=(latest - matched["start_ns"]) / 1e9, late_ms=(matched["start_ns"] - earliest) / 1e6
+            )
+            wait = matched.groupby(["rank", "step"])["wait_s"].sum().reindex(index).fillna(0.0)
+            lateness = matched.groupby("rank")["late_ms"].median()
+            # How often each rank is the last to arrive: a real straggler nearly always is; on a
+            # noisy machine the last one is a different rank each time.
+            last = matched[(matched["start_ns"] == latest).to_numpy()]
+            n_matched = max(1, len(matched) // n_ranks)
+            last_share = last.groupby("rank").size() / n_matched
+    busy = s.set_index(["rank", "step"])["step_time_s"] - wait
     busy_med = busy.groupby(level="rank").median()
     score = busy_med.min() / busy_med
     ranks = [
@@ -118,10 +133,18 @@ def straggler_metrics(t: RunTables) -> dict[str, Any]:
             "busy_ms": float(busy_med[r] * 1e3),
             "score": float(score[r]),
             "arrival_late_ms": float(lateness.get(r, np.nan)),
+            "last_to_arrive_share": float(last_share.get(r, 0.0)) if last_share is not None else None,
         }
         for r in busy_med.index
     ]
-    return {"ranks": ranks, "slow": [x["rank"] for x in ranks if x["score"] < 0.75]}
+    # Slow: busy for longer than 4/3 of the fastest rank and, where collectives tell, the last to
+    # arrive at four in five of them.
+    slow = []
+    for x in ranks:
+        share = x["last_to_arrive_share"]
+        if x["score"] < 0.75 and (share is None or share >= 0.8):
+            slow.append(x["rank"])
+    return {"ranks": ranks, "slow": slow}
 
 
 def comm_metrics(t: RunTables) -> dict[str, Any]:

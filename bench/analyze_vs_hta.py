@@ -1,0 +1,104 @@
+"""perfkit's analyzers against Holistic Trace Analysis (HTA) on the same files, side by side.
+
+    pip install holistictraceanalysis      # or: pip install -e '.[bench]'
+    python bench/analyze_vs_hta.py                       # the largest HTA fixture (216k events)
+    python bench/analyze_vs_hta.py --trace A.json.gz --repeats 3
+
+Each tool runs in a fresh process per repeat: parse, then the first four metrics (temporal
+breakdown, idle-time attribution, kernel breakdown, communication/computation overlap). Printed:
+median wall time and peak RSS of each, their ratios, and the temporal breakdown of both (perfkit
+with HTA's definitions), whose percentages should agree within 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hta" / "tests" / "data"
+DEFAULT = SHARED / "df_index_resolver" / "df_index_resolver.json.gz"
+
+PERFKIT = r"""
+import json, resource, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+from perfkit.analyzers.trace import load_trace
+from perfkit.analyzers.breakdown import temporal_breakdown, idle_attribution, exposed_communication
+from perfkit.analyzers.kernels import kernel_table
+from perfkit.analyzers.comms import trace_collectives
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t1 = time.perf_counter()
+trace = load_trace(Path(sys.argv[1]))
+tb = temporal_breakdown(trace, hta_definitions=True)
+idle_attribution(trace); kernel_table(trace); trace_collectives(trace); exposed_communication(trace)
+t2 = time.perf_counter()
+print(json.dumps({"seconds": t2 - t1, "import_s": t1 - t0, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "after_import_kb": base, "idle_pct": tb["idle_pct"], "compute_pct": tb["compute_pct"],
+                  "non_compute_pct": tb["non_compute_pct"]}))
+"""
+
+HTA = r"""
+import json, resource, sys, time, warnings, logging
+warnings.filterwarnings("ignore")
+t0 = time.perf_counter()
+from hta.trace_analysis import TraceAnalysis
+logging.disable(logging.WARNING)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t1 = time.perf_counter()
+a = TraceAnalysis(trace_dir=sys.argv[1])
+tb = a.get_temporal_breakdown(visualize=False)
+a.get_idle_time_breakdown(visualize=False)
+a.get_gpu_kernel_breakdown(visualize=False)
+a.get_comm_comp_overlap(visualize=False)
+t2 = time.perf_counter()
+row = tb.iloc[0]
+print(json.dumps({"seconds": t2 - t1, "import_s": t1 - t0, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "after_import_kb": base, "idle_pct": float(row["idle_time_pctg"]),
+                  "compute_pct": float(row["compute_time_pctg"]), "non_compute_pct": float(row["non_compute_time_pctg"])}))
+"""
+
+
+def run(code: str, arg: str, python: str) -> dict:
+    proc = subprocess.run([python, "-c", code, arg], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", type=Path, action="append", help="trace file(s); default: the largest HTA fixture")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hta-python", default=sys.executable, help="a Python with holistictraceanalysis installed")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    results = []
+    for trace in args.trace or [DEFAULT]:
+        with tempfile.TemporaryDirectory() as tmp:  # HTA reads a folder of traces
+            (Path(tmp) / trace.name).symlink_to(trace.resolve())
+            ours, theirs = [], []
+            for _ in range(args.repeats):  # alternate, so drift hits both alike
+                ours.append(run(PERFKIT, str(trace), sys.executable))
+                theirs.append(run(HTA, tmp, args.hta_python))
+        med = {k: {m: statistics.median(r[m] for r in rs) for m in ("seconds", "peak_kb")} for k, rs in (("perfkit", ours), ("hta", theirs))}
+        speedup = med["hta"]["seconds"] / med["perfkit"]["seconds"]
+        memory = med["perfkit"]["peak_kb"] / med["hta"]["peak_kb"]
+        diff = {k: abs(ours[0][k] - theirs[0][k]) for k in ("idle_pct", "compute_pct", "non_compute_pct")}
+        print(f"{trace.name}:")
+        print(f"  parse + 4 metrics: perfkit {med['perfkit']['seconds']:.2f} s, HTA {med['hta']['seconds']:.2f} s -> {speedup:.1f}x faster")
+        print(f"  peak RSS: perfkit {med['perfkit']['peak_kb'] / 1024:.0f} MiB, HTA {med['hta']['peak_kb'] / 1024:.0f} MiB -> {memory:.2f} of HTA's")
+        print("  temporal breakdown (perfkit with HTA's definitions vs HTA): " + ", ".join(
+            f"{k} {ours[0][k]:.2f} vs {theirs[0][k]:.2f}" for k in diff) + f"; max difference {max(diff.values()):.2f} points")
+        results.append({"trace": str(trace), "perfkit": ours, "hta": theirs, "speedup": speedup,
+                        "memory_ratio": memory, "breakdown_max_diff_pts": max(diff.values())})
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
