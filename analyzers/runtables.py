@@ -141,8 +141,8 @@ def straggler_metrics(t: RunTables) -> dict[str, Any]:
     # arrive at four in five of them.
     slow = []
     for x in ranks:
-        share = x["last_to_arrive_share"]
-        if x["score"] < 0.75 and (share is None or share >= 0.8):
+        share, rank_score = x["last_to_arrive_share"], float(x["score"] or 0.0)
+        if rank_score < 0.75 and (share is None or share >= 0.8):
             slow.append(x["rank"])
     return {"ranks": ranks, "slow": slow}
 
