@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pandas as pd
 from perfkit.analyzers.kernels import classify, hta_kernel_type
-from perfkit.analyzers.trace import Trace
+from perfkit.analyzers.trace import Trace, by_name
 
 
 def merge(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,15 +57,17 @@ def temporal_breakdown(trace: Trace, hta_definitions: bool = False) -> dict[str,
     kernel does; idle: no GPU event. With ``hta_definitions`` kernels are split as HTA does (only
     ``nccl...Kernel`` names count as communication) and non_compute = communication + memory."""
     gpu = trace.gpu
+    if hta_definitions:
+        gpu = _hta_window(trace, gpu)
     if gpu.empty:
         return {}
     starts, ends = gpu["ts"].to_numpy(), gpu["end"].to_numpy()
     span = int(ends.max() - starts.min())
     busy = covered(starts, ends)
     if hta_definitions:
-        kinds = gpu["name"].astype(str).map(hta_kernel_type).to_numpy()
+        kinds = by_name(gpu["name"], hta_kernel_type)
     else:
-        kinds = classify(gpu)["category"].replace({c: "compute" for c in _COMPUTE}).to_numpy()
+        kinds = gpu["category"].replace({c: "compute" for c in _COMPUTE}).to_numpy()
     compute_mask = kinds == "compute"
     compute = covered(starts[compute_mask], ends[compute_mask])
     comm_mask = kinds == "communication"
@@ -83,6 +85,18 @@ def temporal_breakdown(trace: Trace, hta_definitions: bool = False) -> dict[str,
         out[f"{key}_pct"] = 100.0 * out[f"{key}_ns"] / span if span else 0.0
     out["non_compute_pct"] = out["communication_pct"] + out["memory_pct"]
     return out
+
+
+def _hta_window(trace: Trace, gpu: pd.DataFrame) -> pd.DataFrame:
+    """HTA's trace filter: with two or more ProfilerStep annotations, keep only GPU events launched
+    (by correlation id) from CPU events that start before the last step does."""
+    steps = profiler_steps(trace)
+    if len(steps) < 2:
+        return gpu
+    ev = trace.events
+    corr = ev["correlation"].to_numpy()
+    keep = (ev["stream"].to_numpy() == -1) & (ev["ts"].to_numpy() < steps["ts"].max()) & (corr >= 0)
+    return gpu[np.isin(gpu["correlation"].to_numpy(), np.unique(corr[keep]))]
 
 
 _COMPUTE = ("gemm", "attention", "optimizer", "normalization", "softmax", "reduction", "elementwise", "other")
@@ -118,7 +132,7 @@ def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
         syncs = runtime[rt_names.str.contains(_SYNC).values]
         launches = runtime[rt_names.str.contains(_LAUNCH).values]
         inputs = ev[
-            names.str.contains(_INPUT).to_numpy()
+            by_name(ev["name"], lambda n: bool(_INPUT.search(n)), bool)
             & ev["cat"].isin(("cpu_op", "user_annotation", "python_function")).to_numpy()
         ]
         sync_end = np.sort(syncs["end"].to_numpy())
@@ -151,7 +165,7 @@ def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
 def exposed_communication(trace: Trace) -> dict[str, float]:
     """Communication kernel time, and the part of it with no compute kernel running alongside
     (exposed: the step waits for it)."""
-    gpu = classify(trace.gpu)
+    gpu = trace.gpu
     if gpu.empty:
         return {}
     comm = gpu[gpu["category"] == "communication"]
@@ -172,7 +186,7 @@ def profiler_steps(trace: Trace) -> pd.DataFrame:
     ev = trace.events
     steps = ev[
         (ev["cat"] == "user_annotation").to_numpy()
-        & ev["name"].astype(str).str.startswith("ProfilerStep#").to_numpy()
+        & by_name(ev["name"], lambda n: n.startswith("ProfilerStep#"), bool)
     ]
     out = steps[["name", "ts", "end", "dur"]].copy()
     out["step"] = out["name"].astype(str).str.removeprefix("ProfilerStep#").astype(int)

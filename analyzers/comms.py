@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from perfkit.analyzers.trace import Trace
+from perfkit.analyzers.trace import Trace, by_name
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -77,11 +77,10 @@ _DTYPE_BYTES = {
 def trace_collectives(trace: Trace) -> pd.DataFrame:
     """NCCL kernels of a trace as collective rows (op, bytes where the trace records them, duration)."""
     ev = trace.events
-    kern = ev[(ev["cat"] == "kernel") & ev["name"].astype(str).str.contains("nccl", case=False).to_numpy()]
+    kern = ev[(ev["cat"] == "kernel").to_numpy() & by_name(ev["name"], lambda n: "nccl" in n.lower(), bool)]
     if kern.empty:
         return pd.DataFrame(columns=["op", "bytes", "group_size", "duration_ns", "rank"])
-    names = kern["name"].astype(str)
-    op = names.map(lambda n: next((v for k, v in _NCCL_OPS.items() if k in n), "other"))
+    op = pd.Series(by_name(kern["name"], lambda n: next((v for k, v in _NCCL_OPS.items() if k in n), "other")), index=kern.index)
     nbytes = pd.Series(np.nan, index=kern.index)
     group = pd.Series(float(trace.world_size or 1), index=kern.index)
     if not trace.comm_args.empty:

@@ -19,7 +19,7 @@ from perfkit.analyzers.breakdown import (
     temporal_breakdown,
 )
 from perfkit.analyzers.kernels import classify
-from perfkit.analyzers.trace import Trace
+from perfkit.analyzers.trace import Trace, by_name
 
 
 @dataclass(kw_only=True)
@@ -70,9 +70,8 @@ class TraceFacts:
 
 
 def _items_outside_optimizer(ev: pd.DataFrame) -> int:
-    names = ev["name"].astype(str)
-    items = ev[(names == "aten::item").values]
-    opt = ev[names.str.startswith("Optimizer.step#").values]
+    items = ev[(ev["name"] == "aten::item").to_numpy()]
+    opt = ev[by_name(ev["name"], lambda n: n.startswith("Optimizer.step#"), bool)]
     if items.empty or opt.empty:
         return len(items)
     starts, ends = opt["ts"].to_numpy(), opt["end"].to_numpy()
@@ -85,7 +84,7 @@ def _items_outside_optimizer(ev: pd.DataFrame) -> int:
 
 def trace_facts(trace: Trace) -> TraceFacts:
     ps = profiler_steps(trace)
-    gpu = classify(trace.gpu)
+    gpu = trace.gpu
     breakdown = temporal_breakdown(trace)
     n_steps = max(1, len(ps))
     if len(ps):
@@ -98,8 +97,10 @@ def trace_facts(trace: Trace) -> TraceFacts:
     gemm = gpu[gpu["category"] == "gemm"]
     fp32 = gemm[gemm["precision"] == "fp32"]
     ev = trace.events
-    cpu_ops = ev[ev["cat"].isin(("cpu_op", "user_annotation"))]["name"].astype(str).value_counts()
-    memcpy = gpu[gpu["name"].astype(str).str.contains("Pageable -> Device", regex=False).values]
+    cpu_ops = ev[ev["cat"].isin(("cpu_op", "user_annotation")).to_numpy()]["name"].value_counts()
+    cpu_ops = cpu_ops[cpu_ops > 0]
+    cpu_ops.index = cpu_ops.index.astype(str)
+    memcpy = gpu[by_name(gpu["name"], lambda n: "Pageable -> Device" in n, bool)]
     return TraceFacts(
         rank=trace.rank,
         steps=n_steps,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
-from perfkit.analyzers.trace import Trace
+from perfkit.analyzers.trace import Trace, by_name
 
 # First match wins; order matters (flash attention kernels are cutlass kernels too).
 _CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
@@ -63,20 +64,16 @@ def hta_kernel_type(name: str) -> str:
 
 def classify(gpu: pd.DataFrame) -> pd.DataFrame:
     """Adds ``category`` and, for GEMMs, ``precision`` to GPU events (computed once per distinct name)."""
-    names = gpu["name"].astype(str)
-    unique = pd.Series(names.unique())
-    cats = dict(zip(unique, unique.map(category)))
-    out = gpu.assign(category=names.map(cats).values)
-    out.loc[gpu["cat"].astype(str).isin(("gpu_memcpy", "gpu_memset")).values, "category"] = "memory"
-    gemm_names = unique[unique.map(cats) == "gemm"]
-    prec = dict(zip(gemm_names, gemm_names.map(gemm_precision)))
-    out["precision"] = names.map(prec).where(out["category"] == "gemm").values
-    return out
+    cats = by_name(gpu["name"], category)
+    memory = gpu["cat"].isin(("gpu_memcpy", "gpu_memset")).to_numpy()
+    cats = np.where(memory, "memory", cats)
+    precision = np.where(cats == "gemm", by_name(gpu["name"], gemm_precision), None)
+    return gpu.assign(category=cats, precision=precision)
 
 
 def kernel_table(trace: Trace, top: int = 15) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-category totals, top kernels by total time) for one rank."""
-    gpu = classify(trace.gpu)
+    gpu = trace.gpu
     if gpu.empty:
         empty = pd.DataFrame(columns=["category", "time_ns", "count", "share"])
         return empty, pd.DataFrame(
@@ -85,9 +82,8 @@ def kernel_table(trace: Trace, top: int = 15) -> tuple[pd.DataFrame, pd.DataFram
     total = gpu["dur"].sum()
     by_cat = gpu.groupby("category", observed=True)["dur"].agg(time_ns="sum", count="size").reset_index()
     by_cat["share"] = by_cat["time_ns"] / total
-    gpu["name_s"] = gpu["name"].astype(str)
-    by_name = (
-        gpu.groupby("name_s", observed=True)
+    per_name = (
+        gpu.groupby("name", observed=True)
         .agg(
             category=("category", "first"),
             precision=("precision", "first"),
@@ -95,11 +91,11 @@ def kernel_table(trace: Trace, top: int = 15) -> tuple[pd.DataFrame, pd.DataFram
             time_ns=("dur", "sum"),
         )
         .reset_index()
-        .rename(columns={"name_s": "name"})
     )
-    by_name["mean_ns"] = by_name["time_ns"] / by_name["count"]
-    by_name["share"] = by_name["time_ns"] / total
+    per_name["name"] = per_name["name"].astype(str)
+    per_name["mean_ns"] = per_name["time_ns"] / per_name["count"]
+    per_name["share"] = per_name["time_ns"] / total
     return (
         by_cat.sort_values("time_ns", ascending=False, ignore_index=True),
-        by_name.sort_values("time_ns", ascending=False, ignore_index=True).head(top),
+        per_name.sort_values("time_ns", ascending=False, ignore_index=True).head(top),
     )
