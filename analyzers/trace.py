@@ -175,7 +175,7 @@ class _Interner:
         return pd.Categorical.from_codes(codes, categories=pd.Index(cats, dtype=object))
 
 
-_CHUNK = 4 << 20
+_CHUNK = 2 << 20
 
 
 def _blocks(path: Path) -> Iterator[bytes]:
@@ -184,7 +184,7 @@ def _blocks(path: Path) -> Iterator[bytes]:
         gz = f.read(2) == b"\x1f\x8b"
         f.seek(0)
         inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
-        while block := f.read(1 << 17 if gz else _CHUNK):
+        while block := f.read(1 << 16 if gz else _CHUNK):
             yield inflate.decompress(block) if inflate else block
         if inflate:
             yield inflate.flush()
