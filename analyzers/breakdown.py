@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pandas as pd
-from perfkit.analyzers.kernels import classify, hta_kernel_type
+from perfkit.analyzers.kernels import hta_kernel_type
 from perfkit.analyzers.trace import Trace, by_name
 
 
@@ -126,11 +126,9 @@ def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
     result: dict[str, float] = {"idle_ns": int((s[1:] - e[:-1]).sum()), "gaps": int(len(gap_start))}
     causes = dict.fromkeys(("input", "sync", "host_launch", "other"), 0)
     if len(gap_start):
-        names = ev["name"].astype(str)
-        runtime = ev[ev["cat"].isin(("cuda_runtime", "cuda_driver"))]
-        rt_names = runtime["name"].astype(str)
-        syncs = runtime[rt_names.str.contains(_SYNC).values]
-        launches = runtime[rt_names.str.contains(_LAUNCH).values]
+        runtime = ev[ev["cat"].isin(("cuda_runtime", "cuda_driver")).to_numpy()]
+        syncs = runtime[by_name(runtime["name"], lambda n: bool(_SYNC.search(n)), bool)]
+        launches = runtime[by_name(runtime["name"], lambda n: bool(_LAUNCH.search(n)), bool)]
         inputs = ev[
             by_name(ev["name"], lambda n: bool(_INPUT.search(n)), bool)
             & ev["cat"].isin(("cpu_op", "user_annotation", "python_function")).to_numpy()

@@ -80,7 +80,10 @@ def trace_collectives(trace: Trace) -> pd.DataFrame:
     kern = ev[(ev["cat"] == "kernel").to_numpy() & by_name(ev["name"], lambda n: "nccl" in n.lower(), bool)]
     if kern.empty:
         return pd.DataFrame(columns=["op", "bytes", "group_size", "duration_ns", "rank"])
-    op = pd.Series(by_name(kern["name"], lambda n: next((v for k, v in _NCCL_OPS.items() if k in n), "other")), index=kern.index)
+    op = pd.Series(
+        by_name(kern["name"], lambda n: next((v for k, v in _NCCL_OPS.items() if k in n), "other")),
+        index=kern.index,
+    )
     nbytes = pd.Series(np.nan, index=kern.index)
     group = pd.Series(float(trace.world_size or 1), index=kern.index)
     if not trace.comm_args.empty:

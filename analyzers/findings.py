@@ -18,7 +18,6 @@ from perfkit.analyzers.breakdown import (
     profiler_steps,
     temporal_breakdown,
 )
-from perfkit.analyzers.kernels import classify
 from perfkit.analyzers.trace import Trace, by_name
 
 

@@ -67,7 +67,8 @@ def classify(gpu: pd.DataFrame) -> pd.DataFrame:
     cats = by_name(gpu["name"], category)
     memory = gpu["cat"].isin(("gpu_memcpy", "gpu_memset")).to_numpy()
     cats = np.where(memory, "memory", cats)
-    precision = np.where(cats == "gemm", by_name(gpu["name"], gemm_precision), None)
+    precision = by_name(gpu["name"], gemm_precision)
+    precision[cats != "gemm"] = None
     return gpu.assign(category=cats, precision=precision)
 
 

@@ -165,7 +165,9 @@ class _Interner:
 
     def add(self, values: list[bytes]) -> None:
         table = self.table
-        self.codes.append(np.fromiter((table.setdefault(v, len(table)) for v in values), dtype=np.int32, count=len(values)))
+        self.codes.append(
+            np.fromiter((table.setdefault(v, len(table)) for v in values), dtype=np.int32, count=len(values))
+        )
 
     def categorical(self) -> pd.Categorical:
         cats = [k.decode().strip('"') if self.strip else k.decode() for k in self.table]
@@ -194,7 +196,9 @@ def _blocks(path: Path) -> Iterator[bytes]:
 class _Columns:
     """Columns of complete events, built block by block."""
 
-    interners: list[_Interner] = field(default_factory=lambda: [_Interner(), _Interner(), _Interner(True), _Interner(True)])
+    interners: list[_Interner] = field(
+        default_factory=lambda: [_Interner(), _Interner(), _Interner(True), _Interner(True)]
+    )
     ts: list[np.ndarray] = field(default_factory=list)
     dur: list[np.ndarray] = field(default_factory=list)
     ints: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in _ARG_INTS})
@@ -213,7 +217,9 @@ class _Columns:
         lengths = np.fromiter(map(len, text.split(prefix)), dtype=np.int64)
         starts = np.cumsum(lengths[:-1]) + np.arange(len(lengths) - 1) * len(prefix)
         # profiler "Trace" markers share the prefix but not the key order
-        starts = np.array([p for p in starts.tolist() if not text.startswith(b'Trace"', p + len(prefix))], dtype=np.int64)
+        starts = np.array(
+            [p for p in starts.tolist() if not text.startswith(b'Trace"', p + len(prefix))], dtype=np.int64
+        )
         if len(starts) != len(matches):
             starts = np.fromiter((m.start() for m in _EVENT.finditer(text)), dtype=np.int64)
             if len(starts) != len(matches):
@@ -272,8 +278,10 @@ def _fast_load(path: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]], d
     if out.n == 0 or out.n < out.x_events - 2:  # a marker event or two in another key order
         return None
     tail = pending[-(1 << 16) :]
-    meta = {key: _top_level(head, key.encode()) or _top_level(tail, key.encode())
-            for key in ("distributedInfo", "baseTimeNanoseconds", "deviceProperties")}
+    meta = {
+        key: _top_level(head, key.encode()) or _top_level(tail, key.encode())
+        for key in ("distributedInfo", "baseTimeNanoseconds", "deviceProperties")
+    }
     cat = out.interners[0].categorical()
     stream = np.concatenate(out.ints["stream"])
     cols: dict[str, Any] = {
@@ -326,9 +334,17 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
         ext.append(x if isinstance(x, int) else -1)
         if "Collective name" in args or name == "record_param_comms":
             comm_rows[i] = {v: args.get(k) for k, v in COMM_ARGS.items()}
-    cols = {"cat": cats, "name": names, "pid": pids, "tid": tids, "ts": np.asarray(ts, dtype=np.float64),
-            "dur": np.asarray(durs, dtype=np.float64), "stream": np.asarray(streams, dtype=np.int64),
-            "correlation": np.asarray(corrs, dtype=np.int64), "ext_id": np.asarray(ext, dtype=np.int64)}
+    cols = {
+        "cat": cats,
+        "name": names,
+        "pid": pids,
+        "tid": tids,
+        "ts": np.asarray(ts, dtype=np.float64),
+        "dur": np.asarray(durs, dtype=np.float64),
+        "stream": np.asarray(streams, dtype=np.int64),
+        "correlation": np.asarray(corrs, dtype=np.int64),
+        "ext_id": np.asarray(ext, dtype=np.int64),
+    }
     return cols, comm_rows
 
 

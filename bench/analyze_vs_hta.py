@@ -73,9 +73,13 @@ def run(code: str, arg: str, python: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", type=Path, action="append", help="trace file(s); default: the largest HTA fixture")
+    ap.add_argument(
+        "--trace", type=Path, action="append", help="trace file(s); default: the largest HTA fixture"
+    )
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hta-python", default=sys.executable, help="a Python with holistictraceanalysis installed")
+    ap.add_argument(
+        "--hta-python", default=sys.executable, help="a Python with holistictraceanalysis installed"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     results = []
@@ -86,17 +90,35 @@ def main() -> None:
             for _ in range(args.repeats):  # alternate, so drift hits both alike
                 ours.append(run(PERFKIT, str(trace), sys.executable))
                 theirs.append(run(HTA, tmp, args.hta_python))
-        med = {k: {m: statistics.median(r[m] for r in rs) for m in ("seconds", "peak_kb")} for k, rs in (("perfkit", ours), ("hta", theirs))}
+        med = {
+            k: {m: statistics.median(r[m] for r in rs) for m in ("seconds", "peak_kb")}
+            for k, rs in (("perfkit", ours), ("hta", theirs))
+        }
         speedup = med["hta"]["seconds"] / med["perfkit"]["seconds"]
         memory = med["perfkit"]["peak_kb"] / med["hta"]["peak_kb"]
         diff = {k: abs(ours[0][k] - theirs[0][k]) for k in ("idle_pct", "compute_pct", "non_compute_pct")}
         print(f"{trace.name}:")
-        print(f"  parse + 4 metrics: perfkit {med['perfkit']['seconds']:.2f} s, HTA {med['hta']['seconds']:.2f} s -> {speedup:.1f}x faster")
-        print(f"  peak RSS: perfkit {med['perfkit']['peak_kb'] / 1024:.0f} MiB, HTA {med['hta']['peak_kb'] / 1024:.0f} MiB -> {memory:.2f} of HTA's")
-        print("  temporal breakdown (perfkit with HTA's definitions vs HTA): " + ", ".join(
-            f"{k} {ours[0][k]:.2f} vs {theirs[0][k]:.2f}" for k in diff) + f"; max difference {max(diff.values()):.2f} points")
-        results.append({"trace": str(trace), "perfkit": ours, "hta": theirs, "speedup": speedup,
-                        "memory_ratio": memory, "breakdown_max_diff_pts": max(diff.values())})
+        print(
+            f"  parse + 4 metrics: perfkit {med['perfkit']['seconds']:.2f} s, HTA {med['hta']['seconds']:.2f} s -> {speedup:.1f}x faster"
+        )
+        print(
+            f"  peak RSS: perfkit {med['perfkit']['peak_kb'] / 1024:.0f} MiB, HTA {med['hta']['peak_kb'] / 1024:.0f} MiB -> {memory:.2f} of HTA's"
+        )
+        print(
+            "  temporal breakdown (perfkit with HTA's definitions vs HTA): "
+            + ", ".join(f"{k} {ours[0][k]:.2f} vs {theirs[0][k]:.2f}" for k in diff)
+            + f"; max difference {max(diff.values()):.2f} points"
+        )
+        results.append(
+            {
+                "trace": str(trace),
+                "perfkit": ours,
+                "hta": theirs,
+                "speedup": speedup,
+                "memory_ratio": memory,
+                "breakdown_max_diff_pts": max(diff.values()),
+            }
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -10,8 +10,8 @@ profiled / plain. Target: at most 1.01.
 
 On a shared 2-core machine two ranks make each run's step time drift by several percent, more than
 the effect measured, so the script also prints perfkit's own time per step as the ranks measured
-it (rank<N>/probe.json: the step-end work, collectors, writing and collective records, timed in
-place) as a share of the step time: a direct figure that machine noise does not blur.
+it (the ``perfkit_s`` column of rank<N>/steps.jsonl: the thread CPU time of the step-end work,
+collectors, writing and collective records) as a share of the step time, on the median step: a direct figure that machine noise does not blur.
 """
 
 from __future__ import annotations
@@ -99,11 +99,12 @@ def main() -> None:
                 env,
             )
             profiled.append(median_step(out / "train_log.jsonl"))
-            own = max(
-                json.loads((out / f"rank{r}" / "probe.json").read_text())["self_time_per_step_ms"]
-                for r in range(args.nproc)
-            )
-            self_share.append(own / 1e3 / profiled[-1])
+            # per rank: the median step's own share (rank<N>/steps.jsonl perfkit_s / step_time_s)
+            shares = []
+            for r in range(args.nproc):
+                rows = [json.loads(x) for x in (out / f"rank{r}" / "steps.jsonl").read_text().splitlines()]
+                shares.append(statistics.median(x["perfkit_s"] / x["step_time_s"] for x in rows[WARMUP:]))
+            self_share.append(max(shares))
             print(
                 f"pair {i + 1}: plain {plain[-1] * 1e3:.2f} ms/step, profiled {profiled[-1] * 1e3:.2f} ms/step, "
                 f"ratio {profiled[-1] / plain[-1]:.3f}",

@@ -73,6 +73,7 @@ class _Pending:
     marks: list[tuple[str, Any, Any]]
     tokens: int | None
     loss: Any
+    perfkit_s: float | None = None
 
 
 class Probe:
@@ -106,8 +107,11 @@ class Probe:
         self._tokens: int | None = None
         self._pending: list[_Pending] = []
         self._started = False
+        self._self_at_step_end = 0.0
         self.self_time_s = 0.0
-        """Time spent in perfkit's own per-step work (step end, collectors, writing, comms records)."""
+        """CPU time of perfkit's own per-step work (step end, collectors, writing, comms records),
+        as thread CPU time: on a busy host, wall time would also count time the thread was not
+        running at all."""
         self.auto: Any = None  # AutoSteps, when hooks find the steps
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -274,7 +278,7 @@ class Probe:
             return
         self.begin_step()
         end_mark = end_mark if end_mark is not None else self._mark()
-        t_enter = time.perf_counter()
+        t_enter = time.thread_time()
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
             if loss.is_cuda:  # copy without a device sync; read once the step's events completed
@@ -298,11 +302,16 @@ class Probe:
         for c in self.collectors:
             if c.enabled:
                 self._guard(c, "step_end", c.step_end, self, self.step)
+        # This step's own cost so far (its collectors and the collective records made during it);
+        # writing it out below is counted in the next step's.
+        now = self.self_time_s + time.thread_time() - t_enter
+        self._pending[-1].perfkit_s = now - self._self_at_step_end
+        self._self_at_step_end = now
         self._resolve(force=False)
         for w in list(self._writers.values()):
             with contextlib.suppress(OSError):
                 w.flush()
-        self.self_time_s += time.perf_counter() - t_enter
+        self.self_time_s += time.thread_time() - t_enter
 
     def _resolve(self, force: bool) -> None:
         """Write the rows of finished steps whose timings are known (all of them when forced)."""
@@ -336,6 +345,7 @@ class Probe:
                 **{f"{k}_s": v for k, v in durations.items()},
                 "tokens": p.tokens,
                 "loss": loss,
+                "perfkit_s": p.perfkit_s,
             }
             if "steps" in self.status and self.status["steps"]["status"] == "ok":
                 writer.add(row)

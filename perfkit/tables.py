@@ -12,8 +12,9 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
+import orjson
 import pandas as pd
 
 from perfkit.errors import RunDirError
@@ -46,6 +47,7 @@ STEPS = Table(
         "step_time_s": "float",
         "tokens": "int",
         "loss": "float",
+        "perfkit_s": "float",
     },
     required=("step", "start_ns", "end_ns", "step_time_s"),
 )
@@ -111,12 +113,12 @@ class RowWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._rows: list[str] = []
-        self._file: TextIO | None = None
+        self._rows: list[bytes] = []
+        self._file: BinaryIO | None = None
         self._lock = threading.Lock()  # rows also arrive from completion callbacks and samplers
 
     def add(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, separators=(",", ":"))
+        line = orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
         with self._lock:
             self._rows.append(line)
 
@@ -126,8 +128,8 @@ class RowWriter:
         if not rows:
             return
         if self._file is None:
-            self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run's length
-        self._file.write("\n".join(rows) + "\n")
+            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run's length
+        self._file.write(b"\n".join(rows) + b"\n")
         self._file.flush()
 
     def close(self) -> None:
