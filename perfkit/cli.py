@@ -203,9 +203,9 @@ def _reference_command(
     return argv, cfg.to_dict(), Path(params["config_name"]).stem
 
 
-def _run_and_summarize(req: Any) -> int:
-    from perfkit.profile import check_command, rank_reports, run_profile
-    from perfkit.tables import TABLES
+def _run_and_summarize(req: Any, next_step: bool = True) -> int:
+    from perfkit.profile import check_command, run_profile
+    from perfkit.tables import STEPS, TABLES, read_table
 
     check_command(req.command)
     click.echo(f"perfkit: profiling {' '.join(req.command)}", err=True)
@@ -225,16 +225,20 @@ def _run_and_summarize(req: Any) -> int:
         if (d / "trace.json.gz").exists():
             counts.append(f"trace.json.gz {(d / 'trace.json.gz').stat().st_size / 1e6:.1f} MB")
         click.echo(f"  rank{rank}/  " + (", ".join(counts) or "no data"))
-    reports = rank_reports(run)
-    own = [r["self_time_per_step_ms"] for r in reports.values() if r.get("self_time_per_step_ms")]
-    if own:
-        click.echo(f"  perfkit's own time per step: {max(own):.3f} ms (the busiest rank)")
+    shares = []
+    for rank in run.ranks():
+        path = STEPS.file(run.path / f"rank{rank}")
+        if path.exists():
+            steps, _ = read_table(path, STEPS)
+            if "perfkit_s" in steps and steps["perfkit_s"].notna().any():
+                shares.append(float((steps["perfkit_s"] / steps["step_time_s"]).median()))
+    if shares:
+        click.echo(f"  perfkit's own CPU time: {max(shares):.2%} of the median step (busiest rank; trace export aside)")
     for cname, state in sorted(m.collectors.items()):
         if state.status != "ok":
             click.echo(f"  collector {cname}: {state.status} ({state.reason})")
-    click.echo(
-        "next: perfkit analyze and the HTML report are not built yet; the tables above are JSON lines."
-    )
+    if next_step:
+        click.echo(f"next: perfkit analyze {run.path}")
     return rc
 
 
@@ -267,7 +271,17 @@ def demo(out: Path | None, nproc: int) -> None:
         config=config,
         name="demo",
     )
-    sys.exit(_run_and_summarize(req))
+    rc = _run_and_summarize(req, next_step=False)
+    if rc == 0:
+        from perfkit.analyzers.analyze import analyze as run_analysis
+        from perfkit.run import write_json_atomic
+
+        click.echo("")
+        result = run_analysis(target)
+        write_json_atomic(target / "analysis.json", result.to_json())
+        click.echo(_analysis_summary(result, target / "analysis.json"))
+        click.echo("not built yet: the HTML report (perfkit report); analysis.json holds everything it will show.")
+    sys.exit(rc)
 
 
 @cli.command(context_settings=CONTEXT)
