@@ -179,9 +179,16 @@ def _param_name(fn: Any, index: int) -> str | None:
     return names[index] if 0 <= index < len(names) else None
 
 
-def _wrap_py(
-    name: str, fn: Any, recorder_ref: list[_Recorder | None], tensor_idx: int, group_idx: int
+def _wrap_op(
+    name: str,
+    fn: Any,
+    recorder_ref: list[_Recorder | None],
+    tensor_idx: int,
+    group_idx: int,
+    functional: bool = False,
 ) -> Any:
+    """Record each call of a collective. A functional collective returns before it completes and
+    names its group by mesh or name: its end is left unknown and its group resolved."""
     tensor_name = _param_name(fn, tensor_idx)
 
     @functools.wraps(fn)
@@ -196,9 +203,18 @@ def _wrap_py(
             result = fn(*args, **kwargs)
         finally:
             _state.inside = False
-        source = getattr(_state, "source", None) or "python"
+        group = _arg(args, kwargs, group_idx, "group")
         tensor = _arg(args, kwargs, tensor_idx, tensor_name) if tensor_idx >= 0 else None
-        rec.finish(result, name, source, _arg(args, kwargs, group_idx, "group"), tensor, start, step)
+        if functional:
+            tensor = result if name.startswith("all_gather") else tensor
+            if not isinstance(group, dist.ProcessGroup):
+                try:
+                    group = c10d._resolve_process_group(funcol._resolve_group_name(group))
+                except Exception:
+                    pass
+            rec.finish(None, name, "funcol", group, tensor, start, step, end_known=False)
+        else:
+            rec.finish(result, name, getattr(_state, "source", None) or "python", group, tensor, start, step)
         return result
 
     wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
@@ -226,36 +242,6 @@ def _wrap_batch(fn: Any, recorder_ref: list[_Recorder | None]) -> Any:
     return wrapper
 
 
-def _wrap_funcol(
-    name: str, fn: Any, recorder_ref: list[_Recorder | None], tensor_idx: int, group_idx: int
-) -> Any:
-    tensor_name = _param_name(fn, tensor_idx)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        rec = recorder_ref[0]
-        if rec is None or not rec.collector.enabled or getattr(_state, "inside", False):
-            return fn(*args, **kwargs)
-        start = time.time_ns()
-        _state.inside = True
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            _state.inside = False
-        tensor = result if name.startswith("all_gather") else _arg(args, kwargs, tensor_idx, tensor_name)
-        group = _arg(args, kwargs, group_idx, "group")
-        if not isinstance(group, dist.ProcessGroup):
-            try:
-                group = c10d._resolve_process_group(funcol._resolve_group_name(group))
-            except Exception:
-                pass
-        rec.finish(None, name, "funcol", group, tensor, start, rec.probe.step + 1, end_known=False)
-        return result
-
-    wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
-    return wrapper
-
-
 import torch.distributed._functional_collectives as funcol  # noqa: E402
 
 _recorder: list[_Recorder | None] = [None]
@@ -271,7 +257,7 @@ def patch_all() -> None:
         fn = getattr(c10d, name, None)
         if fn is None or getattr(fn, "__perfkit_wrapped__", False):
             continue
-        wrapped = _wrap_py(name, fn, _recorder, ti, gi)
+        wrapped = _wrap_op(name, fn, _recorder, ti, gi)
         setattr(c10d, name, wrapped)
         if getattr(dist, name, None) is fn:
             setattr(dist, name, wrapped)
@@ -281,7 +267,7 @@ def patch_all() -> None:
     for name, (ti, gi) in _FUNCOL_OPS.items():
         fn = getattr(funcol, name, None)
         if fn is not None and not getattr(fn, "__perfkit_wrapped__", False):
-            setattr(funcol, name, _wrap_funcol(name, fn, _recorder, ti, gi))
+            setattr(funcol, name, _wrap_op(name, fn, _recorder, ti, gi, functional=True))
     _patch_ddp()
 
 

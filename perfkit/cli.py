@@ -233,7 +233,9 @@ def _run_and_summarize(req: Any, next_step: bool = True) -> int:
             if "perfkit_s" in steps and steps["perfkit_s"].notna().any():
                 shares.append(float((steps["perfkit_s"] / steps["step_time_s"]).median()))
     if shares:
-        click.echo(f"  perfkit's own CPU time: {max(shares):.2%} of the median step (busiest rank; trace export aside)")
+        click.echo(
+            f"  perfkit's own CPU time: {max(shares):.2%} of the median step (busiest rank; trace export aside)"
+        )
     for cname, state in sorted(m.collectors.items()):
         if state.status != "ok":
             click.echo(f"  collector {cname}: {state.status} ({state.reason})")
@@ -280,7 +282,9 @@ def demo(out: Path | None, nproc: int) -> None:
         result = run_analysis(target)
         write_json_atomic(target / "analysis.json", result.to_json())
         click.echo(_analysis_summary(result, target / "analysis.json"))
-        click.echo("not built yet: the HTML report (perfkit report); analysis.json holds everything it will show.")
+        click.echo(
+            "not built yet: the HTML report (perfkit report); analysis.json holds everything it will show."
+        )
     sys.exit(rc)
 
 

@@ -3,16 +3,13 @@ one at the top of its kind, and a clean run must not show it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_perfkit
 from perfkit.analyzers.analyze import analyze
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 SCRIPT = """
 import os, time, torch, torch.distributed as dist
@@ -57,27 +54,18 @@ def profile_script(tmp: Path, plant: str) -> Path:
     script = tmp / "train.py"
     script.write_text(SCRIPT)
     out = tmp / f"run-{plant or 'clean'}"
-    env = {**os.environ, "PLANT": plant, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "perfkit",
-            "profile",
-            "--out",
-            str(out),
-            "--profile-steps",
-            "3-5",
-            "--",
-            "torchrun",
-            "--nproc_per_node",
-            "2",
-            str(script),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = run_perfkit(
+        "profile",
+        "--out",
+        str(out),
+        "--profile-steps",
+        "3-5",
+        "--",
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        env={"PLANT": plant},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
@@ -126,28 +114,18 @@ def test_item_every_step(tmp_path: Path, clean) -> None:
 
 def test_tiny_ddp_buckets(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "perfkit",
-            "profile",
-            "--out",
-            str(out),
-            "--profile-steps",
-            "none",
-            "--",
-            "reference",
-            "--set",
-            "steps=8",
-            "--set",
-            "overlap.bucket_cap_mb=0.001",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = run_perfkit(
+        "profile",
+        "--out",
+        str(out),
+        "--profile-steps",
+        "none",
+        "--",
+        "reference",
+        "--set",
+        "steps=8",
+        "--set",
+        "overlap.bucket_cap_mb=0.001",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     a = analyze(out)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import run_perfkit, user_env
 
 from perfkit.run import Run
 from perfkit.tables import COMMS, IO, MEMORY, STEPS, Table, read_table
@@ -20,18 +21,10 @@ from perfkit.trainer.model import GPT, num_params
 
 pytestmark = pytest.mark.slow
 STEPS_N = 6
-BIN = Path(sys.executable).parent
 
 
 def profile(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "perfkit", "profile", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=300,
-    )
+    return run_perfkit("profile", "--out", str(out), *args, env=env)
 
 
 def reference(out: Path, *sets: str, profile_steps: str = "none", **kw) -> subprocess.CompletedProcess[str]:
@@ -207,7 +200,6 @@ def test_sigkill_leaves_completed_steps_readable(tmp_path: Path) -> None:
 
 def test_sigint_marks_the_run_interrupted(tmp_path: Path) -> None:
     out = tmp_path / "int"
-    environ = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     cmd = [
         sys.executable,
         "-m",
@@ -225,7 +217,7 @@ def test_sigint_marks_the_run_interrupted(tmp_path: Path) -> None:
         "log_every=1000",
     ]
     proc = subprocess.Popen(
-        cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        cmd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     steps_file = out / "rank0" / "steps.jsonl"
     deadline = time.monotonic() + 120
