@@ -138,6 +138,8 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     findings: list[rules.Finding] = []
     ranks: set[int] = set()
     device = next((r["device"] for r in good if r["device"]), None)
+    if device:
+        metrics["device"] = device
     if good:
         per_rank: dict[str, Any] = {}
         for r in good:
@@ -197,6 +199,9 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         if metrics["comms"].get("table"):
             tables["collectives"] = pd.DataFrame(metrics["comms"]["table"])
         tables["steps"] = t.steps
+        tables["memory"] = t.memory
+        tables["io"] = t.io
+        tables["nvml"] = t.nvml
         findings += rules.run_rules(metrics)
         if run.manifest.status == "running":
             problems.append(

@@ -11,7 +11,7 @@ import pandas as pd
 from perfkit.analyzers.comms import collective_table
 
 from perfkit.run import Run
-from perfkit.tables import COMMS, IO, MEMORY, STEPS, Table, read_table
+from perfkit.tables import COMMS, IO, MEMORY, NVML, STEPS, Table, read_table
 
 WARMUP_STEPS = 1  # the first step pays for allocation, compilation and worker start-up
 
@@ -23,6 +23,7 @@ class RunTables:
     comms: pd.DataFrame
     io: pd.DataFrame
     memory: pd.DataFrame
+    nvml: pd.DataFrame
     notes: list[str] = field(default_factory=list)
 
 
@@ -40,7 +41,7 @@ def load_tables(run: Run) -> RunTables:
                     frames.append(frame.assign(rank=rank))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*t.columns, "rank"])
 
-    return RunTables(run, load(STEPS), load(COMMS), load(IO), load(MEMORY), notes)
+    return RunTables(run, load(STEPS), load(COMMS), load(IO), load(MEMORY), load(NVML), notes)
 
 
 def steady(steps: pd.DataFrame) -> pd.DataFrame:

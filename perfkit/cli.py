@@ -144,6 +144,7 @@ its steps from optimizer-step hooks. Exits with the command's exit code.
 @click.option(
     "--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks for the bundled trainer."
 )
+@click.option("--report", "with_report", is_flag=True, help="Then analyze the run and write its HTML report.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def profile(
     out: Path | None,
@@ -154,6 +155,7 @@ def profile(
     memory_history: str | None,
     memory_history_entries: int,
     nproc: int,
+    with_report: bool,
     command: tuple[str, ...],
 ) -> None:
     from perfkit.collectors.base import parse_collect
@@ -183,7 +185,10 @@ def profile(
     )
     if argv and argv[0] == sys.executable and "perfkit.trainer" in argv:
         req.command[-1] = str(req.out / "train_log.jsonl")  # the trainer's own log, in the run
-    sys.exit(_run_and_summarize(req))
+    rc = _run_and_summarize(req, next_step=not with_report)
+    if with_report:
+        _analyze_and_report(req.out)
+    sys.exit(rc)
 
 
 def _reference_command(
@@ -274,18 +279,22 @@ def demo(out: Path | None, nproc: int) -> None:
         name="demo",
     )
     rc = _run_and_summarize(req, next_step=False)
-    if rc == 0:
-        from perfkit.analyzers.analyze import analyze as run_analysis
-        from perfkit.run import write_json_atomic
-
-        click.echo("")
-        result = run_analysis(target)
-        write_json_atomic(target / "analysis.json", result.to_json())
-        click.echo(_analysis_summary(result, target / "analysis.json"))
-        click.echo(
-            "not built yet: the HTML report (perfkit report); analysis.json holds everything it will show."
-        )
+    _analyze_and_report(target)
     sys.exit(rc)
+
+
+def _analyze_and_report(run: Path) -> None:
+    """analysis.json and report/index.html for a finished run, with the summary and the path."""
+    from perfkit.analyzers.analyze import analyze as run_analysis
+    from perfkit.reports.html import write_report
+    from perfkit.run import write_json_atomic
+
+    click.echo("")
+    result = run_analysis(run)
+    write_json_atomic(run / "analysis.json", result.to_json())
+    click.echo(_analysis_summary(result, run / "analysis.json"))
+    page = write_report(result, run / "report" / "index.html")
+    click.echo(f"report: {page.resolve()}  (open it in a browser; it works offline)")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -300,8 +309,14 @@ def demo(out: Path | None, nproc: int) -> None:
 @click.option(
     "--jobs", type=click.IntRange(min=1), help="Processes that parse traces (default: one per core)."
 )
+@click.option("--report", "with_report", is_flag=True, help="Also write the HTML report (report/index.html).")
 def analyze(
-    source: Path, out: Path | None, as_json: bool, peak_tflops: float | None, jobs: int | None
+    source: Path,
+    out: Path | None,
+    as_json: bool,
+    peak_tflops: float | None,
+    jobs: int | None,
+    with_report: bool,
 ) -> None:
     """Find why a run is slow: metrics and ranked findings for a run directory, one Kineto trace,
     or a folder of per-rank traces. Writes analysis.json."""
@@ -317,8 +332,31 @@ def analyze(
     write_json_atomic(target, data)
     if as_json:
         click.echo(jsonlib.dumps(data, indent=1, default=str))
-        return
-    click.echo(_analysis_summary(result, target))
+    else:
+        click.echo(_analysis_summary(result, target))
+    if with_report:
+        from perfkit.reports.html import write_report
+
+        page = write_report(result, target.parent / "report" / "index.html")
+        click.echo(f"report: {page}", err=as_json)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write (default RUN/report/index.html).",
+)
+def report(run: Path, out: Path | None) -> None:
+    """Write a self-contained HTML report (opens offline from file://) for a run directory, a
+    trace or a folder of traces, and print its path."""
+    from perfkit.analyzers.analyze import analyze as run_analysis
+    from perfkit.analyzers.analyze import output_path
+    from perfkit.reports.html import write_report
+
+    target = out or output_path(run, None).parent / "report" / "index.html"
+    click.echo(write_report(run_analysis(run), target))
 
 
 def _analysis_summary(result: Any, target: Path) -> str:
@@ -359,7 +397,6 @@ def _analysis_summary(result: Any, target: Path) -> str:
 
 
 _NOT_BUILT = {
-    "report": "Write a self-contained HTML report for a run directory.",
     "optimize": "Apply remedies for a run's findings, re-run, and keep what measurably helps.",
     "sweep": "Benchmark the trainer over a set of parallel configurations.",
     "compare": "Compare two runs and fail when step time regresses.",

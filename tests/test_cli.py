@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from perfkit import __version__
 from perfkit.cli import cli
 
-NOT_BUILT = ["report", "optimize", "sweep", "compare"]
+NOT_BUILT = ["optimize", "sweep", "compare"]
 
 
 @pytest.fixture
@@ -18,11 +18,11 @@ def runner() -> CliRunner:
 def test_help_lists_every_command(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for name in ["train", "demo", "profile", "analyze", *NOT_BUILT]:
+    for name in ["train", "demo", "profile", "analyze", "report", *NOT_BUILT]:
         assert f"  {name} " in result.output
 
 
-@pytest.mark.parametrize("name", ["train", "demo", "profile", "analyze", *NOT_BUILT])
+@pytest.mark.parametrize("name", ["train", "demo", "profile", "analyze", "report", *NOT_BUILT])
 def test_each_command_has_help(runner: CliRunner, name: str) -> None:
     result = runner.invoke(cli, [name, "--help"])
     assert result.exit_code == 0
@@ -63,7 +63,8 @@ def test_demo_writes_a_complete_run(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"run directory:  {out}" in proc.stdout
-    assert "not built yet" in proc.stdout
+    assert f"report: {(out / 'report' / 'index.html').resolve()}" in proc.stdout
+    assert (out / "analysis.json").exists()
     run = Run.open(out)
     assert run.manifest.status == "complete" and run.manifest.exit_code == 0 and run.manifest.world_size == 2
     assert run.manifest.config["model"]["d_model"] == 48

@@ -1,0 +1,161 @@
+"""Plotly figures from an analysis' tables and metrics. No metric is computed here: figures only
+draw what the analyzers produced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+
+_LAYOUT = dict(
+    template="plotly_white",
+    height=340,
+    margin=dict(l=60, r=20, t=70, b=50),
+    legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),  # above the plot, clear of the axis title
+)
+PHASES = ("data_wait", "forward", "backward", "forward_backward", "optimizer", "checkpoint")
+
+
+def html(fig: go.Figure) -> str:
+    """The figure as a div; plotly.js is inlined once by the page, and plotly escapes "</" in its data."""
+    return str(pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
+
+
+def step_breakdown(metrics: dict[str, Any]) -> go.Figure | None:
+    rows = metrics.get("steps", {}).get("per_rank", [])
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    fig = go.Figure()
+    accounted = pd.Series(0.0, index=frame.index)
+    for p in PHASES:
+        col = f"{p}_ms"
+        if col in frame and frame[col].notna().any():
+            fig.add_bar(name=p.replace("_", " "), x=frame["rank"].astype(str), y=frame[col])
+            accounted += frame[col].fillna(0)
+    fig.add_bar(name="other", x=frame["rank"].astype(str), y=(frame["step_ms"] - accounted).clip(lower=0))
+    fig.update_layout(
+        barmode="stack",
+        title="Median step time by phase, per rank",
+        xaxis_title="rank",
+        yaxis_title="ms",
+        **_LAYOUT,
+    )
+    return fig
+
+
+def step_timeline(steps: pd.DataFrame | None) -> go.Figure | None:
+    if steps is None or steps.empty:
+        return None
+    fig = go.Figure()
+    for rank, s in steps.groupby("rank"):
+        fig.add_scatter(x=s["step"], y=s["step_time_s"] * 1e3, mode="lines+markers", name=f"rank {rank}")
+    fig.update_layout(title="Step time per step", xaxis_title="step", yaxis_title="ms", **_LAYOUT)
+    return fig
+
+
+def straggler_heatmap(steps: pd.DataFrame | None) -> go.Figure | None:
+    if steps is None or steps.empty or steps["rank"].nunique() < 2:
+        return None
+    grid = steps.pivot_table(index="rank", columns="step", values="step_time_s", aggfunc="first") * 1e3
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.values,
+            x=grid.columns,
+            y=[f"rank {r}" for r in grid.index],
+            colorscale="Viridis",
+            colorbar=dict(title="ms"),
+        )
+    )
+    fig.update_layout(title="Step time, rank x step", xaxis_title="step", **_LAYOUT)
+    return fig
+
+
+def gpu_breakdown(metrics: dict[str, Any]) -> go.Figure | None:
+    per_rank = metrics.get("trace", {})
+    rows = [(r, v["temporal_breakdown"]) for r, v in per_rank.items() if v.get("temporal_breakdown")]
+    if not rows:
+        return None
+    fig = go.Figure()
+    for key in ("compute", "communication", "memory", "idle"):
+        fig.add_bar(name=key, x=[f"rank {r}" for r, _ in rows], y=[b[f"{key}_pct"] for _, b in rows])
+    fig.update_layout(
+        barmode="stack",
+        title="GPU time: compute, communication, memory, idle (%)",
+        yaxis_title="% of the profiled span",
+        **_LAYOUT,
+    )
+    return fig
+
+
+def kernel_categories(table: pd.DataFrame | None) -> go.Figure | None:
+    if table is None or table.empty:
+        return None
+    total = table.groupby("category")["time_ns"].sum().sort_values(ascending=False)
+    fig = go.Figure(go.Bar(x=list(total.index), y=total.to_numpy() / 1e6))
+    fig.update_layout(title="GPU kernel time by category (all ranks)", yaxis_title="ms", **_LAYOUT)
+    return fig
+
+
+def bus_bandwidth(table: pd.DataFrame | None) -> go.Figure | None:
+    if table is None or table.empty or table["busbw_gbps"].isna().all():
+        return None
+    t = table.dropna(subset=["busbw_gbps"])
+    fig = go.Figure(go.Bar(x=t["op"] + " " + t["size"], y=t["busbw_gbps"]))
+    fig.update_layout(title="Bus bandwidth by collective and message size", yaxis_title="GB/s", **_LAYOUT)
+    return fig
+
+
+def memory_timeline(memory: pd.DataFrame | None) -> go.Figure | None:
+    if memory is None or memory.empty:
+        return None
+    fig = go.Figure()
+    for rank, m in memory.groupby("rank"):
+        if "allocated" in m and m["allocated"].notna().any():
+            fig.add_scatter(x=m["step"], y=m["allocated"] / 2**20, name=f"rank {rank} allocated")
+            fig.add_scatter(
+                x=m["step"], y=m["reserved"] / 2**20, name=f"rank {rank} reserved", line=dict(dash="dot")
+            )
+        else:
+            fig.add_scatter(x=m["step"], y=m["rss"] / 2**20, name=f"rank {rank} RSS")
+    fig.update_layout(title="Memory per step", xaxis_title="step", yaxis_title="MiB", **_LAYOUT)
+    return fig
+
+
+def data_wait(steps: pd.DataFrame | None) -> go.Figure | None:
+    if steps is None or steps.empty or "data_wait_s" not in steps:
+        return None
+    fig = go.Figure()
+    for rank, s in steps.groupby("rank"):
+        fig.add_scatter(x=s["step"], y=s["data_wait_s"] * 1e3, name=f"rank {rank}", mode="lines+markers")
+    fig.update_layout(title="Data wait per step", xaxis_title="step", yaxis_title="ms", **_LAYOUT)
+    return fig
+
+
+def read_latency(io: pd.DataFrame | None) -> go.Figure | None:
+    if io is None or io.empty or not (io["kind"] == "read").any():
+        return None
+    reads = io[io["kind"] == "read"]
+    fig = go.Figure(go.Histogram(x=reads["latency_s"] * 1e3, nbinsx=40))
+    fig.update_layout(title="Dataset read latency", xaxis_title="ms", yaxis_title="reads", **_LAYOUT)
+    return fig
+
+
+def nvml_series(nvml: pd.DataFrame | None) -> go.Figure | None:
+    if nvml is None or nvml.empty:
+        return None
+    fig = go.Figure()
+    t0 = nvml["t_ns"].min()
+    for gpu, g in nvml.groupby("gpu"):
+        fig.add_scatter(x=(g["t_ns"] - t0) / 1e9, y=g["gpu_util"], name=f"GPU {gpu} util %")
+        fig.add_scatter(x=(g["t_ns"] - t0) / 1e9, y=g["power_w"], name=f"GPU {gpu} power W", yaxis="y2")
+    fig.update_layout(
+        title="NVML",
+        xaxis_title="s",
+        yaxis=dict(title="%"),
+        yaxis2=dict(title="W", overlaying="y", side="right"),
+        **_LAYOUT,
+    )
+    return fig

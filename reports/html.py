@@ -1,0 +1,253 @@
+"""The HTML report: one self-contained file (plotly.js inlined once, no network), written from an
+analysis. Every string from a trace or a user is escaped by jinja2's autoescape; figure data is
+escaped by plotly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+from markupsafe import Markup, escape
+from perfkit.analyzers.analyze import Analysis
+from perfkit.reports import figures
+from plotly.offline import get_plotlyjs
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    body: Markup | None
+    missing: str
+
+
+def _table(frame: pd.DataFrame, columns: dict[str, str], limit: int = 50) -> Markup:
+    """A sortable HTML table of at most ``limit`` rows, every cell escaped."""
+    head = "".join(f"<th>{escape(label)}</th>" for label in columns.values())
+    rows = []
+    for _, r in frame.head(limit).iterrows():
+        cells = []
+        for col in columns:
+            v = r.get(col)
+            if isinstance(v, float):
+                cells.append(f'<td class="num" data-v="{v}">{v:,.3g}</td>' if pd.notna(v) else "<td></td>")
+            elif isinstance(v, int):
+                cells.append(f'<td class="num" data-v="{v}">{v:,}</td>')
+            else:
+                cells.append(f'<td class="name">{escape("" if v is None else str(v))}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    more = (
+        f"<p class='missing'>{len(frame) - limit} more rows in analysis.json</p>"
+        if len(frame) > limit
+        else ""
+    )
+    return Markup(
+        f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>{more}'
+    )
+
+
+def _short(v: Any) -> str:
+    """Evidence values for reading: floats to 3 significant digits, lists cut to 5 items."""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v[:5]) + (", ..." if len(v) > 5 else "") + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def _fig(fig: Any) -> Markup | None:
+    return Markup(figures.html(fig)) if fig is not None else None
+
+
+def _join(*parts: Markup | None) -> Markup | None:
+    present = [p for p in parts if p is not None]
+    return Markup("").join(present) if present else None
+
+
+def _collector_reason(metrics: dict[str, Any], name: str) -> str:
+    state = metrics.get("run", {}).get("collectors", {}).get(name)
+    if state is None:
+        return f"not collected: the {name} collector did not run (--collect)"
+    return f"no data: the {name} collector was {state}"
+
+
+def render(analysis: Analysis) -> str:
+    m, t = analysis.metrics, analysis.tables
+    run = m.get("run", {})
+    env = run.get("env", {})
+    steps = m.get("steps", {})
+    name = run.get("name") or analysis.source.name
+    identity = " · ".join(
+        str(x)
+        for x in (
+            f"{run.get('world_size', len(analysis.ranks))} rank(s)",
+            env.get("gpu")
+            or m.get("device")
+            or (", ".join(env.get("gpus", [])) if env.get("gpus") else "CPU"),
+            f"torch {env.get('torch')}" if env.get("torch") else None,
+            f"CUDA {env.get('cuda')}" if env.get("cuda") else None,
+            f"NCCL {env.get('nccl')}" if env.get("nccl") else None,
+            f"status {run.get('status')}" if run.get("status") else None,
+        )
+        if x
+    )
+    cards = []
+    if steps:
+        cards.append({"value": f"{steps['step_time_ms']:.1f} ms", "label": "median step time"})
+        if "tokens_per_s" in steps:
+            cards.append({"value": f"{steps['tokens_per_s']:,.0f}", "label": "tokens / s"})
+    tp = m.get("throughput", {})
+    if tp.get("mfu") is not None:
+        cards.append(
+            {"value": f"{tp['mfu']:.1%}", "label": f"MFU of {tp['peak_tflops_per_gpu']:.0f} TFLOP/s"}
+        )
+    if "achieved_tflops" in tp:
+        cards.append({"value": f"{tp['achieved_tflops']:.2f}", "label": "achieved TFLOP/s"})
+    cards.append({"value": str(len(analysis.findings)), "label": "findings"})
+
+    findings = []
+    for f in analysis.findings:
+        d = f.to_json()
+        d["evidence_text"] = "; ".join(f"{k}: {_short(v)}" for k, v in f.evidence.items())
+        findings.append(d)
+
+    if m.get("trace"):
+        no_trace = "the traces hold no GPU kernels (a CPU run): there is no GPU time to break down"
+    else:
+        no_trace = "no kernel trace: profile with --profile-steps (the kernels collector) or pass a trace"
+    sections = [
+        Section(
+            "steps",
+            "Per-rank step timeline",
+            _join(_fig(figures.step_timeline(t.get("steps")))),
+            _collector_reason(m, "steps") if run else "a bare trace has no perfkit step table",
+        ),
+        Section("gpu", "Compute / communication / memory / idle", _fig(figures.gpu_breakdown(m)), no_trace),
+        Section(
+            "kernels",
+            "Kernels",
+            _join(
+                _fig(figures.kernel_categories(t.get("kernel_categories"))),
+                _table(
+                    t["kernels"],
+                    {
+                        "rank": "rank",
+                        "name": "kernel",
+                        "category": "category",
+                        "precision": "GEMM precision",
+                        "count": "count",
+                        "time_ns": "time (ns)",
+                        "share": "share",
+                    },
+                )
+                if t.get("kernels") is not None and not t["kernels"].empty
+                else None,
+            ),
+            no_trace,
+        ),
+        Section(
+            "comms",
+            "Communication",
+            _join(
+                _fig(figures.bus_bandwidth(t.get("collectives"))),
+                _table(
+                    t["collectives"],
+                    {
+                        "op": "op",
+                        "size": "message size",
+                        "count": "count",
+                        "bytes": "bytes",
+                        "time_ms": "time (ms)",
+                        "algbw_gbps": "algbw GB/s",
+                        "busbw_gbps": "busbw GB/s",
+                    },
+                )
+                if t.get("collectives") is not None and not t["collectives"].empty
+                else None,
+                _table(
+                    t["trace_collectives"],
+                    {
+                        "op": "op (trace)",
+                        "size": "message size",
+                        "count": "count",
+                        "time_ms": "time (ms)",
+                        "busbw_gbps": "busbw GB/s",
+                    },
+                )
+                if t.get("trace_collectives") is not None and not t["trace_collectives"].empty
+                else None,
+            ),
+            _collector_reason(m, "comms"),
+        ),
+        Section(
+            "stragglers",
+            "Stragglers (rank x step)",
+            _fig(figures.straggler_heatmap(t.get("steps"))),
+            "needs two or more ranks with a steps table",
+        ),
+        Section(
+            "memory", "Memory", _fig(figures.memory_timeline(t.get("memory"))), _collector_reason(m, "memory")
+        ),
+        Section(
+            "io",
+            "Input and I/O",
+            _join(_fig(figures.data_wait(t.get("steps"))), _fig(figures.read_latency(t.get("io")))),
+            _collector_reason(m, "io"),
+        ),
+        Section(
+            "nvml",
+            "GPU counters (NVML)",
+            _fig(figures.nvml_series(t.get("nvml"))),
+            _collector_reason(m, "nvml") if run else "not a run directory",
+        ),
+        Section(
+            "env",
+            "Environment and configuration",
+            Markup("<pre>")
+            + escape(
+                json.dumps(
+                    {"env": env, "config": m.get("config", {}), "command": run.get("command")},
+                    indent=1,
+                    default=str,
+                )
+            )
+            + Markup("</pre>")
+            if run
+            else None,
+            "a bare trace carries no run configuration",
+        ),
+    ]
+    env_j2 = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env_j2.from_string(
+        (resources.files("perfkit.reports") / "templates" / "index.html").read_text()
+    )
+    return template.render(
+        name=name,
+        command=" ".join(map(str, run.get("command", []))) or str(analysis.source),
+        identity=identity,
+        cards=cards,
+        findings=findings,
+        problems=analysis.problems,
+        sections=sections,
+        figures={"step_breakdown": _fig(figures.step_breakdown(m))},
+        missing=lambda what, why: Markup(
+            f"<h2>{escape(what)}</h2><p class='missing'>{escape(why if run else 'a bare trace has no perfkit step table')}</p>"
+        ),
+        plotly_js=Markup(get_plotlyjs()),
+    )
+
+
+def write_report(analysis: Analysis, out: Path) -> Path:
+    """Write ``out`` (an .html path) atomically and return it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(render(analysis), encoding="utf-8")
+    tmp.replace(out)
+    return out
