@@ -112,6 +112,8 @@ def _parse_json(path: Path, raw: bytes) -> Any:
 _EVENT = re.compile(
     rb'"ph": "X", "cat": "([^"]*)", "name": "([^"]*)", "pid": ("[^"]*"|-?\d+), "tid": ("[^"]*"|-?\d+),'
     rb'\s*"ts": (-?[\d.]+(?:[eE][-+]?\d+)?), "dur": (-?[\d.]+(?:[eE][-+]?\d+)?)'
+    # Kineto writes "External id" first among the args: take it in the same scan
+    rb'(?:,\s*"args": \{\s*"External id": (-?\d+))?'
 )
 _ARG_INTS = {
     "stream": re.compile(rb'"stream": (-?\d+)'),
@@ -249,7 +251,11 @@ class _Columns:
             np.fromiter(map(float, [g[5] for g in matches]), dtype=np.float64, count=len(matches))
         )
         ends = np.append(starts[1:], len(text))  # an event's args lie before the next event's start
+        ext = np.fromiter((int(g[6]) if g[6] else -1 for g in matches), dtype=np.int64, count=len(matches))
         for col, pattern in _ARG_INTS.items():
+            if col == "ext_id" and int((ext >= 0).sum()) == text.count(b'"External id": '):
+                self.ints[col].append(ext)  # every External id was the first arg: no extra pass
+                continue
             values = np.full(len(matches), -1, dtype=np.int64)
             pos, val = _matches_at(pattern, text)
             if len(pos):
