@@ -217,8 +217,7 @@ def throughput_metrics(t: RunTables, steps: dict[str, Any], peak_tflops: float |
     cfg = t.run.manifest.config.get("model")
     if not cfg or "tokens_per_s" not in steps:
         return {}
-    from perfkit.trainer.config import ModelConfig
-    from perfkit.trainer.model import flops_per_token
+    from perfkit.trainer.config import ModelConfig, flops_per_token
 
     fpt = flops_per_token(ModelConfig(**cfg))
     achieved = fpt * steps["tokens_per_s"] / 1e12

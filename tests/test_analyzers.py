@@ -230,3 +230,15 @@ def test_kernel_categories(name: str, cat: str, precision: str | None) -> None:
     assert category(name) == cat
     if precision:
         assert gemm_precision(name) == precision
+
+
+def test_analysis_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from perfkit.analyzers.analyze import analyze; "
+        f"analyze({str(TUNED)!r}); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

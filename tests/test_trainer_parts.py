@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from perfkit.hardware import gpu_peak_tflops
-from perfkit.trainer.config import ModelConfig, load_config
+from perfkit.trainer.config import ModelConfig, flops_per_token, load_config
 from perfkit.trainer.data import TokenBatches, synthetic_corpus
-from perfkit.trainer.model import GPT, flops_per_token, num_params
+from perfkit.trainer.model import GPT, num_params
 from perfkit.trainer.train import lr_at
 
 DATA = Path(__file__).parent / "data"

@@ -120,16 +120,5 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def flops_per_token(cfg: ModelConfig) -> int:
-    """Training FLOPs per token: 6N + 12·L·d·T (PaLM, appendix B), with N every parameter but the
-    position embedding, as nanoGPT and the H100 fixtures' capture.json count it, so MFU figures
-    compare with theirs."""
-    d, r = cfg.d_model, cfg.mlp_ratio
-    per_layer = 4 * d * d + 4 * d + 2 * r * d * d + r * d + d + 4 * d
-    embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    n = cfg.n_layers * per_layer + embeddings + 2 * d
-    return 6 * n + 12 * cfg.n_layers * d * cfg.seq_len
-
-
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1))

@@ -24,9 +24,9 @@ from perfkit.collectors.probe import start_manual
 from perfkit.errors import ConfigError
 from perfkit.hardware import gpu_peak_tflops
 from perfkit.trainer.checkpoint import Checkpointer, latest_step
-from perfkit.trainer.config import TrainConfig, resolve_layout
+from perfkit.trainer.config import TrainConfig, flops_per_token, resolve_layout
 from perfkit.trainer.data import TokenBatches, make_loader, synthetic_corpus
-from perfkit.trainer.model import GPT, cross_entropy, flops_per_token, num_params
+from perfkit.trainer.model import GPT, cross_entropy, num_params
 from perfkit.trainer.parallelize import (
     Parallelized,
     build_mesh,
