@@ -396,10 +396,58 @@ def _analysis_summary(result: Any, target: Path) -> str:
     return "\n".join(lines)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("run_a", type=click.Path(path_type=Path))
+@click.argument("run_b", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Comparison page to write (default RUN_B/report/compare.html).",
+)
+@click.option(
+    "--fail-above",
+    type=click.FloatRange(min=0),
+    metavar="PCT",
+    help="Exit 1 when B's median step time is more than PCT percent above A's.",
+)
+def compare(run_a: Path, run_b: Path, out: Path | None, fail_above: float | None) -> None:
+    """Compare run B against run A (runs or traces): metric deltas, findings that appeared or went
+    away. With --fail-above it gates CI on step-time regressions."""
+    from perfkit.analyzers.analyze import analyze as run_analysis
+    from perfkit.analyzers.analyze import output_path
+    from perfkit.reports.compare import compare as compare_runs
+    from perfkit.reports.compare import write
+
+    c = compare_runs(run_analysis(run_a), run_analysis(run_b))
+    for r in c.rows:
+        if r["a"] is None and r["b"] is None:
+            continue
+        delta = f"{100 * r['delta']:+.1f}%" if r["delta"] is not None else ""
+        flag = "  worse" if r["worse"] else ""
+        a = "-" if r["a"] is None else f"{r['a']:,.4g}"
+        b = "-" if r["b"] is None else f"{r['b']:,.4g}"
+        click.echo(f"  {r['name']:<28} {a:>12} -> {b:>12} {delta:>8}{flag}")
+    for f in c.appeared:
+        click.echo(f"  appeared: [{f.severity}] {f.title}")
+    for f in c.resolved:
+        click.echo(f"  went away: [{f.severity}] {f.title}")
+    page = write(c, out or output_path(run_b, None).parent / "report" / "compare.html")
+    click.echo(f"wrote {page}")
+    change = c.step_change
+    if fail_above is not None:
+        if change is None:
+            raise click.ClickException(
+                "no step times to compare (run perfkit profile with the steps collector)"
+            )
+        if change * 100 > fail_above:
+            raise click.ClickException(
+                f"step time regressed {change:+.1%} (B vs A), more than --fail-above {fail_above:g}%"
+            )
+
+
 _NOT_BUILT = {
     "optimize": "Apply remedies for a run's findings, re-run, and keep what measurably helps.",
     "sweep": "Benchmark the trainer over a set of parallel configurations.",
-    "compare": "Compare two runs and fail when step time regresses.",
 }
 
 

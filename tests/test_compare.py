@@ -1,0 +1,59 @@
+"""perfkit compare on small hand-built run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from perfkit.cli import cli
+from perfkit.run import Run
+
+
+def make_run(path: Path, step_ms: float, data_wait_ms: float, ranks: int = 2) -> Path:
+    run = Run.create(path, command=["train"], world_size=ranks, name=f"<b>{path.name}</b>")
+    t = 1_800_000_000_000_000_000
+    for rank in range(ranks):
+        lines = []
+        for step in range(1, 11):
+            lines.append(
+                json.dumps(
+                    {
+                        "step": step,
+                        "start_ns": t,
+                        "end_ns": t + int(step_ms * 1e6),
+                        "step_time_s": step_ms / 1e3,
+                        "data_wait_s": data_wait_ms / 1e3,
+                        "forward_s": step_ms / 4e3,
+                        "tokens": 1024,
+                    }
+                )
+            )
+        (run.rank_dir(rank) / "steps.jsonl").write_text("\n".join(lines) + "\n")
+    run.finish("complete", 0)
+    return path
+
+
+def test_compare_gates_on_regression(tmp_path: Path) -> None:
+    a = make_run(tmp_path / "a", step_ms=100, data_wait_ms=1)
+    b = make_run(tmp_path / "b", step_ms=112, data_wait_ms=30)  # 12% slower, and now input-bound
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["compare", str(a), str(b), "--fail-above", "15"])
+    assert ok.exit_code == 0, ok.output
+    assert "appeared: [high] Training waits for the input pipeline" in ok.output
+    assert "+12.0%" in ok.output and "worse" in ok.output
+    bad = runner.invoke(cli, ["compare", str(a), str(b), "--fail-above", "10"])
+    assert bad.exit_code == 1
+    assert "step time regressed +12.0% (B vs A), more than --fail-above 10%" in bad.output
+    page = (b / "report" / "compare.html").read_text()
+    assert "Training waits for the input pipeline" in page and "<b>" not in page
+
+
+def test_compare_improvement_lists_what_went_away(tmp_path: Path) -> None:
+    a = make_run(tmp_path / "a", step_ms=100, data_wait_ms=30)
+    b = make_run(tmp_path / "b", step_ms=80, data_wait_ms=1)
+    result = CliRunner().invoke(cli, ["compare", str(a), str(b), "--fail-above", "0"])
+    assert result.exit_code == 0, result.output
+    assert "went away: [high] Training waits for the input pipeline" in result.output
+    assert "-20.0%" in result.output
