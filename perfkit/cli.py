@@ -445,6 +445,26 @@ def compare(run_a: Path, run_b: Path, out: Path | None, fail_above: float | None
             )
 
 
+@cli.command("export-trace", context_settings=CONTEXT)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default RUN/trace/merged.json.gz; .json for uncompressed).",
+)
+def export_trace(run: Path, out: Path | None) -> None:
+    """Write one trace of all ranks (each rank its own process track, with perfkit's steps, phases
+    and collectives as extra tracks) that opens in Perfetto (ui.perfetto.dev) and chrome://tracing."""
+    from perfkit.reports.perfetto import write_merged
+    from perfkit.run import Run
+
+    r = Run.open(run)
+    path, notes = write_merged(r, out or r.path / "trace" / "merged.json.gz")
+    for n in notes:
+        click.echo(f"skipped: {n}", err=True)
+    click.echo(path)
+
+
 _NOT_BUILT = {
     "optimize": "Apply remedies for a run's findings, re-run, and keep what measurably helps.",
     "sweep": "Benchmark the trainer over a set of parallel configurations.",

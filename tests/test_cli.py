@@ -18,11 +18,11 @@ def runner() -> CliRunner:
 def test_help_lists_every_command(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for name in ["train", "demo", "profile", "analyze", "report", "compare", *NOT_BUILT]:
+    for name in ["train", "demo", "profile", "analyze", "report", "compare", "export-trace", *NOT_BUILT]:
         assert f"  {name} " in result.output
 
 
-@pytest.mark.parametrize("name", ["train", "demo", "profile", "analyze", "report", "compare", *NOT_BUILT])
+@pytest.mark.parametrize("name", ["train", "demo", "profile", "analyze", "report", "compare", "export-trace", *NOT_BUILT])
 def test_each_command_has_help(runner: CliRunner, name: str) -> None:
     result = runner.invoke(cli, [name, "--help"])
     assert result.exit_code == 0

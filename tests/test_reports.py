@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 from pathlib import Path
 
@@ -66,6 +68,22 @@ def test_report_from_a_cpu_run_with_a_hostile_name(tmp_path: Path) -> None:
         assert section in page
     assert "no data: the nvml collector was disabled" in page  # a missing collector says why
     assert len(page.encode()) < 5_000_000
+
+    # the merged trace of both ranks
+    result = CliRunner().invoke(cli, ["export-trace", str(out)])
+    assert result.exit_code == 0, result.output
+    merged = json.loads(gzip.decompress((out / "trace" / "merged.json.gz").read_bytes()))
+    events = merged["traceEvents"]
+    names = {e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+    assert {"rank 0: perfkit", "rank 1: perfkit"} <= names
+    assert any(n.startswith("rank 0: host") for n in names) and any(
+        n.startswith("rank 1: host") for n in names
+    )
+    pids = {r: {e["pid"] for e in events if e.get("ph") == "X" and e["pid"] // 1000 == r} for r in (0, 1)}
+    assert pids[0] and pids[1] and not pids[0] & pids[1]
+    steps = [e for e in events if e.get("ph") == "X" and e["name"].startswith("step ")]
+    assert len(steps) == 12 and min(e["ts"] for e in events if "ts" in e) >= 0
+    assert any(e.get("ph") == "X" and e["name"] == "all_reduce" for e in events)
 
 
 def test_kernel_names_are_escaped(tmp_path: Path) -> None:

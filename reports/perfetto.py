@@ -1,0 +1,141 @@
+"""One merged Chrome-trace JSON of all ranks, for Perfetto and chrome://tracing.
+
+Each rank's Kineto trace keeps its events with pids remapped to rank-scoped ids (``rank R: ...``
+process names, sorted by rank); perfkit's own tables add, per rank, a ``perfkit`` process with a
+track of steps (and their phases laid end to end) and a track of collectives. All times are put on
+one clock (Kineto's ``ts`` plus ``baseTimeNanoseconds``), shifted so the run starts at 0.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+import orjson
+from perfkit.analyzers.runtables import load_tables
+from perfkit.analyzers.trace import TraceError, read_json
+
+from perfkit.run import Run
+
+_PHASES = ("data_wait", "forward", "backward", "forward_backward", "optimizer", "checkpoint")
+
+
+def _meta(pid: int, name: str, sort: int) -> list[dict[str, Any]]:
+    return [
+        {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}},
+        {"ph": "M", "pid": pid, "name": "process_sort_index", "args": {"sort_index": sort}},
+    ]
+
+
+def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """The merged trace and notes on ranks whose trace could not be read."""
+    notes: list[str] = []
+    per_rank: dict[int, tuple[list[dict[str, Any]], int]] = {}
+    for rank in run.ranks():
+        path = run.path / f"rank{rank}" / "trace.json.gz"
+        if not path.exists():
+            continue
+        try:
+            data = read_json(path)
+        except TraceError as e:
+            notes.append(str(e))
+            continue
+        per_rank[rank] = (data.get("traceEvents", []), int(data.get("baseTimeNanoseconds") or 0))
+    tables = load_tables(run)
+    starts = [
+        ev["ts"] * 1000 + base
+        for evs, base in per_rank.values()
+        for ev in evs
+        if isinstance(ev.get("ts"), int | float)
+    ]
+    if not tables.steps.empty:
+        starts.append(int(tables.steps["start_ns"].min()))
+    t0 = min(starts) if starts else 0
+
+    out: list[dict[str, Any]] = []
+    for rank, (events, base) in sorted(per_rank.items()):
+        pids: dict[Any, int] = {}
+        for ev in events:
+            if ev.get("ph") == "M" and ev.get("name") == "process_name":
+                continue  # replaced below with rank-scoped names
+            new = dict(ev)
+            pid = ev.get("pid")
+            if pid not in pids:
+                pids[pid] = rank * 1000 + len(pids) + 1
+            new["pid"] = pids[pid]
+            if isinstance(ev.get("ts"), int | float):
+                new["ts"] = (ev["ts"] * 1000 + base - t0) / 1000
+            if ev.get("ph") in ("s", "f", "t") and isinstance(ev.get("id"), int):
+                new["id"] = (
+                    rank * 10**12 + ev["id"]
+                )  # flow ids repeat across ranks: keep each rank's arrows apart
+            out.append(new)
+        for pid, new_pid in pids.items():
+            kind = "GPU " + str(pid) if isinstance(pid, int) and pid < 64 else f"host {pid}"
+            out.extend(_meta(new_pid, f"rank {rank}: {kind}", new_pid))
+
+    for rank in run.ranks():
+        pid = rank * 1000 + 999
+        steps = tables.steps[tables.steps["rank"] == rank]
+        comms = tables.comms[tables.comms["rank"] == rank] if not tables.comms.empty else tables.comms
+        if steps.empty and comms.empty:
+            continue
+        out.extend(_meta(pid, f"rank {rank}: perfkit", pid))
+        out.append({"ph": "M", "pid": pid, "tid": 1, "name": "thread_name", "args": {"name": "steps"}})
+        out.append({"ph": "M", "pid": pid, "tid": 2, "name": "thread_name", "args": {"name": "collectives"}})
+        for _, s in steps.iterrows():
+            ts = (int(s["start_ns"]) - t0) / 1000
+            out.append(
+                {
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": 1,
+                    "name": f"step {int(s['step'])}",
+                    "ts": ts,
+                    "dur": float(s["step_time_s"]) * 1e6,
+                    "args": {"tokens": s.get("tokens"), "loss": s.get("loss")},
+                }
+            )
+            at = ts
+            for phase in _PHASES:  # measured as durations: laid end to end under the step
+                d = s.get(f"{phase}_s")
+                if d is not None and d == d and d > 0:
+                    out.append(
+                        {"ph": "X", "pid": pid, "tid": 1, "name": phase, "ts": at, "dur": float(d) * 1e6}
+                    )
+                    at += float(d) * 1e6
+        for _, c in comms.iterrows():
+            end = c.get("end_ns")
+            dur = (int(end) - int(c["start_ns"])) / 1000 if end == end and end is not None else 0.0
+            out.append(
+                {
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": 2,
+                    "name": str(c["op"]),
+                    "ts": (int(c["start_ns"]) - t0) / 1000,
+                    "dur": dur,
+                    "args": {
+                        "bytes": c.get("bytes"),
+                        "group": c.get("group_ranks"),
+                        "source": c.get("source"),
+                        "step": c.get("step"),
+                    },
+                }
+            )
+    return {
+        "traceEvents": out,
+        "displayTimeUnit": "ms",
+        "otherData": {"perfkit_run": run.manifest.name},
+    }, notes
+
+
+def write_merged(run: Run, out: Path) -> tuple[Path, list[str]]:
+    data, notes = merged_trace(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    raw = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+    tmp.write_bytes(gzip.compress(raw, compresslevel=6) if out.name.endswith(".gz") else raw)
+    tmp.replace(out)
+    return out, notes
