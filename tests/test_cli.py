@@ -22,7 +22,9 @@ def test_help_lists_every_command(runner: CliRunner) -> None:
         assert f"  {name} " in result.output
 
 
-@pytest.mark.parametrize("name", ["train", "demo", "profile", "analyze", "report", "compare", "export-trace", *NOT_BUILT])
+@pytest.mark.parametrize(
+    "name", ["train", "demo", "profile", "analyze", "report", "compare", "export-trace", *NOT_BUILT]
+)
 def test_each_command_has_help(runner: CliRunner, name: str) -> None:
     result = runner.invoke(cli, [name, "--help"])
     assert result.exit_code == 0
