@@ -93,7 +93,7 @@ def test_slow_data_loader(tmp_path: Path) -> None:
     assert top.id == "input_stall" and top.severity == "high", [
         (f.id, f.saving_ms_per_step) for f in a.findings
     ]
-    assert top.evidence["data_wait_share"] > 0.5
+    assert top.evidence["data_wait_share"] > 0.25  # ~100 ms of sleep in a ~250 ms step
     assert top.remedy.change["data.num_workers"] > 0
 
 
