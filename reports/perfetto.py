@@ -43,14 +43,16 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
             continue
         per_rank[rank] = (data.get("traceEvents", []), int(data.get("baseTimeNanoseconds") or 0))
     tables = load_tables(run)
+    # Integer nanoseconds: an epoch time in float ns has 256 ns steps, enough to reorder events.
     starts = [
-        ev["ts"] * 1000 + base
+        round(ev["ts"] * 1000) + base
         for evs, base in per_rank.values()
         for ev in evs
         if isinstance(ev.get("ts"), int | float)
     ]
-    if not tables.steps.empty:
-        starts.append(int(tables.steps["start_ns"].min()))
+    for table in (tables.steps, tables.comms):
+        if not table.empty:
+            starts.append(int(table["start_ns"].min()))
     t0 = min(starts) if starts else 0
 
     out: list[dict[str, Any]] = []
@@ -65,7 +67,7 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
                 pids[pid] = rank * 1000 + len(pids) + 1
             new["pid"] = pids[pid]
             if isinstance(ev.get("ts"), int | float):
-                new["ts"] = (ev["ts"] * 1000 + base - t0) / 1000
+                new["ts"] = (round(ev["ts"] * 1000) + base - t0) / 1000
             if ev.get("ph") in ("s", "f", "t") and isinstance(ev.get("id"), int):
                 new["id"] = (
                     rank * 10**12 + ev["id"]
