@@ -86,7 +86,7 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
         out.extend(_meta(pid, f"rank {rank}: perfkit", pid))
         out.append({"ph": "M", "pid": pid, "tid": 1, "name": "thread_name", "args": {"name": "steps"}})
         out.append({"ph": "M", "pid": pid, "tid": 2, "name": "thread_name", "args": {"name": "collectives"}})
-        for _, s in steps.iterrows():
+        for s in steps.to_dict("records"):  # iterrows would turn int64 ns into float64
             ts = (int(s["start_ns"]) - t0) / 1000
             out.append(
                 {
@@ -107,7 +107,7 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
                         {"ph": "X", "pid": pid, "tid": 1, "name": phase, "ts": at, "dur": float(d) * 1e6}
                     )
                     at += float(d) * 1e6
-        for _, c in comms.iterrows():
+        for c in comms.to_dict("records"):
             end = c.get("end_ns")
             dur = (int(end) - int(c["start_ns"])) / 1000 if end == end and end is not None else 0.0
             out.append(
