@@ -72,10 +72,14 @@ class Trace:
 def by_name(column: pd.Series, fn: Callable[[str], Any], dtype: Any = object) -> np.ndarray:
     """``fn`` of each row's name, computed once per distinct name: kernel names run to a kilobyte,
     and making a string per row of a 200k-event trace costs more than everything else."""
-    values = np.array([fn(str(c)) for c in column.cat.categories], dtype=dtype)
     codes = column.cat.codes.to_numpy()
-    if len(values) == 0:
+    categories = column.cat.categories
+    if len(codes) == 0 or len(categories) == 0:
         return np.zeros(len(codes), dtype=dtype)
+    # Only the names these rows use (a subset such as the GPU events uses few of the trace's names).
+    used = np.unique(codes)
+    values = np.empty(len(categories), dtype=dtype)
+    values[used] = [fn(str(categories[i])) for i in used]
     return values[codes]
 
 
