@@ -11,6 +11,8 @@ from typing import Any
 import jinja2
 from perfkit.analyzers.analyze import Analysis
 
+from perfkit.run import write_atomic
+
 
 @dataclass
 class Comparison:
@@ -80,8 +82,4 @@ def _fmt(v: float | None) -> str:
 
 
 def write(c: Comparison, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render(c), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_atomic(out, render(c).encode())

@@ -17,6 +17,8 @@ from perfkit.analyzers.analyze import Analysis
 from perfkit.reports import figures
 from plotly.offline import get_plotlyjs
 
+from perfkit.run import write_atomic
+
 
 @dataclass
 class Section:
@@ -246,8 +248,4 @@ def render(analysis: Analysis) -> str:
 
 def write_report(analysis: Analysis, out: Path) -> Path:
     """Write ``out`` (an .html path) atomically and return it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render(analysis), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_atomic(out, render(analysis).encode())

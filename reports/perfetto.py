@@ -16,7 +16,7 @@ import orjson
 from perfkit.analyzers.runtables import load_tables
 from perfkit.analyzers.trace import TraceError, read_json
 
-from perfkit.run import Run
+from perfkit.run import Run, write_atomic
 
 _PHASES = ("data_wait", "forward", "backward", "forward_backward", "optimizer", "checkpoint")
 
@@ -135,9 +135,5 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
 
 def write_merged(run: Run, out: Path) -> tuple[Path, list[str]]:
     data, notes = merged_trace(run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     raw = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
-    tmp.write_bytes(gzip.compress(raw, compresslevel=6) if out.name.endswith(".gz") else raw)
-    tmp.replace(out)
-    return out, notes
+    return write_atomic(out, gzip.compress(raw, compresslevel=6) if out.name.endswith(".gz") else raw), notes

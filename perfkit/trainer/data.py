@@ -9,7 +9,6 @@ exactly the data it would have seen.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from perfkit.collectors.io import record_read
 from perfkit.errors import ConfigError
+from perfkit.run import write_atomic
 
 CORPUS_FORMAT = "raw little-endian uint16 token ids"
 
@@ -47,11 +47,7 @@ def synthetic_corpus(vocab_size: int, n_tokens: int, seed: int = 0, folder: Path
         stream = np.concatenate([stream, stream])
     # Concurrent ranks may all generate it: each writes its own temporary file and the rename is
     # atomic, so a reader never sees a partial corpus.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(stream[:n_tokens].astype("<u2").tobytes())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, stream[:n_tokens].astype("<u2").tobytes())
 
 
 class TokenBatches(Dataset[torch.Tensor]):
