@@ -6,6 +6,11 @@ kernels, copies and sets. Times become int64 nanoseconds on one absolute clock: 
 base in integer nanoseconds (never float microseconds) keeps 2026 epoch times exact and within
 int64 (1.8e18 < 9.2e18). Names and categories are pandas categoricals, so a 200k-event trace
 holds each distinct kernel name once.
+
+Reading: msgspec decodes the events into typed structs with only the fields used, about 2 MiB of
+text at a time, cut between events (Kineto writes "ph" first in each event). Any other layout, a
+field of an unexpected type or a damaged file goes to a strict whole-file parse (orjson, a dict
+per event), which reads every layout and words the error when there is one.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 import pandas as pd
@@ -108,68 +115,55 @@ def _parse_json(path: Path, raw: bytes) -> Any:
         raise TraceError(f"{path}: not valid JSON ({e}); the file is truncated or not a trace") from None
 
 
-# Kineto writes every complete event with its keys in one order, args flat:
-#   {"ph": "X", "cat": C, "name": N, "pid": P, "tid": T,\n "ts": TS, "dur": D,\n "args": {...}}
-# Reading those straight from the bytes with literal-prefixed patterns skips building a Python
-# dict per event. A name with an escaped quote, another key order, or a file that does not end
-# where JSON should, sends the whole file to orjson instead.
-_EVENT = re.compile(
-    rb'"ph": "X", "cat": "([^"]*)", "name": "([^"]*)", "pid": ("[^"]*"|-?\d+), "tid": ("[^"]*"|-?\d+),'
-    rb'\s*"ts": (-?[\d.]+(?:[eE][-+]?\d+)?), "dur": (-?[\d.]+(?:[eE][-+]?\d+)?)'
-    # Kineto writes "External id" first among the args: take it in the same scan
-    rb'(?:,\s*"args": \{\s*"External id": (-?\d+))?'
-)
-_ARG_INTS = {
-    "stream": re.compile(rb'"stream": (-?\d+)'),
-    "correlation": re.compile(rb'"correlation": (-?\d+)'),
-    "ext_id": re.compile(rb'"External id": (-?\d+)'),
-}
-_COMM_ARGS = re.compile(rb'"name": "record_param_comms"|"Collective name"')
+# The fields read from each event; msgspec skips the other keys without building them, and is
+# ~4x faster than a dict per event from orjson (0.15 s for the 54 MB, 216k-event HTA fixture).
+class _Args(msgspec.Struct, gc=False, frozen=True):
+    stream: int | str = -1  # ROCm runtime calls write "0x0"
+    correlation: int = -1
+    ext_id: int = msgspec.field(default=-1, name="External id")
+    collective: Any = msgspec.field(default=None, name="Collective name")
+    in_nelems: Any = msgspec.field(default=None, name="In msg nelems")
+    out_nelems: Any = msgspec.field(default=None, name="Out msg nelems")
+    dtype: Any = None
+    group_size: Any = msgspec.field(default=None, name="Group size")
+    pg_name: Any = msgspec.field(default=None, name="Process Group Name")
+    pg_ranks: Any = msgspec.field(default=None, name="Process Group Ranks")
 
 
-def _top_level(raw: bytes, key: bytes) -> Any:
-    """The value of a top-level key found by text (a number, or an object/list matched by brackets)."""
-    i = raw.rfind(b'"' + key + b'":')
-    if i < 0:
-        return None
-    j = i + len(key) + 3
-    while j < len(raw) and raw[j] in b" \n\r\t":
-        j += 1
-    if j >= len(raw):
-        return None
-    if raw[j] in b"{[":
-        depth, k, in_str = 0, j, False
-        while k < len(raw) and k - j < 1 << 20:
-            c = raw[k]
-            if in_str:
-                if c == 92:  # backslash
-                    k += 1
-                elif c == 34:
-                    in_str = False
-            elif c == 34:
-                in_str = True
-            elif c in b"{[":
-                depth += 1
-            elif c in b"}]":
-                depth -= 1
-                if depth == 0:
-                    return orjson.loads(raw[j : k + 1])
-            k += 1
-        return None
-    m = re.match(rb"-?\d+", raw[j : j + 32])
-    return int(m.group()) if m else None
+_NO_ARGS = _Args()
+
+
+class _Event(msgspec.Struct, gc=False):
+    ph: str = ""
+    cat: str = ""
+    name: str = ""
+    pid: int | str = ""
+    tid: int | str = ""
+    ts: float | None = None
+    dur: float | None = None
+    args: _Args = _NO_ARGS
+
+
+class _Document(msgspec.Struct, gc=False):
+    traceEvents: list[_Event] = []  # noqa: N815 (Kineto's key)
+    distributedInfo: Any = None  # noqa: N815
+    baseTimeNanoseconds: Any = None  # noqa: N815
+    deviceProperties: Any = None  # noqa: N815
+
+
+_DECODE_EVENTS = msgspec.json.Decoder(list[_Event]).decode
+_DECODE_DOCUMENT = msgspec.json.Decoder(_Document).decode
 
 
 class _Interner:
-    """Factorizes bytes into int codes with a dict (pandas' factorizing of 100k long kernel names
-    takes most of a second); the categories are decoded once each."""
+    """Factorizes values into int codes with a dict (pandas' factorizing of 100k long kernel names
+    takes most of a second); categories are made once each."""
 
-    def __init__(self, strip: bool = False) -> None:
-        self.table: dict[bytes, int] = {}
+    def __init__(self) -> None:
+        self.table: dict[Any, int] = {}
         self.codes: list[np.ndarray] = []
-        self.strip = strip
 
-    def add(self, values: list[bytes]) -> None:
+    def add(self, values: list[Any]) -> None:
         table = self.table
         for v in dict.fromkeys(values):  # distinct values, first-seen order; C-speed loops only
             if v not in table:
@@ -177,18 +171,72 @@ class _Interner:
         self.codes.append(np.fromiter(map(table.__getitem__, values), dtype=np.int32, count=len(values)))
 
     def categorical(self) -> pd.Categorical:
-        cats = [k.decode().strip('"') if self.strip else k.decode() for k in self.table]
+        cats = [str(k) for k in self.table]
         codes = np.concatenate(self.codes) if self.codes else np.zeros(0, dtype=np.int32)
         if len(set(cats)) != len(cats):  # "7" and 7 as tids: merge them
             return pd.Categorical(np.asarray(cats, dtype=object)[codes])
         return pd.Categorical.from_codes(codes, categories=pd.Index(cats, dtype=object))
 
 
+_TS, _DUR = attrgetter("ts"), attrgetter("dur")
+_CORRELATION, _EXT_ID = attrgetter("args.correlation"), attrgetter("args.ext_id")
+
+
+@dataclass
+class _Columns:
+    """Columns of complete events, built block by block."""
+
+    interners: list[_Interner] = field(default_factory=lambda: [_Interner() for _ in range(4)])
+    arrays: dict[str, list[np.ndarray]] = field(
+        default_factory=lambda: {k: [] for k in ("ts", "dur", "stream", "correlation", "ext_id")}
+    )
+    comm_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    n: int = 0
+
+    def add(self, events: list[_Event]) -> None:
+        xs = [
+            e for e in events if e.ph == "X" and e.ts is not None and e.dur is not None and e.cat != "Trace"
+        ]
+        if not xs:
+            return
+        n = len(xs)
+        cat, name, pid, tid = self.interners
+        cats = [e.cat for e in xs]
+        cat.add(cats)
+        name.add([e.name for e in xs])
+        pid.add([e.pid for e in xs])
+        tid.add([e.tid for e in xs])
+        a = self.arrays
+        for key, get, dtype in (
+            ("ts", _TS, np.float64),
+            ("dur", _DUR, np.float64),
+            ("correlation", _CORRELATION, np.int64),
+            ("ext_id", _EXT_ID, np.int64),
+        ):
+            a[key].append(np.fromiter(map(get, xs), dtype=dtype, count=n))
+        stream = np.full(n, -1, dtype=np.int64)
+        gpu = np.flatnonzero(np.fromiter((c in GPU_CATS for c in cats), dtype=bool, count=n))
+        stream[gpu] = [s if isinstance(s := xs[i].args.stream, int) else -1 for i in gpu.tolist()]
+        a["stream"].append(stream)
+        for i, e in enumerate(xs):
+            if e.args.collective is not None or e.name == "record_param_comms":
+                self.comm_rows[self.n + i] = {k: getattr(e.args, k) for k in COMM_ARGS.values()}
+        self.n += n
+
+    def columns(self) -> dict[str, Any]:
+        cat, name, pid, tid = (i.categorical() for i in self.interners)
+        arrays = {
+            k: np.concatenate(v) if v else np.zeros(0, dtype=np.float64 if k in ("ts", "dur") else np.int64)
+            for k, v in self.arrays.items()
+        }
+        return {"cat": cat, "name": name, "pid": pid, "tid": tid, **arrays}
+
+
 _CHUNK = 2 << 20
 
 
 def _blocks(path: Path) -> Iterator[bytes]:
-    """The file's (decompressed) bytes in blocks of about 8 MiB."""
+    """The file's (decompressed) bytes in blocks of about 2 MiB."""
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
         f.seek(0)
@@ -199,141 +247,75 @@ def _blocks(path: Path) -> Iterator[bytes]:
             yield inflate.flush()
 
 
-def _matches_at(pattern: re.Pattern[bytes], text: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Start offsets and integer values of every match of ``"key": (digits)``, from
-    ``pattern.split``: the pieces' lengths give the offsets without a Python object per match."""
-    parts = pattern.split(text)
-    values = parts[1::2]
-    if not values:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    gaps = np.fromiter(map(len, parts[0::2]), dtype=np.int64, count=len(values) + 1)
-    widths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    literal = len(pattern.pattern) - len(rb"(-?\d+)")
-    before = np.concatenate(([0], np.cumsum(literal + widths[:-1])))
-    starts = np.cumsum(gaps[:-1]) + before
-    return starts, np.fromiter(map(int, values), dtype=np.int64, count=len(values))
+def _event_start(text: bytearray) -> int:
+    """Offset of the last event in ``text`` that begins with ``{ "ph": `` (Kineto writes "ph"
+    first), or -1."""
+    cut = text.rfind(b'"ph": ')
+    if cut <= 0:
+        return -1
+    brace = text.rfind(b"{", 0, cut)
+    return brace if brace >= 0 and not text[brace + 1 : cut].strip() else -1
 
 
-@dataclass
-class _Columns:
-    """Columns of complete events, built block by block."""
-
-    interners: list[_Interner] = field(
-        default_factory=lambda: [_Interner(), _Interner(), _Interner(True), _Interner(True)]
-    )
-    ts: list[np.ndarray] = field(default_factory=list)
-    dur: list[np.ndarray] = field(default_factory=list)
-    ints: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in _ARG_INTS})
-    comm_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
-    n: int = 0
-    x_events: int = 0
-
-    def scan(self, text: bytes) -> bool:
-        """Add the complete events of ``text`` (which ends at an event boundary); False if they are
-        not all in Kineto's layout."""
-        matches = _EVENT.findall(text)
-        self.x_events += text.count(b'"ph": "X"')
-        if not matches:
-            return True
-        prefix = b'"ph": "X", "cat": "'
-        lengths = np.fromiter(map(len, text.split(prefix)), dtype=np.int64)
-        starts = np.cumsum(lengths[:-1]) + np.arange(len(lengths) - 1) * len(prefix)
-        # profiler "Trace" markers share the prefix but not the key order
-        if b'"cat": "Trace"' in text:
-            starts = np.array(
-                [p for p in starts.tolist() if not text.startswith(b'Trace"', p + len(prefix))],
-                dtype=np.int64,
-            )
-        if len(starts) != len(matches):
-            starts = np.fromiter((m.start() for m in _EVENT.finditer(text)), dtype=np.int64)
-            if len(starts) != len(matches):
-                return False
-        for i, interner in enumerate(self.interners):
-            interner.add([g[i] for g in matches])
-        self.ts.append(np.fromiter(map(float, [g[4] for g in matches]), dtype=np.float64, count=len(matches)))
-        self.dur.append(
-            np.fromiter(map(float, [g[5] for g in matches]), dtype=np.float64, count=len(matches))
-        )
-        ends = np.append(starts[1:], len(text))  # an event's args lie before the next event's start
-        ext = np.fromiter((int(g[6]) if g[6] else -1 for g in matches), dtype=np.int64, count=len(matches))
-        for col, pattern in _ARG_INTS.items():
-            if col == "ext_id" and int((ext >= 0).sum()) == text.count(b'"External id": '):
-                self.ints[col].append(ext)  # every External id was the first arg: no extra pass
-                continue
-            values = np.full(len(matches), -1, dtype=np.int64)
-            pos, val = _matches_at(pattern, text)
-            if len(pos):
-                k = np.searchsorted(starts, pos, side="right") - 1
-                inside = (k >= 0) & (pos < ends[k.clip(0)])
-                values[k[inside]] = val[inside]
-            self.ints[col].append(values)
-        for m in _COMM_ARGS.finditer(text):
-            e = int(np.searchsorted(starts, m.start(), side="right")) - 1
-            if e < 0 or self.n + e in self.comm_rows:
-                continue
-            a = text.find(b'"args": {', int(starts[e]), int(ends[e]))
-            if a >= 0:
-                args = orjson.loads(text[a + 8 : text.index(b"}", a) + 1])
-                self.comm_rows[self.n + e] = {v: args.get(key) for key, v in COMM_ARGS.items()}
-        self.n += len(matches)
+def _decode_events(buf: bytearray, out: _Columns) -> bool:
+    """Decode the whole events of ``buf`` (which begins with "[") and keep only the last,
+    possibly incomplete one, behind a new "["; False if ``buf`` is not laid out as expected."""
+    start = _event_start(buf)
+    if start < 0:
         return True
+    comma = start - 1
+    while comma > 0 and buf[comma] in b" \t\r\n":
+        comma -= 1
+    if comma == 0:  # no whole event yet
+        return True
+    if buf[comma] != ord(","):
+        return False
+    buf[comma] = ord("]")
+    with memoryview(buf) as view, view[: comma + 1] as events:
+        out.add(_DECODE_EVENTS(events))
+    del buf[: start - 1]
+    buf[0] = ord("[")
+    return True
 
 
 def _fast_load(path: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict[str, Any]] | None:
-    """Columns, collective args and top-level fields of a trace in Kineto's own layout, read block
-    by block so that at most one 8 MiB block of text is alive at a time; None if the file is in
-    another layout or does not end like JSON (truncated), for the strict parser to judge."""
+    """Columns, collective args and top-level fields of a trace whose events begin with "ph" (as
+    Kineto writes them), decoded about 2 MiB at a time, cut between events, so that memory never
+    holds the whole text or every event at once; None for any other layout, damage or surprise,
+    which the strict parser then judges."""
     out = _Columns()
-    head = b""
-    pending = b""
-    parts: list[bytes] = []
-    size = 0
+    head: _Document | None = None
+    buf = bytearray()
     try:
         for block in _blocks(path):
-            parts.append(block)
-            size += len(block)
-            if size < _CHUNK:
+            buf += block
+            if len(buf) < _CHUNK:
                 continue
-            text = pending + b"".join(parts)
-            parts, size = [], 0
-            if not head and b'"traceEvents"' in text:
-                head = text[: text.index(b'"traceEvents"')]
-            cut = text.rfind(b'"ph": ')  # the last event may be incomplete: keep it for later
-            if cut <= 0:
-                pending = text
-                continue
-            if not out.scan(text[:cut]):
+            if head is None:
+                key = buf.find(b'"traceEvents"')
+                bracket = buf.find(b"[", key) if key >= 0 else -1
+                if bracket < 0:
+                    continue
+                head = _DECODE_DOCUMENT(bytes(buf[: bracket + 1]) + b"]}")
+                del buf[:bracket]
+            if not _decode_events(buf, out):
                 return None
-            pending = text[cut:]
-    except (OSError, EOFError, zlib.error):
+        if head is None:
+            key = buf.find(b'"traceEvents"')
+            bracket = buf.find(b"[", key) if key >= 0 else -1
+            if bracket < 0:
+                return None
+            head = _DECODE_DOCUMENT(bytes(buf[: bracket + 1]) + b"]}")
+            del buf[:bracket]
+        tail = _DECODE_DOCUMENT(b'{"traceEvents": ' + bytes(buf))
+    except (OSError, EOFError, zlib.error, msgspec.DecodeError):
         return None
-    pending += b"".join(parts)
-    if not head and b'"traceEvents"' in pending:
-        head = pending[: pending.index(b'"traceEvents"')]
-    end = pending.rstrip()
-    if not head or not end.endswith(b"}") or not out.scan(pending):
-        return None
-    if out.n == 0 or out.n < out.x_events - 2:  # a marker event or two in another key order
-        return None
-    tail = pending[-(1 << 16) :]
+    out.add(tail.traceEvents)
     meta = {
-        key: _top_level(head, key.encode()) or _top_level(tail, key.encode())
+        key: getattr(head, key) if getattr(head, key) is not None else getattr(tail, key)
         for key in ("distributedInfo", "baseTimeNanoseconds", "deviceProperties")
     }
-    cat = out.interners[0].categorical()
-    stream = np.concatenate(out.ints["stream"])
-    cols: dict[str, Any] = {
-        "cat": cat,
-        "name": out.interners[1].categorical(),
-        "pid": out.interners[2].categorical(),
-        "tid": out.interners[3].categorical(),
-        "ts": np.concatenate(out.ts),
-        "dur": np.concatenate(out.dur),
-        "stream": np.where(np.asarray(cat.isin(GPU_CATS)), stream, -1),
-        "correlation": np.concatenate(out.ints["correlation"]),
-        "ext_id": np.concatenate(out.ints["ext_id"]),
-    }
-    return cols, out.comm_rows, meta
+    return out.columns(), out.comm_rows, meta
 
 
 def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
@@ -355,6 +337,8 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
         if not isinstance(t, int | float) or not isinstance(d, int | float):
             continue
         cat = e.get("cat") or ""
+        if cat == "Trace":
+            continue
         name = e.get("name") or ""
         args = e.get("args") or {}
         i = len(names)
