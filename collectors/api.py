@@ -62,7 +62,7 @@ def profile(
 
             patch_all()
         probe = Probe(Path(out), rank, world, local, options)
-    probe.manual = True
+    probe.set_manual()
     probe.start()
     outcome = "failed"
     try:
@@ -82,7 +82,7 @@ def step(tokens: int | None = None, loss: Any = None) -> None:
     """End the current step (tokens this rank processed, the loss as a float or tensor)."""
     probe = Probe.current
     if probe is not None:
-        probe.manual = True
+        probe.set_manual()
         probe.end_step(tokens=tokens, loss=loss)
 
 
@@ -91,5 +91,5 @@ def phase(name: str) -> contextlib.AbstractContextManager[None]:
     probe = Probe.current
     if probe is None or probe._stopped:
         return contextlib.nullcontext()
-    probe.manual = True
+    probe.set_manual()
     return probe.phase(name)

@@ -38,6 +38,7 @@ class AutoSteps:
         self.roots: set[int] = set()
         self.root_modules: list[nn.Module] = []
         self.global_handles: list[Any] = []
+        self.handles: list[Any] = []  # optimizer hooks, the outermost modules' hooks
 
     @property
     def active(self) -> bool:
@@ -95,12 +96,20 @@ class AutoSteps:
             h.remove()
         self.global_handles = []
         for m in self.root_modules:
-            m.register_forward_pre_hook(self.fwd_pre)
-            m.register_forward_hook(self.fwd_post)
+            self.handles.append(m.register_forward_pre_hook(self.fwd_pre))
+            self.handles.append(m.register_forward_hook(self.fwd_post))
+
+    def remove_hooks(self) -> None:
+        """Take the optimizer and module hooks off (manual mode needs none of them)."""
+        for h in self.global_handles + self.handles:
+            h.remove()
+        self.global_handles, self.handles = [], []
 
     def install(self) -> None:
-        register_optimizer_step_pre_hook(self.opt_pre)
-        register_optimizer_step_post_hook(self.opt_post)
+        self.handles = [
+            register_optimizer_step_pre_hook(self.opt_pre),
+            register_optimizer_step_post_hook(self.opt_post),
+        ]
         self.global_handles = [
             nn.modules.module.register_module_forward_pre_hook(self.fwd_pre),
             nn.modules.module.register_module_forward_hook(self.fwd_post),

@@ -39,4 +39,5 @@ def activate() -> None:
         patch_all()  # before the script builds DDP: its comm hook goes in at the first forward
     from perfkit.collectors.auto import install
 
-    probe.auto = install(probe)
+    if not probe.manual:
+        probe.auto = install(probe)

@@ -190,3 +190,36 @@ def test_probe_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_nvml_table_schema_matches_fixture_columns() -> None:
     assert set(nvml.CSV_COLUMNS) <= set(NVML.columns)
+
+
+def test_manual_mode_takes_the_automatic_hooks_off(tmp_path: Path) -> None:
+    """A script that marks its own steps pays for no module or optimizer hook: a global module hook
+    alone sends every module call of the model down nn.Module's slow path."""
+    import torch
+    from perfkit.collectors.auto import install
+    from torch.nn.modules import module
+    from torch.optim import optimizer
+
+    hooks = (
+        module._global_forward_pre_hooks,
+        module._global_forward_hooks,
+        optimizer._global_optimizer_pre_hooks,
+        optimizer._global_optimizer_post_hooks,
+    )
+    before = [len(h) for h in hooks]
+    probe = _probe(tmp_path, ["steps"])
+    probe.auto = install(probe)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters())
+    try:
+        assert [len(h) for h in hooks] == [n + 1 for n in before]
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()  # auto mode: the optimizer hooks end a step
+        model(torch.ones(1, 2))  # the next step begins: only the outermost module keeps hooks
+        assert model._forward_pre_hooks and model._forward_hooks and probe.step == 1
+        probe.set_manual()
+        assert [len(h) for h in hooks] == before
+        assert not model._forward_pre_hooks and not model._forward_hooks
+    finally:
+        probe.auto.remove_hooks()
+        probe.stop()
