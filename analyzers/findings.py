@@ -155,7 +155,7 @@ def _trace_findings(f: TraceFacts) -> list[Finding]:
                 severity=severity(saving_ms, f.step_ms),
                 evidence=evidence,
                 ranks=[f.rank],
-                saving_ms_per_step=round(saving_ms, 3),
+                saving_ms_per_step=round(min(saving_ms, f.step_ms), 3),
                 remedy=remedy,
             )
         )
@@ -317,7 +317,7 @@ def run_rules(metrics: dict[str, Any]) -> list[Finding]:
                 severity=severity(saving_ms, step_ms),
                 evidence=evidence,
                 ranks=ranks,
-                saving_ms_per_step=round(saving_ms, 3),
+                saving_ms_per_step=round(min(saving_ms, step_ms), 3),  # never more than the step
                 remedy=remedy,
             )
         )
@@ -364,10 +364,13 @@ def run_rules(metrics: dict[str, Any]) -> list[Finding]:
         ar = table[table["op"] == "all_reduce"] if not table.empty else table
         per_op_ms = float(ar["time_ms"].sum() / max(1, ar["count"].sum())) if not ar.empty else 0.0
         ideal = max(1, int(n * size / (25 << 20)) + 1)
+        # The buckets' all-reduces overlap one another: their summed time can pass the step time.
+        # Their cost lands in the backward phase, where DDP launches them and waits for the last.
+        backward_ms = steps.get("phase_share", {}).get("backward", 1.0) * step_ms
         add(
             "small_ddp_buckets",
             "Gradients all-reduced in many tiny buckets",
-            per_op_ms * (n - ideal),
+            min(per_op_ms * (n - ideal), backward_ms),
             {"buckets_per_step": n, "bucket_kib": round(size / 1024, 1)},
             [],
             Remedy(

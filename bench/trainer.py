@@ -5,64 +5,21 @@
     python bench/trainer.py --config gpt2-small-gpu --set steps=30      # on a GPU: prints MFU
 
 Runs alternate (base, variant, base, ...) so drift on a shared machine hits both alike; each run's
-figure is the median step time after the warm-up steps; the ratio printed is variant / base
-tokens/s, measured side by side. Writes the figures as JSON with --json.
+figure is its time per step after the warm-up steps (perfkit.trials, as perfkit sweep and
+perfkit optimize measure); the ratio printed is variant / base tokens/s, the median of the pairs
+measured side by side. Writes the figures as JSON with --json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-WARMUP = 3  # steps dropped from each run: first-step allocation, compilation, worker start-up
-
-
-def one_run(config: str, nproc: int, sets: list[str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log.jsonl"
-        cmd = [
-            sys.executable,
-            "-m",
-            "perfkit",
-            "train",
-            "--config",
-            config,
-            "--nproc",
-            str(nproc),
-            "--log-json",
-            str(log),
-        ]
-        for s in ["log_every=1", *sets]:
-            cmd += ["--set", s]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"run failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        records = [json.loads(line) for line in log.read_text().splitlines()]
-    steady = records[WARMUP:] or records
-    step_s = statistics.median(r["step_time_s"] for r in steady)
-    out = {
-        "step_time_s": step_s,
-        "tokens_per_s": records[0]["tokens"] / step_s,
-        "final_loss": records[-1]["loss"],
-    }
-    if "mfu" in records[-1]:
-        out["mfu"] = statistics.median(r["mfu"] for r in steady)
-    return out
-
-
-def summarize(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    line = f"{name:<10} {med['tokens_per_s']:>12.0f} tok/s  {med['step_time_s'] * 1e3:9.2f} ms/step"
-    if "mfu" in med:
-        line += f"  MFU {med['mfu']:.1%}"
-    print(line)
-    return med
+from perfkit.trials import Candidate, check, interleave, judge
 
 
 def main() -> None:
@@ -81,27 +38,35 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    base: list[dict[str, Any]] = []
-    variant: list[dict[str, Any]] = []
-    for _ in range(args.repeats):
-        base.append(one_run(args.config, args.nproc, args.sets))
-        if args.variant:
-            variant.append(one_run(args.config, args.nproc, args.sets + args.variant))
+    candidates = [Candidate("base", args.sets)]
+    if args.variant:
+        candidates.append(Candidate("variant", args.sets + args.variant))
+    for c in candidates:
+        problem = check(args.config, args.nproc, c.overrides)
+        if problem:
+            sys.exit(f"{c.label}: {problem}")
+    with tempfile.TemporaryDirectory() as tmp:
+        interleave(args.config, args.nproc, candidates, args.repeats, Path(tmp), progress=print)
     print(
         f"config {args.config}, {args.nproc} rank(s), {' '.join(args.sets) or 'no overrides'}, {args.repeats} run(s) each"
     )
-    result: dict[str, Any] = {
-        "config": args.config,
-        "nproc": args.nproc,
-        "sets": args.sets,
-        "base": summarize("base", base),
-    }
-    if variant:
-        result["variant"] = summarize("variant", variant)
+    result: dict[str, Any] = {"config": args.config, "nproc": args.nproc, "sets": args.sets}
+    for c in candidates:
+        if c.failed:
+            sys.exit(f"{c.label} run failed: {c.failed}")
+        line = f"{c.label:<10} {c.tokens_per_s:>12.0f} tok/s  {c.step_ms:9.2f} ms/step"
+        if c.mfu is not None:
+            line += f"  MFU {c.mfu:.1%}"
+        print(line)
+        result[c.label] = c.to_json()
+    if args.variant:
+        ratio = judge(candidates[0], candidates[1], min_gain=0.0).ratio
         result["variant_settings"] = args.variant
-        ratio = result["variant"]["tokens_per_s"] / result["base"]["tokens_per_s"]
-        result["speedup"] = ratio
-        print(f"variant ({' '.join(args.variant)}) / base tokens/s: {ratio:.3f}x")
+        result["speedup"] = 1 / ratio if ratio else None
+        if ratio:
+            print(
+                f"variant ({' '.join(args.variant)}) / base tokens/s: {1 / ratio:.3f}x (median of the pairs)"
+            )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -465,31 +465,172 @@ def export_trace(run: Path, out: Path | None) -> None:
     click.echo(path)
 
 
-_NOT_BUILT = {
-    "optimize": "Apply remedies for a run's findings, re-run, and keep what measurably helps.",
-    "sweep": "Benchmark the trainer over a set of parallel configurations.",
-}
+def _progress(line: str) -> None:
+    click.echo(f"perfkit: {line}", err=True)
 
 
-def _not_built_command(name: str, summary: str) -> click.Command:
-    def callback(**_: Any) -> None:
-        click.echo(
-            f"perfkit {name} is not built yet; today `perfkit train` and `perfkit demo` work.", err=True
-        )
-        sys.exit(2)
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--config", "config_name", default="tiny-cpu", show_default=True, help="Shipped config or TOML file."
+)
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable)."
+)
+@click.option(
+    "--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks for every layout."
+)
+@click.option(
+    "--layout",
+    "layouts",
+    multiple=True,
+    metavar="SPEC",
+    help="A layout to measure, e.g. tp=2 or pp=2,zero=3 or zero=3,kernels.compile=true (repeatable; "
+    "default: every pp x tp x dp split, DDP and FSDP2).",
+)
+@click.option("--steps", type=click.IntRange(min=2), default=20, show_default=True, help="Steps per run.")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Runs per layout.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Folder (default runs/<time>-sweep)."
+)
+def sweep(
+    config_name: str,
+    overrides: tuple[str, ...],
+    nproc: int,
+    layouts: tuple[str, ...],
+    steps: int,
+    repeats: int,
+    out: Path | None,
+) -> None:
+    """Benchmark the reference trainer over parallel layouts, side by side.
 
-    return click.Command(
-        name,
-        callback=callback,
-        help=f"{summary}\n\nNot built yet: running it exits 2.",
-        short_help=f"{summary} (not built yet)",
-        params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
-        context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
+    Plain runs (no collectors), interleaved round-robin so a shared machine's drift falls on every
+    layout alike. Writes sweep.json and sweep.html; layouts that cannot run are listed with why.
+    """
+    from perfkit.reports.trials import write
+    from perfkit.run import default_run_path
+    from perfkit.sweep import run_sweep
+
+    folder = out or default_run_path("sweep")
+    result = run_sweep(
+        config_name, nproc, [*overrides, f"steps={steps}"], layouts, repeats, folder, progress=_progress
     )
+    data = result.to_json()
+    click.echo(f"perfkit sweep: {config_name} on {nproc} rank(s), {repeats} run(s) each, {steps} steps")
+    click.echo(f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'tokens/s':>10} {'vs best':>8}  runs")
+    for i, c in enumerate(data["candidates"], 1):
+        if c["step_ms"]:
+            runs = ", ".join(f"{r['step_ms']:.1f}" if r["ok"] else "failed" for r in c["runs"])
+            click.echo(
+                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} {c['vs_best']:>7.2f}x  {runs}"
+            )
+        else:
+            why = f"skipped: {c['skipped']}" if c["skipped"] else f"failed: {c['runs'][-1]['error']}"
+            click.echo(f"{i:>3}  {c['label']:<28} {why}")
+    page = write(data, folder / "sweep.html")
+    click.echo(f"wrote {folder / 'sweep.json'}")
+    click.echo(f"report: {page.resolve()}")
 
 
-for _name, _summary in _NOT_BUILT.items():
-    cli.add_command(_not_built_command(_name, _summary))
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--config", "config_name", default="tiny-cpu", show_default=True, help="Shipped config or TOML file."
+)
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable)."
+)
+@click.option("--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks.")
+@click.option(
+    "--steps", type=click.IntRange(min=2), default=30, show_default=True, help="Steps per timing run."
+)
+@click.option(
+    "--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Run pairs per trial."
+)
+@click.option(
+    "--min-gain",
+    type=click.FloatRange(min=0, max=90),
+    default=3.0,
+    show_default=True,
+    help="Percent a change must save to be kept.",
+)
+@click.option(
+    "--max-trials", type=click.IntRange(min=1), default=5, show_default=True, help="Remedies to try."
+)
+@click.option("--no-verify", is_flag=True, help="Skip the final profiled run of the optimized configuration.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Folder (default runs/<time>-optimize)."
+)
+def optimize(
+    run: Path | None,
+    config_name: str,
+    overrides: tuple[str, ...],
+    nproc: int,
+    steps: int,
+    repeats: int,
+    min_gain: float,
+    max_trials: int,
+    no_verify: bool,
+    out: Path | None,
+) -> None:
+    """Apply the fixes of a run's findings to the reference trainer; keep what measurably helps.
+
+    \b
+    perfkit optimize                         profile tiny-cpu on 2 ranks, then tune it
+    perfkit optimize runs/<time>-tiny-cpu    start from a profiled run of the trainer
+
+    Each remedy is tried against the configuration so far in alternating plain runs; it is kept
+    only if every pair agrees it is faster by at least --min-gain percent and the loss is not
+    worse. Writes optimize.json and optimize.html, and profiles the final configuration.
+    """
+    from perfkit.analyzers.analyze import analyze as run_analysis
+    from perfkit.optimize import run_optimize
+    from perfkit.reports.compare import compare as compare_runs
+    from perfkit.reports.compare import write as write_compare
+    from perfkit.reports.html import write_report
+    from perfkit.reports.trials import write
+    from perfkit.run import default_run_path, write_json_atomic
+
+    folder = out or default_run_path("optimize")
+    opt = run_optimize(
+        config=config_name,
+        nproc=nproc,
+        overrides=overrides,
+        out=folder,
+        run=run,
+        steps=steps,
+        repeats=repeats,
+        min_gain=min_gain / 100,
+        max_trials=max_trials,
+        verify=not no_verify,
+        progress=_progress,
+    )
+    data = opt.to_json()
+    click.echo(f"perfkit optimize: {len(opt.trials)} remedy(ies) from {opt.baseline_run}")
+    for t in data["trials"]:
+        verdict = "KEPT   " if t["kept"] else ("skipped" if t["skipped"] else "dropped")
+        click.echo(f"  {verdict} {' '.join(t['change']):<44} {t['reason']}")
+    if opt.kept:
+        speed = f"{opt.speedup:.2f}x the throughput of the original" if opt.speedup else "not measured"
+        click.echo(f"kept: {' '.join('--set ' + k for k in opt.kept)}  ({speed}, side by side)")
+        final = {o.split("=", 1)[0]: o for o in [*opt.base_overrides, *opt.kept]}  # a key's last value wins
+        sets = "".join(f" --set {o}" for o in final.values())
+        click.echo(f"train with: perfkit train --config {opt.config} --nproc {opt.nproc}{sets}")
+    else:
+        click.echo("nothing measurably helped; the configuration stays as it was")
+    if opt.final_run is not None:
+        before, after = run_analysis(opt.baseline_run), run_analysis(opt.final_run)
+        for result, path in ((before, opt.baseline_run), (after, opt.final_run)):
+            if path.is_relative_to(folder):  # a run given by the user is left as it is
+                write_json_atomic(path / "analysis.json", result.to_json())
+                write_report(result, path / "report" / "index.html")
+        comparison = compare_runs(before, after)
+        page_c = write_compare(comparison, opt.final_run / "report" / "compare.html")
+        gone = [f.title for f in comparison.resolved]
+        click.echo(f"findings gone after: {'; '.join(gone) if gone else 'none'}")
+        click.echo(f"comparison: {page_c.resolve()}")
+    page = write(data, folder / "optimize.html")
+    click.echo(f"wrote {folder / 'optimize.json'}")
+    click.echo(f"report: {page.resolve()}")
 
 
 def main() -> None:

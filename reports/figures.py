@@ -159,3 +159,30 @@ def nvml_series(nvml: pd.DataFrame | None) -> go.Figure | None:
         **_LAYOUT,
     )
     return fig
+
+
+def trial_runs(rows: list[dict[str, Any]], title: str) -> go.Figure | None:
+    """Median time per step of each configuration (bars) and every run of it (dots), so the noise
+    between runs is in view beside the differences. ``rows``: label, step_ms, runs[].step_ms."""
+    rows = [r for r in rows if r.get("step_ms")]
+    if not rows:
+        return None
+    labels = [r["label"] for r in rows]
+    fig = go.Figure()
+    fig.add_bar(name="median", y=labels, x=[r["step_ms"] for r in rows], orientation="h", opacity=0.55)
+    dots = [
+        (run["step_ms"], r["label"])
+        for r in rows
+        for run in r["runs"]
+        if run.get("ok") and run.get("step_ms")
+    ]
+    fig.add_scatter(
+        name="each run", x=[d[0] for d in dots], y=[d[1] for d in dots], mode="markers", marker=dict(size=8)
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title="ms per step (lower is better)",
+        yaxis=dict(autorange="reversed"),
+        **{**_LAYOUT, "height": max(260, 90 + 34 * len(rows)), "margin": dict(l=200, r=20, t=70, b=50)},
+    )
+    return fig

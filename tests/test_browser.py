@@ -60,3 +60,47 @@ def test_report_draws_every_figure_offline(tmp_path: Path, source: Path) -> None
     assert all('class="main-svg"' in g for g in graphs), "a figure was not drawn"
     console = [line for line in log.splitlines() if "CONSOLE" in line or "Refused" in line]
     assert not console, console
+
+
+def _candidate(label: str, ms: list[float]) -> dict:
+    from perfkit.trials import Candidate, Measurement
+
+    runs = [Measurement(ok=True, step_ms=m, tokens_per_s=1e5 / m, loss=4.2) for m in ms]
+    return Candidate(label, [f"parallel.{label}=2"], runs).to_json()
+
+
+@pytest.mark.parametrize("kind", ["sweep", "optimize"])
+def test_sweep_and_optimize_pages_draw_offline(tmp_path: Path, kind: str) -> None:
+    from perfkit.reports.trials import write
+
+    if kind == "sweep":
+        rows = [
+            {**_candidate("tp", [30.0, 31.0]), "vs_best": 1.0},
+            {**_candidate("<b>pp</b>", [40.0, 41.0]), "vs_best": 1.3},
+        ]
+        data = {
+            "kind": "sweep",
+            "config": "tiny-cpu",
+            "nproc": 2,
+            "overrides": [],
+            "repeats": 2,
+            "candidates": rows,
+        }
+    else:
+        trial = {
+            "finding": "small_ddp_buckets", "title": "Gradients all-reduced in many tiny buckets", "remedy": "bucket_size",
+            "change": ["overlap.bucket_cap_mb=25"], "skipped": "", "kept": True, "ratio": 0.6, "reason": "40% faster",
+            "base": _candidate("without", [45.0, 44.0]), "variant": _candidate("with", [27.0, 26.0]),
+        }  # fmt: skip
+        data = {
+            "kind": "optimize", "config": "tiny-cpu", "nproc": 2, "overrides": [], "baseline_run": "runs/b",
+            "final_run": "runs/o", "kept": ["overlap.bucket_cap_mb=25"], "speedup": 1.6, "trials": [trial],
+            "final": [_candidate("original", [45.0]), _candidate("final", [27.0])],
+        }  # fmt: skip
+    page = write(data, tmp_path / f"{kind}.html")
+    assert "<b>pp</b>" not in page.read_text()  # escaped
+    dom, log = open_in_browser(page, tmp_path)
+    graphs = re.split(r'class="plotly-graph-div', dom)[1:]
+    assert len(graphs) == 1 and 'class="main-svg"' in graphs[0]
+    console = [line for line in log.splitlines() if "CONSOLE" in line or "Refused" in line]
+    assert not console, console

@@ -1,0 +1,262 @@
+"""Trainer configurations measured side by side: the core of ``perfkit sweep`` and ``perfkit optimize``.
+
+A measurement is one plain run of the reference trainer (no collectors: perfkit's own cost must not
+tilt a comparison). Runs of the configurations being compared are interleaved round-robin
+(A B C, A B C, ...), so the drift of a shared machine falls on all of them alike; each run's figure
+is its time per step over the steps after the warm-up (first compilation, allocation, worker
+start-up). Torch-free: the configurations are checked before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perfkit.errors import ConfigError, PerfkitError
+from perfkit.launch import check_devices, trainer_command
+from perfkit.trainer.config import load_config, resolve_layout
+
+WARMUP = 3
+"""Steps left out of each run's figure."""
+
+
+@dataclass
+class Measurement:
+    """One run of one configuration."""
+
+    ok: bool
+    step_ms: float | None = None
+    """Wall time per step after the warm-up (rank 0's clock, which all-reduces the loss when it logs)."""
+    tokens_per_s: float | None = None
+    loss: float | None = None
+    """The last logged loss (every configuration runs the same steps on the same data)."""
+    mfu: float | None = None
+    """Model FLOPs utilization over the same steps (GPU runs only)."""
+    error: str = ""
+
+
+@dataclass
+class Candidate:
+    """A configuration: a label and the ``--set`` overrides that make it."""
+
+    label: str
+    overrides: list[str]
+    runs: list[Measurement] = field(default_factory=list)
+    skipped: str = ""
+    """Why it was not run (an invalid configuration for this world size or device)."""
+
+    @property
+    def failed(self) -> str:
+        return next((r.error for r in self.runs if not r.ok), "")
+
+    @property
+    def step_ms(self) -> float | None:
+        good = [r.step_ms for r in self.runs if r.ok and r.step_ms]
+        return statistics.median(good) if good else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        good = [r.tokens_per_s for r in self.runs if r.ok and r.tokens_per_s]
+        return statistics.median(good) if good else None
+
+    @property
+    def mfu(self) -> float | None:
+        good = [r.mfu for r in self.runs if r.ok and r.mfu is not None]
+        return statistics.median(good) if good else None
+
+    @property
+    def loss(self) -> float | None:
+        good = [r.loss for r in self.runs if r.ok and r.loss is not None]
+        return statistics.median(good) if good else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "step_ms": self.step_ms,
+            "tokens_per_s": self.tokens_per_s,
+            "loss": self.loss,
+            "mfu": self.mfu,
+        }
+
+
+def as_override(key: str, value: Any) -> str:
+    """``key=value`` in the form ``--set`` reads (booleans as true/false)."""
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return f"{key}={text}"
+
+
+def check(config: str, nproc: int, overrides: Sequence[str]) -> str:
+    """'' when the configuration can run with ``nproc`` ranks here, else the reason it cannot."""
+    try:
+        cfg = load_config(config, list(overrides))
+        resolve_layout(cfg, nproc)
+        check_devices(cfg, nproc)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def step_figures(records: list[dict[str, Any]], warmup: int = WARMUP) -> tuple[float, float] | None:
+    """(seconds per step, tokens/s) over the steps after ``warmup``, from the trainer's ``--log-json``
+    records. Each record's ``step_time_s`` is the mean over the steps since the previous record, so
+    the figure is time-weighted and does not depend on ``log_every``."""
+    records = sorted(records, key=lambda r: r["step"])
+    start = next((i for i, r in enumerate(records) if r["step"] >= warmup), None)
+    if start is None or start == len(records) - 1:
+        start = 0 if len(records) > 1 else None  # too short to leave the warm-up out
+    if start is None:
+        return None
+    seconds = steps = tokens = 0.0
+    previous = records[start]["step"]
+    for r in records[start + 1 :]:
+        n = r["step"] - previous
+        previous = r["step"]
+        seconds += r["step_time_s"] * n
+        steps += n
+        tokens += r["tokens"] * n
+    if not steps or seconds <= 0:
+        return None
+    return seconds / steps, tokens / seconds
+
+
+def _last_error(text: str) -> str:
+    """The line of a failed run's output that says what went wrong."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.lower().startswith(("error", "runtimeerror", "torch.", "valueerror", "assertionerror")) or (
+            "Error:" in ln and not ln.startswith("File ")
+        ):
+            return ln[:300]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+def measure(config: str, nproc: int, overrides: Sequence[str], workdir: Path) -> Measurement:
+    """Run the trainer once, without collectors, and read its log."""
+    fd, name = tempfile.mkstemp(dir=workdir, suffix=".jsonl")
+    os.close(fd)
+    log = Path(name)
+    log.unlink()
+    env = dict(os.environ)
+    env.pop("PERFKIT_RUN_DIR", None)  # never profiled, even when perfkit itself is
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    argv = trainer_command(nproc, config, list(overrides), log)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    except OSError as e:
+        return Measurement(ok=False, error=f"could not start the trainer: {e}")
+    if proc.returncode != 0:
+        return Measurement(
+            ok=False, error=f"exit code {proc.returncode}: {_last_error(proc.stderr + proc.stdout)}"
+        )
+    try:
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        return Measurement(ok=False, error=f"the trainer's log could not be read: {e}")
+    finally:
+        log.unlink(missing_ok=True)
+    figures = step_figures(records)
+    if figures is None:
+        return Measurement(ok=False, error="too few logged steps to time; raise steps")
+    last = records[-1]
+    loss, mfu = last.get("loss"), last.get("mfu")
+    return Measurement(
+        ok=True,
+        step_ms=figures[0] * 1e3,
+        tokens_per_s=figures[1],
+        loss=float(loss) if isinstance(loss, int | float) else None,
+        # MFU is inversely proportional to the step time: rescale the last record's to the window's
+        mfu=mfu * last["step_time_s"] / figures[0] if isinstance(mfu, int | float) else None,
+    )
+
+
+def interleave(
+    config: str,
+    nproc: int,
+    candidates: list[Candidate],
+    repeats: int,
+    workdir: Path,
+    progress: Callable[[str], None] = lambda _: None,
+) -> None:
+    """Measure every runnable candidate ``repeats`` times, round-robin; a candidate whose run fails is
+    not run again (its error is kept)."""
+    total = repeats * sum(1 for c in candidates if not c.skipped)
+    done = 0
+    for r in range(repeats):
+        for c in candidates:
+            if c.skipped or c.failed:
+                continue
+            m = measure(config, nproc, c.overrides, workdir)
+            c.runs.append(m)
+            done += 1
+            figure = f"{m.step_ms:.1f} ms/step" if m.ok and m.step_ms else f"failed: {m.error}"
+            progress(f"[{done}/{total}] {c.label} (run {r + 1}/{repeats}): {figure}")
+
+
+@dataclass
+class Verdict:
+    keep: bool
+    ratio: float | None
+    """Median of the paired ratios, variant / base step time (0.9 = 10% faster)."""
+    reason: str
+
+
+def judge(base: Candidate, variant: Candidate, min_gain: float, loss_tolerance: float = 0.02) -> Verdict:
+    """Keep the variant only if every pair of runs agrees that it is faster and the median gain is at
+    least ``min_gain`` (a fraction): a gain smaller than the noise between runs is not measured."""
+    if variant.failed:
+        return Verdict(False, None, f"the run failed: {variant.failed}")
+    if base.failed:
+        return Verdict(False, None, f"the base run failed: {base.failed}")
+    pairs = [
+        (v.step_ms, b.step_ms)
+        for b, v in zip(base.runs, variant.runs, strict=False)
+        if b.ok and v.ok and b.step_ms and v.step_ms
+    ]
+    if not pairs:
+        return Verdict(False, None, "nothing measured")
+    ratios = [v / b for v, b in pairs]
+    ratio = statistics.median(ratios)
+    loss, base_loss = variant.loss, base.loss
+    if loss is not None and not math.isfinite(loss):
+        return Verdict(False, ratio, f"the loss is {loss}: this change breaks training")
+    if loss is not None and base_loss is not None and loss > base_loss * (1 + loss_tolerance) + 1e-6:
+        return Verdict(
+            False, ratio, f"it changes the training: final loss {loss:.4f} vs {base_loss:.4f} without it"
+        )
+    spread = f"{len(ratios)} pair(s), {min(ratios):.3f}-{max(ratios):.3f}"
+    if ratio > 1 - min_gain or max(ratios) >= 1:
+        if ratio >= 1:
+            return Verdict(False, ratio, f"{ratio - 1:.1%} slower ({spread})")
+        if max(ratios) >= 1:
+            return Verdict(False, ratio, f"{1 - ratio:.1%} faster but the pairs disagree ({spread})")
+        return Verdict(False, ratio, f"{1 - ratio:.1%} faster: below the {min_gain:.0%} bar ({spread})")
+    return Verdict(True, ratio, f"{1 - ratio:.1%} faster ({spread})")
+
+
+def write_toml(config: dict[str, Any], path: Path) -> Path:
+    """A resolved trainer configuration (``TrainConfig.to_dict()``, as a manifest holds it) as a TOML
+    file that ``--config`` reads back."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v) if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        if isinstance(v, str):
+            return json.dumps(v)
+        raise PerfkitError(f"config value {v!r} cannot be written as TOML")
+
+    lines = [f"{k} = {value(v)}" for k, v in config.items() if not isinstance(v, dict)]
+    for section, body in config.items():
+        if isinstance(body, dict):
+            lines += ["", f"[{section}]", *(f"{k} = {value(v)}" for k, v in body.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,53 @@
+"""The pages of ``perfkit sweep`` and ``perfkit optimize``: configurations measured side by side.
+Drawn from the JSON those commands write (``sweep.json``, ``optimize.json``), so a page can be made
+again from the file alone. Self-contained like the run report (plotly.js inlined, no network)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+from perfkit.reports import figures
+from plotly.offline import get_plotlyjs
+
+from perfkit.run import write_atomic
+
+
+def _fmt(v: float | None, spec: str = ",.1f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def render(data: dict[str, Any]) -> str:
+    """The page for a sweep.json or optimize.json document."""
+    if data.get("kind") == "sweep":
+        rows = data["candidates"]
+        title = f"perfkit sweep: {data['config']} on {data['nproc']} rank(s)"
+        chart = figures.trial_runs(rows, "Time per step of each layout (each dot one run)")
+    else:
+        rows = []
+        for t in data["trials"]:
+            for side in ("base", "variant"):
+                c = t.get(side)
+                if c:
+                    rows.append(
+                        {**c, "label": f"{t['remedy']}: {'with' if side == 'variant' else 'without'}"}
+                    )
+        rows += [{**c, "label": f"all kept: {c['label']}"} for c in data.get("final", [])]
+        title = f"perfkit optimize: {Path(data['config']).name} on {data['nproc']} rank(s)"
+        chart = figures.trial_runs(rows, "Each trial: without and with the change (each dot one run)")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env.from_string((resources.files("perfkit.reports") / "templates" / "trials.html").read_text())
+    return template.render(
+        d=data,
+        title=title,
+        chart=Markup(figures.html(chart)) if chart is not None else None,
+        fmt=_fmt,
+        plotly_js=Markup(get_plotlyjs()),
+    )
+
+
+def write(data: dict[str, Any], out: Path) -> Path:
+    return write_atomic(out, render(data).encode())

@@ -1,0 +1,176 @@
+"""perfkit sweep and perfkit optimize: the measurement rules, the plan, and both commands end to end
+on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from helpers import run_perfkit
+from perfkit.analyzers.findings import Finding, Remedy
+
+from perfkit.errors import ConfigError
+from perfkit.optimize import baseline_from_run, plan
+from perfkit.run import Run
+from perfkit.sweep import default_layouts, label, parse_layout
+from perfkit.trainer.config import TrainConfig, load_config
+from perfkit.trials import Candidate, Measurement, judge, step_figures, write_toml
+
+
+def records(step_ms: list[float], every: int = 1) -> list[dict]:
+    return [{"step": (i + 1) * every, "step_time_s": ms / 1e3, "tokens": 100} for i, ms in enumerate(step_ms)]
+
+
+def test_step_figures_leave_out_the_warmup_and_weigh_by_steps() -> None:
+    sec, tok = step_figures(records([500, 500, 500, 10, 10, 20, 30]))
+    assert sec == pytest.approx(0.0175) and tok == pytest.approx(100 / 0.0175)  # steps 4-7
+    # log_every=10: each record is the mean of its 10 steps; the first (steps 1-10) holds the warm-up
+    sec, _ = step_figures(records([90, 20, 40], every=10))
+    assert sec == pytest.approx(0.030)
+    assert step_figures(records([20])) is None
+
+
+def cand(ms: list[float | None], loss: float = 4.0) -> Candidate:
+    runs = [
+        Measurement(ok=m is not None, step_ms=m, loss=loss, error="" if m else "exit code 1: boom")
+        for m in ms
+    ]
+    return Candidate("x", [], runs)
+
+
+@pytest.mark.parametrize(
+    ("base", "variant", "loss", "keep", "reason"),
+    [
+        ([30, 31, 29], [20, 21, 20], 4.0, True, "faster (3 pair(s)"),
+        ([30, 31, 29], [29.9, 30.8, 28.9], 4.0, False, "below the 3% bar"),
+        ([30, 31, 29], [20, 32, 20], 4.0, False, "the pairs disagree"),
+        ([30, 31, 29], [33, 34, 32], 4.0, False, "slower"),
+        ([30, 31, 29], [20, 21, 20], 4.5, False, "it changes the training: final loss 4.5000 vs 4.0000"),
+        ([30, 31, 29], [20, 21, 20], math.nan, False, "breaks training"),
+        ([30, 31, 29], [None], 4.0, False, "the run failed: exit code 1: boom"),
+    ],
+)
+def test_judge(base, variant, loss, keep, reason) -> None:
+    v = judge(cand(base), cand(variant, loss), min_gain=0.03)
+    assert v.keep is keep and reason in v.reason
+
+
+def test_layouts() -> None:
+    assert parse_layout("tp=2, pp=2,kernels.compile=true") == [
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "kernels.compile=true",
+    ]
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        parse_layout("tp2")
+    specs = default_layouts(4)
+    assert len(specs) == 8 and "pp=1,tp=1,zero=3" in specs and "pp=4,tp=1" in specs
+    labels = {label("tiny-cpu", 4, parse_layout(s), s) for s in specs}
+    assert {"dp4", "dp4 zero3", "dp2 tp2", "tp4", "pp2 dp2 1f1b", "pp4 1f1b"} <= labels
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    cfg = load_config("tiny-cpu", ["parallel.tp=2", 'data.path=we "quote" it', "optimizer.eps=1e-08"])
+    path = write_toml(cfg.to_dict(), tmp_path / "c.toml")
+    assert load_config(str(path)).to_dict() == cfg.to_dict()
+
+
+def test_baseline_from_a_run_that_is_not_the_trainer_is_one_line(tmp_path: Path) -> None:
+    Run.create(tmp_path / "r", command=["python", "train.py"], world_size=1).finish("complete", 0)
+    with pytest.raises(ConfigError, match="not a run of the bundled trainer") as e:
+        baseline_from_run(tmp_path / "r", tmp_path / "out")
+    assert "\n" not in str(e.value)
+    Run.create(tmp_path / "t", command=["x"], world_size=2, config=TrainConfig().to_dict()).finish(
+        "complete", 0
+    )
+    config, nproc = baseline_from_run(tmp_path / "t", tmp_path / "out")
+    assert nproc == 2 and load_config(config).to_dict() == TrainConfig().to_dict()
+
+
+def finding(id: str, change: dict) -> Finding:
+    return Finding(
+        id=id,
+        title=id,
+        severity="high",
+        evidence={},
+        ranks=[],
+        saving_ms_per_step=1.0,
+        remedy=Remedy(id=id, description=id, change=change),
+    )
+
+
+def test_plan_skips_what_is_set_invalid_or_repeated() -> None:
+    analysis = SimpleNamespace(
+        findings=[
+            finding("a", {"overlap.bucket_cap_mb": 25}),  # tiny-cpu's own value: already set
+            finding("b", {"parallel.tp": 3}),  # cannot run: tp must divide n_heads
+            finding("c", {"kernels.optimizer_impl": "fused"}),
+            finding("d", {"kernels.optimizer_impl": "fused"}),  # the same change again
+            finding("e", {"log_every": 10}),
+            finding("f", {"data.num_workers": 4}),
+            finding("g", {}),  # no config change to try
+        ]
+    )
+    trials = plan(analysis, "tiny-cpu", 2, [], max_trials=2)  # type: ignore[arg-type]
+    by = {t.finding: t for t in trials}
+    assert list(by) == ["a", "b", "c", "e", "f"]
+    assert by["a"].skipped == "already set"
+    assert "does not divide model.n_heads" in by["b"].skipped
+    assert not by["c"].skipped and not by["e"].skipped
+    assert by["f"].skipped == "not tried: --max-trials 2"
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    r = run_perfkit("sweep", "--layout", "tp=3", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "none of the layouts can run" in r.stderr and "Traceback" not in r.stderr
+    r = run_perfkit("sweep", "--layout", "tp", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "is not KEY=VALUE" in r.stderr
+    r = run_perfkit("optimize", "--set", "parallel.tp=3", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not divide model.n_heads" in r.stderr and "Traceback" not in r.stderr
+    r = run_perfkit("optimize", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_measures_layouts_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    r = run_perfkit(
+        "sweep", "--nproc", "2", "--steps", "6", "--repeats", "1", "--layout", "tp=1", "--layout", "pp=2",
+        "--layout", "tp=3", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["schema_version"] == 1 and data["nproc"] == 2
+    by = {c["label"]: c for c in data["candidates"]}
+    assert set(by) == {"dp2", "pp2 1f1b", "tp=3"}
+    assert by["dp2"]["step_ms"] > 0 and by["pp2 1f1b"]["step_ms"] > 0
+    assert min(by["dp2"]["vs_best"], by["pp2 1f1b"]["vs_best"]) == 1.0
+    assert "does not divide model.n_heads" in by["tp=3"]["skipped"] and not by["tp=3"]["runs"]
+    assert "skipped: parallel.tp=3" in r.stdout
+    page = (out / "sweep.html").read_text()
+    assert "plotly-graph-div" in page and "pp2 1f1b" in page
+
+
+def test_optimize_keeps_the_fix_for_a_planted_problem(tmp_path: Path) -> None:
+    """Tiny DDP buckets (10 KB: ~55 all-reduces a step instead of 1) make the bucket finding the
+    top one; its remedy is tried first, measured faster, kept, and gone from the final run."""
+    out = tmp_path / "opt"
+    r = run_perfkit(
+        "optimize", "--nproc", "2", "--set", "overlap.bucket_cap_mb=0.01", "--steps", "10", "--repeats", "1",
+        "--max-trials", "1", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((out / "optimize.json").read_text())
+    first = data["trials"][0]
+    assert first["finding"] == "small_ddp_buckets" and first["change"] == ["overlap.bucket_cap_mb=25"]
+    assert first["kept"] and first["ratio"] < 0.9, first["reason"]
+    assert data["kept"] == ["overlap.bucket_cap_mb=25"] and data["speedup"] > 1.1
+    assert all(t["skipped"] for t in data["trials"][1:])
+    assert "train with: perfkit train --config tiny-cpu --nproc 2 --set overlap.bucket_cap_mb=25" in r.stdout
+    assert "findings gone after: Gradients all-reduced in many tiny buckets" in r.stdout
+    final = Path(data["final_run"])
+    assert (final / "report" / "compare.html").exists() and (final / "report" / "index.html").exists()
+    assert (out / "baseline" / "report" / "index.html").exists()
+    assert "plotly-graph-div" in (out / "optimize.html").read_text()
