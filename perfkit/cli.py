@@ -6,7 +6,9 @@ Errors a user can cause reach them as one line and an exit code, never a traceba
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,39 +40,42 @@ def cli() -> None:
     """
 
 
-_config_options = [
-    click.option(
-        "--config",
-        "config_name",
-        default="tiny-cpu",
-        show_default=True,
-        help="A shipped config (tiny-cpu, gpt2-small-gpu) or a TOML file.",
-    ),
-    click.option(
-        "--set",
-        "overrides",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="Override a config key, e.g. --set parallel.tp=2 (repeatable).",
-    ),
-    click.option(
-        "--nproc",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="Ranks to start on this node (one GPU each on GPU).",
-    ),
-]
+def config_options(nproc_default: int = 1) -> Any:
+    """--config, --set and --nproc, as every command that runs the bundled trainer takes them."""
+    options = [
+        click.option(
+            "--config",
+            "config_name",
+            default="tiny-cpu",
+            show_default=True,
+            help="A shipped config (tiny-cpu, gpt2-small-gpu) or a TOML file.",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override a config key, e.g. --set parallel.tp=2 (repeatable).",
+        ),
+        click.option(
+            "--nproc",
+            type=click.IntRange(min=1),
+            default=nproc_default,
+            show_default=True,
+            help="Ranks to start on this node (one GPU each on GPU).",
+        ),
+    ]
 
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
 
-def config_options(f: Any) -> Any:
-    for option in reversed(_config_options):
-        f = option(f)
-    return f
+    return decorate
 
 
 @cli.command(context_settings=CONTEXT)
-@config_options
+@config_options()
 @click.option(
     "--log-json",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -469,16 +474,19 @@ def _progress(line: str) -> None:
     click.echo(f"perfkit: {line}", err=True)
 
 
+@contextlib.contextmanager
+def _partial_on_interrupt(results: Path) -> Iterator[None]:
+    """Ctrl-C: one line saying where what was measured so far is kept; exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = f"what was measured so far is in {results}" if results.exists() else "nothing was measured yet"
+        click.echo(f"perfkit: interrupted; {kept}", err=True)
+        sys.exit(130)
+
+
 @cli.command(context_settings=CONTEXT)
-@click.option(
-    "--config", "config_name", default="tiny-cpu", show_default=True, help="Shipped config or TOML file."
-)
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable)."
-)
-@click.option(
-    "--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks for every layout."
-)
+@config_options(nproc_default=2)
 @click.option(
     "--layout",
     "layouts",
@@ -511,9 +519,10 @@ def sweep(
     from perfkit.sweep import run_sweep
 
     folder = out or default_run_path("sweep")
-    result = run_sweep(
-        config_name, nproc, [*overrides, f"steps={steps}"], layouts, repeats, folder, progress=_progress
-    )
+    with _partial_on_interrupt(folder / "sweep.json"):
+        result = run_sweep(
+            config_name, nproc, [*overrides, f"steps={steps}"], layouts, repeats, folder, progress=_progress
+        )
     data = result.to_json()
     click.echo(f"perfkit sweep: {config_name} on {nproc} rank(s), {repeats} run(s) each, {steps} steps")
     click.echo(f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'tokens/s':>10} {'vs best':>8}  runs")
@@ -533,13 +542,7 @@ def sweep(
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("run", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--config", "config_name", default="tiny-cpu", show_default=True, help="Shipped config or TOML file."
-)
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable)."
-)
-@click.option("--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks.")
+@config_options(nproc_default=2)
 @click.option(
     "--steps", type=click.IntRange(min=2), default=30, show_default=True, help="Steps per timing run."
 )
@@ -591,19 +594,20 @@ def optimize(
     from perfkit.run import default_run_path, write_json_atomic
 
     folder = out or default_run_path("optimize")
-    opt = run_optimize(
-        config=config_name,
-        nproc=nproc,
-        overrides=overrides,
-        out=folder,
-        run=run,
-        steps=steps,
-        repeats=repeats,
-        min_gain=min_gain / 100,
-        max_trials=max_trials,
-        verify=not no_verify,
-        progress=_progress,
-    )
+    with _partial_on_interrupt(folder / "optimize.json"):
+        opt = run_optimize(
+            config=config_name,
+            nproc=nproc,
+            overrides=overrides,
+            out=folder,
+            run=run,
+            steps=steps,
+            repeats=repeats,
+            min_gain=min_gain / 100,
+            max_trials=max_trials,
+            verify=not no_verify,
+            progress=_progress,
+        )
     data = opt.to_json()
     click.echo(f"perfkit optimize: {len(opt.trials)} remedy(ies) from {opt.baseline_run}")
     for t in data["trials"]:

@@ -67,6 +67,7 @@ class Optimization:
     """The original and the final configuration, measured side by side (when anything was kept)."""
     final_run: Path | None = None
     started: float = field(default_factory=time.time)
+    interrupted: bool = False
 
     @property
     def speedup(self) -> float | None:
@@ -90,6 +91,7 @@ class Optimization:
             "trials": [t.to_json() for t in self.trials],
             "final": [c.to_json() for c in self.final],
             "started": self.started,
+            "interrupted": self.interrupted,
         }
 
 
@@ -198,32 +200,38 @@ def run_optimize(
     opt = Optimization(config, nproc, list(overrides), baseline)
     opt.trials = plan(analysis, config, nproc, overrides, max_trials)
     current = list(overrides)
-    with tempfile.TemporaryDirectory(dir=out) as work:
-        for t in opt.trials:
-            if t.skipped:
-                progress(f"skip {t.remedy} ({' '.join(t.change)}): {t.skipped}")
-                continue
-            if check(config, nproc, [*current, *t.change]):  # clashes with a change kept earlier
-                t.skipped = f"cannot run with the kept changes: {check(config, nproc, [*current, *t.change])}"
-                continue
-            progress(f"trial {t.remedy}: {' '.join(t.change)}")
-            t.base = Candidate("without", _trial_sets(current, steps, config))
-            t.variant = Candidate("with", _trial_sets([*current, *t.change], steps, config))
-            interleave(config, nproc, [t.base, t.variant], repeats, Path(work), progress)
-            t.verdict = judge(t.base, t.variant, min_gain)
-            progress(f"  -> {'KEPT' if t.verdict.keep else 'dropped'}: {t.verdict.reason}")
-            if t.verdict.keep:
-                current += t.change
-                opt.kept += t.change
-        if opt.kept:
-            progress("original against final, side by side")
-            opt.final = [
-                Candidate("original", _trial_sets(list(overrides), steps, config)),
-                Candidate("final", _trial_sets(current, steps, config)),
-            ]
-            interleave(config, nproc, opt.final, repeats, Path(work), progress)
-    if opt.kept and verify:
-        progress("profiling the final configuration")
-        opt.final_run = profile_reference(config, nproc, current, out / "optimized", "optimized").path
-    write_json_atomic(out / "optimize.json", opt.to_json())
+    try:
+        with tempfile.TemporaryDirectory(dir=out) as work:
+            for t in opt.trials:
+                if t.skipped:
+                    progress(f"skip {t.remedy} ({' '.join(t.change)}): {t.skipped}")
+                    continue
+                clash = check(config, nproc, [*current, *t.change])  # with a change kept earlier
+                if clash:
+                    t.skipped = f"cannot run with the kept changes: {clash}"
+                    continue
+                progress(f"trial {t.remedy}: {' '.join(t.change)}")
+                t.base = Candidate("without", _trial_sets(current, steps, config))
+                t.variant = Candidate("with", _trial_sets([*current, *t.change], steps, config))
+                interleave(config, nproc, [t.base, t.variant], repeats, Path(work), progress)
+                t.verdict = judge(t.base, t.variant, min_gain)
+                progress(f"  -> {'KEPT' if t.verdict.keep else 'dropped'}: {t.verdict.reason}")
+                if t.verdict.keep:
+                    current += t.change
+                    opt.kept += t.change
+            if opt.kept:
+                progress("original against final, side by side")
+                opt.final = [
+                    Candidate("original", _trial_sets(list(overrides), steps, config)),
+                    Candidate("final", _trial_sets(current, steps, config)),
+                ]
+                interleave(config, nproc, opt.final, repeats, Path(work), progress)
+        if opt.kept and verify:
+            progress("profiling the final configuration")
+            opt.final_run = profile_reference(config, nproc, current, out / "optimized", "optimized").path
+    except KeyboardInterrupt:
+        opt.interrupted = True  # keep the trials measured so far
+        raise
+    finally:
+        write_json_atomic(out / "optimize.json", opt.to_json())
     return opt

@@ -77,6 +77,7 @@ class Sweep:
     repeats: int
     candidates: list[Candidate] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    interrupted: bool = False
 
     def ranked(self) -> list[Candidate]:
         """Measured layouts, fastest first, then the failed and the skipped."""
@@ -93,6 +94,7 @@ class Sweep:
             "overrides": self.base_overrides,
             "repeats": self.repeats,
             "started": self.started,
+            "interrupted": self.interrupted,
             "candidates": [
                 {**c.to_json(), "vs_best": (c.step_ms / best if c.step_ms and best else None)}
                 for c in self.ranked()
@@ -130,7 +132,12 @@ def run_sweep(
             f"{nproc}: " + "; ".join(f"{c.label}: {c.skipped}" for c in sweep.candidates)
         )
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as work:
-        interleave(config, nproc, sweep.candidates, repeats, Path(work), progress)
-    write_json_atomic(out / "sweep.json", sweep.to_json())
+    try:
+        with tempfile.TemporaryDirectory(dir=out) as work:
+            interleave(config, nproc, sweep.candidates, repeats, Path(work), progress)
+    except KeyboardInterrupt:
+        sweep.interrupted = True  # keep what was measured
+        raise
+    finally:
+        write_json_atomic(out / "sweep.json", sweep.to_json())
     return sweep

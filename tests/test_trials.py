@@ -174,3 +174,29 @@ def test_optimize_keeps_the_fix_for_a_planted_problem(tmp_path: Path) -> None:
     assert (final / "report" / "compare.html").exists() and (final / "report" / "index.html").exists()
     assert (out / "baseline" / "report" / "index.html").exists()
     assert "plotly-graph-div" in (out / "optimize.html").read_text()
+
+
+def test_ctrl_c_keeps_what_a_sweep_measured(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import user_env
+
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "perfkit", "sweep", "--steps", "6", "--repeats", "3", "--layout", "tp=1",
+         "--layout", "pp=2", "--out", str(out)],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=user_env(), start_new_session=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "[1/6]" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("perfkit: interrupted; what was measured so far is in")
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["interrupted"] and sum(len(c["runs"]) for c in data["candidates"]) >= 1
