@@ -610,6 +610,8 @@ def optimize(
         )
     data = opt.to_json()
     click.echo(f"perfkit optimize: {len(opt.trials)} remedy(ies) from {opt.baseline_run}")
+    if not opt.trials:
+        click.echo("  no finding of the baseline has a config change to try")
     for t in data["trials"]:
         verdict = "KEPT   " if t["kept"] else ("skipped" if t["skipped"] else "dropped")
         click.echo(f"  {verdict} {' '.join(t['change']):<44} {t['reason']}")
