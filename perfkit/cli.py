@@ -398,6 +398,10 @@ def _analysis_summary(result: Any, target: Path) -> str:
         )
         lines.append(f"      fix: {f.remedy.description}" + (f"  ({change})" if change else ""))
     lines.append(f"wrote {target}")
+    if m.get("config") and any(f.remedy.change for f in result.findings):  # a run of the bundled trainer
+        lines.append(
+            f"next: perfkit optimize {result.source}  (tries these fixes, keeps what measurably helps)"
+        )
     return "\n".join(lines)
 
 

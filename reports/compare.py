@@ -4,12 +4,11 @@ step time regressed past a threshold (so a CI job can fail on it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from perfkit.analyzers.analyze import Analysis
+from perfkit.reports.html import page_template
 
 from perfkit.run import write_atomic
 
@@ -68,10 +67,7 @@ def compare(a: Analysis, b: Analysis) -> Comparison:
 
 
 def render(c: Comparison) -> str:
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    template = env.from_string(
-        (resources.files("perfkit.reports") / "templates" / "compare.html").read_text()
-    )
+    template = page_template("compare.html")
     return template.render(c=c, a_name=str(c.a.source), b_name=str(c.b.source), fmt=_fmt)
 
 

@@ -20,6 +20,20 @@ from plotly.offline import get_plotlyjs
 from perfkit.run import write_atomic
 
 
+def _read_template(name: str) -> str:
+    return (resources.files("perfkit.reports") / "templates" / name).read_text()
+
+
+# Every page's template (they share templates/base.css); autoescape on, an undefined name an error.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FunctionLoader(_read_template), autoescape=True, undefined=jinja2.StrictUndefined
+)
+
+
+def page_template(name: str) -> jinja2.Template:
+    return _TEMPLATES.get_template(name)
+
+
 @dataclass
 class Section:
     id: str
@@ -226,10 +240,7 @@ def render(analysis: Analysis) -> str:
             "a bare trace carries no run configuration",
         ),
     ]
-    env_j2 = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    template = env_j2.from_string(
-        (resources.files("perfkit.reports") / "templates" / "index.html").read_text()
-    )
+    template = page_template("index.html")
     return template.render(
         name=name,
         command=" ".join(map(str, run.get("command", []))) or str(analysis.source),

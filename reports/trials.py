@@ -4,13 +4,12 @@ again from the file alone. Self-contained like the run report (plotly.js inlined
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from markupsafe import Markup
 from perfkit.reports import figures
+from perfkit.reports.html import page_template
 from plotly.offline import get_plotlyjs
 
 from perfkit.run import write_atomic
@@ -38,8 +37,7 @@ def render(data: dict[str, Any]) -> str:
         rows += [{**c, "label": f"all kept: {c['label']}"} for c in data.get("final", [])]
         title = f"perfkit optimize: {Path(data['config']).name} on {data['nproc']} rank(s)"
         chart = figures.trial_runs(rows, "Each trial: without and with the change (each dot one run)")
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    template = env.from_string((resources.files("perfkit.reports") / "templates" / "trials.html").read_text())
+    template = page_template("trials.html")
     return template.render(
         d=data,
         title=title,
