@@ -529,12 +529,15 @@ def sweep(
         )
     data = result.to_json()
     click.echo(f"perfkit sweep: {config_name} on {nproc} rank(s), {repeats} run(s) each, {steps} steps")
-    click.echo(f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'tokens/s':>10} {'vs best':>8}  runs")
+    click.echo(
+        f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'tokens/s':>10} {'vs best':>8} {'peak MiB':>9}  runs"
+    )
     for i, c in enumerate(data["candidates"], 1):
         if c["step_ms"]:
             runs = ", ".join(f"{r['step_ms']:.1f}" if r["ok"] else "failed" for r in c["runs"])
+            mem = f"{c['peak_memory_bytes'] / 2**20:>9,.0f}" if c["peak_memory_bytes"] else f"{'–':>9}"
             click.echo(
-                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} {c['vs_best']:>7.2f}x  {runs}"
+                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} {c['vs_best']:>7.2f}x {mem}  {runs}"
             )
         else:
             why = f"skipped: {c['skipped']}" if c["skipped"] else f"failed: {c['runs'][-1]['error']}"

@@ -40,6 +40,8 @@ class Measurement:
     """The last logged loss (every configuration runs the same steps on the same data)."""
     mfu: float | None = None
     """Model FLOPs utilization over the same steps (GPU runs only)."""
+    peak_memory_bytes: int | None = None
+    """Of the busiest rank: CUDA's max allocated on GPU, the process's peak RSS on CPU."""
     error: str = ""
 
 
@@ -73,6 +75,11 @@ class Candidate:
         return statistics.median(good) if good else None
 
     @property
+    def peak_memory_bytes(self) -> int | None:
+        good = [r.peak_memory_bytes for r in self.runs if r.ok and r.peak_memory_bytes]
+        return max(good) if good else None
+
+    @property
     def loss(self) -> float | None:
         good = [r.loss for r in self.runs if r.ok and r.loss is not None]
         return statistics.median(good) if good else None
@@ -84,6 +91,7 @@ class Candidate:
             "tokens_per_s": self.tokens_per_s,
             "loss": self.loss,
             "mfu": self.mfu,
+            "peak_memory_bytes": self.peak_memory_bytes,
         }
 
 
@@ -174,6 +182,7 @@ def measure(config: str, nproc: int, overrides: Sequence[str], workdir: Path) ->
         loss=float(loss) if isinstance(loss, int | float) else None,
         # MFU is inversely proportional to the step time: rescale the last record's to the window's
         mfu=mfu * last["step_time_s"] / figures[0] if isinstance(mfu, int | float) else None,
+        peak_memory_bytes=last.get("peak_memory_bytes"),
     )
 
 

@@ -146,6 +146,7 @@ def test_sweep_measures_layouts_side_by_side(tmp_path: Path) -> None:
     by = {c["label"]: c for c in data["candidates"]}
     assert set(by) == {"dp2", "pp2 1f1b", "tp=3"}
     assert by["dp2"]["step_ms"] > 0 and by["pp2 1f1b"]["step_ms"] > 0
+    assert by["dp2"]["peak_memory_bytes"] > 100 << 20  # the peak RSS of a torch process
     assert min(by["dp2"]["vs_best"], by["pp2 1f1b"]["vs_best"]) == 1.0
     assert "does not divide model.n_heads" in by["tp=3"]["skipped"] and not by["tp=3"]["runs"]
     assert "skipped: parallel.tp=3" in r.stdout

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import socket
 import sys
 import time
@@ -123,6 +124,25 @@ def _global_loss(par: Parallelized, loss: torch.Tensor | None, device: torch.dev
     return t.item()
 
 
+def _final_loss_and_memory(
+    par: Parallelized, loss: torch.Tensor | None, device: torch.device
+) -> tuple[float, int]:
+    """The last step's global loss and the peak memory of the busiest rank (CUDA's max allocated
+    on GPU, the process's peak RSS on CPU), in the same single all-reduce (float64: bytes stay
+    exact): each rank adds its peak in its own slot."""
+    if device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(device)
+    else:
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    t = torch.zeros(1 + dist.get_world_size(), dtype=torch.float64, device=device)
+    if loss is not None and par.mesh.get_local_rank("tp") == 0:
+        t[0] += loss.double() / par.layout.dp
+    t[1 + dist.get_rank()] = float(mine)
+    dist.all_reduce(t)
+    values = t.tolist()
+    return values[0], int(max(values[1:]))
+
+
 def train(cfg: TrainConfig, log_json: Path | None = None, out: IO[str] = sys.stdout) -> list[dict[str, Any]]:
     """Run the configured training in this process (one rank). Returns rank 0's log records."""
     _standalone_env()
@@ -232,7 +252,11 @@ def _train(
                 with phase("checkpoint"):
                     ckpt.save(done)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                value = _global_loss(par, loss, device)  # syncs the device, so the clock below is true
+                peak_memory = None
+                if done == cfg.steps:
+                    value, peak_memory = _final_loss_and_memory(par, loss, device)
+                else:
+                    value = _global_loss(par, loss, device)  # syncs the device, so the clock below is true
                 now = time.perf_counter()
                 step_time = (now - t_last) / (done - step_last)
                 t_last, step_last = now, done
@@ -247,6 +271,8 @@ def _train(
                 }
                 if peak:
                     rec["mfu"] = flops_step / step_time / (peak * 1e12)
+                if peak_memory is not None:
+                    rec["peak_memory_bytes"] = peak_memory
                 if rank == 0:
                     records.append(rec)
                     print(
@@ -273,5 +299,8 @@ def _train(
         line = f"done: {cfg.steps} steps, median {median * 1e3:.1f} ms/step, {tokens_per_step / median:.0f} tok/s"
         if peak:
             line += f", MFU {flops_step / median / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s"
+        if "peak_memory_bytes" in records[-1]:
+            what = "max allocated" if device.type == "cuda" else "peak RSS"
+            line += f", {what} {records[-1]['peak_memory_bytes'] / 2**20:,.0f} MiB (busiest rank)"
         print(line, file=out, flush=True)
     return records
