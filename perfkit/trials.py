@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -135,14 +136,22 @@ def step_figures(records: list[dict[str, Any]], warmup: int = WARMUP) -> tuple[f
     return seconds / steps, tokens / seconds
 
 
+_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:)?\s*([\w.]*(?:Error|Exception)|error): (.+)")
+
+
 def _last_error(text: str) -> str:
-    """The line of a failed run's output that says what went wrong."""
+    """The line of a failed run's output that says what went wrong: the last exception a rank
+    raised (or the trainer's own ``error:`` line), else the root cause torchrun reports (a rank
+    killed by a signal), else the last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ln.lower().startswith(("error", "runtimeerror", "torch.", "valueerror", "assertionerror")) or (
-            "Error:" in ln and not ln.startswith("File ")
-        ):
-            return ln[:300]
+    raised = [m for ln in lines if (m := _EXCEPTION.match(ln)) and "ChildFailedError" not in m.group(1)]
+    if raised:
+        return f"{raised[-1].group(1)}: {raised[-1].group(2)}"[:300]
+    if "Root Cause (first observed failure):" in lines:
+        cause = lines[lines.index("Root Cause (first observed failure):") :]
+        rank = next((ln.split(":", 1)[1].strip() for ln in cause if ln.startswith("rank ")), "?")
+        code = next((ln.split(":", 1)[1].strip() for ln in cause if ln.startswith("exitcode ")), "?")
+        return f"rank {rank} ended with exit code {code}"[:300]
     return (lines[-1] if lines else "no output")[:300]
 
 

@@ -201,3 +201,27 @@ def test_ctrl_c_keeps_what_a_sweep_measured(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1].startswith("perfkit: interrupted; what was measured so far is in")
     data = json.loads((out / "sweep.json").read_text())
     assert data["interrupted"] and sum(len(c["runs"]) for c in data["candidates"]) >= 1
+
+
+ROOT_CAUSE = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 11885)  (SIGKILL)
+  traceback : Signal 9 (SIGKILL) received by PID 11885
+"""
+
+
+@pytest.mark.parametrize(
+    ("output", "line"),
+    [
+        ("Traceback:\n  File x\n[rank1]: torch.OutOfMemoryError: CUDA out of memory\nChildFailedError: x", "torch.OutOfMemoryError: CUDA out of memory"),
+        ("error: model.n_heads=5 does not divide model.d_model=48\n", "error: model.n_heads=5 does not divide model.d_model=48"),
+        (ROOT_CAUSE, "rank 1 (local_rank: 1) ended with exit code -9 (pid: 11885)  (SIGKILL)"),
+        ("", "no output"),
+    ],
+)  # fmt: skip
+def test_a_failed_run_is_told_by_its_cause(output: str, line: str) -> None:
+    from perfkit.trials import _last_error
+
+    assert _last_error(output) == line
