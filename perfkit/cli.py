@@ -536,8 +536,9 @@ def sweep(
         if c["step_ms"]:
             runs = ", ".join(f"{r['step_ms']:.1f}" if r["ok"] else "failed" for r in c["runs"])
             mem = f"{c['peak_memory_bytes'] / 2**20:>9,.0f}" if c["peak_memory_bytes"] else f"{'–':>9}"
+            mfu = f"  MFU {c['mfu']:.1%}" if c["mfu"] is not None else ""
             click.echo(
-                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} {c['vs_best']:>7.2f}x {mem}  {runs}"
+                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} {c['vs_best']:>7.2f}x {mem}  {runs}{mfu}"
             )
         else:
             why = f"skipped: {c['skipped']}" if c["skipped"] else f"failed: {c['runs'][-1]['error']}"
