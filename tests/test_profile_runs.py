@@ -98,6 +98,7 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
     [
         ("fsdp", ["parallel.zero=3"]),
         ("tp", ["parallel.tp=2"]),
+        ("tp-sp", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
         ("pp", ["parallel.pp=2", "parallel.microbatches=2"]),
     ],
 )
@@ -127,6 +128,10 @@ def test_layout_collective_counts(tmp_path: Path, name: str, sets: list[str]) ->
         # Row-wise o and fc2 all-reduce in forward: 2 per block, 4 blocks, at least.
         funcol = comms0[(comms0["source"] == "funcol") & (comms0["step"] == 2)]
         assert len(funcol) >= 8
+    elif name == "tp-sp":
+        # Sequence parallel: o and fc2 reduce-scatter (forward) and the gathers before attention
+        # and MLP turn into reduce-scatters in backward: 4 per block; all-gathers likewise.
+        assert c["reduce_scatter"] >= 16 and c["all_gather"] >= 16
     else:
         # 1F1B, 2 microbatches: stage 0 sends 2 activations and receives 2 gradients.
         assert c["send"] == 2 and c["recv"] == 2

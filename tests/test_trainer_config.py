@@ -74,6 +74,16 @@ INVALID = [
         "parallel.microbatches=1 is fewer than the 2 pipeline stages",
     ),
     (2, ["parallel.zero=1", "parallel.tp=2"], "parallel.zero=1 (ZeroRedundancyOptimizer) cannot shard"),
+    (
+        1,
+        ["parallel.sequence_parallel=true"],
+        "parallel.sequence_parallel=true shards over the tensor-parallel",
+    ),
+    (
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=63"],
+        "parallel.sequence_parallel needs model.seq_len=63 divisible by parallel.tp=2",
+    ),
     (2, ["parallel.zero=4"], "parallel.zero=4 is not a ZeRO stage"),
     (2, ["parallel.pp=2", "model.tie_embeddings=true"], "set model.tie_embeddings=false"),
     (2, ["parallel.pp=2", "data.grad_accum=2"], "use parallel.microbatches"),

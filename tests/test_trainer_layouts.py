@@ -51,6 +51,7 @@ LAYOUTS = {
     "fsdp-zero2": (2, ["parallel.zero=2"]),
     "fsdp-zero3": (2, ["parallel.zero=3"]),
     "tp2": (2, ["parallel.tp=2"]),
+    "tp2-sequence-parallel": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2-gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
     "pp2-1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=4"]),
     "dp2-accum": (2, ["data.grad_accum=2"]),
@@ -58,6 +59,7 @@ LAYOUTS = {
     "fsdp2xtp2": (4, ["parallel.tp=2", "parallel.zero=2"]),
     "dp2xpp2": (4, ["parallel.pp=2"]),
     "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
+    "pp2xtp2-sequence-parallel": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
 }
 
 

@@ -55,6 +55,9 @@ class ParallelConfig:
     """Pipeline schedule: gpipe, 1f1b, or interleaved-1f1b (two stages per rank)."""
     microbatches: int = 0
     """Pipeline microbatches per step; 0 means one per pipeline stage."""
+    sequence_parallel: bool = False
+    """With tp > 1: the norms and the residual stream between blocks are sharded along the
+    sequence (Megatron's sequence parallelism): all-gather + reduce-scatter instead of all-reduce."""
 
 
 @dataclass(kw_only=True)
@@ -404,6 +407,14 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
             )
     else:
         microbatches = d.grad_accum
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel=true shards over the tensor-parallel ranks; set parallel.tp>1"
+        )
+    if p.sequence_parallel and m.seq_len % p.tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel needs model.seq_len={m.seq_len} divisible by parallel.tp={p.tp}"
+        )
     if p.zero == 1 and p.tp > 1:
         raise ConfigError(
             "parallel.zero=1 (ZeroRedundancyOptimizer) cannot shard tensor-parallel DTensors; use parallel.zero=2 or 3 with tp"

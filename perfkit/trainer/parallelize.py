@@ -27,8 +27,16 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 from torch.distributed.pipelining.stage import _PipelineStageBase
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from perfkit.trainer.config import Layout, TrainConfig
@@ -68,8 +76,8 @@ def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
-def _tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
-    plan = {
+def _tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    plan: dict[str, ParallelStyle] = {
         "attn.q": ColwiseParallel(),
         "attn.k": ColwiseParallel(),
         "attn.v": ColwiseParallel(),
@@ -77,8 +85,33 @@ def _tensor_parallel(model: GPT, tp_mesh: DeviceMesh) -> None:
         "mlp.fc1": ColwiseParallel(),
         "mlp.fc2": RowwiseParallel(),
     }
+    if sequence_parallel:
+        # Between blocks and through the norms the residual stream is sharded along the sequence;
+        # attention and MLP gather it (all-gather) and their row-wise outputs reduce-scatter back.
+        gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        plan |= {
+            "ln1": SequenceParallel(),
+            "attn": gather,
+            "attn.o": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "ln2": SequenceParallel(),
+            "mlp": gather,
+            "mlp.fc2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        }
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, plan)
+
+
+def _sequence_parallel_ends(part: GPT, tp_mesh: DeviceMesh) -> None:
+    """Around a run of sequence-parallel blocks (a model, or one pipeline stage): the first block
+    takes its slice of the full hidden states (no communication), the last gathers them back, so
+    embeddings, the final norm, the head and stage-to-stage sends see plain full tensors."""
+    blocks = list(part.layers.values())
+    shard = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),))
+    gather = PrepareModuleOutput(
+        output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),), use_local_output=True
+    )
+    parallelize_module(blocks[0], tp_mesh, shard)
+    parallelize_module(blocks[-1], tp_mesh, gather)
 
 
 def _stage_ids(layout: Layout, pp_rank: int) -> list[int]:
@@ -158,8 +191,11 @@ def parallelize(
     model: GPT, cfg: TrainConfig, layout: Layout, mesh: DeviceMesh, device: torch.device
 ) -> Parallelized:
     """Shard ``model`` (built identically on every rank) over ``mesh`` as the config says."""
+    sequence_parallel = layout.tp > 1 and cfg.parallel.sequence_parallel
     if layout.tp > 1:
-        _tensor_parallel(model, mesh["tp"])
+        _tensor_parallel(model, mesh["tp"], sequence_parallel)
+    if sequence_parallel and layout.pp == 1:
+        _sequence_parallel_ends(model, mesh["tp"])
     if cfg.kernels.compile:
         for block in model.layers.values():
             block.compile()
@@ -184,7 +220,10 @@ def parallelize(
         # DDP cannot wrap a pipeline stage: its forward arms the reducer for every microbatch while
         # the schedule only skips the sync in backward (reducer.cpp asserts). Without FSDP the
         # stage's gradients are all-reduced after the schedule step instead (reduce_gradients).
-        part = _data_parallel(_split_stage(model, sid, layout.n_stages), cfg, mesh["dp"], device, ddp=False)
+        split = _split_stage(model, sid, layout.n_stages)
+        if sequence_parallel:
+            _sequence_parallel_ends(split, mesh["tp"])
+        part = _data_parallel(split, cfg, mesh["dp"], device, ddp=False)
         parts.append(part)
         stages.append(PipelineStage(part, sid, layout.n_stages, device, group=mesh["pp"].get_group()))
     schedule: PipelineScheduleSingle | PipelineScheduleMulti
