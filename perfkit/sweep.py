@@ -64,6 +64,8 @@ def label(config: str, nproc: int, overrides: Sequence[str], spec: str) -> str:
     parts = [f"{k}{v}" for k, v in (("pp", lay.pp), ("dp", lay.dp), ("tp", lay.tp)) if v > 1] or ["1 rank"]
     if cfg.parallel.zero:
         parts.append(f"zero{cfg.parallel.zero}")
+    if cfg.parallel.sequence_parallel:
+        parts.append("sp")
     if lay.pp > 1:
         parts.append(cfg.parallel.pp_schedule)
     return " ".join(parts + extra)

@@ -70,6 +70,8 @@ def test_layouts() -> None:
     assert len(specs) == 8 and "pp=1,tp=1,zero=3" in specs and "pp=4,tp=1" in specs
     labels = {label("tiny-cpu", 4, parse_layout(s), s) for s in specs}
     assert {"dp4", "dp4 zero3", "dp2 tp2", "tp4", "pp2 dp2 1f1b", "pp4 1f1b"} <= labels
+    sp = "tp=2,sequence_parallel=true"
+    assert label("tiny-cpu", 2, parse_layout(sp), sp) == "tp2 sp"
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 from torch.distributed.pipelining.stage import _PipelineStageBase
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -278,6 +278,24 @@ def reduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup) -> No
 
 
 @torch.no_grad()
+def _reduce_partial_gradients(params: list[nn.Parameter]) -> None:
+    """Sum, in one all-reduce per mesh, the gradients DTensor leaves pending a sum over ranks
+    (Partial: a replicated weight applied to a sequence-sharded input, as sequence parallelism's
+    norms and row-wise biases). Left pending, each is all-reduced again every time it is read: by
+    the norm below and twice by AdamW (65 all-reduces a step instead of 1 for tiny-cpu's TP2+SP)."""
+    by_mesh: dict[DeviceMesh, list[nn.Parameter]] = {}
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and g.device_mesh.ndim == 1 and g.placements == (Partial("sum"),):
+            by_mesh.setdefault(g.device_mesh, []).append(p)
+    for mesh, group in by_mesh.items():
+        local = [p.grad.to_local() for p in group]  # type: ignore[union-attr]
+        flat = torch.cat([t.reshape(-1) for t in local])
+        dist.all_reduce(flat, group=mesh.get_group())
+        for p, t, piece in zip(group, local, flat.split([t.numel() for t in local]), strict=True):
+            p.grad = DTensor.from_local(piece.view(t.shape), mesh, [Replicate()], run_check=False)
+
+
 def clip_grad_norm_(
     params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None
 ) -> torch.Tensor:
@@ -286,6 +304,7 @@ def clip_grad_norm_(
     ``torch.nn.utils.clip_grad_norm_`` refuses to mix Tensors and DTensors (TP leaves norms and
     embeddings plain) and does not know about pipeline stages: take the norm per mesh, reduce each
     DTensor norm with ``full_tensor()``, sum the squares over pipeline ranks, then scale."""
+    _reduce_partial_gradients(params)
     grads = [p.grad for p in params if p.grad is not None]
     by_mesh: dict[object, list[torch.Tensor]] = {}
     for g in grads:
