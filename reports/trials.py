@@ -4,6 +4,7 @@ again from the file alone. Self-contained like the run report (plotly.js inlined
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ def _fmt(v: float | None, spec: str = ",.1f") -> str:
     return "–" if v is None else format(v, spec)
 
 
-def render(data: dict[str, Any]) -> str:
-    """The page for a sweep.json or optimize.json document."""
+def render(data: dict[str, Any], page: Path | None = None) -> str:
+    """The page for a sweep.json or optimize.json document (``page``: where it will be written, to
+    link the runs' reports relative to it)."""
     if data.get("kind") == "sweep":
         rows = data["candidates"]
         title = f"perfkit sweep: {data['config']} on {data['nproc']} rank(s)"
@@ -37,9 +39,14 @@ def render(data: dict[str, Any]) -> str:
         rows += [{**c, "label": f"all kept: {c['label']}"} for c in data.get("final", [])]
         title = f"perfkit optimize: {Path(data['config']).name} on {data['nproc']} rank(s)"
         chart = figures.trial_runs(rows, "Each trial: without and with the change (each dot one run)")
+    links: dict[str, str] = {}
+    for key, run in (("baseline", data.get("baseline_run")), ("final", data.get("final_run"))):
+        if run and page is not None:
+            links[key] = os.path.relpath(Path(run) / "report", page.resolve().parent)
     template = page_template("trials.html")
     return template.render(
         d=data,
+        links=links,
         title=title,
         chart=Markup(figures.html(chart)) if chart is not None else None,
         fmt=_fmt,
@@ -48,4 +55,4 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write(data: dict[str, Any], out: Path) -> Path:
-    return write_atomic(out, render(data).encode())
+    return write_atomic(out, render(data, out).encode())

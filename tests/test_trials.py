@@ -176,7 +176,8 @@ def test_optimize_keeps_the_fix_for_a_planted_problem(tmp_path: Path) -> None:
     final = Path(data["final_run"])
     assert (final / "report" / "compare.html").exists() and (final / "report" / "index.html").exists()
     assert (out / "baseline" / "report" / "index.html").exists()
-    assert "plotly-graph-div" in (out / "optimize.html").read_text()
+    page = (out / "optimize.html").read_text()
+    assert "plotly-graph-div" in page and 'href="optimized/report/compare.html"' in page
 
 
 def test_ctrl_c_keeps_what_a_sweep_measured(tmp_path: Path) -> None:
