@@ -396,18 +396,29 @@ def run_rules(metrics: dict[str, Any]) -> list[Finding]:
         )
     mem = metrics.get("memory", {})
     if mem.get("alloc_retries", 0) > 0 or mem.get("ooms", 0) > 0:
+        parallel = metrics.get("config", {}).get("parallel", {})
+        if parallel.get("tp", 1) > 1 and not parallel.get("sequence_parallel"):
+            # Sharding the norms' and residual activations over the TP ranks costs no recompute.
+            remedy = Remedy(
+                id="sequence_parallel",
+                description="Sequence parallelism: shard the activations outside attention and MLP "
+                "over the tensor-parallel ranks (then activation checkpointing if still short).",
+                change={"parallel.sequence_parallel": True},
+            )
+        else:
+            remedy = Remedy(
+                id="memory",
+                description="Activation checkpointing, smaller micro-batch, or "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.",
+                change={"kernels.activation_checkpointing": True},
+            )
         add(
             "memory_pressure",
             "The CUDA allocator ran out of free blocks (retries / OOM)",
             0.05 * step_ms,
             {k: mem.get(k) for k in ("alloc_retries", "ooms", "fragmentation", "peak_allocated_bytes")},
             [],
-            Remedy(
-                id="memory",
-                description="Activation checkpointing, smaller micro-batch, or "
-                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.",
-                change={"kernels.activation_checkpointing": True},
-            ),
+            remedy,
         )
     tp = metrics.get("throughput", {})
     if tp.get("mfu") is not None and tp["mfu"] < 0.30:

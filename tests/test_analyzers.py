@@ -287,3 +287,26 @@ def test_analysis_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("parallel", "remedy", "change"),
+    [
+        ({"tp": 2, "sequence_parallel": False}, "sequence_parallel", {"parallel.sequence_parallel": True}),
+        ({"tp": 2, "sequence_parallel": True}, "memory", {"kernels.activation_checkpointing": True}),
+        ({"tp": 1}, "memory", {"kernels.activation_checkpointing": True}),
+    ],
+)
+def test_memory_pressure_remedy_fits_the_layout(parallel: dict, remedy: str, change: dict) -> None:
+    """With tensor parallelism and no sequence parallelism, sharding activations comes before
+    recomputing them; and no finding's saving passes the step time."""
+    from perfkit.analyzers.findings import run_rules
+
+    metrics = {
+        "steps": {"step_time_ms": 100.0},
+        "memory": {"alloc_retries": 3, "ooms": 0},
+        "config": {"parallel": parallel},
+    }
+    (f,) = [f for f in run_rules(metrics) if f.id == "memory_pressure"]
+    assert f.remedy.id == remedy and f.remedy.change == change
+    assert all(f.saving_ms_per_step <= 100.0 for f in run_rules(metrics))
