@@ -164,53 +164,36 @@ def profile(
     command: tuple[str, ...],
 ) -> None:
     from perfkit.collectors.base import parse_collect
-    from perfkit.profile import ProfileRequest, parse_window
+    from perfkit.profile import ProfileRequest, parse_window, reference_request
     from perfkit.run import default_run_path
 
     argv = list(command) or ["reference"]
-    config: dict[str, Any] = {}
-    world = 1
+    options: dict[str, Any] = {
+        "collect": parse_collect(collect),
+        "profile_steps": None if profile_steps == "none" else parse_window(profile_steps, "--profile-steps"),
+        "nvml_hz": nvml_hz,
+        "memory_history": parse_window(memory_history, "--memory-history"),
+        "memory_history_entries": memory_history_entries,
+    }
     if argv[0] == "reference":
-        argv, config, cfg_name = _reference_command(argv[1:], nproc, out)
-        world = nproc
-        name = name or cfg_name
+        config_name, overrides = _reference_args(argv[1:])
+        name = name or Path(config_name).stem
+        req = reference_request(config_name, overrides, nproc, out or default_run_path(name), name, **options)
     else:
         name = name or Path(next((a for a in argv if a.endswith(".py")), argv[0])).stem
-    req = ProfileRequest(
-        command=argv,
-        out=out or default_run_path(name),
-        collect=parse_collect(collect),
-        profile_steps=None if profile_steps == "none" else parse_window(profile_steps, "--profile-steps"),
-        nvml_hz=nvml_hz,
-        memory_history=parse_window(memory_history, "--memory-history"),
-        memory_history_entries=memory_history_entries,
-        world_size=world,
-        config=config,
-        name=name,
-    )
-    if argv and argv[0] == sys.executable and "perfkit.trainer" in argv:
-        req.command[-1] = str(req.out / "train_log.jsonl")  # the trainer's own log, in the run
+        req = ProfileRequest(command=argv, out=out or default_run_path(name), name=name, **options)
     rc = _run_and_summarize(req, next_step=not with_report)
     if with_report:
         _analyze_and_report(req.out)
     sys.exit(rc)
 
 
-def _reference_command(
-    args: list[str], nproc: int, out: Path | None
-) -> tuple[list[str], dict[str, Any], str]:
-    """The bundled trainer's argv (checked before any process starts), its config and name."""
-    from perfkit.launch import check_devices, trainer_command
+def _reference_args(args: list[str]) -> tuple[str, tuple[str, ...]]:
+    """--config and --set of ``perfkit profile -- reference ...``, read as the trainer reads them."""
     from perfkit.trainer.cli import main as trainer_main
-    from perfkit.trainer.config import load_config, resolve_layout
 
     with trainer_main.make_context("reference", list(args)) as ctx:
-        params = ctx.params
-    cfg = load_config(params["config_name"], params["overrides"])
-    resolve_layout(cfg, nproc)
-    check_devices(cfg, nproc)
-    argv = trainer_command(nproc, params["config_name"], params["overrides"], Path("train_log.jsonl"))
-    return argv, cfg.to_dict(), Path(params["config_name"]).stem
+        return ctx.params["config_name"], ctx.params["overrides"]
 
 
 def _run_and_summarize(req: Any, next_step: bool = True) -> int:
@@ -264,25 +247,11 @@ def _run_and_summarize(req: Any, next_step: bool = True) -> int:
 def demo(out: Path | None, nproc: int) -> None:
     """The main job on its embedded default: profile the bundled trainer (tiny-cpu) on NPROC CPU
     ranks with every collector, and print where everything is."""
-    from perfkit.collectors.base import parse_collect
-    from perfkit.profile import ProfileRequest
+    from perfkit.profile import reference_request
     from perfkit.run import default_run_path
 
-    argv, config, _ = _reference_command([], nproc, out)
     target = out or default_run_path("demo")
-    argv[-1] = str(target / "train_log.jsonl")
-    req = ProfileRequest(
-        command=argv,
-        out=target,
-        collect=parse_collect("all"),
-        profile_steps=(5, 7),
-        nvml_hz=10.0,
-        memory_history=None,
-        memory_history_entries=100_000,
-        world_size=nproc,
-        config=config,
-        name="demo",
-    )
+    req = reference_request("tiny-cpu", [], nproc, target, "demo")
     rc = _run_and_summarize(req, next_step=False)
     _analyze_and_report(target)
     sys.exit(rc)
@@ -632,7 +601,7 @@ def optimize(
     else:
         click.echo("nothing measurably helped; the configuration stays as it was")
     if opt.final_run is not None:
-        before, after = run_analysis(opt.baseline_run), run_analysis(opt.final_run)
+        before, after = opt.baseline_analysis or run_analysis(opt.baseline_run), run_analysis(opt.final_run)
         for result, path in ((before, opt.baseline_run), (after, opt.final_run)):
             if path.is_relative_to(folder):  # a run given by the user is left as it is
                 write_json_atomic(path / "analysis.json", result.to_json())

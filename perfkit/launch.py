@@ -58,12 +58,17 @@ def trainer_command(
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
+def trainer_env(nproc: int) -> dict[str, str]:
+    """This process's environment for ``nproc`` trainer ranks: torchrun would set 1 thread per rank
+    and print a banner about it; share the cores instead (unless the user chose)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
 def run_command(argv: list[str], nproc: int) -> int:
     """Run argv to its end and return its exit code; Ctrl-C is passed on and waited for."""
-    env = dict(os.environ)
-    # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(argv, env=env)
+    proc = subprocess.Popen(argv, env=trainer_env(nproc))
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class Optimization:
     final_run: Path | None = None
     started: float = field(default_factory=time.time)
     interrupted: bool = False
+    baseline_analysis: Analysis | None = field(default=None, repr=False)
+    """The analysis the trials came from (kept for the final comparison; not in the JSON)."""
 
     @property
     def speedup(self) -> float | None:
@@ -112,37 +115,22 @@ def baseline_from_run(run_path: Path, out: Path) -> tuple[str, int]:
 
 def profile_reference(config: str, nproc: int, overrides: Sequence[str], out: Path, name: str) -> Run:
     """A profiled run of the trainer (every collector, the default kernel window) into ``out``."""
-    from perfkit.collectors.base import parse_collect
-    from perfkit.launch import trainer_command
-    from perfkit.profile import ProfileRequest, run_profile
+    from perfkit.profile import reference_request, run_profile
 
-    cfg = load_config(config, list(overrides))
-    req = ProfileRequest(
-        command=trainer_command(nproc, config, list(overrides), out / "train_log.jsonl"),
-        out=out,
-        collect=parse_collect("all"),
-        profile_steps=(5, 7) if cfg.steps >= 7 else None,
-        nvml_hz=10.0,
-        memory_history=None,
-        memory_history_entries=100_000,
-        world_size=nproc,
-        config=cfg.to_dict(),
-        name=name,
-    )
-    run, rc = run_profile(req)
+    run, rc = run_profile(reference_request(config, overrides, nproc, out, name))
     if rc != 0:
         raise RunDirError(f"the profiled run in {out} failed (exit code {rc}); see its output above")
     return run
 
 
-def _trial_sets(cfg_sets: list[str], steps: int | None, config: str) -> list[str]:
-    """Overrides for a timing run: the steps asked for, and checkpoints (if any) in a scratch
-    folder, never resumed (every run must train the same steps from scratch)."""
+def _trial_sets(cfg_sets: list[str], steps: int | None, config: str, scratch: Path) -> list[str]:
+    """Overrides for a timing run: the steps asked for, and checkpoints (if any) in a folder of
+    ``scratch``, never resumed (every run must train the same steps from scratch)."""
     out = list(cfg_sets)
     if steps:
         out.append(f"steps={steps}")
     if load_config(config, out).checkpoint.dir:
-        out += [f"checkpoint.dir={tempfile.mkdtemp(prefix='perfkit-trial-ckpt-')}", "checkpoint.resume=false"]
+        out += [f"checkpoint.dir={scratch / f'ckpt-{uuid.uuid4().hex[:8]}'}", "checkpoint.resume=false"]
     return out
 
 
@@ -197,11 +185,12 @@ def run_optimize(
         progress("profiling the baseline")
         baseline = profile_reference(config, nproc, overrides, out / "baseline", "baseline").path
     analysis = analyze(baseline)
-    opt = Optimization(config, nproc, list(overrides), baseline)
+    opt = Optimization(config, nproc, list(overrides), baseline, baseline_analysis=analysis)
     opt.trials = plan(analysis, config, nproc, overrides, max_trials)
     current = list(overrides)
     try:
-        with tempfile.TemporaryDirectory(dir=out) as work:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            work = Path(tmp)
             for t in opt.trials:
                 if t.skipped:
                     progress(f"skip {t.remedy} ({' '.join(t.change)}): {t.skipped}")
@@ -211,9 +200,9 @@ def run_optimize(
                     t.skipped = f"cannot run with the kept changes: {clash}"
                     continue
                 progress(f"trial {t.remedy}: {' '.join(t.change)}")
-                t.base = Candidate("without", _trial_sets(current, steps, config))
-                t.variant = Candidate("with", _trial_sets([*current, *t.change], steps, config))
-                interleave(config, nproc, [t.base, t.variant], repeats, Path(work), progress)
+                t.base = Candidate("without", _trial_sets(current, steps, config, work))
+                t.variant = Candidate("with", _trial_sets([*current, *t.change], steps, config, work))
+                interleave(config, nproc, [t.base, t.variant], repeats, work, progress)
                 t.verdict = judge(t.base, t.variant, min_gain)
                 progress(f"  -> {'KEPT' if t.verdict.keep else 'dropped'}: {t.verdict.reason}")
                 if t.verdict.keep:
@@ -222,10 +211,10 @@ def run_optimize(
             if opt.kept:
                 progress("original against final, side by side")
                 opt.final = [
-                    Candidate("original", _trial_sets(list(overrides), steps, config)),
-                    Candidate("final", _trial_sets(current, steps, config)),
+                    Candidate("original", _trial_sets(list(overrides), steps, config, work)),
+                    Candidate("final", _trial_sets(current, steps, config, work)),
                 ]
-                interleave(config, nproc, opt.final, repeats, Path(work), progress)
+                interleave(config, nproc, opt.final, repeats, work, progress)
         if opt.kept and verify:
             progress("profiling the final configuration")
             opt.final_run = profile_reference(config, nproc, current, out / "optimized", "optimized").path

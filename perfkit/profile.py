@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -128,6 +129,36 @@ def check_command(argv: list[str]) -> None:
         raise ConfigError(
             f"command {what!r} not found; check the command after -- (is its virtual environment active?)"
         )
+
+
+def reference_request(
+    config: str, overrides: Sequence[str], nproc: int, out: Path, name: str, **options: Any
+) -> ProfileRequest:
+    """A request to profile the bundled trainer, its configuration checked before any process
+    starts, its log written into the run; every collector and the kernel window of steps 5-7
+    unless ``options`` (ProfileRequest fields) say otherwise."""
+    from perfkit.collectors.base import parse_collect
+    from perfkit.launch import check_devices, trainer_command
+    from perfkit.trainer.config import load_config, resolve_layout
+
+    cfg = load_config(config, list(overrides))
+    resolve_layout(cfg, nproc)
+    check_devices(cfg, nproc)
+    defaults: dict[str, Any] = {
+        "collect": parse_collect("all"),
+        "profile_steps": (5, 7) if cfg.steps >= 7 else None,
+        "nvml_hz": 10.0,
+        "memory_history": None,
+        "memory_history_entries": 100_000,
+    }
+    return ProfileRequest(
+        command=trainer_command(nproc, config, list(overrides), out / "train_log.jsonl"),
+        out=out,
+        world_size=nproc,
+        config=cfg.to_dict(),
+        name=name,
+        **{**defaults, **options},
+    )
 
 
 def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, int]:

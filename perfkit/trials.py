@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 import subprocess
-import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perfkit.errors import ConfigError, PerfkitError
-from perfkit.launch import check_devices, trainer_command
+from perfkit.launch import check_devices, trainer_command, trainer_env
 from perfkit.trainer.config import load_config, resolve_layout
 
 WARMUP = 3
@@ -157,13 +156,9 @@ def _last_error(text: str) -> str:
 
 def measure(config: str, nproc: int, overrides: Sequence[str], workdir: Path) -> Measurement:
     """Run the trainer once, without collectors, and read its log."""
-    fd, name = tempfile.mkstemp(dir=workdir, suffix=".jsonl")
-    os.close(fd)
-    log = Path(name)
-    log.unlink()
-    env = dict(os.environ)
+    log = workdir / f"run-{uuid.uuid4().hex}.jsonl"
+    env = trainer_env(nproc)
     env.pop("PERFKIT_RUN_DIR", None)  # never profiled, even when perfkit itself is
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     argv = trainer_command(nproc, config, list(overrides), log)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env)
