@@ -16,10 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from perfkit.analyzers import findings as rules
+from perfkit.analyzers import rules
 from perfkit.analyzers.comms import collective_table, trace_collectives
+from perfkit.analyzers.facts import TraceFacts, trace_facts
 from perfkit.analyzers.kernels import kernel_table
 from perfkit.analyzers.memory import load_snapshot, snapshot_summary
+from perfkit.analyzers.metrics import (
+    SCHEMA_VERSION,
+    Delta,
+    Metrics,
+    RankTrace,
+    RunInfo,
+    deltas,
+    records,
+    step_change,
+    to_json,
+)
 from perfkit.analyzers.runtables import (
     comm_metrics,
     io_metrics,
@@ -33,16 +45,15 @@ from perfkit.analyzers.trace import TraceError, load_trace
 
 from perfkit.errors import RunDirError
 from perfkit.hardware import gpu_peak_tflops
-from perfkit.run import MANIFEST_NAME, Run
+from perfkit.run import ANALYSIS_NAME, MANIFEST_NAME, PROBE_NAME, Run, RunLayout
 
-SCHEMA_VERSION = 1
 _TRACE_SUFFIXES = (".json", ".json.gz")
 
 
 @dataclass
 class Analysis:
     source: Path
-    metrics: dict[str, Any]
+    metrics: Metrics
     findings: list[rules.Finding]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     """kernels, kernel_categories, collectives, breakdown: DataFrames with a rank column."""
@@ -53,6 +64,11 @@ class Analysis:
     def partial(self) -> bool:
         return bool(self.problems)
 
+    @property
+    def layout(self) -> RunLayout:
+        """Where this analysis' outputs go by default: the run directory, or the trace's folder."""
+        return RunLayout(self.source if self.source.is_dir() else self.source.parent)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
@@ -60,9 +76,38 @@ class Analysis:
             "ranks": self.ranks,
             "partial": self.partial,
             "problems": self.problems,
-            "metrics": self.metrics,
-            "findings": [f.to_json() for f in self.findings],
+            "metrics": to_json(self.metrics),
+            "findings": [to_json(f) for f in self.findings],
         }
+
+
+@dataclass
+class Comparison:
+    """Run B against run A: metric deltas and the findings that appeared or went away."""
+
+    a: Analysis
+    b: Analysis
+    rows: list[Delta]
+    appeared: list[rules.Finding]
+    resolved: list[rules.Finding]
+    persisting: list[tuple[rules.Finding, rules.Finding]]
+
+    @property
+    def step_change(self) -> float | None:
+        """Relative change of the median step time, B against A (0.05 = 5% slower)."""
+        return step_change(self.a.metrics, self.b.metrics)
+
+
+def compare(a: Analysis, b: Analysis) -> Comparison:
+    ids_a, ids_b = {f.id: f for f in a.findings}, {f.id: f for f in b.findings}
+    return Comparison(
+        a,
+        b,
+        rows=deltas(a.metrics, b.metrics),
+        appeared=[f for i, f in ids_b.items() if i not in ids_a],
+        resolved=[f for i, f in ids_a.items() if i not in ids_b],
+        persisting=[(ids_a[i], ids_b[i]) for i in ids_b if i in ids_a],
+    )
 
 
 def find_traces(folder: Path) -> list[Path]:
@@ -71,7 +116,7 @@ def find_traces(folder: Path) -> list[Path]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
         and p.name.endswith(_TRACE_SUFFIXES)
-        and p.name not in (MANIFEST_NAME, "analysis.json", "probe.json")
+        and p.name not in (MANIFEST_NAME, ANALYSIS_NAME, PROBE_NAME)
     ]
     return found
 
@@ -82,7 +127,7 @@ def _trace_job(path: Path) -> dict[str, Any]:
         trace = load_trace(path)
     except TraceError as e:
         return {"error": str(e)}
-    facts = rules.trace_facts(trace)
+    facts = trace_facts(trace)
     categories, top = kernel_table(trace)
     collectives = trace_collectives(trace)
     return {
@@ -110,16 +155,16 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     if not path.exists():
         raise RunDirError(f"{path}: no such run directory or trace")
     run: Run | None = None
-    if path.is_dir() and (path / MANIFEST_NAME).exists():
+    if path.is_dir() and RunLayout(path).is_run():
         run = Run.open(path)
-        traces = sorted(path.glob("rank*/trace.json.gz"))
+        traces = run.layout.traces()
     elif path.is_dir():
         traces = find_traces(path)
         if not traces:
             raise RunDirError(f"{path}: holds no manifest.json and no *.json[.gz] traces; nothing to analyze")
     elif path.name.endswith((".pickle", ".pickle.gz")):
-        summary = snapshot_summary(load_snapshot(path))
-        return Analysis(source=path, metrics={"memory_snapshot": summary}, findings=[], ranks=[])
+        metrics = Metrics(memory_snapshot={path.name: snapshot_summary(load_snapshot(path))})
+        return Analysis(source=path, metrics=metrics, findings=[], ranks=[])
     else:
         traces = [path]
 
@@ -133,86 +178,72 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
             else f"{path}: none of {len(traces)} traces could be read; first: {problems[0]}"
         )
 
-    metrics: dict[str, Any] = {}
+    metrics = Metrics(device=next((r["device"] for r in good if r["device"]), None))
     tables: dict[str, pd.DataFrame] = {}
-    findings: list[rules.Finding] = []
-    ranks: set[int] = set()
-    device = next((r["device"] for r in good if r["device"]), None)
-    if device:
-        metrics["device"] = device
+    facts: list[TraceFacts] = [r["facts"] for r in good]
+    ranks: set[int] = {r["rank"] for r in good}
     if good:
-        per_rank: dict[str, Any] = {}
         for r in good:
-            f: rules.TraceFacts = r["facts"]
-            per_rank[str(r["rank"])] = {
-                "trace": r["path"],
-                "steps_in_trace": f.steps,
-                "step_ms": f.step_ms,
-                "temporal_breakdown": f.breakdown,
-                "idle_attribution": f.idle,
-                "communication_overlap": f.exposed,
-                "gemm_fp32_share": f.gemm_fp32_ns / f.gemm_ns if f.gemm_ns else None,
-            }
-            ranks.add(r["rank"])
-        metrics["trace"] = per_rank
+            f: TraceFacts = r["facts"]
+            metrics.trace[r["rank"]] = RankTrace(
+                trace=r["path"],
+                steps_in_trace=f.steps,
+                step_ms=f.step_ms,
+                temporal_breakdown=f.breakdown,
+                idle_attribution=f.idle,
+                communication_overlap=f.exposed,
+                gemm_fp32_share=f.gemm_fp32_ns / f.gemm_ns if f.gemm_ns else None,
+            )
         tables["kernel_categories"] = pd.concat([r["categories"] for r in good], ignore_index=True)
         tables["kernels"] = pd.concat([r["top"] for r in good], ignore_index=True)
         coll = pd.concat([r["collectives"] for r in good], ignore_index=True)
         tables["trace_collectives"] = collective_table(coll) if not coll.empty else coll
-        metrics["kernel_categories"] = (
-            tables["kernel_categories"]
-            .groupby("category")["time_ns"]
-            .sum()
-            .div(max(1, tables["kernel_categories"]["time_ns"].sum()))
-            .round(4)
-            .to_dict()
-        )
-        metrics["trace_collectives"] = tables["trace_collectives"].to_dict("records")
-        findings += rules.trace_rules([r["facts"] for r in good])
+        cats = tables["kernel_categories"]
+        shares = cats.groupby("category")["time_ns"].sum().div(max(1, cats["time_ns"].sum())).round(4)
+        metrics.kernel_categories = {str(k): float(v) for k, v in shares.items()}
+        metrics.trace_collectives = records(tables["trace_collectives"])
 
     if run is not None:
         t = load_tables(run)
         problems += t.notes
         ranks |= set(run.ranks())
-        env = run.manifest.env
-        peak = peak_tflops or env.get("peak_tflops") or (gpu_peak_tflops(device) if device else None)
-        metrics["run"] = {
-            "name": run.manifest.name,
-            "status": run.manifest.status,
-            "world_size": run.manifest.world_size,
-            "command": run.manifest.command,
-            "env": env,
-            "collectors": {k: v.status for k, v in run.manifest.collectors.items()},
-        }
-        metrics["config"] = run.manifest.config
-        metrics["steps"] = step_metrics(t)
-        metrics["stragglers"] = straggler_metrics(t)
-        metrics["comms"] = comm_metrics(t)
-        metrics["io"] = io_metrics(t)
-        metrics["memory"] = memory_metrics(t)
-        metrics["throughput"] = throughput_metrics(t, metrics["steps"], peak)
-        snaps = sorted(path.glob("rank*/*snapshot.pickle"))
-        if snaps:
-            metrics["memory_snapshot"] = {
-                p.parent.name + "/" + p.name: snapshot_summary(load_snapshot(p)) for p in snaps
-            }
-        if metrics["comms"].get("table"):
-            tables["collectives"] = pd.DataFrame(metrics["comms"]["table"])
-        tables["steps"] = t.steps
-        tables["memory"] = t.memory
-        tables["io"] = t.io
-        tables["nvml"] = t.nvml
-        findings += rules.run_rules(metrics)
-        if run.manifest.status == "running":
+        m = run.manifest
+        peak = (
+            peak_tflops
+            or m.env.get("peak_tflops")
+            or (gpu_peak_tflops(metrics.device) if metrics.device else None)
+        )
+        metrics.run = RunInfo(
+            name=m.name,
+            status=m.status,
+            world_size=m.world_size,
+            command=m.command,
+            env=m.env,
+            collectors={k: v.status for k, v in m.collectors.items()},
+        )
+        metrics.config = m.config
+        metrics.model = m.model
+        metrics.steps = step_metrics(t)
+        metrics.stragglers = straggler_metrics(t)
+        metrics.comms = comm_metrics(t)
+        metrics.io = io_metrics(t)
+        metrics.memory = memory_metrics(t)
+        metrics.throughput = throughput_metrics(t, metrics.steps, peak)
+        for snap in run.layout.snapshots():
+            metrics.memory_snapshot[f"{snap.parent.name}/{snap.name}"] = snapshot_summary(load_snapshot(snap))
+        if metrics.comms is not None and metrics.comms.table:
+            tables["collectives"] = pd.DataFrame(metrics.comms.table)
+        tables.update(t.frames)
+        if m.status == "running":
             problems.append(
                 f"{run.path}: the run has not finished (status running); its last steps may be missing"
             )
-    elif peak_tflops:
-        metrics["peak_tflops"] = peak_tflops
+    else:
+        metrics.peak_tflops = peak_tflops
     return Analysis(
         source=path,
         metrics=metrics,
-        findings=rules.rank(findings),
+        findings=rules.evaluate(facts, metrics if run is not None else None),
         tables=tables,
         problems=problems,
         ranks=sorted(ranks),
@@ -223,8 +254,8 @@ def output_path(source: Path, out: Path | None) -> Path:
     """Where analysis.json goes: --out, else beside the input; a read-only input needs --out."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        return out / "analysis.json"
+        return RunLayout(out).analysis
     folder = source if source.is_dir() else source.parent
     if not os.access(folder, os.W_OK):
         raise RunDirError(f"{folder} is read-only; pass --out DIR to write analysis.json elsewhere")
-    return folder / "analysis.json"
+    return RunLayout(folder).analysis

@@ -5,7 +5,7 @@
     python bench/trainer.py --config gpt2-small-gpu --set steps=30      # on a GPU: prints MFU
 
 Runs alternate (base, variant, base, ...) so drift on a shared machine hits both alike; each run's
-figure is its time per step after the warm-up steps (perfkit.trials, as perfkit sweep and
+figure is its time per step after the warm-up steps (perfkit.optimizer.trials, as perfkit sweep and
 perfkit optimize measure); the ratio printed is variant / base tokens/s, the median of the pairs
 measured side by side. Writes the figures as JSON with --json.
 """
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from perfkit.trials import Candidate, check, interleave, judge
+from perfkit.optimizer.trials import Candidate, check, interleave, judge
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""Collectors: one module per signal (steps, kernels, comms, memory, io, nvml), one Probe per rank.
+"""Collectors: one Probe per rank drives one collector per signal (``signals/``: steps, kernels,
+comms, memory, io, nvml) and writes the rank's tables into the run directory.
 
-Not built yet: see the collectors issue. Installed as ``perfkit.collectors``.
+Entry points: ``api`` (``perfkit.profile``, ``step``, ``phase``, ``attach``, ``describe``), ``inject``
+and ``site/`` (unmodified scripts under ``perfkit profile``), ``options`` (every collector option,
+its default and its environment variable). Installed as ``perfkit.collectors``; never imports the
+analyzers or the reports.
 """

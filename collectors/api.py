@@ -1,4 +1,4 @@
-"""The explicit API for scripts that mark their own steps::
+"""The public API for scripts that mark their own steps::
 
     import perfkit
     with perfkit.profile("runs/mine", profile_steps=(5, 7)):
@@ -8,8 +8,10 @@
             ...
             perfkit.step(tokens=batch.numel(), loss=loss)
 
+A step runs from the previous ``step()`` (or the start of profiling) to the next ``step()``.
 Under ``perfkit profile`` the run directory and options come from the command line instead and
-``out`` is ignored.
+``out`` and the options are ignored. ``attach()`` is for code that should be profiled only when
+run under ``perfkit profile`` (the bundled trainer): it does nothing otherwise.
 """
 
 from __future__ import annotations
@@ -20,21 +22,41 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from perfkit.collectors.base import parse_collect
-from perfkit.collectors.probe import Probe, ProbeOptions, probe_from_env, rank_from_env
+from perfkit.collectors.options import CollectOptions
+from perfkit.collectors.probe import Probe, probe_from_env, rank_from_env
 
 from perfkit.errors import ConfigError
 
 
+def _patch_comms(options: CollectOptions) -> None:
+    if "comms" in options.collect:
+        from perfkit.collectors.signals.comms import patch_all
+
+        patch_all()
+
+
 @contextlib.contextmanager
-def profile(
-    out: str | Path | None = None,
-    *,
-    collect: str = "all",
-    profile_steps: tuple[int, int] | None = None,
-    nvml_hz: float = 10.0,
-    memory_history: tuple[int, int] | None = None,
-) -> Iterator[Probe]:
+def _session(probe: Probe, start_step: int) -> Iterator[Probe]:
+    probe.set_manual()
+    probe.start()
+    if probe.step < start_step:
+        probe.step = start_step  # a resumed run numbers its steps on from the checkpoint
+    probe.begin_step()
+    outcome = "failed"
+    try:
+        yield probe
+        outcome = "complete"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    finally:
+        probe.stop(outcome)
+
+
+@contextlib.contextmanager
+def profile(out: str | Path | None = None, *, start_step: int = 0, **options: Any) -> Iterator[Probe]:
+    """Collect this rank's steps, collectives, memory, I/O and NVML samples into a run directory.
+    ``options`` are the fields of ``CollectOptions`` (collect="steps,comms", profile_steps=(5, 7), ...)."""
     from perfkit.run import Run, default_run_path
 
     probe = probe_from_env()
@@ -47,43 +69,51 @@ def profile(
                     "perfkit.profile() on several ranks needs out=...: every rank must write one run directory"
                 )
             out = default_run_path(Path(sys.argv[0]).stem or "script")
+        if isinstance(options.get("collect"), str):
+            options["collect"] = CollectOptions.from_text({"collect": options["collect"]}).collect
+        try:
+            opts = CollectOptions(**options)
+        except TypeError as e:
+            raise ConfigError(
+                f"perfkit.profile(): {e}; the options are {', '.join(CollectOptions.__annotations__)}"
+            ) from None
         if rank == 0:
             run = Run.create(out, command=list(getattr(sys, "orig_argv", sys.argv)), world_size=world)
-        options = ProbeOptions(
-            collect=parse_collect(collect),
-            profile_steps=profile_steps,
-            nvml_hz=nvml_hz,
-            memory_history=memory_history,
-        )
-        import perfkit.collectors.registry  # noqa: F401 - registers the collectors
-
-        if "comms" in options.collect:
-            from perfkit.collectors.comms import patch_all
-
-            patch_all()
-        probe = Probe(Path(out), rank, world, local, options)
-    probe.set_manual()
-    probe.start()
+        _patch_comms(opts)
+        probe = Probe(Path(out), rank, world, local, opts)
     outcome = "failed"
     try:
-        yield probe
+        with _session(probe, start_step):
+            yield probe
         outcome = "complete"
     except KeyboardInterrupt:
         outcome = "interrupted"
         raise
     finally:
-        probe.stop(outcome)
         if run is not None:
-            run.manifest.collectors = {}
+            run.merge_rank_reports()
             run.finish(outcome, 0 if outcome == "complete" else 1)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def attach(start_step: int = 0) -> Iterator[Probe | None]:
+    """Profile this process if it runs under ``perfkit profile``; otherwise do nothing."""
+    probe = probe_from_env()
+    if probe is None:
+        yield None
+        return
+    with _session(probe, start_step):
+        yield probe
+
+
 def step(tokens: int | None = None, loss: Any = None) -> None:
-    """End the current step (tokens this rank processed, the loss as a float or tensor)."""
+    """End the current step (tokens this rank processed, the loss as a float or tensor) and begin
+    the next one."""
     probe = Probe.current
-    if probe is not None:
+    if probe is not None and not probe._stopped:
         probe.set_manual()
         probe.end_step(tokens=tokens, loss=loss)
+        probe.begin_step()
 
 
 def phase(name: str) -> contextlib.AbstractContextManager[None]:
@@ -93,3 +123,11 @@ def phase(name: str) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
     probe.set_manual()
     return probe.phase(name)
+
+
+def describe(**facts: Any) -> None:
+    """Tell the analysis what it cannot see in a trace: ``flops_per_token`` (for MFU), ``parameters``,
+    ``layout`` ({"dp": 2, "tp": 1, "pp": 1}: tokens are counted once per data-parallel replica)."""
+    probe = Probe.current
+    if probe is not None:
+        probe.describe(**facts)

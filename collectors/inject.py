@@ -34,7 +34,7 @@ def activate() -> None:
     if probe is None:
         return
     if "comms" in probe.options.collect:
-        from perfkit.collectors.comms import patch_all
+        from perfkit.collectors.signals.comms import patch_all
 
         patch_all()  # before the script builds DDP: its comm hook goes in at the first forward
     from perfkit.collectors.auto import install

@@ -16,49 +16,19 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
-from perfkit.collectors.base import DEFAULT, REGISTRY, Collector
+from perfkit.collectors.base import Collector, load
+from perfkit.collectors.options import CollectOptions
 
-from perfkit.run import write_json_atomic
+from perfkit.run import RunLayout, write_json_atomic
 from perfkit.tables import STEPS, RowWriter, Table
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
-
-
-@dataclass(kw_only=True)
-class ProbeOptions:
-    collect: list[str] = field(default_factory=lambda: list(DEFAULT))
-    """Collectors to run, by name."""
-    profile_steps: tuple[int, int] | None = None
-    """Kernel-trace window, first and last step (1-based, inclusive); None: no trace."""
-    nvml_hz: float = 10.0
-    """NVML samples per second."""
-    memory_history: tuple[int, int] | None = None
-    """Steps over which to record a CUDA allocator history snapshot; None: none."""
-    memory_history_entries: int = 100_000
-    """Cap on allocator history entries."""
-
-    @classmethod
-    def from_env(cls) -> ProbeOptions:
-        def window(value: str | None) -> tuple[int, int] | None:
-            if not value:
-                return None
-            a, _, b = value.partition("-")
-            return int(a), int(b or a)
-
-        env = os.environ
-        return cls(
-            collect=[c for c in env.get("PERFKIT_COLLECT", ",".join(DEFAULT)).split(",") if c],
-            profile_steps=window(env.get("PERFKIT_PROFILE_STEPS")),
-            nvml_hz=float(env.get("PERFKIT_NVML_HZ", "10")),
-            memory_history=window(env.get("PERFKIT_MEMORY_HISTORY")),
-            memory_history_entries=int(env.get("PERFKIT_MEMORY_HISTORY_ENTRIES", "100000")),
-        )
 
 
 @dataclass
@@ -80,14 +50,17 @@ class Probe:
     current: Probe | None = None
 
     def __init__(
-        self, run_dir: Path, rank: int, world_size: int, local_rank: int, options: ProbeOptions
+        self, run_dir: Path, rank: int, world_size: int, local_rank: int, options: CollectOptions
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.layout = RunLayout(run_dir)
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
         self.options = options
-        self.rank_dir = self.run_dir / f"rank{rank}"
+        self.rank_dir = self.layout.rank_dir(rank)
+        self.description: dict[str, Any] = {}
+        """What the workload said of itself (``perfkit.describe``), for the manifest."""
         self.pid = os.getpid()
         self.manual = False
         self.step = 0  # steps completed
@@ -122,7 +95,7 @@ class Probe:
         self.rank_dir.mkdir(parents=True, exist_ok=True)
         Probe.current = self
         for name in self.options.collect:
-            collector = REGISTRY[name]()
+            collector = load(name)()
             reason = (
                 self._guard(collector, "available", collector.available, self) if collector.enabled else None
             )
@@ -190,11 +163,12 @@ class Probe:
             "self_time_per_step_ms": 1e3 * self.self_time_s / self.step if self.step else None,
             "collectors": self.status,
             "options": asdict(self.options),
+            "model": self.description,
         }
         if self.rank == 0:
             info["env"] = torch_environment()
         with contextlib.suppress(OSError):
-            write_json_atomic(self.rank_dir / "probe.json", info)
+            write_json_atomic(self.layout.probe(self.rank), info)
 
     def _guard(self, collector: Collector, what: str, fn: Any, *args: Any) -> Any:
         if not collector.enabled:
@@ -218,11 +192,16 @@ class Probe:
             if self.auto is not None:
                 self.auto.remove_hooks()
 
-    def writer(self, table: Table, name: str | None = None) -> RowWriter:
-        key = name or table.name
-        if key not in self._writers:
-            self._writers[key] = RowWriter(self.rank_dir / f"{key}.jsonl")
-        return self._writers[key]
+    def writer(self, table: Table) -> RowWriter:
+        if table.name not in self._writers:
+            self._writers[table.name] = RowWriter(self.layout.table(self.rank, table))
+        return self._writers[table.name]
+
+    def describe(self, **facts: Any) -> None:
+        """Record what the workload says of itself (flops_per_token, parameters, layout)."""
+        self.description.update(facts)
+        if self._started:
+            self._write_probe_json("running")
 
     # ---- steps and phases -------------------------------------------------------------------
     def _mark(self) -> Any:
@@ -381,6 +360,7 @@ def torch_environment() -> dict[str, Any]:
             gpu_count=torch.cuda.device_count(),
             peak_tflops=gpu_peak_tflops(name),
             nvlink_gbps=nvlink_gbps(name),
+            gpu_memory_bytes=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
         )
         with contextlib.suppress(Exception):
             env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
@@ -399,18 +379,6 @@ def probe_from_env() -> Probe | None:
     run_dir = os.environ.get("PERFKIT_RUN_DIR")
     if not run_dir:
         return None
-    import perfkit.collectors.registry  # noqa: F401 - registers the collectors
-
     rank, world, local = rank_from_env()
-    Probe.current = Probe(Path(run_dir), rank, world, local, ProbeOptions.from_env())
+    Probe.current = Probe(Path(run_dir), rank, world, local, CollectOptions.from_env())
     return Probe.current
-
-
-def start_manual() -> Probe | None:
-    """For code that marks its own steps (the reference trainer, ``perfkit.step()``): start the
-    Probe now, with the automatic step hooks quiet."""
-    probe = probe_from_env()
-    if probe is not None:
-        probe.set_manual()
-        probe.start()
-    return probe

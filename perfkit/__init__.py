@@ -1,7 +1,7 @@
 """perfkit: profiling and bottleneck analysis for distributed PyTorch training.
 
-Importing this package is cheap: it does not import torch. ``profile``, ``step`` and ``phase``
-import the collectors (and torch) when first called.
+Importing this package is cheap: it does not import torch. The public step API below imports the
+collectors (and torch) when first called; see ``perfkit.collectors.api``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "phase", "profile", "step"]
+__all__ = ["__version__", "attach", "describe", "phase", "profile", "step"]
 
 
 def profile(out: Any = None, **options: Any) -> Any:
@@ -21,8 +21,15 @@ def profile(out: Any = None, **options: Any) -> Any:
     return _profile(out, **options)
 
 
+def attach(start_step: int = 0) -> Any:
+    """Context manager that profiles this process only when it runs under ``perfkit profile``."""
+    from perfkit.collectors.api import attach as _attach
+
+    return _attach(start_step)
+
+
 def step(tokens: int | None = None, loss: Any = None) -> None:
-    """Mark the end of a training step."""
+    """End the current step and begin the next one."""
     from perfkit.collectors.api import step as _step
 
     _step(tokens, loss)
@@ -33,3 +40,10 @@ def phase(name: str) -> Any:
     from perfkit.collectors.api import phase as _phase
 
     return _phase(name)
+
+
+def describe(**facts: Any) -> None:
+    """Tell the analysis what a trace cannot show: flops_per_token, parameters, layout."""
+    from perfkit.collectors.api import describe as _describe
+
+    _describe(**facts)

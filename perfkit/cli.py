@@ -74,6 +74,21 @@ def config_options(nproc_default: int = 1) -> Any:
     return decorate
 
 
+def collect_options() -> Any:
+    """The collectors' options (perfkit.collectors.options.CollectOptions), one click option each,
+    passed on as text for CollectOptions.from_text to parse."""
+    from perfkit.collectors.options import cli_fields
+
+    def decorate(f: Any) -> Any:
+        for name, flag, help, default in reversed(cli_fields()):
+            f = click.option(flag, name, default=None, metavar="TEXT", help=f"{help}  [default: {default}]")(
+                f
+            )
+        return f
+
+    return decorate
+
+
 @cli.command(context_settings=CONTEXT)
 @config_options()
 @click.option(
@@ -120,32 +135,7 @@ its steps from optimizer-step hooks. Exits with the command's exit code.
     help="Run directory (default runs/<time>-<name>).",
 )
 @click.option("--name", help="Run name (default: the script's or config's name).")
-@click.option(
-    "--collect",
-    default="all",
-    show_default=True,
-    help="Collectors: steps,kernels,comms,memory,io,nvml or all.",
-)
-@click.option(
-    "--profile-steps", default="5-7", show_default=True, help="Kernel-trace window (1-based steps), or none."
-)
-@click.option(
-    "--nvml-hz",
-    type=click.FloatRange(min=0.1, max=1000),
-    default=10.0,
-    show_default=True,
-    help="NVML samples per second.",
-)
-@click.option(
-    "--memory-history", default=None, help="Record a CUDA allocator history over these steps, e.g. 3-4."
-)
-@click.option(
-    "--memory-history-entries",
-    type=click.IntRange(min=1),
-    default=100_000,
-    show_default=True,
-    help="Cap on allocator history entries.",
-)
+@collect_options()
 @click.option(
     "--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks for the bundled trainer."
 )
@@ -154,34 +144,24 @@ its steps from optimizer-step hooks. Exits with the command's exit code.
 def profile(
     out: Path | None,
     name: str | None,
-    collect: str,
-    profile_steps: str,
-    nvml_hz: float,
-    memory_history: str | None,
-    memory_history_entries: int,
     nproc: int,
     with_report: bool,
     command: tuple[str, ...],
+    **collect: str | None,
 ) -> None:
-    from perfkit.collectors.base import parse_collect
-    from perfkit.profile import ProfileRequest, parse_window, reference_request
+    from perfkit.collectors.options import CollectOptions
+    from perfkit.profile import ProfileRequest, reference_request
     from perfkit.run import default_run_path
 
     argv = list(command) or ["reference"]
-    options: dict[str, Any] = {
-        "collect": parse_collect(collect),
-        "profile_steps": None if profile_steps == "none" else parse_window(profile_steps, "--profile-steps"),
-        "nvml_hz": nvml_hz,
-        "memory_history": parse_window(memory_history, "--memory-history"),
-        "memory_history_entries": memory_history_entries,
-    }
+    options = CollectOptions.from_text(collect)
     if argv[0] == "reference":
         config_name, overrides = _reference_args(argv[1:])
         name = name or Path(config_name).stem
-        req = reference_request(config_name, overrides, nproc, out or default_run_path(name), name, **options)
+        req = reference_request(config_name, overrides, nproc, out or default_run_path(name), name, options)
     else:
         name = name or Path(next((a for a in argv if a.endswith(".py")), argv[0])).stem
-        req = ProfileRequest(command=argv, out=out or default_run_path(name), name=name, **options)
+        req = ProfileRequest(command=argv, out=out or default_run_path(name), name=name, options=options)
     rc = _run_and_summarize(req, next_step=not with_report)
     if with_report:
         _analyze_and_report(req.out)
@@ -198,42 +178,13 @@ def _reference_args(args: list[str]) -> tuple[str, tuple[str, ...]]:
 
 def _run_and_summarize(req: Any, next_step: bool = True) -> int:
     from perfkit.profile import check_command, run_profile
-    from perfkit.tables import STEPS, TABLES, read_table
+    from perfkit.reports.text import command_line, profile_summary
 
     check_command(req.command)
-    click.echo(f"perfkit: profiling {' '.join(req.command)}", err=True)
+    click.echo(f"perfkit: profiling {command_line(req.command)}", err=True)
     click.echo(f"perfkit: run directory {req.out}", err=True)
     run, rc = run_profile(req)
-    m = run.manifest
-    click.echo("")
-    click.echo(f"run directory:  {run.path}  (status {m.status}, exit code {rc}, {m.world_size} rank(s))")
-    for rank in run.ranks():
-        d = run.path / f"rank{rank}"
-        counts = []
-        for table in TABLES.values():
-            files = [table.file(d), *d.glob(f"{table.name}.w*.jsonl")]
-            n = sum(f.read_bytes().count(b"\n") for f in files if f.exists())
-            if n:
-                counts.append(f"{table.name} {n}")
-        if (d / "trace.json.gz").exists():
-            counts.append(f"trace.json.gz {(d / 'trace.json.gz').stat().st_size / 1e6:.1f} MB")
-        click.echo(f"  rank{rank}/  " + (", ".join(counts) or "no data"))
-    shares = []
-    for rank in run.ranks():
-        path = STEPS.file(run.path / f"rank{rank}")
-        if path.exists():
-            steps, _ = read_table(path, STEPS)
-            if "perfkit_s" in steps and steps["perfkit_s"].notna().any():
-                shares.append(float((steps["perfkit_s"] / steps["step_time_s"]).median()))
-    if shares:
-        click.echo(
-            f"  perfkit's own CPU time: {max(shares):.2%} of the median step (busiest rank; trace export aside)"
-        )
-    for cname, state in sorted(m.collectors.items()):
-        if state.status != "ok":
-            click.echo(f"  collector {cname}: {state.status} ({state.reason})")
-    if next_step:
-        click.echo(f"next: perfkit analyze {run.path}")
+    click.echo(profile_summary(run, rc, next_step))
     return rc
 
 
@@ -259,16 +210,15 @@ def demo(out: Path | None, nproc: int) -> None:
 
 def _analyze_and_report(run: Path) -> None:
     """analysis.json and report/index.html for a finished run, with the summary and the path."""
-    from perfkit.analyzers.analyze import analyze as run_analysis
-    from perfkit.reports.html import write_report
-    from perfkit.run import write_json_atomic
+    from perfkit.reports.publish import publish
+    from perfkit.reports.text import analysis_summary
 
     click.echo("")
-    result = run_analysis(run)
-    write_json_atomic(run / "analysis.json", result.to_json())
-    click.echo(_analysis_summary(result, run / "analysis.json"))
-    page = write_report(result, run / "report" / "index.html")
-    click.echo(f"report: {page.resolve()}  (open it in a browser; it works offline)")
+    done = publish(run)
+    click.echo(analysis_summary(done.analysis, done.json_path or run))
+    click.echo(
+        f"report: {done.report_path.resolve() if done.report_path else '-'}  (open it in a browser; it works offline)"
+    )
 
 
 @cli.command(context_settings=CONTEXT)
@@ -296,23 +246,17 @@ def analyze(
     or a folder of per-rank traces. Writes analysis.json."""
     import json as jsonlib
 
-    from perfkit.analyzers.analyze import analyze as run_analysis
-    from perfkit.analyzers.analyze import output_path
-    from perfkit.run import write_json_atomic
+    from perfkit.reports.publish import publish
+    from perfkit.reports.text import analysis_summary
 
-    target = output_path(source, out)
-    result = run_analysis(source, peak_tflops=peak_tflops, jobs=jobs)
-    data = result.to_json()
-    write_json_atomic(target, data)
+    done = publish(source, out=out, report=with_report, peak_tflops=peak_tflops, jobs=jobs)
+    assert done.json_path is not None
     if as_json:
-        click.echo(jsonlib.dumps(data, indent=1, default=str))
+        click.echo(jsonlib.dumps(done.analysis.to_json(), indent=1))
     else:
-        click.echo(_analysis_summary(result, target))
-    if with_report:
-        from perfkit.reports.html import write_report
-
-        page = write_report(result, target.parent / "report" / "index.html")
-        click.echo(f"report: {page}", err=as_json)
+        click.echo(analysis_summary(done.analysis, done.json_path))
+    if done.report_path is not None:
+        click.echo(f"report: {done.report_path}", err=as_json)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -325,53 +269,9 @@ def analyze(
 def report(run: Path, out: Path | None) -> None:
     """Write a self-contained HTML report (opens offline from file://) for a run directory, a
     trace or a folder of traces, and print its path."""
-    from perfkit.analyzers.analyze import analyze as run_analysis
-    from perfkit.analyzers.analyze import output_path
-    from perfkit.reports.html import write_report
+    from perfkit.reports.publish import publish
 
-    target = out or output_path(run, None).parent / "report" / "index.html"
-    click.echo(write_report(run_analysis(run), target))
-
-
-def _analysis_summary(result: Any, target: Path) -> str:
-    m = result.metrics
-    lines = [
-        f"perfkit analyze: {result.source}  ({len(result.ranks)} rank(s){', PARTIAL' if result.partial else ''})"
-    ]
-    for p in result.problems:
-        lines.append(f"  problem: {p}")
-    steps = m.get("steps", {})
-    if steps:
-        line = f"  step time {steps['step_time_ms']:.1f} ms (median)"
-        if "tokens_per_s" in steps:
-            line += f", {steps['tokens_per_s']:,.0f} tokens/s"
-        mfu = m.get("throughput", {}).get("mfu")
-        if mfu is not None:
-            line += f", MFU {mfu:.1%}"
-        lines.append(line)
-    for rank, t in sorted(m.get("trace", {}).items(), key=lambda kv: int(kv[0]))[:8]:
-        b = t["temporal_breakdown"]
-        if b:
-            lines.append(
-                f"  rank {rank}: GPU compute {b['compute_pct']:.0f}%, communication {b['communication_pct']:.0f}%, "
-                f"memory {b['memory_pct']:.0f}%, idle {b['idle_pct']:.0f}%"
-            )
-    if not result.findings:
-        lines.append("  no findings: nothing stands out")
-    for i, f in enumerate(result.findings, 1):
-        saving = f" (~{f.saving_ms_per_step:.1f} ms/step)" if f.saving_ms_per_step else ""
-        ranks = f" ranks {','.join(map(str, f.ranks[:8]))}" if f.ranks else ""
-        lines.append(f"{i:>2}. [{f.severity}] {f.title}{saving}{ranks}")
-        change = " ".join(
-            f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in f.remedy.change.items()
-        )
-        lines.append(f"      fix: {f.remedy.description}" + (f"  ({change})" if change else ""))
-    lines.append(f"wrote {target}")
-    if m.get("config") and any(f.remedy.change for f in result.findings):  # a run of the bundled trainer
-        lines.append(
-            f"next: perfkit optimize {result.source}  (tries these fixes, keeps what measurably helps)"
-        )
-    return "\n".join(lines)
+    click.echo(publish(run, write_json=False, report=out or True).report_path)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -391,25 +291,14 @@ def _analysis_summary(result: Any, target: Path) -> str:
 def compare(run_a: Path, run_b: Path, out: Path | None, fail_above: float | None) -> None:
     """Compare run B against run A (runs or traces): metric deltas, findings that appeared or went
     away. With --fail-above it gates CI on step-time regressions."""
-    from perfkit.analyzers.analyze import analyze as run_analysis
-    from perfkit.analyzers.analyze import output_path
-    from perfkit.reports.compare import compare as compare_runs
+    from perfkit.analyzers.analyze import analyze
+    from perfkit.analyzers.analyze import compare as compare_runs
     from perfkit.reports.compare import write
+    from perfkit.reports.text import comparison_summary
 
-    c = compare_runs(run_analysis(run_a), run_analysis(run_b))
-    for r in c.rows:
-        if r["a"] is None and r["b"] is None:
-            continue
-        delta = f"{100 * r['delta']:+.1f}%" if r["delta"] is not None else ""
-        flag = "  worse" if r["worse"] else ""
-        a = "-" if r["a"] is None else f"{r['a']:,.4g}"
-        b = "-" if r["b"] is None else f"{r['b']:,.4g}"
-        click.echo(f"  {r['name']:<28} {a:>12} -> {b:>12} {delta:>8}{flag}")
-    for f in c.appeared:
-        click.echo(f"  appeared: [{f.severity}] {f.title}")
-    for f in c.resolved:
-        click.echo(f"  went away: [{f.severity}] {f.title}")
-    page = write(c, out or output_path(run_b, None).parent / "report" / "compare.html")
+    c = compare_runs(analyze(run_a), analyze(run_b))
+    click.echo(comparison_summary(c))
+    page = write(c, out or c.b.layout.compare_page)
     click.echo(f"wrote {page}")
     change = c.step_change
     if fail_above is not None:
@@ -437,7 +326,7 @@ def export_trace(run: Path, out: Path | None) -> None:
     from perfkit.run import Run
 
     r = Run.open(run)
-    path, notes = write_merged(r, out or r.path / "trace" / "merged.json.gz")
+    path, notes = write_merged(r, out or r.layout.merged_trace)
     for n in notes:
         click.echo(f"skipped: {n}", err=True)
     click.echo(path)
@@ -487,34 +376,19 @@ def sweep(
     Plain runs (no collectors), interleaved round-robin so a shared machine's drift falls on every
     layout alike. Writes sweep.json and sweep.html; layouts that cannot run are listed with why.
     """
-    from perfkit.reports.trials import write
-    from perfkit.run import default_run_path
-    from perfkit.sweep import run_sweep
+    from perfkit.optimizer.sweep import run_sweep
+    from perfkit.reports.text import sweep_summary
+    from perfkit.run import StudyLayout, default_run_path
 
     folder = out or default_run_path("sweep")
-    with _partial_on_interrupt(folder / "sweep.json"):
+    study = StudyLayout(folder, "sweep")
+    with _partial_on_interrupt(study.results):
         result = run_sweep(
             config_name, nproc, [*overrides, f"steps={steps}"], layouts, repeats, folder, progress=_progress
         )
-    data = result.to_json()
-    click.echo(f"perfkit sweep: {config_name} on {nproc} rank(s), {repeats} run(s) each, {steps} steps")
-    click.echo(
-        f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'tokens/s':>10} {'vs best':>8} {'peak MiB':>9}  runs"
-    )
-    for i, c in enumerate(data["candidates"], 1):
-        if c["step_ms"]:
-            runs = ", ".join(f"{r['step_ms']:.1f}" if r["ok"] else "failed" for r in c["runs"])
-            mem = f"{c['peak_memory_bytes'] / 2**20:>9,.0f}" if c["peak_memory_bytes"] else f"{'–':>9}"
-            mfu = f"  MFU {c['mfu']:.1%}" if c["mfu"] is not None else ""
-            click.echo(
-                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} {c['vs_best']:>7.2f}x {mem}  {runs}{mfu}"
-            )
-        else:
-            why = f"skipped: {c['skipped']}" if c["skipped"] else f"failed: {c['runs'][-1]['error']}"
-            click.echo(f"{i:>3}  {c['label']:<28} {why}")
-    page = write(data, folder / "sweep.html")
-    click.echo(f"wrote {folder / 'sweep.json'}")
-    click.echo(f"report: {page.resolve()}")
+    click.echo(sweep_summary(result.to_json(), steps))
+    click.echo(f"wrote {study.results}")
+    click.echo(f"report: {study.page.resolve()}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -562,16 +436,13 @@ def optimize(
     only if every pair agrees it is faster by at least --min-gain percent and the loss is not
     worse. Writes optimize.json and optimize.html, and profiles the final configuration.
     """
-    from perfkit.analyzers.analyze import analyze as run_analysis
-    from perfkit.optimize import run_optimize
-    from perfkit.reports.compare import compare as compare_runs
-    from perfkit.reports.compare import write as write_compare
-    from perfkit.reports.html import write_report
-    from perfkit.reports.trials import write
-    from perfkit.run import default_run_path, write_json_atomic
+    from perfkit.optimizer.optimize import run_optimize
+    from perfkit.reports.text import optimize_summary
+    from perfkit.run import StudyLayout, default_run_path
 
     folder = out or default_run_path("optimize")
-    with _partial_on_interrupt(folder / "optimize.json"):
+    study = StudyLayout(folder, "optimize")
+    with _partial_on_interrupt(study.results):
         opt = run_optimize(
             config=config_name,
             nproc=nproc,
@@ -585,35 +456,9 @@ def optimize(
             verify=not no_verify,
             progress=_progress,
         )
-    data = opt.to_json()
-    click.echo(f"perfkit optimize: {len(opt.trials)} remedy(ies) from {opt.baseline_run}")
-    if not opt.trials:
-        click.echo("  no finding of the baseline has a config change to try")
-    for t in data["trials"]:
-        verdict = "KEPT   " if t["kept"] else ("skipped" if t["skipped"] else "dropped")
-        click.echo(f"  {verdict} {' '.join(t['change']):<44} {t['reason']}")
-    if opt.kept:
-        speed = f"{opt.speedup:.2f}x the throughput of the original" if opt.speedup else "not measured"
-        click.echo(f"kept: {' '.join('--set ' + k for k in opt.kept)}  ({speed}, side by side)")
-        final = {o.split("=", 1)[0]: o for o in [*opt.base_overrides, *opt.kept]}  # a key's last value wins
-        sets = "".join(f" --set {o}" for o in final.values())
-        click.echo(f"train with: perfkit train --config {opt.config} --nproc {opt.nproc}{sets}")
-    else:
-        click.echo("nothing measurably helped; the configuration stays as it was")
-    if opt.final_run is not None:
-        before, after = opt.baseline_analysis or run_analysis(opt.baseline_run), run_analysis(opt.final_run)
-        for result, path in ((before, opt.baseline_run), (after, opt.final_run)):
-            if path.is_relative_to(folder):  # a run given by the user is left as it is
-                write_json_atomic(path / "analysis.json", result.to_json())
-                write_report(result, path / "report" / "index.html")
-        comparison = compare_runs(before, after)
-        page_c = write_compare(comparison, opt.final_run / "report" / "compare.html")
-        gone = [f.title for f in comparison.resolved]
-        click.echo(f"findings gone after: {'; '.join(gone) if gone else 'none'}")
-        click.echo(f"comparison: {page_c.resolve()}")
-    page = write(data, folder / "optimize.html")
-    click.echo(f"wrote {folder / 'optimize.json'}")
-    click.echo(f"report: {page.resolve()}")
+    click.echo(optimize_summary(opt))
+    click.echo(f"wrote {study.results}")
+    click.echo(f"report: {study.page.resolve()}")
 
 
 def main() -> None:

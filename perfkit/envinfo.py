@@ -16,12 +16,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _host_memory() -> int | None:
+    """Physical memory of this host, the capacity a CPU run's peak RSS is measured against."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def environment() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "cpu_count": os.cpu_count(),
+        "host_memory_bytes": _host_memory(),
         "torch": _version("torch"),
         "perfkit": _version("perfkit"),
         "gpus": [],

@@ -8,6 +8,7 @@ merges what each rank reported (rank<N>/probe.json) into the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from perfkit.collectors.options import CollectOptions
 from perfkit.envinfo import environment
 from perfkit.errors import ConfigError
-from perfkit.run import CollectorState, Run, Status
+from perfkit.run import Run, RunLayout, Status
+from perfkit.tables import STEPS
 
 
 def site_dir() -> Path:
@@ -32,30 +35,12 @@ def site_dir() -> Path:
     return Path(perfkit.collectors.__file__).resolve().parent / "site"
 
 
-def parse_window(text: str | None, what: str) -> tuple[int, int] | None:
-    """``5-7`` or ``5`` to (first, last), 1-based inclusive."""
-    if not text:
-        return None
-    a, _, b = text.partition("-")
-    try:
-        first, last = int(a), int(b or a)
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a step range; write e.g. 5-7") from None
-    if first < 1 or last < first:
-        raise ConfigError(f"{what} {text!r} must be FIRST-LAST with 1 <= FIRST <= LAST")
-    return first, last
-
-
 @dataclass(kw_only=True)
 class ProfileRequest:
     command: list[str]
     """The argv to run."""
     out: Path
-    collect: list[str]
-    profile_steps: tuple[int, int] | None
-    nvml_hz: float
-    memory_history: tuple[int, int] | None
-    memory_history_entries: int
+    options: CollectOptions = field(default_factory=CollectOptions)
     world_size: int = 1
     """Known in advance for the reference trainer; otherwise read back from the ranks."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -63,15 +48,8 @@ class ProfileRequest:
 
 
 def child_env(req: ProfileRequest) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {**os.environ, **req.options.to_env()}
     env["PERFKIT_RUN_DIR"] = str(req.out.resolve())
-    env["PERFKIT_COLLECT"] = ",".join(req.collect)
-    env["PERFKIT_NVML_HZ"] = str(req.nvml_hz)
-    env["PERFKIT_MEMORY_HISTORY_ENTRIES"] = str(req.memory_history_entries)
-    if req.profile_steps:
-        env["PERFKIT_PROFILE_STEPS"] = f"{req.profile_steps[0]}-{req.profile_steps[1]}"
-    if req.memory_history:
-        env["PERFKIT_MEMORY_HISTORY"] = f"{req.memory_history[0]}-{req.memory_history[1]}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site_dir()), env.get("PYTHONPATH", "")) if p)
     # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, req.world_size))))
@@ -82,7 +60,7 @@ class Progress:
     """A live line (step, step time, tokens/s) from rank 0's steps table, on a terminal only."""
 
     def __init__(self, run: Run, stream: TextIO) -> None:
-        self.path = run.path / "rank0" / "steps.jsonl"
+        self.path = run.layout.table(0, STEPS)
         self.stream = stream
         self.enabled = stream.isatty()
         self._stop = threading.Event()
@@ -132,42 +110,38 @@ def check_command(argv: list[str]) -> None:
 
 
 def reference_request(
-    config: str, overrides: Sequence[str], nproc: int, out: Path, name: str, **options: Any
+    config: str,
+    overrides: Sequence[str],
+    nproc: int,
+    out: Path,
+    name: str,
+    options: CollectOptions | None = None,
 ) -> ProfileRequest:
     """A request to profile the bundled trainer, its configuration checked before any process
-    starts, its log written into the run; every collector and the kernel window of steps 5-7
-    unless ``options`` (ProfileRequest fields) say otherwise."""
-    from perfkit.collectors.base import parse_collect
+    starts, its log written into the run; every collector and the default kernel window unless
+    ``options`` say otherwise (no window when the run is too short for it)."""
     from perfkit.launch import check_devices, trainer_command
     from perfkit.trainer.config import load_config, resolve_layout
 
     cfg = load_config(config, list(overrides))
     resolve_layout(cfg, nproc)
     check_devices(cfg, nproc)
-    defaults: dict[str, Any] = {
-        "collect": parse_collect("all"),
-        "profile_steps": (5, 7) if cfg.steps >= 7 else None,
-        "nvml_hz": 10.0,
-        "memory_history": None,
-        "memory_history_entries": 100_000,
-    }
+    options = options or CollectOptions()
+    if options.profile_steps and options.profile_steps[1] > cfg.steps:
+        options = dataclasses.replace(options, profile_steps=None)
     return ProfileRequest(
-        command=trainer_command(nproc, config, list(overrides), out / "train_log.jsonl"),
+        command=trainer_command(nproc, config, list(overrides), RunLayout(out).train_log),
         out=out,
+        options=options,
         world_size=nproc,
         config=cfg.to_dict(),
         name=name,
-        **{**defaults, **options},
     )
 
 
 def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, int]:
     """Run the command under the collectors; returns the run and the command's exit code."""
-    if not req.command or shutil.which(req.command[0]) is None:
-        what = req.command[0] if req.command else "(none)"
-        raise ConfigError(
-            f"command {what!r} not found; check the command after -- (is its virtual environment active?)"
-        )
+    check_command(req.command)
     run = Run.create(
         req.out,
         command=req.command,
@@ -206,44 +180,6 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
         status = "complete"
     elif rc in (-signal.SIGINT, -signal.SIGTERM, 130, 143) or status == "interrupted":
         status = "interrupted"
-    merge_rank_reports(run)
+    run.merge_rank_reports()
     run.finish(status, rc)
     return run, rc
-
-
-def rank_reports(run: Run) -> dict[int, dict[str, Any]]:
-    reports = {}
-    for rank in run.ranks():
-        path = run.path / f"rank{rank}" / "probe.json"
-        try:
-            reports[rank] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return reports
-
-
-def merge_rank_reports(run: Run) -> None:
-    """Fold each rank's collector status, world size and environment into the manifest: a collector
-    failed on any rank is failed (naming the rank), disabled on all is disabled, else ok."""
-    reports = rank_reports(run)
-    if not reports:
-        return
-    m = run.manifest
-    m.world_size = max([m.world_size, *(r.get("world_size", 1) for r in reports.values())])
-    if 0 in reports and reports[0].get("env"):
-        m.env.update(reports[0]["env"])
-    names = sorted({n for r in reports.values() for n in r.get("collectors", {})})
-    for name in names:
-        states = {
-            rank: r["collectors"][name] for rank, r in reports.items() if name in r.get("collectors", {})
-        }
-        failed = [(rank, s) for rank, s in states.items() if s["status"] == "failed"]
-        disabled = [s for s in states.values() if s["status"] == "disabled"]
-        if failed:
-            rank, state = failed[0]
-            m.collectors[name] = CollectorState(status="failed", reason=f"rank {rank}: {state['reason']}")
-        elif len(disabled) == len(states):
-            m.collectors[name] = CollectorState(status="disabled", reason=disabled[0]["reason"])
-        else:
-            m.collectors[name] = CollectorState(status="ok")
-    run.save()

@@ -1,11 +1,17 @@
 """The run directory: the one contract between collectors, analyzers and reports.
 
-Layout (see shared/design/architecture.md)::
+``RunLayout`` is the only place that spells a path inside a run directory; everything else asks it::
 
-    <run>/manifest.json      schema version, command, config, world size, env, status, collectors
-    <run>/rank<N>/...        one folder per rank, written only by that rank
-    <run>/analysis.json      written by analyze
-    <run>/report/index.html  written by report
+    <run>/manifest.json              schema version, command, config, world size, env, status, collectors
+    <run>/train_log.jsonl            the bundled trainer's own log
+    <run>/rank<N>/<table>.jsonl      one folder per rank, written only by that rank (perfkit.tables)
+    <run>/rank<N>/<table>.w<pid>.jsonl   rows from that rank's DataLoader worker processes
+    <run>/rank<N>/trace.json.gz      Kineto trace of the profiled window
+    <run>/rank<N>/probe.json         what the rank's collectors did
+    <run>/rank<N>/memory_snapshot.pickle, oom_snapshot.pickle   CUDA allocator history
+    <run>/analysis.json              written by analyze
+    <run>/report/index.html          written by report; report/compare.html by compare
+    <run>/trace/merged.json.gz       written by export-trace
 
 The manifest is always replaced atomically, so a reader never sees half of one.
 """
@@ -20,16 +26,137 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from perfkit import __version__
 from perfkit.errors import RunDirError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+ANALYSIS_NAME = "analysis.json"
+PROBE_NAME = "probe.json"
+SNAPSHOT_NAMES = ("memory_snapshot.pickle", "oom_snapshot.pickle")
 Status = Literal["running", "complete", "failed", "interrupted"]
 STATUSES: tuple[str, ...] = ("running", "complete", "failed", "interrupted")
 _RANK_DIR = re.compile(r"^rank(\d+)$")
+
+
+class HasName(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class StudyLayout:
+    """The folder of a ``perfkit sweep`` or ``perfkit optimize``: ``<kind>.json`` (the ledger, written
+    even when interrupted), ``<kind>.html``, and for optimize the profiled ``baseline/`` and
+    ``optimized/`` runs."""
+
+    def __init__(self, root: Path | str, kind: Literal["sweep", "optimize"]) -> None:
+        self.root = Path(root)
+        self.kind = kind
+
+    @property
+    def results(self) -> Path:
+        return self.root / f"{self.kind}.json"
+
+    @property
+    def page(self) -> Path:
+        return self.root / f"{self.kind}.html"
+
+    @property
+    def baseline(self) -> Path:
+        return self.root / "baseline"
+
+    @property
+    def baseline_config(self) -> Path:
+        return self.root / "baseline.toml"
+
+    @property
+    def optimized(self) -> Path:
+        return self.root / "optimized"
+
+
+class RunLayout:
+    """Every path inside one run directory. Creates nothing: writers make their parents."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / ANALYSIS_NAME
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report" / "index.html"
+
+    @property
+    def compare_page(self) -> Path:
+        return self.root / "report" / "compare.html"
+
+    @property
+    def merged_trace(self) -> Path:
+        return self.root / "trace" / "merged.json.gz"
+
+    def rank_dir(self, rank: int) -> Path:
+        return self.root / f"rank{rank}"
+
+    def table(self, rank: int, table: HasName, worker_pid: int | None = None) -> Path:
+        """A rank's table file; with ``worker_pid``, the file of one of its loader workers."""
+        suffix = f".w{worker_pid}" if worker_pid is not None else ""
+        return self.rank_dir(rank) / f"{table.name}{suffix}.jsonl"
+
+    def table_files(self, rank: int, table: HasName) -> list[Path]:
+        """The rank's file of that table and its workers' files, those that exist."""
+        d = self.rank_dir(rank)
+        return sorted(
+            p for p in [d / f"{table.name}.jsonl", *d.glob(f"{table.name}.w*.jsonl")] if p.is_file()
+        )
+
+    def trace(self, rank: int) -> Path:
+        return self.rank_dir(rank) / "trace.json.gz"
+
+    def probe(self, rank: int) -> Path:
+        return self.rank_dir(rank) / PROBE_NAME
+
+    def memory_snapshot(self, rank: int) -> Path:
+        return self.rank_dir(rank) / SNAPSHOT_NAMES[0]
+
+    def oom_snapshot(self, rank: int) -> Path:
+        return self.rank_dir(rank) / SNAPSHOT_NAMES[1]
+
+    def ranks(self) -> list[int]:
+        """The ranks that wrote a folder, in order."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            m = _RANK_DIR.match(child.name)
+            if m and child.is_dir():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def traces(self) -> list[Path]:
+        return [p for rank in self.ranks() if (p := self.trace(rank)).is_file()]
+
+    def snapshots(self) -> list[Path]:
+        return [
+            p
+            for rank in self.ranks()
+            for name in SNAPSHOT_NAMES
+            if (p := self.rank_dir(rank) / name).is_file()
+        ]
+
+    def is_run(self) -> bool:
+        return self.manifest.is_file()
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
@@ -84,6 +211,9 @@ class Manifest:
     """The trainer's resolved configuration, when the run is of the bundled trainer."""
     env: dict[str, Any] = field(default_factory=dict)
     """Versions and hardware: torch, CUDA, NCCL, GPU model and its peak FLOP/s."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """What the workload said of itself through ``perfkit.describe()``: flops_per_token,
+    parameters, layout (dp/tp/pp). The analyzers read these instead of any trainer's schema."""
     status: Status = "running"
     """running, complete, failed or interrupted."""
     start: float = field(default_factory=time.time)
@@ -130,10 +260,11 @@ class Run:
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
         self.manifest = manifest
+        self.layout = RunLayout(path)
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / MANIFEST_NAME
+        return self.layout.manifest
 
     @classmethod
     def create(
@@ -151,7 +282,7 @@ class Run:
         Refuses a folder that already holds a run, so no collected data is ever overwritten.
         """
         path = Path(path)
-        if (path / MANIFEST_NAME).exists():
+        if RunLayout(path).is_run():
             raise RunDirError(f"{path} already holds a run; choose another --out or remove it first")
         path.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(
@@ -171,7 +302,7 @@ class Run:
         path = Path(path)
         if not path.is_dir():
             raise RunDirError(f"{path}: no such run directory")
-        manifest_path = path / MANIFEST_NAME
+        manifest_path = RunLayout(path).manifest
         if not manifest_path.is_file():
             raise RunDirError(f"{manifest_path} is missing: {path} is not a perfkit run directory")
         try:
@@ -204,20 +335,51 @@ class Run:
         self.manifest.collectors[name] = CollectorState(status=status, reason=reason)
         self.save()
 
-    def rank_dir(self, rank: int) -> Path:
-        """The folder of one rank, created if needed."""
-        d = self.path / f"rank{rank}"
-        d.mkdir(exist_ok=True)
-        return d
-
     def ranks(self) -> list[int]:
         """The ranks that wrote a folder, in order."""
-        found = []
-        for child in self.path.iterdir():
-            m = _RANK_DIR.match(child.name)
-            if m and child.is_dir():
-                found.append(int(m.group(1)))
-        return sorted(found)
+        return self.layout.ranks()
+
+    def rank_reports(self) -> dict[int, dict[str, Any]]:
+        """Each rank's ``probe.json`` (what its collectors did), those that can be read."""
+        reports = {}
+        for rank in self.ranks():
+            try:
+                data = json.loads(self.layout.probe(rank).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(data, dict):
+                reports[rank] = data
+        return reports
+
+    def merge_rank_reports(self) -> None:
+        """Fold each rank's collector status, world size, environment and workload description into
+        the manifest: a collector failed on any rank is failed (naming the rank), disabled on all is
+        disabled, else ok."""
+        reports = self.rank_reports()
+        if not reports:
+            return
+        m = self.manifest
+        m.world_size = max([m.world_size, *(r.get("world_size", 1) for r in reports.values())])
+        first = reports.get(0) or reports[min(reports)]
+        if first.get("env"):
+            m.env.update(first["env"])
+        if first.get("model"):
+            m.model.update(first["model"])
+        names = sorted({n for r in reports.values() for n in r.get("collectors", {})})
+        for name in names:
+            states = {
+                rank: r["collectors"][name] for rank, r in reports.items() if name in r.get("collectors", {})
+            }
+            failed = [(rank, s) for rank, s in states.items() if s["status"] == "failed"]
+            disabled = [s for s in states.values() if s["status"] == "disabled"]
+            if failed:
+                rank, state = failed[0]
+                m.collectors[name] = CollectorState(status="failed", reason=f"rank {rank}: {state['reason']}")
+            elif len(disabled) == len(states):
+                m.collectors[name] = CollectorState(status="disabled", reason=disabled[0]["reason"])
+            else:
+                m.collectors[name] = CollectorState(status="ok")
+        self.save()
 
 
 def default_run_path(name: str, root: Path | str = "runs") -> Path:

@@ -30,9 +30,6 @@ class Table:
     """Column name to kind (int, float, str, bool). Columns after ``required`` may be null."""
     required: tuple[str, ...]
 
-    def file(self, rank_dir: Path) -> Path:
-        return rank_dir / f"{self.name}.jsonl"
-
 
 STEPS = Table(
     "steps",

@@ -1,4 +1,5 @@
-"""Reports: HTML (jinja2 + plotly, offline), JSON summary and merged Perfetto trace.
-
-Not built yet: see the reports issue. Installed as ``perfkit.reports``.
+"""Reports: what a person reads. The HTML report (``html``, jinja2 templates and plotly ``figures``,
+offline), the comparison and sweep/optimize pages, the CLI's text (``text``), the merged Perfetto
+trace (``perfetto``), and ``publish``, the analyze -> analysis.json -> report sequence. No metric is
+computed here. Installed as ``perfkit.reports``.
 """

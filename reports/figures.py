@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
+from perfkit.analyzers.metrics import Metrics
 
 _LAYOUT = dict(
     template="plotly_white",
@@ -23,11 +24,15 @@ def html(fig: go.Figure) -> str:
     return str(pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
 
 
-def step_breakdown(metrics: dict[str, Any]) -> go.Figure | None:
-    rows = metrics.get("steps", {}).get("per_rank", [])
-    if not rows:
+def step_breakdown(metrics: Metrics) -> go.Figure | None:
+    if metrics.steps is None or not metrics.steps.per_rank:
         return None
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(
+        [
+            {"rank": r.rank, "step_ms": r.step_ms, **{f"{k}_ms": v for k, v in r.phases_ms.items()}}
+            for r in metrics.steps.per_rank
+        ]
+    )
     fig = go.Figure()
     accounted = pd.Series(0.0, index=frame.index)
     for p in PHASES:
@@ -73,9 +78,8 @@ def straggler_heatmap(steps: pd.DataFrame | None) -> go.Figure | None:
     return fig
 
 
-def gpu_breakdown(metrics: dict[str, Any]) -> go.Figure | None:
-    per_rank = metrics.get("trace", {})
-    rows = [(r, v["temporal_breakdown"]) for r, v in per_rank.items() if v.get("temporal_breakdown")]
+def gpu_breakdown(metrics: Metrics) -> go.Figure | None:
+    rows = [(r, v.temporal_breakdown) for r, v in sorted(metrics.trace.items()) if v.temporal_breakdown]
     if not rows:
         return None
     fig = go.Figure()

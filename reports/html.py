@@ -14,7 +14,9 @@ import jinja2
 import pandas as pd
 from markupsafe import Markup, escape
 from perfkit.analyzers.analyze import Analysis
+from perfkit.analyzers.metrics import Metrics
 from perfkit.reports import figures
+from perfkit.reports.text import fix
 from plotly.offline import get_plotlyjs
 
 from perfkit.run import write_atomic
@@ -87,8 +89,8 @@ def _join(*parts: Markup | None) -> Markup | None:
     return Markup("").join(present) if present else None
 
 
-def _collector_reason(metrics: dict[str, Any], name: str) -> str:
-    state = metrics.get("run", {}).get("collectors", {}).get(name)
+def _collector_reason(metrics: Metrics, name: str) -> str:
+    state = metrics.run.collectors.get(name) if metrics.run else None
     if state is None:
         return f"not collected: the {name} collector did not run (--collect)"
     return f"no data: the {name} collector was {state}"
@@ -96,45 +98,42 @@ def _collector_reason(metrics: dict[str, Any], name: str) -> str:
 
 def render(analysis: Analysis) -> str:
     m, t = analysis.metrics, analysis.tables
-    run = m.get("run", {})
-    env = run.get("env", {})
-    steps = m.get("steps", {})
-    name = run.get("name") or analysis.source.name
+    run = m.run
+    env = run.env if run else {}
+    steps = m.steps
+    name = run.name if run else analysis.source.name
     identity = " · ".join(
         str(x)
         for x in (
-            f"{run.get('world_size', len(analysis.ranks))} rank(s)",
-            env.get("gpu")
-            or m.get("device")
-            or (", ".join(env.get("gpus", [])) if env.get("gpus") else "CPU"),
+            f"{run.world_size if run else len(analysis.ranks)} rank(s)",
+            env.get("gpu") or m.device or (", ".join(env.get("gpus", [])) if env.get("gpus") else "CPU"),
             f"torch {env.get('torch')}" if env.get("torch") else None,
             f"CUDA {env.get('cuda')}" if env.get("cuda") else None,
             f"NCCL {env.get('nccl')}" if env.get("nccl") else None,
-            f"status {run.get('status')}" if run.get("status") else None,
+            f"status {run.status}" if run else None,
         )
         if x
     )
     cards = []
     if steps:
-        cards.append({"value": f"{steps['step_time_ms']:.1f} ms", "label": "median step time"})
-        if "tokens_per_s" in steps:
-            cards.append({"value": f"{steps['tokens_per_s']:,.0f}", "label": "tokens / s"})
-    tp = m.get("throughput", {})
-    if tp.get("mfu") is not None:
-        cards.append(
-            {"value": f"{tp['mfu']:.1%}", "label": f"MFU of {tp['peak_tflops_per_gpu']:.0f} TFLOP/s"}
-        )
-    if "achieved_tflops" in tp:
-        cards.append({"value": f"{tp['achieved_tflops']:.2f}", "label": "achieved TFLOP/s"})
+        cards.append({"value": f"{steps.step_time_ms:.1f} ms", "label": "median step time"})
+        if steps.tokens_per_s is not None:
+            cards.append({"value": f"{steps.tokens_per_s:,.0f}", "label": "tokens / s"})
+    tp = m.throughput
+    if tp is not None and tp.mfu is not None and tp.peak_tflops_per_gpu:
+        cards.append({"value": f"{tp.mfu:.1%}", "label": f"MFU of {tp.peak_tflops_per_gpu:.0f} TFLOP/s"})
+    if tp is not None:
+        cards.append({"value": f"{tp.achieved_tflops:.2f}", "label": "achieved TFLOP/s"})
     cards.append({"value": str(len(analysis.findings)), "label": "findings"})
 
     findings = []
     for f in analysis.findings:
         d = f.to_json()
         d["evidence_text"] = "; ".join(f"{k}: {_short(v)}" for k, v in f.evidence.items())
+        d["fix"] = fix(f, m)
         findings.append(d)
 
-    if m.get("trace"):
+    if m.trace:
         no_trace = "the traces hold no GPU kernels (a CPU run): there is no GPU time to break down"
     else:
         no_trace = "no kernel trace: profile with --profile-steps (the kernels collector) or pass a trace"
@@ -229,7 +228,12 @@ def render(analysis: Analysis) -> str:
             Markup("<pre>")
             + escape(
                 json.dumps(
-                    {"env": env, "config": m.get("config", {}), "command": run.get("command")},
+                    {
+                        "env": env,
+                        "config": m.config,
+                        "model": m.model,
+                        "command": run.command if run else None,
+                    },
                     indent=1,
                     default=str,
                 )
@@ -240,10 +244,10 @@ def render(analysis: Analysis) -> str:
             "a bare trace carries no run configuration",
         ),
     ]
-    template = page_template("index.html")
+    template = page_template("report.html")
     return template.render(
         name=name,
-        command=" ".join(map(str, run.get("command", []))) or str(analysis.source),
+        command=" ".join(map(str, run.command)) if run else str(analysis.source),
         identity=identity,
         cards=cards,
         findings=findings,

@@ -33,7 +33,7 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
     notes: list[str] = []
     per_rank: dict[int, tuple[list[dict[str, Any]], int]] = {}
     for rank in run.ranks():
-        path = run.path / f"rank{rank}" / "trace.json.gz"
+        path = run.layout.trace(rank)
         if not path.exists():
             continue
         try:

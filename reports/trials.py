@@ -13,7 +13,7 @@ from perfkit.reports import figures
 from perfkit.reports.html import page_template
 from plotly.offline import get_plotlyjs
 
-from perfkit.run import write_atomic
+from perfkit.run import RunLayout, write_atomic
 
 
 def _fmt(v: float | None, spec: str = ",.1f") -> str:
@@ -40,9 +40,12 @@ def render(data: dict[str, Any], page: Path | None = None) -> str:
         title = f"perfkit optimize: {Path(data['config']).name} on {data['nproc']} rank(s)"
         chart = figures.trial_runs(rows, "Each trial: without and with the change (each dot one run)")
     links: dict[str, str] = {}
-    for key, run in (("baseline", data.get("baseline_run")), ("final", data.get("final_run"))):
-        if run and page is not None:
-            links[key] = os.path.relpath(Path(run) / "report", page.resolve().parent)
+    if page is not None:
+        here = page.resolve().parent
+        for key, run in (("baseline", data.get("baseline_run")), ("final", data.get("final_run"))):
+            if run:
+                links[key] = os.path.relpath(RunLayout(run).report, here)
+                links[f"{key}_compare"] = os.path.relpath(RunLayout(run).compare_page, here)
     template = page_template("trials.html")
     return template.render(
         d=data,

@@ -19,6 +19,7 @@ from perfkit.analyzers.memory import load_snapshot, snapshot_summary
 from perfkit.analyzers.trace import TraceError, load_trace
 
 from perfkit.cli import cli
+from perfkit.optimizer import remedies
 
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -40,11 +41,11 @@ def ids(analysis) -> dict[str, object]:
 
 
 def test_eager_tuned_h100_trace_is_launch_bound(tuned) -> None:
-    b = tuned.metrics["trace"]["0"]["temporal_breakdown"]
+    b = tuned.metrics.trace[0].temporal_breakdown
     assert 50 <= 100 - b["idle_pct"] <= 60  # the GPU is busy ~55% of the profiled steps
     f = ids(tuned)["host_launch_bound"]
     assert f.severity == "high" and f.ranks == [0] and f.saving_ms_per_step > 5
-    assert f.remedy.change == {"kernels.compile": True}
+    assert f.remedy == "compile" and remedies.get(f.remedy).trainer == {"kernels.compile": True}
     assert tuned.findings[0].id == "host_launch_bound"
 
 
@@ -64,7 +65,7 @@ def test_compiled_h100_trace_gets_nothing_its_configuration_rules_out(compiled) 
 
 
 def test_tuned_trace_kernel_categories(tuned) -> None:
-    cats = tuned.metrics["kernel_categories"]
+    cats = tuned.metrics.kernel_categories
     assert cats["gemm"] > 0.25 and cats["attention"] > 0.05 and cats["optimizer"] > 0
     assert "communication" not in cats or cats["communication"] < 0.01  # a 1-rank NCCL group: no kernels
 
@@ -72,12 +73,12 @@ def test_tuned_trace_kernel_categories(tuned) -> None:
 def test_two_rank_hta_traces(tmp_path: Path) -> None:
     a = analyze(DATA / "hta" / "trace_filter")
     assert a.ranks == [0, 1] and not a.partial
-    for rank in ("0", "1"):
-        b = a.metrics["trace"][rank]["temporal_breakdown"]
+    for rank in (0, 1):
+        b = a.metrics.trace[rank].temporal_breakdown
         assert abs(b["compute_pct"] + b["communication_pct"] + b["memory_pct"] + b["idle_pct"] - 100) < 1e-6
         assert b["communication_pct"] > 10  # NCCL SendRecv
     assert "exposed_communication" in ids(a)
-    ops = {row["op"] for row in a.metrics["trace_collectives"]}
+    ops = {row["op"] for row in a.metrics.trace_collectives}
     assert "send_recv" in ops
 
 
@@ -188,7 +189,7 @@ def test_a_bad_rank_leaves_the_others_analyzed(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["analyze", str(folder), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "PARTIAL" in result.output and "problem:" in result.output
     written = json.loads((tmp_path / "out" / "analysis.json").read_text())
-    assert written["partial"] is True and written["schema_version"] == 1
+    assert written["partial"] is True and written["schema_version"] == 2
 
 
 def test_cli_json_has_the_promised_keys(tmp_path: Path) -> None:
@@ -293,20 +294,26 @@ def test_analysis_does_not_import_torch() -> None:
     ("parallel", "remedy", "change"),
     [
         ({"tp": 2, "sequence_parallel": False}, "sequence_parallel", {"parallel.sequence_parallel": True}),
-        ({"tp": 2, "sequence_parallel": True}, "memory", {"kernels.activation_checkpointing": True}),
-        ({"tp": 1}, "memory", {"kernels.activation_checkpointing": True}),
+        (
+            {"tp": 2, "sequence_parallel": True},
+            "activation_checkpointing",
+            {"kernels.activation_checkpointing": True},
+        ),
+        ({"tp": 1}, "activation_checkpointing", {"kernels.activation_checkpointing": True}),
     ],
 )
 def test_memory_pressure_remedy_fits_the_layout(parallel: dict, remedy: str, change: dict) -> None:
     """With tensor parallelism and no sequence parallelism, sharding activations comes before
     recomputing them; and no finding's saving passes the step time."""
-    from perfkit.analyzers.findings import run_rules
+    from perfkit.analyzers.metrics import MemoryMetrics, Metrics, StepMetrics
+    from perfkit.analyzers.rules import evaluate
 
-    metrics = {
-        "steps": {"step_time_ms": 100.0},
-        "memory": {"alloc_retries": 3, "ooms": 0},
-        "config": {"parallel": parallel},
-    }
-    (f,) = [f for f in run_rules(metrics) if f.id == "memory_pressure"]
-    assert f.remedy.id == remedy and f.remedy.change == change
-    assert all(f.saving_ms_per_step <= 100.0 for f in run_rules(metrics))
+    metrics = Metrics(
+        steps=StepMetrics(steps=10, step_time_ms=100.0, step_time_p90_ms=100.0, per_rank=[], phase_share={}),
+        memory=MemoryMetrics(rss_max_bytes=1.0, alloc_retries=3, ooms=0),
+        config={"parallel": parallel},
+    )
+    found = evaluate([], metrics)
+    (f,) = [f for f in found if f.id == "memory_pressure"]
+    assert f.remedy == remedy and remedies.get(f.remedy).trainer == change
+    assert all(f.saving_ms_per_step <= 100.0 for f in found)

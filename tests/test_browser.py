@@ -63,7 +63,7 @@ def test_report_draws_every_figure_offline(tmp_path: Path, source: Path) -> None
 
 
 def _candidate(label: str, ms: list[float]) -> dict:
-    from perfkit.trials import Candidate, Measurement
+    from perfkit.optimizer.trials import Candidate, Measurement
 
     runs = [Measurement(ok=True, step_ms=m, tokens_per_s=1e5 / m, loss=4.2) for m in ms]
     return Candidate(label, [f"parallel.{label}=2"], runs).to_json()

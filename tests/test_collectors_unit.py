@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from perfkit.collectors import nvml
 from perfkit.collectors.base import REGISTRY, Collector, parse_collect
-from perfkit.collectors.probe import Probe, ProbeOptions
+from perfkit.collectors.options import CollectOptions
+from perfkit.collectors.probe import Probe
+from perfkit.collectors.signals import nvml
 
 from perfkit.errors import ConfigError, RunDirError
 from perfkit.tables import NVML, STEPS, RowWriter, read_table
@@ -110,9 +111,7 @@ class FakeNvml(types.SimpleNamespace):
 
 
 def _probe(tmp_path: Path, collect: list[str], **kw) -> Probe:
-    import perfkit.collectors.registry  # noqa: F401
-
-    return Probe(tmp_path, 0, 1, 0, ProbeOptions(collect=collect, **kw))
+    return Probe(tmp_path, 0, 1, 0, CollectOptions(collect=collect, **kw))
 
 
 def test_nvml_sampler_writes_what_nvml_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,8 +183,42 @@ def test_probe_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PERFKIT_COLLECT", "steps,comms")
     monkeypatch.setenv("PERFKIT_PROFILE_STEPS", "5-7")
     monkeypatch.setenv("PERFKIT_MEMORY_HISTORY", "3")
-    o = ProbeOptions.from_env()
+    o = CollectOptions.from_env()
     assert o.collect == ["steps", "comms"] and o.profile_steps == (5, 7) and o.memory_history == (3, 3)
+
+
+def test_collect_options_round_trip_through_the_environment() -> None:
+    o = CollectOptions(collect=["steps", "nvml"], profile_steps=None, nvml_hz=2.5, memory_history=(3, 4))
+    assert CollectOptions.from_env(o.to_env()) == o
+    assert CollectOptions.from_env({}) == CollectOptions()  # unset variables: the defaults
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "message"),
+    [
+        ("nvml_hz", "nan", "positive finite"),
+        ("nvml_hz", "0", "positive finite"),
+        ("profile_steps", "7-5", "FIRST-LAST"),
+        ("memory_history_entries", "many", "not a whole number"),
+        ("collect", "steps,gpu", "unknown collector 'gpu'"),
+    ],
+)
+def test_collect_options_reject_bad_text_with_one_line(field: str, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CollectOptions.from_text({field: text})
+
+
+def test_every_collector_module_registers_one_collector_of_its_name() -> None:
+    """The collectors are the modules of perfkit.collectors.signals, known without importing torch."""
+    from perfkit.collectors.base import known, load
+
+    from perfkit.tables import TABLES
+
+    assert {"steps", "comms", "memory", "io", "nvml", "kernels"} <= set(known())
+    for name in known():
+        cls = load(name)
+        assert cls.name == name and issubclass(cls, Collector)
+        assert all(TABLES[t.name] is t for t in cls.tables)  # its tables are declared in perfkit.tables
 
 
 def test_nvml_table_schema_matches_fixture_columns() -> None:
@@ -223,3 +256,59 @@ def test_manual_mode_takes_the_automatic_hooks_off(tmp_path: Path) -> None:
     finally:
         probe.auto.remove_hooks()
         probe.stop()
+
+
+_STEP_LOOP = """
+import json, sys, time
+import perfkit
+
+with_phases = sys.argv[2] == "phases"
+own = []
+with perfkit.profile(sys.argv[1], collect="steps", profile_steps=None):
+    t = time.perf_counter()  # step 1 begins where profiling begins
+    perfkit.describe(flops_per_token=6000, layout={"dp": 1, "tp": 1, "pp": 1})
+    for i in range(12):
+        if with_phases:
+            with perfkit.phase("forward"):
+                time.sleep(0.004)
+            with perfkit.phase("backward"):
+                time.sleep(0.002)
+        else:
+            time.sleep(0.006)
+        time.sleep(0.001 * (i % 3))  # untimed work between phases still belongs to the step
+        perfkit.step(tokens=128)
+        now = time.perf_counter()
+        own.append(now - t)
+        t = now
+print(json.dumps(own))
+"""
+
+
+@pytest.mark.parametrize("mode", ["phases", "plain"])
+def test_public_step_api_measures_the_loops_own_steps(tmp_path: Path, mode: str) -> None:
+    """perfkit.step() ends the step that began at the previous step() (or the start of profiling):
+    the recorded step times match the loop's own clock, with and without phases."""
+    import subprocess
+
+    from perfkit.run import Run, RunLayout
+
+    script = tmp_path / "loop.py"
+    script.write_text(_STEP_LOOP)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    own = json.loads(proc.stdout)
+    steps, _ = read_table(RunLayout(tmp_path / "run").table(0, STEPS), STEPS)
+    assert list(steps["step"]) == list(range(1, 13))
+    recorded = steps["step_time_s"].to_numpy()
+    for mine, theirs in zip(own, recorded, strict=True):
+        assert abs(theirs - mine) <= 0.10 * mine, (own, list(recorded))
+    if mode == "phases":
+        assert (steps["forward_s"] >= 0.004).all() and (steps["backward_s"] >= 0.002).all()
+    run = Run.open(tmp_path / "run")
+    assert run.manifest.status == "complete"
+    assert run.manifest.model["flops_per_token"] == 6000  # perfkit.describe() reaches the manifest

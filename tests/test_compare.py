@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from perfkit.cli import cli
 from perfkit.run import Run
+from perfkit.tables import STEPS
 
 
 def make_run(path: Path, step_ms: float, data_wait_ms: float, ranks: int = 2) -> Path:
@@ -30,7 +31,8 @@ def make_run(path: Path, step_ms: float, data_wait_ms: float, ranks: int = 2) ->
                     }
                 )
             )
-        (run.rank_dir(rank) / "steps.jsonl").write_text("\n".join(lines) + "\n")
+        run.layout.rank_dir(rank).mkdir()
+        run.layout.table(rank, STEPS).write_text("\n".join(lines) + "\n")
     run.finish("complete", 0)
     return path
 

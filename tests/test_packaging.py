@@ -61,7 +61,7 @@ def test_wheel_holds_every_package_and_data(wheel: zipfile.ZipFile) -> None:
     names = wheel.namelist()
     for package in _packages_on_disk():
         assert f"{package.replace('.', '/')}/__init__.py" in names
-    assert "perfkit/reports/templates/index.html" in names and "perfkit/reports/templates/base.css" in names
+    assert "perfkit/reports/templates/report.html" in names and "perfkit/reports/templates/base.css" in names
     assert "perfkit/collectors/site/sitecustomize.py" in names
     assert "perfkit/trainer/configs/tiny-cpu.toml" in names
     assert "perfkit/trainer/configs/gpt2-small-gpu.toml" in names

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from helpers import run_perfkit
 from perfkit.analyzers.analyze import analyze
+from perfkit.reports.text import fix
+
+from perfkit.optimizer import remedies
 
 pytestmark = pytest.mark.slow
 
@@ -95,15 +98,19 @@ def test_slow_data_loader(tmp_path: Path) -> None:
         (f.id, f.saving_ms_per_step) for f in a.findings
     ]
     assert top.evidence["data_wait_share"] > 0.25  # ~100 ms of sleep in a ~250 ms step
-    assert top.remedy.change["data.num_workers"] > 0
+    assert top.remedy == "more_workers"
+    # A script of the user's own: the fix is said in its terms, never as a --set of the bundled trainer.
+    assert fix(top, a.metrics).code == [remedies.get("more_workers").script]
+    assert "DataLoader(" in fix(top, a.metrics).code[0]
 
 
 def test_straggler_rank_is_named(tmp_path: Path) -> None:
     a = analyze(profile_script(tmp_path, "straggler"))
     top = a.findings[0]
     assert top.id == "straggler" and top.ranks == [1], [(f.id, f.evidence) for f in a.findings]
-    ranks = {r["rank"]: r for r in a.metrics["stragglers"]["ranks"]}
-    assert ranks[1]["score"] < 0.75 <= ranks[0]["score"]
+    assert a.metrics.stragglers is not None
+    ranks = {r.rank: r for r in a.metrics.stragglers.ranks}
+    assert ranks[1].score < 0.75 <= ranks[0].score
     assert top.saving_ms_per_step > 30  # it sleeps 50 ms a step
 
 
@@ -133,4 +140,5 @@ def test_tiny_ddp_buckets(tmp_path: Path) -> None:
     top = a.findings[0]
     assert top.id == "small_ddp_buckets", [(f.id, f.saving_ms_per_step) for f in a.findings]
     assert top.evidence["buckets_per_step"] > 20
-    assert top.remedy.change == {"overlap.bucket_cap_mb": 25}
+    assert remedies.get(top.remedy).trainer == {"overlap.bucket_cap_mb": 25}
+    assert fix(top, a.metrics).code == ["--set overlap.bucket_cap_mb=25"]  # the bundled trainer: its --set

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from helpers import run_perfkit, user_env
 
-from perfkit.run import Run
+from perfkit.run import Run, RunLayout
 from perfkit.tables import COMMS, IO, MEMORY, STEPS, Table, read_table
 from perfkit.trainer.config import load_config
 from perfkit.trainer.model import GPT, num_params
@@ -44,8 +44,7 @@ def reference(out: Path, *sets: str, profile_steps: str = "none", **kw) -> subpr
 
 
 def table(run: Path, rank: int, t: Table) -> pd.DataFrame:
-    d = run / f"rank{rank}"
-    frames = [read_table(f, t)[0] for f in [t.file(d), *d.glob(f"{t.name}.w*.jsonl")] if f.exists()]
+    frames = [read_table(f, t)[0] for f in RunLayout(run).table_files(rank, t)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -9,8 +9,8 @@ from perfkit.run import MANIFEST_NAME, SCHEMA_VERSION, Run, default_run_path
 
 def test_create_open_roundtrip(tmp_path: Path) -> None:
     run = Run.create(tmp_path / "r", command=["train"], world_size=2, config={"steps": 3})
-    run.rank_dir(1)
-    run.rank_dir(0)
+    run.layout.rank_dir(1).mkdir()
+    run.layout.rank_dir(0).mkdir()
     (run.path / "rank10").mkdir()
     (run.path / "rankX").mkdir()
     run.set_collector("nvml", "disabled", "no NVIDIA driver")

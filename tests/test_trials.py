@@ -10,14 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import run_perfkit
-from perfkit.analyzers.findings import Finding, Remedy
+from perfkit.analyzers.rules import Finding
 
 from perfkit.errors import ConfigError
-from perfkit.optimize import baseline_from_run, plan
+from perfkit.optimizer import remedies
+from perfkit.optimizer.optimize import baseline_from_run, plan
+from perfkit.optimizer.sweep import default_layouts, label, parse_layout
+from perfkit.optimizer.trials import Candidate, Measurement, judge, step_figures, write_toml
 from perfkit.run import Run
-from perfkit.sweep import default_layouts, label, parse_layout
 from perfkit.trainer.config import TrainConfig, load_config
-from perfkit.trials import Candidate, Measurement, judge, step_figures, write_toml
 
 
 def records(step_ms: list[float], every: int = 1) -> list[dict]:
@@ -92,19 +93,22 @@ def test_baseline_from_a_run_that_is_not_the_trainer_is_one_line(tmp_path: Path)
     assert nproc == 2 and load_config(config).to_dict() == TrainConfig().to_dict()
 
 
-def finding(id: str, change: dict) -> Finding:
-    return Finding(
-        id=id,
-        title=id,
-        severity="high",
-        evidence={},
-        ranks=[],
-        saving_ms_per_step=1.0,
-        remedy=Remedy(id=id, description=id, change=change),
-    )
+def test_plan_skips_what_is_set_invalid_or_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    def finding(id: str, change: dict) -> Finding:
+        monkeypatch.setitem(
+            remedies.REMEDIES, f"test_{id}", remedies.Remedy(id=id, description=id, trainer=change)
+        )
+        return Finding(
+            id=id,
+            title=id,
+            severity="high",
+            evidence={},
+            ranks=[],
+            saving_ms_per_step=1.0,
+            estimate="",
+            remedy=f"test_{id}",
+        )
 
-
-def test_plan_skips_what_is_set_invalid_or_repeated() -> None:
     analysis = SimpleNamespace(
         findings=[
             finding("a", {"overlap.bucket_cap_mb": 25}),  # tiny-cpu's own value: already set
@@ -225,6 +229,6 @@ Root Cause (first observed failure):
     ],
 )  # fmt: skip
 def test_a_failed_run_is_told_by_its_cause(output: str, line: str) -> None:
-    from perfkit.trials import _last_error
+    from perfkit.optimizer.trials import _last_error
 
     assert _last_error(output) == line

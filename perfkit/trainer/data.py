@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from perfkit.collectors.io import record_read
+from perfkit.collectors.signals.io import record_read
 from perfkit.errors import ConfigError
 from perfkit.run import write_atomic
 

@@ -21,7 +21,7 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 
-from perfkit.collectors.probe import start_manual
+import perfkit
 from perfkit.errors import ConfigError
 from perfkit.hardware import gpu_peak_tflops
 from perfkit.trainer.checkpoint import Checkpointer, latest_step
@@ -220,14 +220,20 @@ def _train(
     # For the kill tests: SIGKILL this rank at the start of that step (0-based).
     kill_at = int(os.environ.get("PERFKIT_TEST_KILL_AT_STEP", "-1"))
     kill_rank = int(os.environ.get("PERFKIT_TEST_KILL_RANK", "0"))
-    probe = start_manual()  # under `perfkit profile`: collectors attached, steps marked here
-    phase: Phase = probe.phase if probe is not None else _no_phase
-    if probe is not None:
-        probe.step = start
     local_tokens = layout.local_batch * cfg.model.seq_len
     t_last, step_last = time.perf_counter(), start
-    batches = iter(loader)
-    try:
+    # Under `perfkit profile`: collectors attached, steps marked here through the public API. The
+    # loader's workers start inside, so they inherit the attached I/O collector.
+    with perfkit.attach(start_step=start) as probe, contextlib.ExitStack() as closing:
+        batches = iter(loader)
+        if log_file:
+            closing.callback(log_file.close)
+        perfkit.describe(
+            flops_per_token=flops_per_token(cfg.model),
+            parameters=n_params,
+            layout={"dp": layout.dp, "tp": layout.tp, "pp": layout.pp},
+        )
+        phase: Phase = perfkit.phase if probe is not None else _no_phase
         for step in range(start, cfg.steps):
             with phase("data_wait"):
                 batch = next(batches)
@@ -285,14 +291,9 @@ def _train(
                         log_file.write(json.dumps(rec) + "\n")
                         log_file.flush()
             if probe is not None:
-                probe.end_step(tokens=local_tokens, loss=loss)
+                perfkit.step(tokens=local_tokens, loss=loss)
         if ckpt:
             ckpt.wait()
-    finally:
-        if log_file:
-            log_file.close()
-        if probe is not None:
-            probe.stop()
     if rank == 0 and records:
         timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
         median = sorted(timed)[len(timed) // 2]

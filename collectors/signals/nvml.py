@@ -71,6 +71,7 @@ def read_samples(path: Path) -> pd.DataFrame:
 @register
 class NvmlCollector(Collector):
     name = "nvml"
+    tables = (NVML,)
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None

@@ -36,6 +36,7 @@ def rss_bytes() -> int:
 @register
 class MemoryCollector(Collector):
     name = "memory"
+    tables = (MEMORY,)
 
     def __init__(self) -> None:
         self._recording = False
@@ -46,7 +47,7 @@ class MemoryCollector(Collector):
         if torch.cuda.is_available() and hasattr(torch._C, "_cuda_attach_out_of_memory_observer"):
 
             def on_oom(device: int, alloc: int, device_alloc: int, device_free: int) -> None:
-                torch.cuda.memory._dump_snapshot(str(probe.rank_dir / "oom_snapshot.pickle"))
+                torch.cuda.memory._dump_snapshot(str(probe.layout.oom_snapshot(probe.rank)))
 
             torch._C._cuda_attach_out_of_memory_observer(on_oom)
 
@@ -78,7 +79,7 @@ class MemoryCollector(Collector):
             self._dump(probe)
 
     def _dump(self, probe: Probe) -> None:
-        torch.cuda.memory._dump_snapshot(str(probe.rank_dir / "memory_snapshot.pickle"))
+        torch.cuda.memory._dump_snapshot(str(probe.layout.memory_snapshot(probe.rank)))
         torch.cuda.memory._record_memory_history(enabled=None)
         self._recording = False
 

@@ -95,12 +95,6 @@ class Candidate:
         }
 
 
-def as_override(key: str, value: Any) -> str:
-    """``key=value`` in the form ``--set`` reads (booleans as true/false)."""
-    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    return f"{key}={text}"
-
-
 def check(config: str, nproc: int, overrides: Sequence[str]) -> str:
     """'' when the configuration can run with ``nproc`` ranks here, else the reason it cannot."""
     try:

@@ -314,6 +314,7 @@ def _patch_ddp() -> None:
 @register
 class CommsCollector(Collector):
     name = "comms"
+    tables = (COMMS,)
 
     def start(self, probe: Probe) -> None:
         patch_all()

@@ -42,8 +42,8 @@ class KernelsCollector(Collector):
         self._prof.start()
 
     def _export(self, probe: Probe, prof: profile) -> None:
-        final = probe.rank_dir / "trace.json.gz"
-        tmp = probe.rank_dir / f".trace.{os.getpid()}.tmp.json.gz"
+        final = probe.layout.trace(probe.rank)
+        tmp = final.with_name(f".trace.{os.getpid()}.tmp.json.gz")
         prof.export_chrome_trace(str(tmp))
         os.replace(tmp, final)
         self._done = True

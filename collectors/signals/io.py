@@ -56,8 +56,9 @@ def record(
     if os.getpid() == probe.pid:
         probe.writer(IO).add(row)
         return
-    if _worker_writer is None or _worker_writer.path.name != f"io.w{os.getpid()}.jsonl":
-        _worker_writer = RowWriter(probe.rank_dir / f"io.w{os.getpid()}.jsonl")
+    worker_file = probe.layout.table(probe.rank, IO, worker_pid=os.getpid())
+    if _worker_writer is None or _worker_writer.path != worker_file:
+        _worker_writer = RowWriter(worker_file)
     _worker_writer.add(row)
     _worker_writer.flush()
 
@@ -122,6 +123,7 @@ def _torch_load_path(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 @register
 class IOCollector(Collector):
     name = "io"
+    tables = (IO,)
 
     def start(self, probe: Probe) -> None:
         import torch.distributed.checkpoint as dcp

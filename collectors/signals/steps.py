@@ -6,7 +6,10 @@ per-step device sync); this collector only decides whether ``steps.jsonl`` is wr
 
 from perfkit.collectors.base import Collector, register
 
+from perfkit.tables import STEPS
+
 
 @register
 class StepsCollector(Collector):
     name = "steps"
+    tables = (STEPS,)

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from perfkit.errors import ConfigError
-from perfkit.run import write_json_atomic
+from perfkit.optimizer.trials import Candidate, check, interleave
+from perfkit.run import StudyLayout, write_json_atomic
 from perfkit.trainer.config import load_config, resolve_layout
-from perfkit.trials import Candidate, check, interleave
 
 SCHEMA_VERSION = 1
 
@@ -141,5 +141,8 @@ def run_sweep(
         sweep.interrupted = True  # keep what was measured
         raise
     finally:
-        write_json_atomic(out / "sweep.json", sweep.to_json())
+        write_json_atomic(StudyLayout(out, "sweep").results, sweep.to_json())
+    from perfkit.reports.trials import write
+
+    write(sweep.to_json(), StudyLayout(out, "sweep").page)
     return sweep

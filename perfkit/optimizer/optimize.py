@@ -4,7 +4,7 @@ time, and keep each only if it measurably helps.
 1. Baseline: a profiled run of the trainer (given, or made now) and its analysis.
 2. Each finding whose remedy is a config change becomes a trial, in the findings' order (largest
    estimated saving first): the configuration so far against it plus the change, in alternating
-   plain runs (``perfkit.trials``). The change is kept when every pair agrees it is faster and the
+   plain runs (``perfkit.optimizer.trials``). The change is kept when every pair agrees it is faster and the
    median gain passes ``min_gain``, and the loss is not worse; kept changes build on each other.
 3. If anything was kept: the original against the final configuration side by side (the gains of
    single trials do not simply multiply), then a profiled run of the final configuration, whose
@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perfkit.analyzers.analyze import Analysis, analyze
+from perfkit.analyzers.analyze import Analysis, Comparison, analyze, compare
 from perfkit.errors import ConfigError, RunDirError
-from perfkit.run import Run, write_json_atomic
+from perfkit.optimizer import remedies
+from perfkit.optimizer.trials import Candidate, Verdict, check, interleave, judge, write_toml
+from perfkit.run import Run, RunLayout, StudyLayout, write_json_atomic
 from perfkit.trainer.config import load_config
-from perfkit.trials import Candidate, Verdict, as_override, check, interleave, judge, write_toml
 
 SCHEMA_VERSION = 1
 
@@ -71,6 +72,8 @@ class Optimization:
     interrupted: bool = False
     baseline_analysis: Analysis | None = field(default=None, repr=False)
     """The analysis the trials came from (kept for the final comparison; not in the JSON)."""
+    comparison: Comparison | None = field(default=None, repr=False)
+    """The final profiled run against the baseline (when one was made)."""
 
     @property
     def speedup(self) -> float | None:
@@ -110,7 +113,7 @@ def baseline_from_run(run_path: Path, out: Path) -> tuple[str, int]:
             f"`perfkit analyze {run_path}` prints"
         )
     out.mkdir(parents=True, exist_ok=True)
-    return str(write_toml(config, out / "baseline.toml")), run.manifest.world_size
+    return str(write_toml(config, StudyLayout(out, "optimize").baseline_config)), run.manifest.world_size
 
 
 def profile_reference(config: str, nproc: int, overrides: Sequence[str], out: Path, name: str) -> Run:
@@ -142,11 +145,11 @@ def plan(
     seen: set[tuple[str, ...]] = set()
     current = load_config(config, list(overrides)).to_dict()
     for f in analysis.findings:
-        change = [as_override(k, v) for k, v in f.remedy.change.items()]
+        change = remedies.get(f.remedy).overrides()
         if not change or tuple(change) in seen:
             continue
         seen.add(tuple(change))
-        t = Trial(f.id, f.title, f.remedy.id, change)
+        t = Trial(f.id, f.title, f.remedy, change)
         problem = check(config, nproc, [*overrides, *change])
         if problem:
             t.skipped = f"cannot run here: {problem}"
@@ -173,6 +176,7 @@ def run_optimize(
     verify: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Optimization:
+    folder = StudyLayout(out, "optimize")
     out.mkdir(parents=True, exist_ok=True)
     if run is not None:
         config, nproc = baseline_from_run(run, out)
@@ -183,7 +187,7 @@ def run_optimize(
         if problem:
             raise ConfigError(problem)
         progress("profiling the baseline")
-        baseline = profile_reference(config, nproc, overrides, out / "baseline", "baseline").path
+        baseline = profile_reference(config, nproc, overrides, folder.baseline, "baseline").path
     analysis = analyze(baseline)
     opt = Optimization(config, nproc, list(overrides), baseline, baseline_analysis=analysis)
     opt.trials = plan(analysis, config, nproc, overrides, max_trials)
@@ -217,10 +221,30 @@ def run_optimize(
                 interleave(config, nproc, opt.final, repeats, work, progress)
         if opt.kept and verify:
             progress("profiling the final configuration")
-            opt.final_run = profile_reference(config, nproc, current, out / "optimized", "optimized").path
+            opt.final_run = profile_reference(config, nproc, current, folder.optimized, "optimized").path
+            opt.comparison = _compare_final(analysis, opt.final_run, out)
     except KeyboardInterrupt:
         opt.interrupted = True  # keep the trials measured so far
         raise
     finally:
-        write_json_atomic(out / "optimize.json", opt.to_json())
+        write_json_atomic(folder.results, opt.to_json())
+    from perfkit.reports.trials import write
+
+    write(opt.to_json(), folder.page)
     return opt
+
+
+def _compare_final(before: Analysis, final_run: Path, out: Path) -> Comparison:
+    """Analyze the final run, write the reports of the runs made here (a run the user gave is left
+    as it is), and the final run's comparison page against the baseline."""
+    from perfkit.reports.compare import write as write_compare
+    from perfkit.reports.publish import write_outputs
+
+    after = analyze(final_run)
+    for result in (before, after):
+        if result.source.is_relative_to(out):
+            layout = RunLayout(result.source)
+            write_outputs(result, json_path=layout.analysis, report_path=layout.report)
+    comparison = compare(before, after)
+    write_compare(comparison, RunLayout(final_run).compare_page)
+    return comparison

@@ -1,0 +1,100 @@
+"""Facts the diagnosis rules share, computed once per rank's trace (in the worker that parsed it),
+apart from the rules themselves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from perfkit.analyzers.breakdown import (
+    exposed_communication,
+    idle_attribution,
+    profiler_steps,
+    temporal_breakdown,
+)
+from perfkit.analyzers.trace import Trace, by_name
+
+
+@dataclass
+class TraceFacts:
+    """What the rules need from one rank's trace, computed once."""
+
+    rank: int
+    steps: int
+    step_ms: float
+    breakdown: dict[str, float]
+    idle: dict[str, float]
+    exposed: dict[str, float]
+    gemm_fp32_ns: int
+    gemm_ns: int
+    fp32_kernels: list[str]
+    cpu_ops: pd.Series  # name -> count
+    pageable_h2d_ns: int
+    pageable_h2d: int
+    attention_kernel_ns: int
+    item_calls: int
+    """aten::item calls outside the optimizer step (AdamW reads its step counters with .item())."""
+
+
+def _items_outside_optimizer(ev: pd.DataFrame) -> int:
+    items = ev[(ev["name"] == "aten::item").to_numpy()]
+    opt = ev[by_name(ev["name"], lambda n: n.startswith("Optimizer.step#"), bool)]
+    if items.empty or opt.empty:
+        return len(items)
+    starts, ends = opt["ts"].to_numpy(), opt["end"].to_numpy()
+    order = starts.argsort()
+    starts, ends = starts[order], ends[order]
+    k = starts.searchsorted(items["ts"].to_numpy(), side="right") - 1
+    inside = (k >= 0) & (items["ts"].to_numpy() <= ends[k.clip(0)])
+    return int((~inside).sum())
+
+
+def trace_facts(trace: Trace) -> TraceFacts:
+    ps = profiler_steps(trace)
+    gpu = trace.gpu
+    breakdown = temporal_breakdown(trace)
+    n_steps = max(1, len(ps))
+    if len(ps):
+        step_ms = float(ps["dur"].median() / 1e6)
+    elif breakdown:
+        step_ms = breakdown["span_ns"] / 1e6
+    else:
+        ev = trace.events
+        step_ms = float((ev["end"].max() - ev["ts"].min()) / 1e6)
+    gemm = gpu[gpu["category"] == "gemm"]
+    fp32 = gemm[gemm["precision"] == "fp32"]
+    ev = trace.events
+    cpu_ops = ev[ev["cat"].isin(("cpu_op", "user_annotation")).to_numpy()]["name"].value_counts()
+    cpu_ops = cpu_ops[cpu_ops > 0]
+    cpu_ops.index = cpu_ops.index.astype(str)
+    memcpy = gpu[by_name(gpu["name"], lambda n: "Pageable -> Device" in n, bool)]
+    return TraceFacts(
+        rank=trace.rank,
+        steps=n_steps,
+        step_ms=step_ms,
+        breakdown=breakdown,
+        idle=idle_attribution(trace),
+        exposed=exposed_communication(trace),
+        gemm_fp32_ns=int(fp32["dur"].sum()),
+        gemm_ns=int(gemm["dur"].sum()),
+        fp32_kernels=fp32.groupby(fp32["name"].astype(str))["dur"].sum().nlargest(3).index.tolist(),
+        cpu_ops=cpu_ops,
+        pageable_h2d_ns=int(memcpy["dur"].sum()),
+        pageable_h2d=len(memcpy),
+        attention_kernel_ns=int(gpu[gpu["category"] == "attention"]["dur"].sum()),
+        item_calls=_items_outside_optimizer(ev),
+    )
+
+
+def ops(f: TraceFacts, *names: str) -> int:
+    """How many times the trace ran these CPU ops."""
+    return int(sum(f.cpu_ops.get(n, 0) for n in names))
+
+
+def has_op(f: TraceFacts, fragment: str) -> bool:
+    """Whether any CPU op's name contains ``fragment``."""
+    return bool(f.cpu_ops.index.str.contains(fragment, regex=False).any())
+
+
+def kernels_per_step(f: TraceFacts) -> float:
+    return f.breakdown.get("kernels", 0) / f.steps if f.breakdown else 0.0

@@ -1,0 +1,232 @@
+"""The structure of ``analysis.json``, declared once: every metric the analyzers produce, typed.
+
+``Analysis.to_json()`` writes these dataclasses as JSON (``SCHEMA_VERSION`` at the top); the report,
+``compare``, the CLI summary and the rules read their fields, never string keys. A section is None
+when the run had nothing to compute it from (no steps table, no trace, ...). Times are in ms unless
+a name says otherwise; shares are fractions (0.25), ``*_pct`` are percents.
+
+Version 2 (this one): findings name a remedy id (see ``perfkit.optimizer.remedies``) instead of
+embedding the change; metric sections typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 2
+
+
+@dataclass(kw_only=True)
+class RankSteps:
+    rank: int
+    step_ms: float
+    """Median step time of this rank after the warm-up step."""
+    steps: int
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    """Median time per phase (data_wait, forward, backward, optimizer, checkpoint, ...)."""
+
+
+@dataclass(kw_only=True)
+class StepMetrics:
+    steps: int
+    """The last step recorded."""
+    step_time_ms: float
+    """Median over every rank's steps after the warm-up."""
+    step_time_p90_ms: float
+    per_rank: list[RankSteps]
+    phase_share: dict[str, float]
+    """Each phase's share of the summed step time."""
+    tokens_per_step: float | None = None
+    tokens_per_s: float | None = None
+
+
+@dataclass(kw_only=True)
+class StragglerRank:
+    rank: int
+    busy_ms: float
+    """Median step time less the time spent waiting for the last rank to arrive at collectives."""
+    score: float
+    """Fastest rank's busy time over this rank's (1.0 = as fast as the fastest)."""
+    arrival_late_ms: float | None
+    last_to_arrive_share: float | None
+
+
+@dataclass(kw_only=True)
+class Stragglers:
+    ranks: list[StragglerRank]
+    slow: list[int]
+
+
+@dataclass(kw_only=True)
+class CommMetrics:
+    table: list[dict[str, Any]]
+    """Collectives by op and message size: count, bytes, time, algorithm and bus bandwidth."""
+    collectives_per_step: float
+    bytes_per_step: float
+    ddp_buckets_per_step: float | None = None
+    ddp_bucket_bytes: float | None = None
+
+
+@dataclass(kw_only=True)
+class IoMetrics:
+    data_wait_share: float | None = None
+    data_wait_ms: float | None = None
+    read_latency_p50_ms: float | None = None
+    read_latency_p99_ms: float | None = None
+    reads: int | None = None
+    checkpoint_saves: int | None = None
+    checkpoint_save_ms_max: float | None = None
+    checkpoint_save_bytes: float | None = None
+
+
+@dataclass(kw_only=True)
+class MemoryMetrics:
+    rss_max_bytes: float
+    peak_allocated_bytes: float | None = None
+    reserved_max_bytes: float | None = None
+    inactive_split_max_bytes: float | None = None
+    alloc_retries: int | None = None
+    ooms: int | None = None
+    fragmentation: float | None = None
+    """Largest (reserved - allocated) over the largest reserved."""
+
+
+@dataclass(kw_only=True)
+class Throughput:
+    flops_per_token: float
+    achieved_tflops: float
+    """Over all ranks."""
+    peak_tflops_per_gpu: float | None = None
+    mfu: float | None = None
+
+
+@dataclass(kw_only=True)
+class RankTrace:
+    """One rank's Kineto trace."""
+
+    trace: str
+    steps_in_trace: int
+    step_ms: float
+    temporal_breakdown: dict[str, float]
+    """compute/communication/memory/idle ``_pct`` of the span, and ``span_ns``, ``kernels``."""
+    idle_attribution: dict[str, float]
+    """GPU idle ns by cause: input, sync, host launch, other."""
+    communication_overlap: dict[str, float]
+    gemm_fp32_share: float | None = None
+
+
+@dataclass(kw_only=True)
+class RunInfo:
+    name: str
+    status: str
+    world_size: int
+    command: list[str]
+    env: dict[str, Any]
+    collectors: dict[str, str]
+    """Each collector by name: ok, disabled or failed."""
+
+
+@dataclass(kw_only=True)
+class Metrics:
+    device: str | None = None
+    """The GPU the traces name, if any."""
+    run: RunInfo | None = None
+    """None for a bare trace or a folder of traces."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The bundled trainer's resolved configuration; empty for any other script."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """What the workload said of itself (flops_per_token, parameters, layout) in the manifest."""
+    steps: StepMetrics | None = None
+    stragglers: Stragglers | None = None
+    comms: CommMetrics | None = None
+    io: IoMetrics | None = None
+    memory: MemoryMetrics | None = None
+    throughput: Throughput | None = None
+    peak_tflops: float | None = None
+    trace: dict[int, RankTrace] = field(default_factory=dict)
+    kernel_categories: dict[str, float] = field(default_factory=dict)
+    """Share of GPU kernel time per category, all ranks."""
+    trace_collectives: list[dict[str, Any]] = field(default_factory=list)
+    memory_snapshot: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Allocator snapshot summaries by file (``rank0/memory_snapshot.pickle``)."""
+
+    @property
+    def step_ms(self) -> float | None:
+        return self.steps.step_time_ms if self.steps else None
+
+    @property
+    def is_bundled_trainer(self) -> bool:
+        return bool(self.config)
+
+
+def records(frame: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as dicts with string keys."""
+    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def to_json(obj: Any) -> Any:
+    """A metrics dataclass (or anything holding them) as plain JSON values; NaN becomes null."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return to_json(obj.item())
+    return obj
+
+
+@dataclass(kw_only=True)
+class Delta:
+    """One metric of two analyses side by side (``compare``)."""
+
+    name: str
+    a: float | None
+    b: float | None
+    unit: str
+    delta: float | None
+    """b / a - 1."""
+    worse: bool
+
+
+def _comparable(m: Metrics) -> dict[str, tuple[float | None, str, bool]]:
+    """name -> (value, unit, lower is better)"""
+    s, io, comms = m.steps, m.io, m.comms
+    out: dict[str, tuple[float | None, str, bool]] = {
+        "step time (median)": (s.step_time_ms if s else None, "ms", True),
+        "step time (p90)": (s.step_time_p90_ms if s else None, "ms", True),
+        "tokens/s": (s.tokens_per_s if s else None, "", False),
+        "MFU": (m.throughput.mfu if m.throughput else None, "", False),
+        "data wait share": (io.data_wait_share if io else None, "", True),
+        "collectives per step": (comms.collectives_per_step if comms else None, "", True),
+    }
+    for phase, share in (s.phase_share if s else {}).items():
+        out[f"{phase} share"] = (share, "", True)
+    for rank, r in sorted(m.trace.items()):
+        if r.temporal_breakdown:
+            out[f"rank {rank} GPU idle"] = (r.temporal_breakdown["idle_pct"], "%", True)
+    return out
+
+
+def deltas(a: Metrics, b: Metrics) -> list[Delta]:
+    """Every comparable metric of A and B, with B's relative change and whether it is worse."""
+    ma, mb = _comparable(a), _comparable(b)
+    rows = []
+    for name in dict.fromkeys([*ma, *mb]):
+        va, unit, lower = ma.get(name, (None, "", True))
+        vb = mb.get(name, (None, unit, lower))[0]
+        delta = (vb / va - 1) if (va and vb is not None) else None
+        worse = delta is not None and ((delta > 0) if lower else (delta < 0))
+        rows.append(Delta(name=name, a=va, b=vb, unit=unit, delta=delta, worse=worse))
+    return rows
+
+
+def step_change(a: Metrics, b: Metrics) -> float | None:
+    """Relative change of the median step time, B against A (0.05 = 5% slower)."""
+    return b.step_ms / a.step_ms - 1 if a.step_ms and b.step_ms else None

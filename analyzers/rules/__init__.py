@@ -1,0 +1,143 @@
+"""Diagnosis rules: registered functions from facts to findings, ranked by the time they would save.
+
+A rule is one function declared with ``@rule(id, reads=..., **thresholds)``:
+
+- ``reads="trace"``: called once per rank with that rank's ``TraceFacts`` (``perfkit.analyzers.facts``);
+  a finding that holds on several ranks names them all, with the worst rank's numbers as evidence.
+- ``reads="run"``: called once with the run tables' ``Metrics`` (only when the run has step times).
+
+It returns a ``Diagnosis`` (or None): a title, the estimated saving per step and the model behind that
+estimate, the evidence, and the id of its remedy in ``perfkit.optimizer.remedies``. The registry turns
+it into a ``Finding`` (id, severity, ranks, the saving capped at the step time). Thresholds are named
+in the declaration, so a reader sees every number a rule compares against in one place.
+
+Rules live in a few modules by family: gpu, host, comms, inputs, memory. Adding a rule is one function
+in one of them, and its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from perfkit.analyzers.facts import TraceFacts
+from perfkit.analyzers.metrics import Metrics
+
+Reads = Literal["trace", "run"]
+Thresholds = dict[str, float]
+
+
+@dataclass(kw_only=True)
+class Diagnosis:
+    """What a rule found, before the registry makes it a Finding."""
+
+    title: str
+    saving_ms: float
+    """Estimated time saved per step if the remedy is applied."""
+    estimate: str
+    """The model behind the saving, in words ("GPU idle while the CPU launches kernels")."""
+    evidence: dict[str, Any]
+    remedy: str
+    """The id of a remedy in perfkit.optimizer.remedies."""
+    ranks: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Finding:
+    id: str
+    title: str
+    severity: str
+    """high (saves >= 10% of the step), medium (>= 3%) or low."""
+    evidence: dict[str, Any]
+    ranks: list[int]
+    saving_ms_per_step: float
+    estimate: str
+    remedy: str
+    """The id of a remedy in perfkit.optimizer.remedies."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    """The id of the findings it makes."""
+    reads: Reads
+    family: str
+    thresholds: Thresholds
+    fn: Callable[[Any, Thresholds], Diagnosis | None]
+
+
+RULES: list[Rule] = []
+
+
+def rule(id: str, *, reads: Reads, **thresholds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a rule: its finding id, what it reads, and its named thresholds."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if any(r.id == id and r.reads == reads for r in RULES):
+            raise ValueError(f"rule {id!r} reading {reads} is registered twice")
+        RULES.append(Rule(id, reads, fn.__module__.rsplit(".", 1)[-1], dict(thresholds), fn))
+        return fn
+
+    return register
+
+
+def severity(saving_ms: float, step_ms: float | None) -> str:
+    share = saving_ms / step_ms if step_ms else 0.0
+    return "high" if share >= 0.10 else "medium" if share >= 0.03 else "low"
+
+
+def _finding(r: Rule, d: Diagnosis, step_ms: float | None, ranks: list[int]) -> Finding:
+    saving = min(d.saving_ms, step_ms) if step_ms else d.saving_ms  # never more than the step
+    return Finding(
+        id=r.id,
+        title=d.title,
+        severity=severity(saving, step_ms),
+        evidence=d.evidence,
+        ranks=ranks,
+        saving_ms_per_step=round(max(0.0, saving), 3),
+        estimate=d.estimate,
+        remedy=d.remedy,
+    )
+
+
+def evaluate(trace_facts: list[TraceFacts], metrics: Metrics | None) -> list[Finding]:
+    """Every registered rule over every rank's trace facts and the run's metrics, merged and ranked."""
+    out: list[Finding] = []
+    for r in RULES:
+        if r.reads == "trace":
+            found = []
+            for f in trace_facts:
+                d = r.fn(f, r.thresholds)
+                if d is not None:
+                    found.append(_finding(r, d, f.step_ms, [f.rank]))
+            if found:
+                worst = max(found, key=lambda x: x.saving_ms_per_step)
+                worst.ranks = sorted(rank for x in found for rank in x.ranks)
+                out.append(worst)
+        elif metrics is not None and metrics.step_ms:
+            d = r.fn(metrics, r.thresholds)
+            if d is not None:
+                out.append(_finding(r, d, metrics.step_ms, d.ranks))
+    return rank(out)
+
+
+def rank(findings: list[Finding]) -> list[Finding]:
+    """Merge duplicates (the same id from tables and traces: keep the larger saving), then rank."""
+    best: dict[str, Finding] = {}
+    for f in findings:
+        if f.id not in best or f.saving_ms_per_step > best[f.id].saving_ms_per_step:
+            if f.id in best:
+                f.ranks = sorted(set(f.ranks) | set(best[f.id].ranks))
+            best[f.id] = f
+    order = {"high": 0, "medium": 1, "low": 2}
+    return sorted(best.values(), key=lambda f: (order[f.severity], -f.saving_ms_per_step))
+
+
+# The families register their rules on import.
+from perfkit.analyzers.rules import comms, gpu, host, inputs, memory  # noqa: E402
+
+__all__ = ["RULES", "Diagnosis", "Finding", "Rule", "comms", "evaluate", "gpu", "host", "inputs", "memory"]

@@ -1,0 +1,87 @@
+"""GPU time: kernels launched too slowly, run in the wrong precision, or not fused."""
+
+from __future__ import annotations
+
+from perfkit.analyzers.facts import TraceFacts, has_op, kernels_per_step, ops
+from perfkit.analyzers.metrics import Metrics
+from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
+
+
+@rule("host_launch_bound", reads="trace", min_idle_share=0.15)
+def host_launch_bound(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
+    span, launch = f.breakdown.get("span_ns", 0), f.idle.get("host_launch_ns", 0)
+    if not span or launch <= t["min_idle_share"] * span:
+        return None
+    return Diagnosis(
+        title="GPU waits for the CPU to launch kernels (launch-bound)",
+        saving_ms=launch / (f.steps * 1e6),
+        estimate="GPU idle between kernels while the CPU was launching the next ones",
+        evidence={
+            "gpu_busy_pct": round(100 - f.breakdown["idle_pct"], 1),
+            "launch_idle_pct_of_span": round(100 * launch / span, 1),
+            "kernels_per_step": int(kernels_per_step(f)),
+        },
+        remedy="compile",
+    )
+
+
+@rule("fp32_gemm", reads="trace", min_fp32_share=0.10, saved_fraction=0.7)
+def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
+    if not f.gemm_ns or f.gemm_fp32_ns <= t["min_fp32_share"] * f.gemm_ns:
+        return None
+    return Diagnosis(
+        title="Matrix multiplies run in FP32 without tensor cores",
+        saving_ms=t["saved_fraction"] * f.gemm_fp32_ns / (f.steps * 1e6),
+        estimate=f"{t['saved_fraction']:.0%} of the FP32 GEMM kernel time",
+        evidence={"fp32_gemm_share": round(f.gemm_fp32_ns / f.gemm_ns, 3), "kernels": f.fp32_kernels},
+        remedy="bf16",
+    )
+
+
+@rule("unfused_attention", reads="trace")
+def unfused_attention(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
+    softmax = ops(f, "aten::softmax", "aten::_softmax")
+    fused = has_op(f, "scaled_dot_product") or has_op(f, "flash") or f.attention_kernel_ns > 0
+    if not softmax or fused:
+        return None
+    return Diagnosis(
+        title="Attention computed op by op (matmul, mask, softmax) instead of a fused kernel",
+        saving_ms=0.0,
+        estimate="not estimated",
+        evidence={"softmax_calls_per_step": round(softmax / f.steps, 1)},
+        remedy="sdpa",
+    )
+
+
+@rule("unfused_optimizer", reads="trace")
+def unfused_optimizer(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
+    opt_steps = int(f.cpu_ops[f.cpu_ops.index.str.startswith("Optimizer.step#")].sum())
+    if not opt_steps or has_op(f, "_fused_adam") or has_op(f, "_fused_sgd"):
+        return None
+    foreach = has_op(f, "aten::_foreach_")
+    return Diagnosis(
+        title="Optimizer "
+        + (
+            "uses foreach kernels, not the fused one"
+            if foreach
+            else "updates each parameter with its own kernels"
+        ),
+        saving_ms=0.0,
+        estimate="not estimated",
+        evidence={"implementation": "foreach" if foreach else "per-parameter loop"},
+        remedy="fused_optimizer",
+    )
+
+
+@rule("low_mfu", reads="run", max_mfu=0.30)
+def low_mfu(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    mfu = m.throughput.mfu if m.throughput else None
+    if mfu is None or mfu >= t["max_mfu"]:
+        return None
+    return Diagnosis(
+        title=f"Model FLOPs utilization is {mfu:.0%}",
+        saving_ms=0.0,
+        estimate="not estimated: the other findings name its causes",
+        evidence={"mfu": round(mfu, 3)},
+        remedy="see_causes",
+    )

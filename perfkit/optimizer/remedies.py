@@ -1,0 +1,187 @@
+"""The remedy registry: what each fix a finding names (by id) changes, in two dialects.
+
+- ``trainer``: the ``--set`` overrides of the bundled trainer that apply it (empty where the trainer
+  has no switch for it). ``perfkit optimize`` applies these; a test checks that every key exists in
+  the trainer's configuration tree and that its value validates.
+- ``script``: the same fix for any other training script, as the code or environment change to
+  make (``DataLoader(num_workers=...)``, ``AdamW(fused=True)``, ...).
+
+A finding names its remedy's id and nothing else; the CLI summary, the report and the optimizer read
+the change from here, in the dialect that fits the run. Torch- and trainer-free: the report imports
+it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from perfkit.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Remedy:
+    id: str
+    description: str
+    """What the fix does, in a sentence."""
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Config overrides of the bundled trainer (``--set key=value``); empty: no switch."""
+    script: str = ""
+    """The change to make in any other training script (code or environment)."""
+
+    def overrides(self) -> list[str]:
+        """The trainer change as ``--set`` arguments read it: ``["kernels.compile=true"]``."""
+        return [as_override(k, v) for k, v in self.trainer.items()]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "description": self.description,
+            "trainer": self.trainer,
+            "script": self.script,
+        }
+
+
+def as_override(key: str, value: Any) -> str:
+    """``key=value`` in the form ``--set`` reads (booleans as true/false)."""
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return f"{key}={text}"
+
+
+REMEDIES: dict[str, Remedy] = {}
+
+
+def register(remedy: Remedy) -> Remedy:
+    if remedy.id in REMEDIES:
+        raise ValueError(f"remedy {remedy.id!r} is registered twice")
+    REMEDIES[remedy.id] = remedy
+    return remedy
+
+
+def get(remedy_id: str) -> Remedy:
+    """The remedy of that id; an unknown id names the known ones."""
+    try:
+        return REMEDIES[remedy_id]
+    except KeyError:
+        raise ConfigError(f"unknown remedy {remedy_id!r}; known: {', '.join(sorted(REMEDIES))}") from None
+
+
+# ---- tuned kernels -----------------------------------------------------------------------------
+register(
+    Remedy(
+        id="compile",
+        description="Fuse kernels with torch.compile (or CUDA graphs); a larger micro-batch also gives "
+        "each launch more work.",
+        trainer={"kernels.compile": True},
+        script="model = torch.compile(model)  (or capture the step in CUDA graphs)",
+    )
+)
+register(
+    Remedy(
+        id="bf16",
+        description="Run matrix multiplies in bf16 autocast (or at least TF32) on tensor cores.",
+        trainer={"kernels.precision": "bf16"},
+        script="with torch.autocast('cuda', dtype=torch.bfloat16): loss = model(batch)  "
+        "(or torch.backends.cuda.matmul.allow_tf32 = True)",
+    )
+)
+register(
+    Remedy(
+        id="sdpa",
+        description="Use scaled_dot_product_attention (flash / memory-efficient kernels).",
+        trainer={"kernels.attention": "sdpa"},
+        script="y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)",
+    )
+)
+register(
+    Remedy(
+        id="fused_optimizer",
+        description="Update all parameters in one fused optimizer kernel.",
+        trainer={"kernels.optimizer_impl": "fused"},
+        script="torch.optim.AdamW(model.parameters(), ..., fused=True)",
+    )
+)
+register(
+    Remedy(
+        id="activation_checkpointing",
+        description="Recompute activations in backward instead of keeping them; or a smaller micro-batch, "
+        "or let the allocator grow segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).",
+        trainer={"kernels.activation_checkpointing": True},
+        script="torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) around each block; "
+        "or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+    )
+)
+register(
+    Remedy(
+        id="sequence_parallel",
+        description="Sequence parallelism: shard the activations outside attention and MLP over the "
+        "tensor-parallel ranks (then activation checkpointing if still short).",
+        trainer={"parallel.sequence_parallel": True},
+        script="parallelize_module(..., {'norm': SequenceParallel(), ...}) in the tensor-parallel plan",
+    )
+)
+
+# ---- host ----------------------------------------------------------------------------------------
+register(
+    Remedy(
+        id="avoid_sync",
+        description="Avoid .item()/.cpu()/print of tensors every step; read the loss every N steps.",
+        trainer={"log_every": 10},
+        script="if step % 10 == 0: print(loss.item())  (no .item(), .cpu() or tensor printing on other steps)",
+    )
+)
+
+# ---- overlap schedules ---------------------------------------------------------------------------
+register(
+    Remedy(
+        id="overlap",
+        description="Overlap gradient communication with backward: larger DDP buckets issued earlier, "
+        "FSDP prefetch, or fewer collectives.",
+        trainer={"overlap.bucket_cap_mb": 25},
+        script="DDP(model, bucket_cap_mb=25); with FSDP2, model.set_modules_to_forward_prefetch(...)",
+    )
+)
+register(
+    Remedy(
+        id="bucket_size",
+        description="Larger DDP buckets (bucket_cap_mb, default 25).",
+        trainer={"overlap.bucket_cap_mb": 25},
+        script="DDP(model, bucket_cap_mb=25)",
+    )
+)
+
+# ---- input and I/O -------------------------------------------------------------------------------
+register(
+    Remedy(
+        id="more_workers",
+        description="More DataLoader workers and a deeper prefetch.",
+        trainer={"data.num_workers": 4, "data.prefetch_factor": 4},
+        script="DataLoader(..., num_workers=4, pin_memory=True, persistent_workers=True, prefetch_factor=4)",
+    )
+)
+register(
+    Remedy(
+        id="pin_memory",
+        description="Copy batches from pinned memory, without blocking the host.",
+        trainer={"data.pin_memory": True},
+        script="DataLoader(..., pin_memory=True) and batch.to(device, non_blocking=True)",
+    )
+)
+register(
+    Remedy(
+        id="async_checkpoint",
+        description="Save checkpoints asynchronously, off the training step.",
+        trainer={"checkpoint.async_save": True},
+        script="torch.distributed.checkpoint.async_save(state_dict, checkpoint_id=...)",
+    )
+)
+
+# ---- no switch: advice ---------------------------------------------------------------------------
+register(
+    Remedy(
+        id="straggler",
+        description="Find what is slow on that rank (its host, data shard, thermal throttling in NVML); "
+        "rebalance or exclude the node.",
+    )
+)
+register(Remedy(id="see_causes", description="See the other findings for its causes."))

@@ -1,0 +1,170 @@
+"""What the CLI prints: the summary of a profiled run, of an analysis, and of a comparison. Text
+only; every number comes from the run's tables or the analysis."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from perfkit.analyzers.analyze import Analysis, Comparison
+from perfkit.analyzers.metrics import Metrics
+from perfkit.analyzers.rules import Finding
+
+from perfkit.optimizer import remedies
+from perfkit.run import Run, RunLayout
+from perfkit.tables import STEPS, TABLES, read_table
+
+if TYPE_CHECKING:
+    from perfkit.optimizer.optimize import Optimization
+
+
+@dataclass
+class Fix:
+    """A finding's remedy in the run's own terms: ``--set`` overrides for the bundled trainer, the
+    code or environment change for any other script."""
+
+    description: str
+    code: list[str]
+
+
+def fix(f: Finding, metrics: Metrics) -> Fix:
+    r = remedies.get(f.remedy)
+    if metrics.is_bundled_trainer and r.trainer:
+        return Fix(r.description, [f"--set {o}" for o in r.overrides()])
+    return Fix(r.description, [r.script] if r.script else [])
+
+
+def command_line(argv: list[str]) -> str:
+    """argv as a line that pastes into a shell (paths with spaces quoted)."""
+    return shlex.join(str(a) for a in argv)
+
+
+def profile_summary(run: Run, rc: int, next_step: bool) -> str:
+    m = run.manifest
+    lines = ["", f"run directory:  {run.path}  (status {m.status}, exit code {rc}, {m.world_size} rank(s))"]
+    shares = []
+    for rank in run.ranks():
+        counts = []
+        for table in TABLES.values():
+            n = sum(f.read_bytes().count(b"\n") for f in run.layout.table_files(rank, table))
+            if n:
+                counts.append(f"{table.name} {n}")
+        trace = run.layout.trace(rank)
+        if trace.exists():
+            counts.append(f"{trace.name} {trace.stat().st_size / 1e6:.1f} MB")
+        lines.append(f"  {run.layout.rank_dir(rank).name}/  " + (", ".join(counts) or "no data"))
+        for path in run.layout.table_files(rank, STEPS)[:1]:
+            steps, _ = read_table(path, STEPS)
+            if "perfkit_s" in steps and steps["perfkit_s"].notna().any():
+                shares.append(float((steps["perfkit_s"] / steps["step_time_s"]).median()))
+    if shares:
+        lines.append(
+            f"  perfkit's own CPU time: {max(shares):.2%} of the median step (busiest rank; trace export aside)"
+        )
+    for cname, state in sorted(m.collectors.items()):
+        if state.status != "ok":
+            lines.append(f"  collector {cname}: {state.status} ({state.reason})")
+    if next_step:
+        lines.append(f"next: {command_line(['perfkit', 'analyze', str(run.path)])}")
+    return "\n".join(lines)
+
+
+def analysis_summary(result: Analysis, target: Path) -> str:
+    m = result.metrics
+    lines = [
+        f"perfkit analyze: {result.source}  ({len(result.ranks)} rank(s){', PARTIAL' if result.partial else ''})"
+    ]
+    for p in result.problems:
+        lines.append(f"  problem: {p}")
+    if m.steps:
+        line = f"  step time {m.steps.step_time_ms:.1f} ms (median)"
+        if m.steps.tokens_per_s is not None:
+            line += f", {m.steps.tokens_per_s:,.0f} tokens/s"
+        if m.throughput and m.throughput.mfu is not None:
+            line += f", MFU {m.throughput.mfu:.1%}"
+        lines.append(line)
+    for rank, t in sorted(m.trace.items())[:8]:
+        b = t.temporal_breakdown
+        if b:
+            lines.append(
+                f"  rank {rank}: GPU compute {b['compute_pct']:.0f}%, communication {b['communication_pct']:.0f}%, "
+                f"memory {b['memory_pct']:.0f}%, idle {b['idle_pct']:.0f}%"
+            )
+    if not result.findings:
+        lines.append("  no findings: nothing stands out")
+    for i, f in enumerate(result.findings, 1):
+        saving = f" (~{f.saving_ms_per_step:.1f} ms/step)" if f.saving_ms_per_step else ""
+        ranks = f" ranks {','.join(map(str, f.ranks[:8]))}" if f.ranks else ""
+        lines.append(f"{i:>2}. [{f.severity}] {f.title}{saving}{ranks}")
+        x = fix(f, m)
+        lines.append(f"      fix: {x.description}" + (f"  ({'  '.join(x.code)})" if x.code else ""))
+    lines.append(f"wrote {target}")
+    if m.is_bundled_trainer and any(remedies.get(f.remedy).trainer for f in result.findings):
+        lines.append(
+            f"next: {command_line(['perfkit', 'optimize', str(result.source)])}"
+            "  (tries these fixes, keeps what measurably helps)"
+        )
+    return "\n".join(lines)
+
+
+def comparison_summary(c: Comparison) -> str:
+    lines = []
+    for r in c.rows:
+        if r.a is None and r.b is None:
+            continue
+        delta = f"{100 * r.delta:+.1f}%" if r.delta is not None else ""
+        flag = "  worse" if r.worse else ""
+        a = "-" if r.a is None else f"{r.a:,.4g}"
+        b = "-" if r.b is None else f"{r.b:,.4g}"
+        lines.append(f"  {r.name:<28} {a:>12} -> {b:>12} {delta:>8}{flag}")
+    lines += [f"  appeared: [{f.severity}] {f.title}" for f in c.appeared]
+    lines += [f"  went away: [{f.severity}] {f.title}" for f in c.resolved]
+    return "\n".join(lines)
+
+
+def sweep_summary(data: dict[str, Any], steps: int) -> str:
+    """The ranked table of a sweep.json document."""
+    lines = [
+        f"perfkit sweep: {data['config']} on {data['nproc']} rank(s), {data['repeats']} run(s) each, {steps} steps",
+        f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'tokens/s':>10} {'vs best':>8} {'peak MiB':>9}  runs",
+    ]
+    for i, c in enumerate(data["candidates"], 1):
+        if c["step_ms"]:
+            runs = ", ".join(f"{r['step_ms']:.1f}" if r["ok"] else "failed" for r in c["runs"])
+            mem = f"{c['peak_memory_bytes'] / 2**20:>9,.0f}" if c["peak_memory_bytes"] else f"{'–':>9}"
+            mfu = f"  MFU {c['mfu']:.1%}" if c["mfu"] is not None else ""
+            lines.append(
+                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} "
+                f"{c['vs_best']:>7.2f}x {mem}  {runs}{mfu}"
+            )
+        else:
+            why = f"skipped: {c['skipped']}" if c["skipped"] else f"failed: {c['runs'][-1]['error']}"
+            lines.append(f"{i:>3}  {c['label']:<28} {why}")
+    return "\n".join(lines)
+
+
+def optimize_summary(opt: Optimization) -> str:
+    data = opt.to_json()
+    lines = [f"perfkit optimize: {len(opt.trials)} remedy(ies) from {opt.baseline_run}"]
+    if not opt.trials:
+        lines.append("  no finding of the baseline has a config change to try")
+    for t in data["trials"]:
+        verdict = "KEPT   " if t["kept"] else ("skipped" if t["skipped"] else "dropped")
+        lines.append(f"  {verdict} {' '.join(t['change']):<44} {t['reason']}")
+    if opt.kept:
+        speed = f"{opt.speedup:.2f}x the throughput of the original" if opt.speedup else "not measured"
+        lines.append(f"kept: {' '.join('--set ' + k for k in opt.kept)}  ({speed}, side by side)")
+        final = {o.split("=", 1)[0]: o for o in [*opt.base_overrides, *opt.kept]}  # a key's last value wins
+        argv = ["perfkit", "train", "--config", opt.config, "--nproc", str(opt.nproc)]
+        for o in final.values():
+            argv += ["--set", o]
+        lines.append(f"train with: {command_line(argv)}")
+    else:
+        lines.append("nothing measurably helped; the configuration stays as it was")
+    if opt.comparison is not None and opt.final_run is not None:
+        gone = [f.title for f in opt.comparison.resolved]
+        lines.append(f"findings gone after: {'; '.join(gone) if gone else 'none'}")
+        lines.append(f"comparison: {RunLayout(opt.final_run).compare_page.resolve()}")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""The rule and remedy registries: every remedy's trainer change is a real, valid config key; every
+rule names a known remedy and fires on the input it is written for."""
+
+from __future__ import annotations
+
+import pytest
+from perfkit.analyzers.rules import RULES
+
+from perfkit.errors import ConfigError
+from perfkit.optimizer import remedies
+from perfkit.trainer.config import load_config
+
+
+@pytest.mark.parametrize("remedy", list(remedies.REMEDIES.values()), ids=lambda r: r.id)
+def test_every_trainer_change_exists_and_validates(remedy: remedies.Remedy) -> None:
+    """load_config raises on an unknown key or a value of the wrong type: a remedy whose key drifted
+    from the trainer's configuration fails here, not in perfkit optimize."""
+    cfg = load_config("tiny-cpu", remedy.overrides())
+    for key, value in remedy.trainer.items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        assert obj == value, key
+    assert remedy.description and (remedy.script or not remedy.trainer), remedy.id
+
+
+def test_every_rule_is_registered_once_with_a_family() -> None:
+    seen = set()
+    for r in RULES:
+        assert (r.id, r.reads) not in seen
+        seen.add((r.id, r.reads))
+        assert r.family in {"gpu", "host", "comms", "inputs", "memory"}, r.family
+        assert all(isinstance(v, int | float) for v in r.thresholds.values())
+
+
+def test_unknown_remedy_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown remedy 'warp'; known: .*compile"):
+        remedies.get("warp")
