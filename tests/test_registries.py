@@ -36,3 +36,11 @@ def test_every_rule_is_registered_once_with_a_family() -> None:
 def test_unknown_remedy_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="unknown remedy 'warp'; known: .*compile"):
         remedies.get("warp")
+
+
+def test_no_activation_checkpointing_undoes_the_memory_remedy() -> None:
+    """Two remedies that move the same switch in opposite directions, each valid on its own."""
+    on, off = remedies.get("activation_checkpointing"), remedies.get("no_activation_checkpointing")
+    assert load_config("tiny-cpu", on.overrides()).kernels.activation_checkpointing is True
+    assert load_config("tiny-cpu", [*on.overrides(), *off.overrides()]).kernels.activation_checkpointing is False
+    assert "torch.utils.checkpoint" in off.script

@@ -113,6 +113,14 @@ register(
 )
 register(
     Remedy(
+        id="no_activation_checkpointing",
+        description="Keep activations instead of recomputing them in backward: memory allows it.",
+        trainer={"kernels.activation_checkpointing": False},
+        script="call the blocks directly, without torch.utils.checkpoint.checkpoint (or checkpoint fewer of them)",
+    )
+)
+register(
+    Remedy(
         id="sequence_parallel",
         description="Sequence parallelism: shard the activations outside attention and MLP over the "
         "tensor-parallel ranks (then activation checkpointing if still short).",
