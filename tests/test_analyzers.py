@@ -317,3 +317,46 @@ def test_memory_pressure_remedy_fits_the_layout(parallel: dict, remedy: str, cha
     (f,) = [f for f in found if f.id == "memory_pressure"]
     assert f.remedy == remedy and remedies.get(f.remedy).trainer == change
     assert all(f.saving_ms_per_step <= 100.0 for f in found)
+
+
+def _checkpointing_run(*, checkpointing: bool, rss: float, retries: int = 0) -> object:
+    from perfkit.analyzers.metrics import MemoryMetrics, Metrics, RunInfo, StepMetrics
+
+    return Metrics(
+        run=RunInfo(
+            name="r",
+            status="complete",
+            world_size=2,
+            command=[],
+            env={"host_memory_bytes": 16 << 30},
+            collectors={},
+        ),
+        config={"kernels": {"activation_checkpointing": checkpointing}},
+        steps=StepMetrics(
+            steps=20, step_time_ms=100.0, step_time_p90_ms=110.0, per_rank=[], phase_share={"forward": 0.3}
+        ),
+        memory=MemoryMetrics(rss_max_bytes=rss, alloc_retries=retries),
+    )
+
+
+@pytest.mark.parametrize(
+    ("checkpointing", "rss", "retries", "fires"),
+    [
+        (True, 1 << 30, 0, True),  # 2 ranks x 1 GiB of 16 GiB: recompute for nothing
+        (False, 1 << 30, 0, False),  # no checkpointing: nothing recomputed
+        (True, 5 << 30, 0, False),  # 2 x 5 GiB > half of 16 GiB: the memory may be needed
+        (True, 1 << 30, 2, False),  # the allocator ran short: checkpointing earns its keep
+    ],
+)
+def test_recompute_without_pressure(checkpointing: bool, rss: float, retries: int, fires: bool) -> None:
+    from perfkit.analyzers.rules import evaluate
+
+    found = {
+        f.id: f
+        for f in evaluate([], _checkpointing_run(checkpointing=checkpointing, rss=rss, retries=retries))
+    }  # type: ignore[arg-type]
+    assert ("recompute_without_pressure" in found) is fires
+    if fires:
+        f = found["recompute_without_pressure"]
+        assert f.saving_ms_per_step == pytest.approx(30.0) and f.remedy == "no_activation_checkpointing"
+        assert f.evidence["peak_share_of_capacity"] == 0.125 and "forward" in f.estimate
