@@ -51,13 +51,16 @@ def step_breakdown(metrics: Metrics) -> go.Figure | None:
     return fig
 
 
-def step_timeline(steps: pd.DataFrame | None) -> go.Figure | None:
-    if steps is None or steps.empty:
+def per_step(
+    table: pd.DataFrame | None, column: str, title: str, unit: str = "ms", scale: float = 1e3
+) -> go.Figure | None:
+    """One line per rank of a per-step column (seconds shown as ms by default); None without data."""
+    if table is None or table.empty or column not in table or table[column].isna().all():
         return None
     fig = go.Figure()
-    for rank, s in steps.groupby("rank"):
-        fig.add_scatter(x=s["step"], y=s["step_time_s"] * 1e3, mode="lines+markers", name=f"rank {rank}")
-    fig.update_layout(title="Step time per step", xaxis_title="step", yaxis_title="ms", **_LAYOUT)
+    for rank, s in table.groupby("rank"):
+        fig.add_scatter(x=s["step"], y=s[column] * scale, mode="lines+markers", name=f"rank {rank}")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title=unit, **_LAYOUT)
     return fig
 
 
@@ -125,16 +128,6 @@ def memory_timeline(memory: pd.DataFrame | None) -> go.Figure | None:
         else:
             fig.add_scatter(x=m["step"], y=m["rss"] / 2**20, name=f"rank {rank} RSS")
     fig.update_layout(title="Memory per step", xaxis_title="step", yaxis_title="MiB", **_LAYOUT)
-    return fig
-
-
-def data_wait(steps: pd.DataFrame | None) -> go.Figure | None:
-    if steps is None or steps.empty or "data_wait_s" not in steps:
-        return None
-    fig = go.Figure()
-    for rank, s in steps.groupby("rank"):
-        fig.add_scatter(x=s["step"], y=s["data_wait_s"] * 1e3, name=f"rank {rank}", mode="lines+markers")
-    fig.update_layout(title="Data wait per step", xaxis_title="step", yaxis_title="ms", **_LAYOUT)
     return fig
 
 

@@ -141,7 +141,7 @@ def render(analysis: Analysis) -> str:
         Section(
             "steps",
             "Per-rank step timeline",
-            _join(_fig(figures.step_timeline(t.get("steps")))),
+            _join(_fig(figures.per_step(t.get("steps"), "step_time_s", "Step time per step"))),
             _collector_reason(m, "steps") if run else "a bare trace has no perfkit step table",
         ),
         Section("gpu", "Compute / communication / memory / idle", _fig(figures.gpu_breakdown(m)), no_trace),
@@ -213,7 +213,7 @@ def render(analysis: Analysis) -> str:
         Section(
             "io",
             "Input and I/O",
-            _join(_fig(figures.data_wait(t.get("steps"))), _fig(figures.read_latency(t.get("io")))),
+            _join(_fig(figures.per_step(t.get("steps"), "data_wait_s", "Data wait per step")), _fig(figures.read_latency(t.get("io")))),
             _collector_reason(m, "io"),
         ),
         Section(
