@@ -80,7 +80,7 @@ class CollectOptions:
         None,
         flag="--collect",
         env="PERFKIT_COLLECT",
-        help="Collectors, comma-separated, or all",
+        help=f"Collectors, comma-separated ({','.join(known())}), or all",
         parse=lambda text, what: parse_collect(text),
         format=",".join,
         default_factory=known,

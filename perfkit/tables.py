@@ -102,7 +102,12 @@ NVML = Table(
     },
     required=("t_ns", "gpu"),
 )
-TABLES = {t.name: t for t in (STEPS, COMMS, IO, MEMORY, NVML)}
+CPU = Table(
+    "cpu",
+    {"step": "int", "cpu_s": "float", "wall_s": "float", "host_busy": "float"},
+    required=("step", "cpu_s", "wall_s"),
+)
+TABLES = {t.name: t for t in (STEPS, COMMS, IO, MEMORY, NVML, CPU)}
 
 
 class RowWriter:

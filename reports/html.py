@@ -13,7 +13,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 from markupsafe import Markup, escape
-from perfkit.analyzers.analyze import Analysis
+from perfkit.analyzers.analyze import Analysis, ranges
 from perfkit.analyzers.metrics import Metrics
 from perfkit.reports import figures
 from perfkit.reports.text import fix
@@ -131,6 +131,7 @@ def render(analysis: Analysis) -> str:
         d = f.to_json()
         d["evidence_text"] = "; ".join(f"{k}: {_short(v)}" for k, v in f.evidence.items())
         d["fix"] = fix(f, m)
+        d["ranks_text"] = ranges(f.ranks)
         findings.append(d)
 
     if m.trace:
@@ -213,8 +214,24 @@ def render(analysis: Analysis) -> str:
         Section(
             "io",
             "Input and I/O",
-            _join(_fig(figures.per_step(t.get("steps"), "data_wait_s", "Data wait per step")), _fig(figures.read_latency(t.get("io")))),
+            _join(
+                _fig(figures.per_step(t.get("steps"), "data_wait_s", "Data wait per step")),
+                _fig(figures.read_latency(t.get("io"))),
+            ),
             _collector_reason(m, "io"),
+        ),
+        Section(
+            "cpu",
+            "Host CPU",
+            _join(
+                _fig(figures.per_step(t.get("cpu"), "cpu_s", "CPU time of each rank's process per step")),
+                _fig(
+                    figures.per_step(
+                        t.get("cpu"), "host_busy", "Whole host busy (sampled twice a second)", "%", 100
+                    )
+                ),
+            ),
+            _collector_reason(m, "cpu"),
         ),
         Section(
             "nvml",

@@ -312,3 +312,25 @@ def test_public_step_api_measures_the_loops_own_steps(tmp_path: Path, mode: str)
     run = Run.open(tmp_path / "run")
     assert run.manifest.status == "complete"
     assert run.manifest.model["flops_per_token"] == 6000  # perfkit.describe() reaches the manifest
+
+
+def test_cpu_collector_measures_the_process_and_the_host(tmp_path: Path) -> None:
+    """A busy step (spinning on the CPU) records CPU time near its wall time; a sleeping one, near none."""
+    import time
+
+    from perfkit.tables import CPU
+
+    probe = _probe(tmp_path, ["steps", "cpu"]).start()
+    for busy in (True, False, True, False):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:
+            if not busy:
+                time.sleep(0.05)
+        probe.end_step()
+    probe.stop()
+    assert probe.status["cpu"]["status"] == "ok"
+    cpu, _ = read_table(tmp_path / "rank0" / "cpu.jsonl", CPU)
+    assert list(cpu["step"]) == [1, 2, 3, 4]
+    share = cpu["cpu_s"] / cpu["wall_s"]
+    assert (share[[0, 2]] > 0.6).all() and (share[[1, 3]] < 0.3).all(), list(share)
+    assert cpu["host_busy"].notna().sum() >= 2 and cpu["host_busy"].dropna().between(0, 1).all()

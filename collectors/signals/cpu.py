@@ -1,0 +1,55 @@
+"""cpu: per step the rank process's own CPU time (user + system, all its threads) against the
+step's wall time, and twice a second the whole host's busy share from /proc/stat.
+
+A rank whose CPU time nears its wall time on a GPU run is host-bound (Python, launches); a busy host
+whose ranks are not says that other processes (loader workers, a neighbour's job) compete for the
+cores. ``os.times()`` costs about a microsecond; /proc/stat is read at most twice a second.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from perfkit.collectors.base import Collector, register
+from perfkit.collectors.probe import Probe
+
+from perfkit.tables import CPU
+
+
+def host_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole host since boot, from /proc/stat's first line."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+@register
+class CpuCollector(Collector):
+    name = "cpu"
+    tables = (CPU,)
+
+    def start(self, probe: Probe) -> None:
+        self._last = os.times()
+        self._host = host_times()
+        self._host_at = time.monotonic()
+
+    def step_end(self, probe: Probe, step: int) -> None:
+        now = os.times()
+        row: dict[str, Any] = {
+            "step": step,
+            "cpu_s": (now.user - self._last.user) + (now.system - self._last.system),
+            "wall_s": now.elapsed - self._last.elapsed,
+        }
+        self._last = now
+        if time.monotonic() - self._host_at >= 0.5:
+            host = host_times()
+            if host is not None and self._host is not None and host[1] > self._host[1]:
+                row["host_busy"] = (host[0] - self._host[0]) / (host[1] - self._host[1])
+            self._host, self._host_at = host, time.monotonic()
+        probe.writer(CPU).add(row)
