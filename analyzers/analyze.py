@@ -139,6 +139,7 @@ def _trace_job(path: Path) -> dict[str, Any]:
         "categories": categories.assign(rank=trace.rank),
         "top": top.assign(rank=trace.rank),
         "collectives": collectives,
+        "repairs": trace.repairs,
     }
 
 
@@ -155,6 +156,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     if not path.exists():
         raise RunDirError(f"{path}: no such run directory or trace")
     run: Run | None = None
+    early_problems: list[str] = []
     if path.is_dir() and RunLayout(path).is_run():
         run = Run.open(path)
         traces = run.layout.traces()
@@ -162,6 +164,11 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         traces = find_traces(path)
         if not traces:
             raise RunDirError(f"{path}: holds no manifest.json and no *.json[.gz] traces; nothing to analyze")
+        if RunLayout(path).ranks():
+            early_problems.append(
+                f"{path}: has rank folders but no manifest.json; analyzed as a folder of traces (the step, "
+                "collective and memory tables need the manifest: restore it or re-run perfkit profile)"
+            )
     elif path.name.endswith((".pickle", ".pickle.gz")):
         metrics = Metrics(memory_snapshot={path.name: snapshot_summary(load_snapshot(path))})
         return Analysis(source=path, metrics=metrics, findings=[], ranks=[])
@@ -169,8 +176,9 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         traces = [path]
 
     results = _parse_all(traces, jobs)
-    problems = [r["error"] for r in results if "error" in r]
-    good = [r for r in results if "error" not in r]
+    problems = early_problems + [r["error"] for r in results if "error" in r]
+    good = _one_trace_per_rank([r for r in results if "error" not in r], problems)
+    problems += [note for r in good for note in r["repairs"]]
     if not good and run is None:
         raise RunDirError(
             problems[0]
@@ -205,8 +213,13 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
 
     if run is not None:
         t = load_tables(run)
-        problems += t.notes
+        problems += t.notes + completeness(run, t)
         ranks |= set(run.ranks())
+        if not ranks:
+            raise RunDirError(
+                f"{path}: no rank wrote any data (no rank folder, no trace); the run stopped before its "
+                "first step, or its files were removed"
+            )
         m = run.manifest
         peak = (
             peak_tflops
@@ -248,6 +261,56 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         problems=problems,
         ranks=sorted(ranks),
     )
+
+
+def ranges(ranks: list[int] | set[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    spans: list[list[int]] = []
+    for r in sorted(set(ranks)):
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _one_trace_per_rank(good: list[dict[str, Any]], problems: list[str]) -> list[dict[str, Any]]:
+    """Several traces that claim the same rank: the first (in path order) is analyzed, the others
+    are named, never silently merged or dropped."""
+    seen: dict[int, dict[str, Any]] = {}
+    for r in good:
+        if r["rank"] in seen:
+            problems.append(
+                f"{r['path']}: also rank {r['rank']} (as {seen[r['rank']]['path']}); only the first is analyzed"
+            )
+        else:
+            seen[r["rank"]] = r
+    return list(seen.values())
+
+
+def completeness(run: Run, t: Any) -> list[str]:
+    """What a run directory lacks against its manifest: ranks that wrote no folder, ranks that
+    ended badly or recorded no steps, a run that failed or was interrupted."""
+    m, out = run.manifest, []
+    present = set(run.ranks())
+    missing = set(range(m.world_size)) - present
+    if missing:
+        out.append(f"{run.path}: rank(s) {ranges(missing)} of {m.world_size} wrote no folder")
+    if m.status in ("failed", "interrupted"):
+        code = f" (exit code {m.exit_code})" if m.exit_code is not None else ""
+        out.append(f"{run.path}: the run {m.status}{code}; its last steps may be missing")
+    for rank, report in sorted(run.rank_reports().items()):
+        status = report.get("status")
+        if status not in ("complete", None) and not (status == "running" and m.status == "running"):
+            what = "was killed or crashed (its collectors never stopped)" if status == "running" else status
+            out.append(f"rank {rank} {what}")
+    collected = m.collectors.get("steps")
+    if collected is not None and collected.status == "ok":
+        with_steps = set(t.steps["rank"].unique()) if not t.steps.empty else set()
+        empty = present - with_steps
+        if empty:
+            out.append(f"rank(s) {ranges(empty)} recorded no steps")
+    return out
 
 
 def output_path(source: Path, out: Path | None) -> Path:

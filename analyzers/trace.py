@@ -62,6 +62,9 @@ class Trace:
     backend: str | None = None
     device: dict[str, Any] = field(default_factory=dict)
     """deviceProperties[0] when present (name, totalGlobalMem, ...)."""
+    repairs: list[str] = field(default_factory=list)
+    """What was repaired or dropped while reading (invalid UTF-8, impossible times, ...): a result
+    built on this trace says so."""
 
     _gpu: pd.DataFrame | None = None
 
@@ -104,15 +107,38 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_json(path: Path) -> Any:
-    """Parse a (gzipped) JSON file; a damaged one raises TraceError naming the file."""
-    return _parse_json(path, _read_bytes(path))
+    """Parse a (gzipped) JSON file; a damaged one raises TraceError naming the file. Invalid UTF-8
+    is replaced (U+FFFD)."""
+    return _parse_json(path, _read_bytes(path))[0]
 
 
-def _parse_json(path: Path, raw: bytes) -> Any:
+def _parse_json(path: Path, raw: bytes) -> tuple[Any, list[str]]:
+    """The parsed document and what had to be repaired to parse it."""
     try:
-        return orjson.loads(raw)
+        return orjson.loads(raw), []
     except orjson.JSONDecodeError as e:
-        raise TraceError(f"{path}: not valid JSON ({e}); the file is truncated or not a trace") from None
+        error = e
+    if "UTF-8" in str(error):  # one bad byte in a kernel name must not cost the whole trace
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+        try:
+            return orjson.loads(text), [f"{path}: {bad} invalid UTF-8 sequence(s) replaced"]
+        except orjson.JSONDecodeError as e:
+            error = e
+    raise TraceError(f"{path}: not valid JSON ({error}); the file is truncated or not a trace") from None
+
+
+_INT64 = (-(2**63), 2**63)
+
+
+def _int64(values: Iterator[Any] | list[Any], n: int) -> tuple[np.ndarray, int]:
+    """Integers as int64; a value outside int64 (a damaged id) becomes -1. Returns the count of those."""
+    values = list(values)
+    try:
+        return np.fromiter(values, dtype=np.int64, count=n), 0
+    except OverflowError:
+        clean = [v if _INT64[0] <= v < _INT64[1] else -1 for v in values]
+        return np.asarray(clean, dtype=np.int64), sum(1 for v in values if not _INT64[0] <= v < _INT64[1])
 
 
 # The fields read from each event; msgspec skips the other keys without building them, and is
@@ -192,6 +218,7 @@ class _Columns:
     )
     comm_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     n: int = 0
+    bad_ints: int = 0
 
     def add(self, events: list[_Event]) -> None:
         xs = [
@@ -207,13 +234,12 @@ class _Columns:
         pid.add([e.pid for e in xs])
         tid.add([e.tid for e in xs])
         a = self.arrays
-        for key, get, dtype in (
-            ("ts", _TS, np.float64),
-            ("dur", _DUR, np.float64),
-            ("correlation", _CORRELATION, np.int64),
-            ("ext_id", _EXT_ID, np.int64),
-        ):
-            a[key].append(np.fromiter(map(get, xs), dtype=dtype, count=n))
+        for key, get in (("ts", _TS), ("dur", _DUR)):
+            a[key].append(np.fromiter(map(get, xs), dtype=np.float64, count=n))
+        for key, get in (("correlation", _CORRELATION), ("ext_id", _EXT_ID)):
+            ids, bad = _int64(map(get, xs), n)
+            a[key].append(ids)
+            self.bad_ints += bad
         stream = np.full(n, -1, dtype=np.int64)
         gpu = np.flatnonzero(np.fromiter((c in GPU_CATS for c in cats), dtype=bool, count=n))
         stream[gpu] = [s if isinstance(s := xs[i].args.stream, int) else -1 for i in gpu.tolist()]
@@ -308,13 +334,14 @@ def _fast_load(path: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]], d
             head = _DECODE_DOCUMENT(bytes(buf[: bracket + 1]) + b"]}")
             del buf[:bracket]
         tail = _DECODE_DOCUMENT(b'{"traceEvents": ' + bytes(buf))
-    except (OSError, EOFError, zlib.error, msgspec.DecodeError):
+    except (OSError, EOFError, zlib.error, msgspec.DecodeError, UnicodeDecodeError):
         return None
     out.add(tail.traceEvents)
     meta = {
         key: getattr(head, key) if getattr(head, key) is not None else getattr(tail, key)
         for key in ("distributedInfo", "baseTimeNanoseconds", "deviceProperties")
     }
+    meta["bad_ints"] = out.bad_ints
     return out.columns(), out.comm_rows, meta
 
 
@@ -349,11 +376,11 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
         ts.append(t)
         durs.append(d)
         s = args.get("stream", -1) if cat in GPU_CATS else -1
-        streams.append(s if isinstance(s, int) else -1)
+        streams.append(s if isinstance(s, int) and _INT64[0] <= s < _INT64[1] else -1)
         c = args.get("correlation", -1)
-        corrs.append(c if isinstance(c, int) else -1)
+        corrs.append(c if isinstance(c, int) and _INT64[0] <= c < _INT64[1] else -1)
         x = args.get("External id", -1)
-        ext.append(x if isinstance(x, int) else -1)
+        ext.append(x if isinstance(x, int) and _INT64[0] <= x < _INT64[1] else -1)
         if "Collective name" in args or name == "record_param_comms":
             comm_rows[i] = {v: args.get(k) for k, v in COMM_ARGS.items()}
     cols = {
@@ -393,49 +420,87 @@ def _categorical(values: Any) -> pd.Categorical:
     return values if isinstance(values, pd.Categorical) else pd.Categorical(values)
 
 
+def _base_ns(value: Any, path: Path, repairs: list[str]) -> int:
+    """baseTimeNanoseconds as an int; a damaged one is left out (times stay relative)."""
+    try:
+        base = int(value or 0)
+    except (TypeError, ValueError):
+        base = -1
+    if not 0 <= base < 2**62:
+        repairs.append(f"{path}: baseTimeNanoseconds {value!r} is impossible; times kept relative")
+        return 0
+    return base
+
+
+def _plausible(ts_us: np.ndarray, dur_us: np.ndarray) -> np.ndarray:
+    """Events whose times can be real: finite, non-negative durations, and within the trace's span
+    (a damaged duration of 2^64 would otherwise put every percentage off by orders of magnitude)."""
+    ok = np.isfinite(ts_us) & np.isfinite(dur_us) & (dur_us >= 0) & (np.abs(ts_us) < 4e15) & (dur_us < 4e15)
+    if ok.sum() >= 10:
+        start, end = ts_us[ok], ts_us[ok] + dur_us[ok]
+        lo, hi = np.quantile(start, 0.01), np.quantile(end, 0.99)
+        margin = max(hi - lo, 1e6)  # the bulk of the events' span, at least a second
+        ok &= (ts_us >= lo - margin) & (ts_us + dur_us <= hi + margin)
+    return ok
+
+
 def load_trace(path: Path, rank: int | None = None) -> Trace:
     _release_large_buffers()
+    repairs: list[str] = []
     fast = _fast_load(path)
     if fast is not None:
         cols, comm_rows, meta = fast
         info = meta["distributedInfo"] or {}
-        base = int(meta["baseTimeNanoseconds"] or 0)
+        base = _base_ns(meta["baseTimeNanoseconds"], path, repairs)
         props = meta["deviceProperties"] or []
+        if meta["bad_ints"]:
+            repairs.append(f"{path}: {meta['bad_ints']} event id(s) outside int64 ignored")
     else:
         raw = _read_bytes(path)
-        data = _parse_json(path, raw)
+        data, notes = _parse_json(path, raw)
+        repairs += notes
         del raw
         if not isinstance(data, dict) or not isinstance(data.get("traceEvents"), list):
             raise TraceError(f"{path}: not a Kineto trace (no traceEvents list)")
         cols, comm_rows = _dict_events(data["traceEvents"])
         info = data.get("distributedInfo") or {}
-        base = int(data.get("baseTimeNanoseconds") or 0)
+        base = _base_ns(data.get("baseTimeNanoseconds"), path, repairs)
         props = data.get("deviceProperties") or []
     if not isinstance(info, dict):
         info = {}
     if rank is None:
-        rank = info.get("rank")
+        rank = info.get("rank") if isinstance(info.get("rank"), int) else None
     if rank is None:
         m = _RANK_IN_NAME.search(path.name)
         rank = int(m.group(1)) if m else 0
     if not len(cols["name"]):
         raise TraceError(f"{path}: holds no complete events; nothing to analyze")
-    ts_ns = np.rint(cols["ts"] * 1e3).astype(np.int64) + base
-    dur_ns = np.rint(cols["dur"] * 1e3).astype(np.int64)
+    ok = _plausible(cols["ts"], cols["dur"])
+    dropped = int((~ok).sum())
+    if dropped:
+        repairs.append(f"{path}: {dropped} event(s) with impossible times dropped")
+        if not ok.any():
+            raise TraceError(f"{path}: no event has a possible time; the trace is damaged")
+    keep: Any = ok if dropped else slice(None)  # a view when nothing was dropped
+    ts_ns = np.rint(cols["ts"][keep] * 1e3).astype(np.int64) + base
+    dur_ns = np.rint(cols["dur"][keep] * 1e3).astype(np.int64)
     events = pd.DataFrame(
         {
-            "name": _categorical(cols["name"]),
-            "cat": _categorical(cols["cat"]),
-            "pid": _categorical(cols["pid"]),
-            "tid": _categorical(cols["tid"]),
+            "name": _categorical(cols["name"])[keep],
+            "cat": _categorical(cols["cat"])[keep],
+            "pid": _categorical(cols["pid"])[keep],
+            "tid": _categorical(cols["tid"])[keep],
             "ts": ts_ns,
             "dur": dur_ns,
             "end": ts_ns + dur_ns,
-            "stream": cols["stream"],
-            "correlation": cols["correlation"],
-            "ext_id": cols["ext_id"],
+            "stream": cols["stream"][keep],
+            "correlation": cols["correlation"][keep],
+            "ext_id": cols["ext_id"][keep],
         }
     )
+    if dropped:  # collective args are keyed by event row: renumber them
+        new_row = {int(r): i for i, r in enumerate(np.flatnonzero(ok))}
+        comm_rows = {new_row[r]: v for r, v in comm_rows.items() if r in new_row}
     comm = (
         pd.DataFrame.from_dict(comm_rows, orient="index")
         if comm_rows
@@ -449,4 +514,5 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
         world_size=info.get("world_size"),
         backend=info.get("backend"),
         device=props[0] if isinstance(props, list) and props and isinstance(props[0], dict) else {},
+        repairs=repairs,
     )

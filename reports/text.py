@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from perfkit.analyzers.analyze import Analysis, Comparison
+from perfkit.analyzers.analyze import Analysis, Comparison, ranges
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Finding
 
@@ -96,7 +96,7 @@ def analysis_summary(result: Analysis, target: Path) -> str:
         lines.append("  no findings: nothing stands out")
     for i, f in enumerate(result.findings, 1):
         saving = f" (~{f.saving_ms_per_step:.1f} ms/step)" if f.saving_ms_per_step else ""
-        ranks = f" ranks {','.join(map(str, f.ranks[:8]))}" if f.ranks else ""
+        ranks = f" ranks {ranges(f.ranks)}" if f.ranks else ""
         lines.append(f"{i:>2}. [{f.severity}] {f.title}{saving}{ranks}")
         x = fix(f, m)
         lines.append(f"      fix: {x.description}" + (f"  ({'  '.join(x.code)})" if x.code else ""))

@@ -142,3 +142,19 @@ def test_tiny_ddp_buckets(tmp_path: Path) -> None:
     assert top.evidence["buckets_per_step"] > 20
     assert remedies.get(top.remedy).trainer == {"overlap.bucket_cap_mb": 25}
     assert fix(top, a.metrics).code == ["--set overlap.bucket_cap_mb=25"]  # the bundled trainer: its --set
+
+
+def test_activation_checkpointing_with_memory_to_spare(tmp_path: Path) -> None:
+    """The bundled trainer with activation checkpointing on a machine with GBs free: recompute for
+    nothing, named with the remedy that turns it off."""
+    out = tmp_path / "ckpt"
+    proc = run_perfkit(
+        "profile", "--out", str(out), "--profile-steps", "none", "--", "reference",
+        "--set", "steps=8", "--set", "kernels.activation_checkpointing=true",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = analyze(out)
+    f = by_id(a)["recompute_without_pressure"]
+    assert f.remedy == "no_activation_checkpointing"
+    assert 0 < f.saving_ms_per_step < a.metrics.steps.step_time_ms  # type: ignore[union-attr]
+    assert fix(f, a.metrics).code == ["--set kernels.activation_checkpointing=false"]

@@ -42,5 +42,7 @@ def test_no_activation_checkpointing_undoes_the_memory_remedy() -> None:
     """Two remedies that move the same switch in opposite directions, each valid on its own."""
     on, off = remedies.get("activation_checkpointing"), remedies.get("no_activation_checkpointing")
     assert load_config("tiny-cpu", on.overrides()).kernels.activation_checkpointing is True
-    assert load_config("tiny-cpu", [*on.overrides(), *off.overrides()]).kernels.activation_checkpointing is False
+    assert (
+        load_config("tiny-cpu", [*on.overrides(), *off.overrides()]).kernels.activation_checkpointing is False
+    )
     assert "torch.utils.checkpoint" in off.script

@@ -1,0 +1,164 @@
+"""Nothing silently wrong: one odd value in a trace is repaired or dropped per event, counted, and
+said; the result is marked partial; never a traceback, never a percentage outside 0-100."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from perfkit.analyzers.analyze import analyze
+from perfkit.analyzers.trace import load_trace
+
+from perfkit.cli import cli
+
+DATA = Path(__file__).parent / "data"
+TRACE = DATA / "hta" / "trace_filter" / "sampled_rank-0.json.gz"
+
+
+def _text() -> bytes:
+    return gzip.decompress(TRACE.read_bytes())
+
+
+def _write(tmp_path: Path, raw: bytes, name: str = "rank-0.json.gz") -> Path:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw))
+    return path
+
+
+def _first_kernel_at(raw: bytes) -> int:
+    return raw.index(b'"cat": "kernel"')
+
+
+def _assert_sane(a) -> None:
+    for t in a.metrics.trace.values():
+        b = t.temporal_breakdown
+        for key in ("compute_pct", "communication_pct", "memory_pct", "idle_pct"):
+            assert 0 <= b[key] <= 100, b
+
+
+def test_invalid_utf8_in_one_name_is_replaced_and_said(tmp_path: Path) -> None:
+    raw = _text()
+    i = raw.index(b'"name": "', _first_kernel_at(raw)) + len(b'"name": "')
+    path = _write(tmp_path, raw[:i] + b"\xff\xfe" + raw[i:])
+    a = analyze(path)
+    assert a.partial and any("invalid UTF-8" in p for p in a.problems), a.problems
+    names = load_trace(path).events["name"].astype(str)
+    assert names.str.startswith("\ufffd\ufffdvoid fbgemm_gpu::permute_2D").any()  # kept, the bad bytes marked
+    _assert_sane(a)
+
+
+def test_an_id_beyond_int64_is_ignored_not_fatal(tmp_path: Path) -> None:
+    raw = _text()
+    i = raw.index(b'"External id": ') + len(b'"External id": ')
+    j = raw.index(b",", i)
+    path = _write(tmp_path, raw[:i] + str(2**64 + 5).encode() + raw[j:])
+    trace = load_trace(path)
+    assert trace.repairs == [f"{path}: 1 event id(s) outside int64 ignored"]
+    assert (trace.events["ext_id"] == -1).sum() > 0 and len(trace.events) == len(load_trace(TRACE).events)
+    a = analyze(path)
+    assert a.partial
+    _assert_sane(a)
+
+
+@pytest.mark.parametrize("dur", [str(2**64 + 1), "1e300", "-5.0"])
+def test_an_impossible_duration_is_dropped_and_counted(tmp_path: Path, dur: str) -> None:
+    raw = _text()
+    i = raw.index(b'"dur": ', _first_kernel_at(raw)) + len(b'"dur": ')
+    j = raw.index(b",", i)
+    path = _write(tmp_path, raw[:i] + dur.encode() + raw[j:])
+    good = analyze(TRACE).metrics.trace[0].temporal_breakdown
+    a = analyze(path)
+    assert a.partial and any("1 event(s) with impossible times dropped" in p for p in a.problems), a.problems
+    _assert_sane(a)
+    b = a.metrics.trace[0].temporal_breakdown
+    assert abs(b["idle_pct"] - good["idle_pct"]) < 5  # one kernel fewer, not a different trace
+
+
+def test_an_impossible_base_time_keeps_times_relative(tmp_path: Path) -> None:
+    doc = json.loads(_text())
+    doc["baseTimeNanoseconds"] = 2**70
+    path = _write(tmp_path, json.dumps(doc).encode())
+    a = analyze(path)
+    assert any("baseTimeNanoseconds" in p for p in a.problems)
+    _assert_sane(a)
+
+
+def test_a_damaged_rank_in_a_folder_leaves_the_other_ranks_and_says_so(tmp_path: Path) -> None:
+    raw = _text()
+    i = raw.index(b'"name": "', _first_kernel_at(raw)) + len(b'"name": "')
+    _write(tmp_path, raw[:i] + b"\xc3\x28" + raw[i:], "rank-0.json.gz")
+    (tmp_path / "rank-1.json.gz").write_bytes(
+        (DATA / "hta" / "trace_filter" / "sampled_rank-1.json.gz").read_bytes()
+    )
+    result = CliRunner().invoke(cli, ["analyze", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (
+        "PARTIAL" in result.output and "invalid UTF-8" in result.output and "Traceback" not in result.output
+    )
+    assert "rank 0:" in result.output and "rank 1:" in result.output
+
+
+def _run(tmp_path: Path, world: int, ranks: dict[int, str], status: str = "complete") -> Path:
+    """A run directory written by hand: ``ranks`` maps a rank to the status in its probe.json."""
+    from perfkit.run import Run
+    from perfkit.tables import STEPS
+
+    run = Run.create(tmp_path / "run", command=["train.py"], world_size=world)
+    for rank, rank_status in ranks.items():
+        run.layout.rank_dir(rank).mkdir()
+        rows = [
+            {"step": s, "start_ns": s * 10**8, "end_ns": s * 10**8 + 5 * 10**7, "step_time_s": 0.05}
+            for s in range(1, 6)
+        ]
+        run.layout.table(rank, STEPS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run.layout.probe(rank).write_text(
+            json.dumps(
+                {"rank": rank, "status": rank_status, "collectors": {"steps": {"status": "ok", "reason": ""}}}
+            )
+        )
+    run.merge_rank_reports()
+    run.finish(status, 0 if status == "complete" else 1)  # type: ignore[arg-type]
+    return run.path
+
+
+def test_a_missing_rank_folder_is_named(tmp_path: Path) -> None:
+    a = analyze(_run(tmp_path, 4, {0: "complete", 2: "complete"}))
+    assert a.partial and any("rank(s) 1, 3 of 4 wrote no folder" in p for p in a.problems), a.problems
+
+
+def test_a_killed_rank_and_a_failed_run_are_named(tmp_path: Path) -> None:
+    a = analyze(_run(tmp_path, 2, {0: "complete", 1: "running"}, status="failed"))
+    assert any("the run failed (exit code 1)" in p for p in a.problems), a.problems
+    assert any("rank 1 was killed or crashed" in p for p in a.problems), a.problems
+
+
+def test_a_healthy_hand_made_run_is_not_partial(tmp_path: Path) -> None:
+    a = analyze(_run(tmp_path, 2, {0: "complete", 1: "complete"}))
+    assert not a.partial, a.problems
+
+
+def test_zero_ranks_is_an_error_not_nothing_stands_out(tmp_path: Path) -> None:
+    path = _run(tmp_path, 2, {})
+    result = CliRunner().invoke(cli, ["analyze", str(path)])
+    assert result.exit_code == 1 and "no rank wrote any data" in result.output
+    assert "nothing stands out" not in result.output
+
+
+def test_a_deleted_manifest_is_said(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    (path / "rank0").mkdir(parents=True)
+    (path / "rank0" / "trace.json.gz").write_bytes(TRACE.read_bytes())
+    a = analyze(path)
+    assert any("no manifest.json" in p for p in a.problems), a.problems
+
+
+def test_traces_sharing_a_rank_are_named(tmp_path: Path) -> None:
+    for name in ("a.json.gz", "b.json.gz"):
+        (tmp_path / name).write_bytes(TRACE.read_bytes())  # both say rank 0 in distributedInfo
+    a = analyze(tmp_path)
+    assert a.ranks == [0] and any("also rank 0" in p and "only the first" in p for p in a.problems), (
+        a.problems
+    )
