@@ -20,7 +20,7 @@ from perfkit.analyzers import rules
 from perfkit.analyzers.comms import collective_table, trace_collectives
 from perfkit.analyzers.facts import TraceFacts, trace_facts
 from perfkit.analyzers.kernels import kernel_table
-from perfkit.analyzers.memory import load_snapshot, snapshot_summary
+from perfkit.analyzers.memory import summarize
 from perfkit.analyzers.metrics import (
     SCHEMA_VERSION,
     Delta,
@@ -170,7 +170,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
                 "collective and memory tables need the manifest: restore it or re-run perfkit profile)"
             )
     elif path.name.endswith((".pickle", ".pickle.gz")):
-        metrics = Metrics(memory_snapshot={path.name: snapshot_summary(load_snapshot(path))})
+        metrics = Metrics(memory_snapshot={path.name: summarize(path)})
         return Analysis(source=path, metrics=metrics, findings=[], ranks=[])
     else:
         traces = [path]
@@ -228,7 +228,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         )
         metrics.run = RunInfo(
             name=m.name,
-            status=m.status,
+            status="failed" if run.abandoned() else m.status,
             world_size=m.world_size,
             command=m.command,
             env=m.env,
@@ -243,11 +243,14 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         metrics.memory = memory_metrics(t)
         metrics.throughput = throughput_metrics(t, metrics.steps, peak)
         for snap in run.layout.snapshots():
-            metrics.memory_snapshot[f"{snap.parent.name}/{snap.name}"] = snapshot_summary(load_snapshot(snap))
+            try:  # a damaged snapshot is a problem of that file, not of the run
+                metrics.memory_snapshot[f"{snap.parent.name}/{snap.name}"] = summarize(snap)
+            except TraceError as e:
+                problems.append(str(e))
         if metrics.comms is not None and metrics.comms.table:
             tables["collectives"] = pd.DataFrame(metrics.comms.table)
         tables.update(t.frames)
-        if m.status == "running":
+        if m.status == "running" and not run.abandoned():
             problems.append(
                 f"{run.path}: the run has not finished (status running); its last steps may be missing"
             )
@@ -296,6 +299,11 @@ def completeness(run: Run, t: Any) -> list[str]:
     missing = set(range(m.world_size)) - present
     if missing:
         out.append(f"{run.path}: rank(s) {ranges(missing)} of {m.world_size} wrote no folder")
+    if run.abandoned():
+        out.append(
+            f"{run.path}: the run failed: its owner (pid {m.pid}) was killed before it finished; "
+            "the last steps may be missing"
+        )
     if m.status in ("failed", "interrupted"):
         code = f" (exit code {m.exit_code})" if m.exit_code is not None else ""
         out.append(f"{run.path}: the run {m.status}{code}; its last steps may be missing")

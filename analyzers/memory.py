@@ -30,8 +30,8 @@ def load_snapshot(path: Path) -> dict[str, Any]:
         data = _PlainData(io.BytesIO(raw)).load()
     except pickle.UnpicklingError as e:
         raise TraceError(f"{path}: not loaded, {e}") from None
-    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as e:
-        raise TraceError(f"{path}: not a readable allocator snapshot ({e})") from None
+    except Exception as e:  # any malformed byte stream: a damaged file, never a traceback
+        raise TraceError(f"{path}: not a readable allocator snapshot ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or "segments" not in data:
         raise TraceError(f"{path}: not an allocator snapshot (no segments)")
     return data
@@ -53,6 +53,17 @@ def _category(frames: list[dict[str, Any]]) -> str:
         if key in text:
             return cat
     return "other"
+
+
+def summarize(path: Path, top: int = 10) -> dict[str, Any]:
+    """Load and summarize one snapshot; plain data of the wrong shape is a damaged file (TraceError)."""
+    data = load_snapshot(path)
+    try:
+        return snapshot_summary(data, top)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise TraceError(
+            f"{path}: not an allocator snapshot of the known layout ({type(e).__name__}: {e})"
+        ) from None
 
 
 def snapshot_summary(data: dict[str, Any], top: int = 10) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def load_tables(run: Run) -> RunTables:
         parts = []
         for rank in run.ranks():
             for f in run.layout.table_files(rank, table):
-                frame, n = read_table(f, table)
+                frame, n = read_table(f, table, drop_bad_rows=True)
                 notes.extend(n)
                 parts.append(frame.assign(rank=rank))
         frames[name] = (

@@ -7,6 +7,8 @@ Errors a user can cause reach them as one line and an exit code, never a traceba
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,17 @@ from perfkit import __version__
 from perfkit.errors import PerfkitError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that refuses NaN and the infinities (``--fail-above nan`` would switch a
+    CI gate off: every comparison with NaN is false)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        result = super().convert(value, param, ctx)
+        if not math.isfinite(result):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return result
 
 
 class _Group(click.Group):
@@ -229,7 +242,7 @@ def _analyze_and_report(run: Path) -> None:
     help="Folder for analysis.json (default: beside the input; required when it is read-only).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print analysis.json to stdout instead of the summary.")
-@click.option("--peak-tflops", type=click.FloatRange(min=0.001), help="Peak TFLOP/s per GPU for MFU.")
+@click.option("--peak-tflops", type=FiniteRange(min=0.001), help="Peak TFLOP/s per GPU for MFU.")
 @click.option(
     "--jobs", type=click.IntRange(min=1), help="Processes that parse traces (default: one per core)."
 )
@@ -280,11 +293,12 @@ def report(run: Path, out: Path | None) -> None:
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Comparison page to write (default RUN_B/report/compare.html).",
+    help="Comparison page to write (default RUN_B/report/compare.html when B is a run directory; "
+    "for traces, none unless given).",
 )
 @click.option(
     "--fail-above",
-    type=click.FloatRange(min=0),
+    type=FiniteRange(min=0),
     metavar="PCT",
     help="Exit 1 when B's median step time is more than PCT percent above A's.",
 )
@@ -298,8 +312,12 @@ def compare(run_a: Path, run_b: Path, out: Path | None, fail_above: float | None
 
     c = compare_runs(analyze(run_a), analyze(run_b))
     click.echo(comparison_summary(c))
-    page = write(c, out or c.b.layout.compare_page)
-    click.echo(f"wrote {page}")
+    if out is None and c.b.layout.is_run():  # perfkit made that folder: its report/ is ours to write
+        out = c.b.layout.compare_page
+    if out is not None:
+        click.echo(f"wrote {write(c, out)}")
+    else:  # never write beside a trace perfkit did not make
+        click.echo("no page written for traces: pass --out FILE.html to write the comparison page")
     change = c.step_change
     if fail_above is not None:
         if change is None:
@@ -326,7 +344,13 @@ def export_trace(run: Path, out: Path | None) -> None:
     from perfkit.run import Run
 
     r = Run.open(run)
-    path, notes = write_merged(r, out or r.layout.merged_trace)
+    target = out or r.layout.merged_trace
+    writable = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    if not os.access(writable, os.W_OK):
+        raise PerfkitError(
+            f"{target.parent} is not writable; pass --out FILE to write the merged trace elsewhere"
+        )
+    path, notes = write_merged(r, target)
     for n in notes:
         click.echo(f"skipped: {n}", err=True)
     click.echo(path)
@@ -402,7 +426,7 @@ def sweep(
 )
 @click.option(
     "--min-gain",
-    type=click.FloatRange(min=0, max=90),
+    type=FiniteRange(min=0, max=90),
     default=3.0,
     show_default=True,
     help="Percent a change must save to be kept.",

@@ -66,11 +66,16 @@ def trainer_env(nproc: int) -> dict[str, str]:
     return env
 
 
+def exit_code(returncode: int) -> int:
+    """A child's return code as a shell reports it: killed by signal N is 128 + N (SIGSEGV: 139)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def run_command(argv: list[str], nproc: int) -> int:
     """Run argv to its end and return its exit code; Ctrl-C is passed on and waited for."""
     proc = subprocess.Popen(argv, env=trainer_env(nproc))
     try:
-        return proc.wait()
+        return exit_code(proc.wait())
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
-        return proc.wait()
+        return exit_code(proc.wait())

@@ -8,6 +8,7 @@ merges what each rank reported (rank<N>/probe.json) into the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any, TextIO
 from perfkit.collectors.options import CollectOptions
 from perfkit.envinfo import environment
 from perfkit.errors import ConfigError
+from perfkit.launch import exit_code
 from perfkit.run import Run, RunLayout, Status
 from perfkit.tables import STEPS
 
@@ -153,33 +155,56 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
     status: Status = "failed"
     rc = 1
     try:
-        proc = subprocess.Popen(req.command, env=child_env(req))
+        # The job runs in its own process group, so that a signal reaches all of it (torchrun and
+        # every rank) when perfkit passes it on; and it gets SIGTERM if perfkit itself dies.
+        proc = subprocess.Popen(
+            req.command, env=child_env(req), start_new_session=True, preexec_fn=_die_with_parent
+        )
     except OSError as e:
         run.finish("failed", 127)
         raise ConfigError(
             f"cannot start {req.command[0]!r}: {e.strerror}; check the command after --"
         ) from None
 
+    def to_job(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signum)
+
     def forward(signum: int, frame: object) -> None:
         nonlocal status
         status = "interrupted"
-        proc.send_signal(signum)
+        to_job(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
+    interrupts = 0
     try:
         with Progress(run, stream):
             while True:
                 try:
                     rc = proc.wait()
                     break
-                except KeyboardInterrupt:  # the ranks got the same SIGINT: wait for them to flush
+                except KeyboardInterrupt:  # passed on; the ranks flush and stop. Again: harder.
                     status = "interrupted"
+                    to_job((signal.SIGINT, signal.SIGTERM, signal.SIGKILL)[min(interrupts, 2)])
+                    interrupts += 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+    rc = exit_code(rc)
     if rc == 0:
         status = "complete"
-    elif rc in (-signal.SIGINT, -signal.SIGTERM, 130, 143) or status == "interrupted":
+    elif rc in (128 + signal.SIGINT, 128 + signal.SIGTERM) or status == "interrupted":
         status = "interrupted"
     run.merge_rank_reports()
     run.finish(status, rc)
     return run, rc
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when perfkit's process ends (Linux), so a killed
+    perfkit leaves no training job behind; torchrun passes SIGTERM on to its ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

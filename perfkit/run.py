@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -224,6 +225,10 @@ class Manifest:
     """Exit code of the command, once it ended."""
     collectors: dict[str, CollectorState] = field(default_factory=dict)
     """Each collector by name and what happened to it."""
+    pid: int | None = None
+    """The process that owns the run while it is running (perfkit profile, or the script)."""
+    host: str = ""
+    """The host of that process."""
     schema_version: int = SCHEMA_VERSION
     perfkit_version: str = __version__
 
@@ -243,6 +248,14 @@ class Manifest:
                 f"{source}: manifest lacks {', '.join(missing)}; the file is damaged or not a perfkit manifest"
             )
         kwargs = {k: v for k, v in data.items() if k in known}
+        for key, kinds in _MANIFEST_TYPES.items():
+            value = kwargs.get(key)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                raise RunDirError(f"{source}: {key} is {value!r}; the manifest is damaged")
+        if kwargs["world_size"] < 1 or not all(isinstance(a, str) for a in kwargs["command"]):
+            raise RunDirError(f"{source}: world_size or command is impossible; the manifest is damaged")
+        if not all(isinstance(s, dict) for s in (kwargs.get("collectors") or {}).values()):
+            raise RunDirError(f"{source}: collectors is not a table of states; the manifest is damaged")
         if kwargs.get("status", "running") not in STATUSES:
             raise RunDirError(
                 f"{source}: unknown status {kwargs['status']!r}; expected one of {', '.join(STATUSES)}"
@@ -252,6 +265,23 @@ class Manifest:
             for name, state in (kwargs.get("collectors") or {}).items()
         }
         return cls(**kwargs)
+
+
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "command": list,
+    "world_size": int,
+    "config": dict,
+    "env": dict,
+    "model": dict,
+    "status": str,
+    "start": (int, float),
+    "end": (int, float),
+    "exit_code": int,
+    "collectors": dict,
+    "pid": int,
+    "host": str,
+}
 
 
 class Run:
@@ -284,13 +314,23 @@ class Run:
         path = Path(path)
         if RunLayout(path).is_run():
             raise RunDirError(f"{path} already holds a run; choose another --out or remove it first")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".perfkit-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(
+                f"cannot write the run directory {path} ({e.strerror}); choose a writable place with --out"
+            ) from None
         manifest = Manifest(
             name=name or path.name,
             command=list(command),
             world_size=world_size,
             config=config or {},
             env=env or {},
+            pid=os.getpid(),
+            host=socket.gethostname(),
         )
         run = cls(path, manifest)
         run.save()
@@ -338,6 +378,20 @@ class Run:
     def ranks(self) -> list[int]:
         """The ranks that wrote a folder, in order."""
         return self.layout.ranks()
+
+    def abandoned(self) -> bool:
+        """Status ``running`` but its owner process on this host is gone (it was killed): the run
+        will never finish and is to be read as failed."""
+        m = self.manifest
+        if m.status != "running" or m.pid is None or m.host != socket.gethostname():
+            return False
+        try:
+            os.kill(m.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def rank_reports(self) -> dict[int, dict[str, Any]]:
         """Each rank's ``probe.json`` (what its collectors did), those that can be read."""

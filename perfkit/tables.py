@@ -9,6 +9,7 @@ against the table's declared columns.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,39 +142,62 @@ class RowWriter:
             self._file = None
 
 
-def read_table(path: Path, table: Table) -> tuple[pd.DataFrame, list[str]]:
+def read_table(path: Path, table: Table, drop_bad_rows: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Load one table file. Returns the rows and notes on what was dropped (a half-written last line).
 
     A row that is not a JSON object, lacks a required column or has a value of the wrong kind makes
-    the file unusable: a RunDirError names the file and the line."""
+    the file unusable: a RunDirError names the file and the line. With ``drop_bad_rows`` (analysis
+    of a possibly damaged run) such rows are dropped instead, counted in one note, and the rest kept."""
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
+    bad: list[str] = []
     try:
-        lines = path.read_text().split("\n")
+        raw = path.read_bytes()
     except OSError as e:
         raise RunDirError(f"{path}: cannot be read ({e.strerror})") from None
+    lines = raw.decode("utf-8", errors="replace" if drop_bad_rows else "strict").split("\n") if raw else []
     last = len(lines) - 1
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == last:  # no newline after it: the writer was killed mid-line
-                notes.append(f"{path}: dropped a half-written last line (the rank was killed)")
-                continue
-            raise RunDirError(f"{path}:{i + 1}: not valid JSON; the file is damaged") from None
-        if not isinstance(row, dict):
-            raise RunDirError(f"{path}:{i + 1}: a row must be a JSON object")
-        for col in table.required:
-            if row.get(col) is None:
-                raise RunDirError(f"{path}:{i + 1}: missing required column {col!r} of table {table.name}")
-        for col, value in row.items():
-            kind = table.columns.get(col)
-            if kind is None or value is None:
-                continue
-            if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
-                raise RunDirError(f"{path}:{i + 1}: column {col!r} should be {kind}, got {value!r}")
+            row = _check_row(line, table, f"{path}:{i + 1}", half_written=i == last)
+        except RunDirError as e:
+            if not drop_bad_rows:
+                raise
+            bad.append(str(e))
+            continue
+        if row is None:
+            notes.append(f"{path}: dropped a half-written last line (the rank was killed)")
+            continue
         rows.append(row)
+    if bad:
+        notes.append(f"{len(bad)} damaged row(s) dropped; first: {bad[0]}")
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*table.columns, *(k for r in rows for k in r)])))
     return frame, notes
+
+
+def _check_row(line: str, table: Table, where: str, half_written: bool) -> dict[str, Any] | None:
+    """One row, checked against the table's schema; None for a half-written last line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        if half_written:  # no newline after it: the writer was killed mid-line
+            return None
+        raise RunDirError(f"{where}: not valid JSON; the file is damaged") from None
+    if not isinstance(row, dict):
+        raise RunDirError(f"{where}: a row must be a JSON object")
+    for col in table.required:
+        if row.get(col) is None:
+            raise RunDirError(f"{where}: missing required column {col!r} of table {table.name}")
+    for col, value in row.items():
+        kind = table.columns.get(col)
+        if kind is None or value is None:
+            continue
+        if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
+            raise RunDirError(f"{where}: column {col!r} should be {kind}, got {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise RunDirError(f"{where}: column {col!r} is {value!r}, not a finite number")
+        if kind == "int" and not -(2**63) <= value < 2**63:
+            raise RunDirError(f"{where}: column {col!r} is {value!r}, outside int64")
+    return row
