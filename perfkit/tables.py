@@ -196,8 +196,8 @@ def _check_row(line: str, table: Table, where: str, half_written: bool) -> dict[
             continue
         if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
             raise RunDirError(f"{where}: column {col!r} should be {kind}, got {value!r}")
-        if kind == "float" and not math.isfinite(float(value)):
+        if isinstance(value, float) and not math.isfinite(value):
             raise RunDirError(f"{where}: column {col!r} is {value!r}, not a finite number")
-        if kind == "int" and not -(2**63) <= int(value) < 2**63:
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise RunDirError(f"{where}: column {col!r} is {value!r}, outside int64")
     return row
