@@ -36,7 +36,9 @@ def _patch_comms(options: CollectOptions) -> None:
 
 
 @contextlib.contextmanager
-def _session(probe: Probe, start_step: int) -> Iterator[Probe]:
+def _session(probe: Probe, start_step: int, run: Any = None) -> Iterator[Probe]:
+    """Start the probe and the first step; at the end stop it with the outcome, and finish ``run``
+    (the run directory this process made, if any) with it."""
     probe.set_manual()
     probe.start()
     if probe.step < start_step:
@@ -51,6 +53,9 @@ def _session(probe: Probe, start_step: int) -> Iterator[Probe]:
         raise
     finally:
         probe.stop(outcome)
+        if run is not None:
+            run.merge_rank_reports()
+            run.finish(outcome, 0 if outcome == "complete" else 1)
 
 
 @contextlib.contextmanager
@@ -81,18 +86,8 @@ def profile(out: str | Path | None = None, *, start_step: int = 0, **options: An
             run = Run.create(out, command=list(getattr(sys, "orig_argv", sys.argv)), world_size=world)
         _patch_comms(opts)
         probe = Probe(Path(out), rank, world, local, opts)
-    outcome = "failed"
-    try:
-        with _session(probe, start_step):
-            yield probe
-        outcome = "complete"
-    except KeyboardInterrupt:
-        outcome = "interrupted"
-        raise
-    finally:
-        if run is not None:
-            run.merge_rank_reports()
-            run.finish(outcome, 0 if outcome == "complete" else 1)  # type: ignore[arg-type]
+    with _session(probe, start_step, run):
+        yield probe
 
 
 @contextlib.contextmanager
