@@ -27,6 +27,7 @@ from perfkit.analyzers.metrics import (
     Metrics,
     RankTrace,
     RunInfo,
+    check_sanity,
     deltas,
     records,
     step_change,
@@ -256,6 +257,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
             )
     else:
         metrics.peak_tflops = peak_tflops
+    problems += check_sanity(metrics)
     return Analysis(
         source=path,
         metrics=metrics,

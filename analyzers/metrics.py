@@ -162,6 +162,33 @@ class Metrics:
         return bool(self.config)
 
 
+def check_sanity(m: Metrics) -> list[str]:
+    """Take out what cannot be true before anyone reads it (a share outside 0-100%, a step time that
+    is not positive, MFU above 100%) and say so: a wrong number printed with exit code 0 is worse
+    than none."""
+    problems = []
+    for rank, t in m.trace.items():
+        b = t.temporal_breakdown
+        bad = [
+            k
+            for k, v in b.items()
+            if k.endswith("_pct") and not (math.isfinite(v) and -1e-6 <= v <= 100 + 1e-6)
+        ]
+        if bad:
+            problems.append(f"rank {rank}: GPU time breakdown impossible ({', '.join(bad)}); left out")
+            t.temporal_breakdown = {}
+    if m.steps is not None and not (math.isfinite(m.steps.step_time_ms) and m.steps.step_time_ms > 0):
+        problems.append(f"median step time {m.steps.step_time_ms} ms is impossible; step metrics left out")
+        m.steps = None
+    if m.throughput is not None and m.throughput.mfu is not None and not 0 <= m.throughput.mfu <= 1:
+        problems.append(
+            f"MFU {m.throughput.mfu:.0%} is impossible: the declared flops_per_token or the peak TFLOP/s is "
+            "wrong; MFU left out"
+        )
+        m.throughput.mfu = None
+    return problems
+
+
 def records(frame: Any) -> list[dict[str, Any]]:
     """A DataFrame's rows as dicts with string keys."""
     return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]

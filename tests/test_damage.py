@@ -162,3 +162,25 @@ def test_traces_sharing_a_rank_are_named(tmp_path: Path) -> None:
     assert a.ranks == [0] and any("also rank 0" in p and "only the first" in p for p in a.problems), (
         a.problems
     )
+
+
+def test_impossible_metrics_are_left_out_and_said() -> None:
+    from perfkit.analyzers.metrics import Metrics, RankTrace, StepMetrics, Throughput, check_sanity
+
+    m = Metrics(
+        trace={
+            0: RankTrace(
+                trace="t",
+                steps_in_trace=1,
+                step_ms=1.0,
+                temporal_breakdown={"idle_pct": 1e13, "compute_pct": -1e13},
+                idle_attribution={},
+                communication_overlap={},
+            )
+        },
+        steps=StepMetrics(steps=3, step_time_ms=-5.0, step_time_p90_ms=1.0, per_rank=[], phase_share={}),
+        throughput=Throughput(flops_per_token=1.0, achieved_tflops=1.0, peak_tflops_per_gpu=1.0, mfu=3.5),
+    )
+    problems = check_sanity(m)
+    assert len(problems) == 3 and m.trace[0].temporal_breakdown == {} and m.steps is None
+    assert m.throughput is not None and m.throughput.mfu is None and "MFU 350%" in problems[2]
