@@ -3,8 +3,10 @@ apart from the rules themselves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from perfkit.analyzers.breakdown import (
     exposed_communication,
@@ -34,23 +36,47 @@ class TraceFacts:
     attention_kernel_ns: int
     item_calls: int
     """aten::item calls outside the optimizer step (AdamW reads its step counters with .item())."""
+    optimizer_impl: str | None = None
+    """fused, foreach or per-parameter, from the ops inside the optimizer's steps; None: no step seen."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The bundled trainer's configuration when the trace is part of its run (set by the analysis):
+    what the run used, told by the run itself."""
 
 
-def _items_outside_optimizer(ev: pd.DataFrame) -> int:
-    items = ev[(ev["name"] == "aten::item").to_numpy()]
-    opt = ev[by_name(ev["name"], lambda n: n.startswith("Optimizer.step#"), bool)]
-    if items.empty or opt.empty:
-        return len(items)
-    starts, ends = opt["ts"].to_numpy(), opt["end"].to_numpy()
+def _inside(events: pd.DataFrame, spans: pd.DataFrame) -> np.ndarray:
+    """Which of ``events`` start inside one of ``spans`` (non-overlapping, e.g. optimizer steps)."""
+    if events.empty or spans.empty:
+        return np.zeros(len(events), dtype=bool)
+    starts, ends = spans["ts"].to_numpy(), spans["end"].to_numpy()
     order = starts.argsort()
     starts, ends = starts[order], ends[order]
-    k = starts.searchsorted(items["ts"].to_numpy(), side="right") - 1
-    inside = (k >= 0) & (items["ts"].to_numpy() <= ends[k.clip(0)])
-    return int((~inside).sum())
+    ts = events["ts"].to_numpy()
+    k = starts.searchsorted(ts, side="right") - 1
+    return (k >= 0) & (ts <= ends[k.clip(0)])
+
+
+def _optimizer_facts(ev: pd.DataFrame) -> tuple[int, str | None]:
+    """aten::item calls outside the optimizer step (AdamW reads its step counters with .item()),
+    and the optimizer's implementation as the ops inside its steps show it: fused, foreach or
+    per-parameter (None without optimizer steps). Only ops inside the step count: gradient clipping
+    runs foreach kernels of its own just before it."""
+    items = ev[(ev["name"] == "aten::item").to_numpy()]
+    opt = ev[by_name(ev["name"], lambda n: n.startswith("Optimizer.step#"), bool)]
+    outside = int((~_inside(items, opt)).sum())
+    if opt.empty:
+        return outside, None
+    kind = by_name(
+        ev["name"], lambda n: "fused" if "_fused_" in n else "foreach" if "_foreach_" in n else "", object
+    )
+    candidates = ev[kind != ""]
+    inside = candidates[_inside(candidates, opt)]
+    kinds = set(by_name(inside["name"], lambda n: "fused" if "_fused_" in n else "foreach", object))
+    return outside, "fused" if "fused" in kinds else "foreach" if "foreach" in kinds else "per-parameter"
 
 
 def trace_facts(trace: Trace) -> TraceFacts:
     ps = profiler_steps(trace)
+    items, optimizer_impl = _optimizer_facts(trace.events)
     gpu = trace.gpu
     breakdown = temporal_breakdown(trace)
     n_steps = max(1, len(ps))
@@ -82,7 +108,8 @@ def trace_facts(trace: Trace) -> TraceFacts:
         pageable_h2d_ns=int(memcpy["dur"].sum()),
         pageable_h2d=len(memcpy),
         attention_kernel_ns=int(gpu[gpu["category"] == "attention"]["dur"].sum()),
-        item_calls=_items_outside_optimizer(ev),
+        item_calls=items,
+        optimizer_impl=optimizer_impl,
     )
 
 

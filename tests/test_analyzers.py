@@ -360,3 +360,44 @@ def test_recompute_without_pressure(checkpointing: bool, rss: float, retries: in
         f = found["recompute_without_pressure"]
         assert f.saving_ms_per_step == pytest.approx(30.0) and f.remedy == "no_activation_checkpointing"
         assert f.evidence["peak_share_of_capacity"] == 0.125 and "forward" in f.estimate
+
+
+@pytest.mark.parametrize(
+    ("config", "title"),
+    [
+        ({"kernels": {"optimizer_impl": "unfused"}}, "Optimizer updates each parameter with its own kernels"),
+        ({"kernels": {"optimizer_impl": "foreach"}}, "Optimizer uses foreach kernels, not the fused one"),
+        ({"kernels": {"optimizer_impl": "fused"}}, None),
+        ({}, None),  # no config: the trace's ops say fused (the tuned H100 step uses AdamW(fused=True))
+    ],
+)
+def test_the_optimizer_finding_says_what_the_run_used(config: dict, title: str | None) -> None:
+    from perfkit.analyzers.facts import trace_facts
+    from perfkit.analyzers.metrics import Metrics, StepMetrics
+    from perfkit.analyzers.rules import evaluate
+
+    facts = trace_facts(load_trace(TUNED))
+    metrics = Metrics(
+        config=config,
+        steps=StepMetrics(steps=5, step_time_ms=40.0, step_time_p90_ms=41.0, per_rank=[], phase_share={}),
+    )
+    found = {f.id: f for f in evaluate([facts], metrics if config else None)}
+    if title is None:
+        assert "unfused_optimizer" not in found
+    else:
+        f = found["unfused_optimizer"]
+        assert f.title == title and f.evidence["told_by"] == "the run's config"
+
+
+@pytest.mark.parametrize(("attention", "fires"), [("eager", True), ("sdpa", False)])
+def test_the_attention_finding_follows_the_runs_config(attention: str, fires: bool) -> None:
+    from perfkit.analyzers.facts import trace_facts
+    from perfkit.analyzers.metrics import Metrics, StepMetrics
+    from perfkit.analyzers.rules import evaluate
+
+    facts = trace_facts(load_trace(TUNED))
+    metrics = Metrics(
+        config={"kernels": {"attention": attention}},
+        steps=StepMetrics(steps=5, step_time_ms=40.0, step_time_p90_ms=41.0, per_rank=[], phase_share={}),
+    )
+    assert ("unfused_attention" in {f.id for f in evaluate([facts], metrics)}) is fires

@@ -158,3 +158,22 @@ def test_activation_checkpointing_with_memory_to_spare(tmp_path: Path) -> None:
     assert f.remedy == "no_activation_checkpointing"
     assert 0 < f.saving_ms_per_step < a.metrics.steps.step_time_ms  # type: ignore[union-attr]
     assert fix(f, a.metrics).code == ["--set kernels.activation_checkpointing=false"]
+
+
+@pytest.mark.parametrize(("impl", "said"), [("unfused", "per-parameter"), ("foreach", "foreach")])
+def test_a_bare_trace_tells_the_optimizer_by_the_ops_inside_its_step(
+    tmp_path: Path, impl: str, said: str
+) -> None:
+    """Without the run's config, the implementation comes from the ops inside Optimizer.step: the
+    foreach kernels of gradient clipping just before it do not make an unfused AdamW 'foreach'."""
+    out = tmp_path / impl
+    proc = run_perfkit(
+        "profile", "--out", str(out), "--profile-steps", "3-4", "--", "reference",
+        "--set", "steps=5", "--set", f"kernels.optimizer_impl={impl}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bare = analyze(out / "rank0" / "trace.json.gz")
+    f = by_id(bare)["unfused_optimizer"]
+    assert f.evidence == {"implementation": said, "told_by": "the trace's ops"}
+    in_run = by_id(analyze(out))["unfused_optimizer"]
+    assert in_run.evidence == {"implementation": impl, "told_by": "the run's config"}

@@ -107,6 +107,8 @@ def _finding(r: Rule, d: Diagnosis, step_ms: float | None, ranks: list[int]) -> 
 def evaluate(trace_facts: list[TraceFacts], metrics: Metrics | None) -> list[Finding]:
     """Every registered rule over every rank's trace facts and the run's metrics, merged and ranked."""
     out: list[Finding] = []
+    for f in trace_facts:  # what the run's own config says it used comes before what the trace suggests
+        f.config = metrics.config if metrics is not None else {}
     for r in RULES:
         if r.reads == "trace":
             found = []

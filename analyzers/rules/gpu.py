@@ -41,34 +41,44 @@ def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
 @rule("unfused_attention", reads="trace")
 def unfused_attention(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     softmax = ops(f, "aten::softmax", "aten::_softmax")
-    fused = has_op(f, "scaled_dot_product") or has_op(f, "flash") or f.attention_kernel_ns > 0
-    if not softmax or fused:
-        return None
+    configured = f.config.get("kernels", {}).get("attention")
+    if configured is not None:  # the run says what it used
+        if configured != "eager":
+            return None
+        evidence: dict[str, object] = {"attention": "eager", "told_by": "the run's config"}
+    else:
+        fused = has_op(f, "scaled_dot_product") or has_op(f, "flash") or f.attention_kernel_ns > 0
+        if not softmax or fused:
+            return None
+        evidence = {"told_by": "the trace's ops (softmax, no fused attention)"}
+    evidence["softmax_calls_per_step"] = round(softmax / f.steps, 1)
     return Diagnosis(
         title="Attention computed op by op (matmul, mask, softmax) instead of a fused kernel",
         saving_ms=0.0,
         estimate="not estimated",
-        evidence={"softmax_calls_per_step": round(softmax / f.steps, 1)},
+        evidence=evidence,
         remedy="sdpa",
     )
 
 
+_IMPL_TITLE = {
+    "foreach": "uses foreach kernels, not the fused one",
+    "per-parameter": "updates each parameter with its own kernels",
+    "unfused": "updates each parameter with its own kernels",
+}
+
+
 @rule("unfused_optimizer", reads="trace")
 def unfused_optimizer(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
-    opt_steps = int(f.cpu_ops[f.cpu_ops.index.str.startswith("Optimizer.step#")].sum())
-    if not opt_steps or has_op(f, "_fused_adam") or has_op(f, "_fused_sgd"):
+    configured = f.config.get("kernels", {}).get("optimizer_impl")
+    impl, told_by = (configured, "the run's config") if configured else (f.optimizer_impl, "the trace's ops")
+    if impl is None or impl == "fused" or f.optimizer_impl is None:  # no optimizer step in the trace
         return None
-    foreach = has_op(f, "aten::_foreach_")
     return Diagnosis(
-        title="Optimizer "
-        + (
-            "uses foreach kernels, not the fused one"
-            if foreach
-            else "updates each parameter with its own kernels"
-        ),
+        title=f"Optimizer {_IMPL_TITLE.get(impl, impl)}",
         saving_ms=0.0,
         estimate="not estimated",
-        evidence={"implementation": "foreach" if foreach else "per-parameter loop"},
+        evidence={"implementation": impl, "told_by": told_by},
         remedy="fused_optimizer",
     )
 
