@@ -136,6 +136,7 @@ def _trace_job(path: Path) -> dict[str, Any]:
         "path": str(path),
         "facts": facts,
         "device": trace.device.get("name"),
+        "device_memory": trace.device.get("totalGlobalMem"),
         "world_size": trace.world_size,
         "categories": categories.assign(rank=trace.rank),
         "top": top.assign(rank=trace.rank),
@@ -170,9 +171,11 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
                 f"{path}: has rank folders but no manifest.json; analyzed as a folder of traces (the step, "
                 "collective and memory tables need the manifest: restore it or re-run perfkit profile)"
             )
-    elif path.name.endswith((".pickle", ".pickle.gz")):
-        metrics = Metrics(memory_snapshot={path.name: summarize(path)})
-        return Analysis(source=path, metrics=metrics, findings=[], ranks=[])
+    elif path.name.endswith((".pickle", ".pickle.gz")):  # an allocator snapshot alone: one rank
+        summary = summarize(path)
+        metrics = Metrics(memory_snapshot={path.name: summary})
+        snapshot = rules.Snapshot(path.name, 0, summary)
+        return Analysis(source=path, metrics=metrics, findings=rules.evaluate([], None, [snapshot]), ranks=[0])
     else:
         traces = [path]
 
@@ -188,6 +191,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         )
 
     metrics = Metrics(device=next((r["device"] for r in good if r["device"]), None))
+    snapshots: list[rules.Snapshot] = []
     tables: dict[str, pd.DataFrame] = {}
     facts: list[TraceFacts] = [r["facts"] for r in good]
     ranks: set[int] = {r["rank"] for r in good}
@@ -243,11 +247,18 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         metrics.io = io_metrics(t)
         metrics.memory = memory_metrics(t)
         metrics.throughput = throughput_metrics(t, metrics.steps, peak)
+        capacity = m.env.get("gpu_memory_bytes") or next(
+            (int(r["device_memory"]) for r in good if r.get("device_memory")), None
+        )
         for snap in run.layout.snapshots():
+            name = f"{snap.parent.name}/{snap.name}"
             try:  # a damaged snapshot is a problem of that file, not of the run
-                metrics.memory_snapshot[f"{snap.parent.name}/{snap.name}"] = summarize(snap)
+                metrics.memory_snapshot[name] = summarize(snap)
             except TraceError as e:
                 problems.append(str(e))
+                continue
+            rank = int(snap.parent.name.removeprefix("rank"))
+            snapshots.append(rules.Snapshot(name, rank, metrics.memory_snapshot[name], capacity))
         if metrics.comms is not None and metrics.comms.table:
             tables["collectives"] = pd.DataFrame(metrics.comms.table)
         tables.update(t.frames)
@@ -261,7 +272,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     return Analysis(
         source=path,
         metrics=metrics,
-        findings=rules.evaluate(facts, metrics if run is not None else None),
+        findings=rules.evaluate(facts, metrics if run is not None else None, snapshots),
         tables=tables,
         problems=problems,
         ranks=sorted(ranks),

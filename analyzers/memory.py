@@ -38,6 +38,8 @@ def load_snapshot(path: Path) -> dict[str, Any]:
 
 
 def _category(frames: list[dict[str, Any]]) -> str:
+    if not frames:
+        return "no stack (allocated before the history began)"
     text = " ".join(f"{f.get('name', '')} {f.get('filename', '')}" for f in frames).lower()
     for key, cat in (
         ("optim", "optimizer state"),
@@ -102,6 +104,7 @@ def snapshot_summary(data: dict[str, Any], top: int = 10) -> dict[str, Any]:
         else pd.Series(dtype=float)
     )
     traces = data.get("device_traces") or []
+    settings = data.get("allocator_settings") or {}
     return {
         "reserved_bytes": reserved,
         "allocated_bytes": allocated,
@@ -110,4 +113,29 @@ def snapshot_summary(data: dict[str, Any], top: int = 10) -> dict[str, Any]:
         "history_entries": sum(len(t) for t in traces),
         "by_category": {k: int(v) for k, v in by_cat.items()},
         "largest": live.nlargest(top, "size").to_dict("records") if not live.empty else [],
+        "expandable_segments": bool(settings.get("expandable_segments"))
+        or any(seg.get("is_expandable") for seg in data["segments"]),
+        **_history(traces),
     }
+
+
+def _history(traces: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """What the allocator's history says: segments it gave back to the driver outside an explicit
+    ``torch.cuda.empty_cache()`` (the cache flushed to satisfy an allocation, with a device sync),
+    OOMs, and the peak of reserved memory over the history (segment allocs minus frees)."""
+    flushes = ooms = 0
+    reserved = peak = 0
+    for trace in traces:
+        for e in trace:
+            action = e.get("action")
+            if action in ("segment_alloc", "segment_map"):
+                reserved += e.get("size", 0)
+                peak = max(peak, reserved)
+            elif action in ("segment_free", "segment_unmap"):
+                reserved -= e.get("size", 0)
+                frames = e.get("frames") or []
+                if not any("empty_cache" in str(f.get("name", "")) for f in frames):
+                    flushes += 1
+            elif action == "oom":
+                ooms += 1
+    return {"cache_flushes": flushes, "history_ooms": ooms, "history_peak_reserved_bytes": peak}

@@ -96,6 +96,29 @@ def _collector_reason(metrics: Metrics, name: str) -> str:
     return f"no data: the {name} collector was {state}"
 
 
+def _snapshot_tables(m: Metrics) -> list[Markup | None]:
+    """Per allocator snapshot: its totals and its largest live blocks with the frame that made them."""
+    out: list[Markup | None] = []
+    for name, s in m.memory_snapshot.items():
+        totals = pd.DataFrame(
+            [
+                {
+                    "snapshot": name,
+                    "reserved_gib": s["reserved_bytes"] / 2**30,
+                    "allocated_gib": s["allocated_bytes"] / 2**30,
+                    "split_free_gib": s["inactive_split_bytes"] / 2**30,
+                    "cache_flushes": s.get("cache_flushes", 0),
+                    **{f"{k} GiB": v / 2**30 for k, v in s["by_category"].items()},
+                }
+            ]
+        )
+        out.append(_table(totals, {c: c.replace("_", " ") for c in totals.columns}))
+        largest = pd.DataFrame(s["largest"])
+        if not largest.empty:
+            out.append(_table(largest, {"size": "bytes", "category": "category", "frame": "allocated at"}))
+    return out
+
+
 def render(analysis: Analysis) -> str:
     m, t = analysis.metrics, analysis.tables
     run = m.run
@@ -209,7 +232,10 @@ def render(analysis: Analysis) -> str:
             "needs two or more ranks with a steps table",
         ),
         Section(
-            "memory", "Memory", _fig(figures.memory_timeline(t.get("memory"))), _collector_reason(m, "memory")
+            "memory",
+            "Memory",
+            _join(_fig(figures.memory_timeline(t.get("memory"))), *_snapshot_tables(m)),
+            _collector_reason(m, "memory") if run else "no memory table or allocator snapshot",
         ),
         Section(
             "io",

@@ -92,6 +92,13 @@ def analysis_summary(result: Analysis, target: Path) -> str:
                 f"  rank {rank}: GPU compute {b['compute_pct']:.0f}%, communication {b['communication_pct']:.0f}%, "
                 f"memory {b['memory_pct']:.0f}%, idle {b['idle_pct']:.0f}%"
             )
+    for name, s in m.memory_snapshot.items():
+        holders = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in list(s["by_category"].items())[:4])
+        lines.append(
+            f"  {name}: reserved {s['reserved_bytes'] / 2**30:.2f} GiB, allocated {s['allocated_bytes'] / 2**30:.2f}, "
+            f"free in split blocks {s['inactive_split_bytes'] / 2**30:.2f}, cache flushes {s.get('cache_flushes', 0)}"
+            + (f"; largest holders (GiB): {holders}" if holders else "")
+        )
     if not result.findings:
         lines.append("  no findings: nothing stands out")
     for i, f in enumerate(result.findings, 1):

@@ -17,6 +17,7 @@ from perfkit.analyzers.comms import bus_factor
 from perfkit.analyzers.kernels import category, gemm_precision
 from perfkit.analyzers.memory import load_snapshot, snapshot_summary
 from perfkit.analyzers.trace import TraceError, load_trace
+from perfkit.reports.text import fix
 
 from perfkit.cli import cli
 from perfkit.optimizer import remedies
@@ -401,3 +402,74 @@ def test_the_attention_finding_follows_the_runs_config(attention: str, fires: bo
         steps=StepMetrics(steps=5, step_time_ms=40.0, step_time_p90_ms=41.0, per_rank=[], phase_share={}),
     )
     assert ("unfused_attention" in {f.id for f in evaluate([facts], metrics)}) is fires
+
+
+def _snapshot(*, split: int, flushes: int, expandable: bool = False, empty_cache: bool = False) -> dict:
+    """A CUDA allocator snapshot as plain data: one 4 GiB segment with a live block and ``split``
+    bytes of free blocks inside it; a history with ``flushes`` segment frees."""
+    gib = 2**30
+    frames = [{"name": "forward", "filename": "train.py", "line": 42}]
+    blocks = [
+        {
+            "address": 1,
+            "size": 4 * gib - split,
+            "requested_size": 4 * gib - split,
+            "state": "active_allocated",
+            "frames": frames,
+        },
+        {"address": 2, "size": split, "requested_size": 0, "state": "inactive", "frames": []},
+    ]
+    free_frames = (
+        [{"name": "empty_cache", "filename": "torch/cuda/memory.py", "line": 1}] if empty_cache else []
+    )
+    history = [{"action": "segment_alloc", "addr": 0, "size": 4 * gib, "frames": frames}]
+    history += [
+        {"action": "segment_free", "addr": 9, "size": gib, "frames": free_frames} for _ in range(flushes)
+    ]
+    return {
+        "segments": [{"address": 0, "total_size": 4 * gib, "is_expandable": expandable, "blocks": blocks}],
+        "device_traces": [history],
+        "allocator_settings": {"expandable_segments": expandable},
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"split": 2**30, "flushes": 3}, {"allocator_fragmentation", "allocator_cache_flushes"}),
+        ({"split": 2**20, "flushes": 0}, set()),  # 1 MiB split of 4 GiB: healthy
+        ({"split": 2**30, "flushes": 0, "expandable": True}, set()),  # already the remedy
+        ({"split": 2**20, "flushes": 2, "empty_cache": True}, set()),  # flushes the script asked for
+    ],
+)
+def test_a_snapshot_alone_gets_memory_findings(tmp_path: Path, kwargs: dict, expected: set) -> None:
+    path = tmp_path / "snap.pickle"
+    path.write_bytes(pickle.dumps(_snapshot(**kwargs)))
+    a = analyze(path)
+    assert a.ranks == [0]  # a snapshot alone is one rank, never "0 ranks"
+    found = {f.id: f for f in a.findings}
+    assert set(found) == expected
+    for f in found.values():
+        assert f.remedy == "expandable_segments"
+        assert fix(f, a.metrics).code == [
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the job's environment"
+        ]
+    result = CliRunner().invoke(cli, ["analyze", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "snap.pickle: reserved 4.00 GiB" in result.output
+    assert ("nothing stands out" in result.output) is not expected
+
+
+def test_the_tuned_h100_snapshot_has_no_memory_alarm() -> None:
+    a = analyze(DATA / "h100" / "tuned_memory_snapshot.pickle.gz")
+    assert a.ranks == [0] and not a.findings
+
+
+def test_a_snapshot_in_a_run_is_read_against_the_device(tmp_path: Path) -> None:
+    from perfkit.run import Run
+
+    run = Run.create(tmp_path / "r", command=["x"], world_size=1, env={"gpu_memory_bytes": 4 * 2**30})
+    run.layout.rank_dir(0).mkdir()
+    run.layout.memory_snapshot(0).write_bytes(pickle.dumps(_snapshot(split=2**20, flushes=0)))
+    run.finish("complete", 0)
+    f = {f.id: f for f in analyze(run.path).findings}["memory_headroom"]
+    assert f.ranks == [0] and f.evidence["capacity_gib"] == 4.0

@@ -5,6 +5,8 @@ A rule is one function declared with ``@rule(id, reads=..., **thresholds)``:
 - ``reads="trace"``: called once per rank with that rank's ``TraceFacts`` (``perfkit.analyzers.facts``);
   a finding that holds on several ranks names them all, with the worst rank's numbers as evidence.
 - ``reads="run"``: called once with the run tables' ``Metrics`` (only when the run has step times).
+- ``reads="snapshot"``: called once per CUDA allocator snapshot (a ``Snapshot``: its summary and,
+  when known, the device's capacity).
 
 It returns a ``Diagnosis`` (or None): a title, the estimated saving per step and the model behind that
 estimate, the evidence, and the id of its remedy in ``perfkit.optimizer.remedies``. The registry turns
@@ -24,7 +26,20 @@ from typing import Any, Literal
 from perfkit.analyzers.facts import TraceFacts
 from perfkit.analyzers.metrics import Metrics
 
-Reads = Literal["trace", "run"]
+Reads = Literal["trace", "run", "snapshot"]
+
+
+@dataclass
+class Snapshot:
+    """One CUDA allocator snapshot's summary (``perfkit.analyzers.memory``), for the snapshot rules."""
+
+    name: str
+    rank: int
+    summary: dict[str, Any]
+    capacity_bytes: int | None = None
+    """The device's memory, when the run or a trace says it."""
+
+
 Thresholds = dict[str, float]
 
 
@@ -104,8 +119,11 @@ def _finding(r: Rule, d: Diagnosis, step_ms: float | None, ranks: list[int]) -> 
     )
 
 
-def evaluate(trace_facts: list[TraceFacts], metrics: Metrics | None) -> list[Finding]:
-    """Every registered rule over every rank's trace facts and the run's metrics, merged and ranked."""
+def evaluate(
+    trace_facts: list[TraceFacts], metrics: Metrics | None, snapshots: list[Snapshot] | None = None
+) -> list[Finding]:
+    """Every registered rule over every rank's trace facts, the run's metrics and the allocator
+    snapshots, merged and ranked."""
     out: list[Finding] = []
     for f in trace_facts:  # what the run's own config says it used comes before what the trace suggests
         f.config = metrics.config if metrics is not None else {}
@@ -120,6 +138,11 @@ def evaluate(trace_facts: list[TraceFacts], metrics: Metrics | None) -> list[Fin
                 worst = max(found, key=lambda x: x.saving_ms_per_step)
                 worst.ranks = sorted(rank for x in found for rank in x.ranks)
                 out.append(worst)
+        elif r.reads == "snapshot":
+            found = [_finding(r, d, None, [s.rank]) for s in snapshots or [] if (d := r.fn(s, r.thresholds))]
+            if found:
+                found[0].ranks = sorted({rank for x in found for rank in x.ranks})
+                out.append(found[0])
         elif metrics is not None and metrics.step_ms:
             d = r.fn(metrics, r.thresholds)
             if d is not None:
@@ -142,4 +165,16 @@ def rank(findings: list[Finding]) -> list[Finding]:
 # The families register their rules on import.
 from perfkit.analyzers.rules import comms, gpu, host, inputs, memory  # noqa: E402
 
-__all__ = ["RULES", "Diagnosis", "Finding", "Rule", "comms", "evaluate", "gpu", "host", "inputs", "memory"]
+__all__ = [
+    "RULES",
+    "Diagnosis",
+    "Finding",
+    "Rule",
+    "Snapshot",
+    "comms",
+    "evaluate",
+    "gpu",
+    "host",
+    "inputs",
+    "memory",
+]

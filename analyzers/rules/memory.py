@@ -1,9 +1,10 @@
-"""Memory: the allocator runs short (retries, OOMs)."""
+"""Memory: the allocator runs short (retries, OOMs), fragments, flushes its cache, or nears the
+device's capacity; and activation recompute that memory does not need."""
 
 from __future__ import annotations
 
 from perfkit.analyzers.metrics import Metrics
-from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
+from perfkit.analyzers.rules import Diagnosis, Snapshot, Thresholds, rule
 
 
 @rule("memory_pressure", reads="run", assumed_cost_share=0.05)
@@ -56,4 +57,72 @@ def recompute_without_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "forward_ms": round(forward_ms, 2),
         },
         remedy="no_activation_checkpointing",
+    )
+
+
+@rule("allocator_fragmentation", reads="snapshot", min_split_share=0.2, min_split_bytes=256 << 20)
+def allocator_fragmentation(s: Snapshot, t: Thresholds) -> Diagnosis | None:
+    """Free blocks stranded inside segments that also hold live tensors: reserved memory no large
+    allocation can use."""
+    split, reserved = s.summary["inactive_split_bytes"], s.summary["reserved_bytes"]
+    if (
+        s.summary.get("expandable_segments")
+        or split < t["min_split_bytes"]
+        or split < t["min_split_share"] * reserved
+    ):
+        return None
+    return Diagnosis(
+        title=f"The CUDA allocator's cache is fragmented: {split / 2**30:.1f} GiB free in split blocks",
+        saving_ms=0.0,
+        estimate="not estimated: it costs memory (and allocation retries), not time by itself",
+        evidence={
+            "inactive_split_share": round(split / max(1, reserved), 3),
+            "reserved_gib": round(reserved / 2**30, 2),
+            "snapshot": s.name,
+        },
+        remedy="expandable_segments",
+    )
+
+
+@rule("allocator_cache_flushes", reads="snapshot")
+def allocator_cache_flushes(s: Snapshot, t: Thresholds) -> Diagnosis | None:
+    """Segments given back to the driver outside an explicit empty_cache(): the allocator ran out,
+    synchronized the device, freed its cache and retried."""
+    flushes, ooms = s.summary.get("cache_flushes", 0), s.summary.get("history_ooms", 0)
+    if not flushes and not ooms:
+        return None
+    return Diagnosis(
+        title=f"The allocator flushed its cache {flushes} time(s)"
+        + (f" and hit {ooms} OOM(s)" if ooms else "")
+        + " to find memory",
+        saving_ms=0.0,
+        estimate="not estimated: each flush synchronizes the device",
+        evidence={
+            "cache_flushes": flushes,
+            "ooms": ooms,
+            "largest_holders": s.summary.get("by_category", {}),
+            "snapshot": s.name,
+        },
+        remedy="expandable_segments"
+        if not s.summary.get("expandable_segments")
+        else "activation_checkpointing",
+    )
+
+
+@rule("memory_headroom", reads="snapshot", max_peak_share=0.92)
+def memory_headroom(s: Snapshot, t: Thresholds) -> Diagnosis | None:
+    """The history's peak of reserved memory against the device's capacity (when known)."""
+    peak = max(s.summary.get("history_peak_reserved_bytes", 0), s.summary["reserved_bytes"])
+    if not s.capacity_bytes or peak <= t["max_peak_share"] * s.capacity_bytes:
+        return None
+    return Diagnosis(
+        title=f"Reserved memory peaked at {peak / s.capacity_bytes:.0%} of the device: one step from an OOM",
+        saving_ms=0.0,
+        estimate="not estimated",
+        evidence={
+            "peak_reserved_gib": round(peak / 2**30, 2),
+            "capacity_gib": round(s.capacity_bytes / 2**30, 2),
+            "largest_holders": s.summary.get("by_category", {}),
+        },
+        remedy="activation_checkpointing",
     )

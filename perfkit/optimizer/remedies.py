@@ -121,6 +121,14 @@ register(
 )
 register(
     Remedy(
+        id="expandable_segments",
+        description="Let the CUDA allocator grow segments instead of splitting fixed ones: no stranded "
+        "free blocks, fewer cache flushes.",
+        script="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the job's environment",
+    )
+)
+register(
+    Remedy(
         id="sequence_parallel",
         description="Sequence parallelism: shard the activations outside attention and MLP over the "
         "tensor-parallel ranks (then activation checkpointing if still short).",
