@@ -175,7 +175,9 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         summary = summarize(path)
         metrics = Metrics(memory_snapshot={path.name: summary})
         snapshot = rules.Snapshot(path.name, 0, summary)
-        return Analysis(source=path, metrics=metrics, findings=rules.evaluate([], None, [snapshot]), ranks=[0])
+        return Analysis(
+            source=path, metrics=metrics, findings=rules.evaluate([], None, [snapshot]), ranks=[0]
+        )
     else:
         traces = [path]
 
