@@ -15,7 +15,7 @@ import pytest
 from helpers import run_perfkit, user_env
 
 from perfkit.run import Run, RunLayout
-from perfkit.tables import COMMS, IO, MEMORY, STEPS, Table, read_table
+from perfkit.tables import COMMS, CPU, IO, MEMORY, STEPS, Table, read_table
 from perfkit.trainer.config import load_config
 from perfkit.trainer.model import GPT, num_params
 
@@ -69,6 +69,7 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         "memory",
         "io",
         "kernels",
+        "cpu",
     }
     assert run.manifest.env["torch"].startswith("2.")
     for rank in (0, 1):
@@ -86,6 +87,8 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         assert (per_step(comms, "all_reduce", "python") == 1).all()
         assert (comms["end_ns"] >= comms["start_ns"]).all()
         assert len(table(out, rank, MEMORY)) == STEPS_N and (table(out, rank, MEMORY)["rss"] > 0).all()
+        cpu = table(out, rank, CPU)
+        assert list(cpu["step"]) == list(range(1, STEPS_N + 1)) and (cpu["cpu_s"] > 0).all()
         reads = table(out, rank, IO)
         assert sorted(reads[reads["kind"] == "read"]["step"]) == list(range(1, STEPS_N + 1))
         assert (reads["bytes"] == 8 * 65 * 2).all()
