@@ -105,16 +105,25 @@ _LAUNCH = re.compile(r"Launch|cudaMemcpyAsync|cudaMemsetAsync|hipExtModuleLaunch
 _INPUT = re.compile(r"DataLoader|dataloader|__next__")
 
 
-def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
-    """Split GPU idle time (gaps in the union of GPU activity, ignoring gaps under ``min_gap_ns``,
-    ordinary back-to-back launch latency) into its causes, in this order of precedence:
+_H2D = re.compile(r"HtoD|Host to Device|-> Device", re.I)
 
-    - input: the host was inside a DataLoader ``__next__`` during the gap;
-    - sync: a host-device synchronization (cudaStreamSynchronize, blocking cudaMemcpy, ...) ended
-      just before or within the gap: the host waited for the GPU, then had nothing queued;
-    - host_launch: the kernel after the gap was launched after the gap began: the GPU waited for
-      the CPU to issue work (launch-bound);
-    - other: the next kernel was queued in time but started late (dependencies, events)."""
+
+def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
+    """Explain GPU idle time (gaps in the union of GPU activity, ignoring gaps under ``min_gap_ns``,
+    ordinary back-to-back launch latency) as a chain of what the CPU was doing while the GPU had
+    nothing queued:
+
+    - other: the work after the gap was queued before the gap began (the GPU waited on a
+      dependency or event, not on the CPU);
+    - input: the CPU was late, producing the next batch: inside a DataLoader ``__next__`` for most
+      of the gap, or the GPU's first work after the gap is the batch's host-to-device copy (the CPU
+      ran Python outside any profiled op to build it, then copied it);
+    - host_launch: the CPU was late for any other reason (Python overhead, launching kernels).
+
+    These three split the gaps. ``sync_ns`` is a second link of the same chain, not a share of that
+    split: the idle time after a host-device synchronization (cudaStreamSynchronize, a blocking
+    copy, ``.item()``), which stopped the CPU from running ahead and so exposed the gap. Removing
+    the sync or speeding the late work would each hide it."""
     ev = trace.events
     gpu = trace.gpu
     if gpu.empty:
@@ -124,7 +133,8 @@ def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
     keep = (gap_end - gap_start) >= min_gap_ns
     gap_start, gap_end = gap_start[keep], gap_end[keep]
     result: dict[str, float] = {"idle_ns": int((s[1:] - e[:-1]).sum()), "gaps": int(len(gap_start))}
-    causes = dict.fromkeys(("input", "sync", "host_launch", "other"), 0)
+    causes = dict.fromkeys(("input", "host_launch", "other"), 0)
+    exposed_by_sync = 0
     if len(gap_start):
         runtime = ev[ev["cat"].isin(("cuda_runtime", "cuda_driver")).to_numpy()]
         syncs = runtime[by_name(runtime["name"], lambda n: bool(_SYNC.search(n)), bool)]
@@ -139,24 +149,28 @@ def idle_attribution(trace: Trace, min_gap_ns: int = 2_000) -> dict[str, float]:
         launch_ts = dict(zip(launches["correlation"].to_numpy(), launches["ts"].to_numpy()))
         g = gpu.sort_values("ts")
         g_ts, g_corr = g["ts"].to_numpy(), g["correlation"].to_numpy()
+        g_h2d = (
+            by_name(g["name"], lambda n: bool(_H2D.search(n)), bool) & (g["cat"] == "gpu_memcpy").to_numpy()
+        )
         nxt = np.searchsorted(g_ts, gap_end, side="left")
         for a, b, k in zip(gap_start, gap_end, nxt):
             length = int(b - a)
-            if len(in_s) and intersect_len((in_s, in_e), (np.array([a]), np.array([b]))) > length // 2:
-                causes["input"] += length
-                continue
             j = np.searchsorted(sync_end, a - 5_000)
             if j < len(sync_end) and sync_end[j] <= b:
-                causes["sync"] += length
-                continue
+                exposed_by_sync += length
             lt = launch_ts.get(int(g_corr[k])) if k < len(g_corr) else None
-            if lt is not None and lt > a:
+            in_loader = (
+                len(in_s) and intersect_len((in_s, in_e), (np.array([a]), np.array([b]))) > length // 2
+            )
+            if in_loader or (k < len(g_h2d) and g_h2d[k] and (lt is None or lt > a)):
+                causes["input"] += length
+            elif lt is not None and lt > a:
                 causes["host_launch"] += length
             else:
                 causes["other"] += length
     result.update({f"{k}_ns": v for k, v in causes.items()})
-    attributed = sum(causes.values())
-    result["short_gaps_ns"] = result["idle_ns"] - attributed
+    result["sync_ns"] = exposed_by_sync
+    result["short_gaps_ns"] = result["idle_ns"] - sum(causes.values())
     return result
 
 

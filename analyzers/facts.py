@@ -39,6 +39,17 @@ class TraceFacts:
     optimizer_impl: str | None = None
     """fused, foreach or per-parameter, from the ops inside the optimizer's steps; None: no step seen."""
     config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpu_steps(self) -> float:
+        """How many steps the GPU's span covers: GPU time (idle, kernels) over the trace divided by
+        this is per step. The profiled steps' first one usually begins before any GPU work, so
+        dividing by the step count would understate a per-step cost by up to one step in N."""
+        span = self.breakdown.get("span_ns", 0) if self.breakdown else 0
+        if span and self.step_ms and self.steps > 1:
+            return min(float(self.steps), max(1.0, span / (self.step_ms * 1e6)))
+        return float(self.steps)
+
     """The bundled trainer's configuration when the trace is part of its run (set by the analysis):
     what the run used, told by the run itself."""
 

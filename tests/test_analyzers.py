@@ -473,3 +473,68 @@ def test_a_snapshot_in_a_run_is_read_against_the_device(tmp_path: Path) -> None:
     run.finish("complete", 0)
     f = {f.id: f for f in analyze(run.path).findings}["memory_headroom"]
     assert f.ranks == [0] and f.evidence["capacity_gib"] == 4.0
+
+
+def _step_loop_trace(sleep_ms: float, sync: bool = True) -> dict:
+    """A Kineto trace as plain data of a 5-step GPU loop whose batches are built by user code: each
+    step ends with ``.item()`` (a sync), then the CPU runs ``sleep_ms`` of Python outside any profiled
+    op, makes the batch (``aten::randint``), copies it to the device and launches 10 ms of kernels."""
+    events, t, corr = [], 1_000.0, 1  # microseconds
+
+    def x(cat, name, ts, dur, **args):  # noqa: E306
+        events.append(
+            {
+                "ph": "X",
+                "cat": cat,
+                "name": name,
+                "pid": 1 if cat not in ("kernel", "gpu_memcpy") else 0,
+                "tid": 1 if cat not in ("kernel", "gpu_memcpy") else 7,
+                "ts": ts,
+                "dur": dur,
+                "args": args,
+            }
+        )
+
+    for step in range(5):
+        step_start = t
+        t += sleep_ms * 1e3  # Python outside any op: no event
+        x("cpu_op", "aten::randint", t, 200)
+        t += 200
+        x("cpu_op", "aten::to", t, 60)
+        x("cuda_runtime", "cudaMemcpyAsync", t + 5, 40, correlation=corr)
+        x("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", t + 50, 100, correlation=corr, stream=7)
+        corr += 1
+        t += 60
+        gpu_t = t + 100
+        for _k in range(10):  # 10 kernels of 1 ms, launched 10 us apart
+            x("cuda_runtime", "cudaLaunchKernel", t, 8, correlation=corr)
+            x("kernel", "ampere_sgemm_128x64_nn", max(gpu_t, t + 20), 1_000, correlation=corr, stream=7)
+            gpu_t = max(gpu_t, t + 20) + 1_000
+            corr += 1
+            t += 10
+        if sync:
+            x("cpu_op", "aten::item", t, gpu_t - t + 30)
+            x("cuda_runtime", "cudaStreamSynchronize", t + 5, gpu_t - t + 20)
+        t = gpu_t + 40
+        x("user_annotation", f"ProfilerStep#{step}", step_start, t - step_start)
+    return {"traceEvents": events, "deviceProperties": [{"name": "NVIDIA H100 80GB HBM3"}]}
+
+
+def test_idle_before_a_batch_built_by_user_code_is_an_input_stall_and_a_sync(tmp_path: Path) -> None:
+    """The GPU waits 30 ms a step while the CPU, stopped by .item(), runs Python and then makes and
+    copies the batch: both links of the chain are named, the input one with most of the idle time."""
+    path = tmp_path / "loop.json"
+    path.write_text(json.dumps(_step_loop_trace(30.0)))
+    a = analyze(path)
+    found = {f.id: f for f in a.findings}
+    assert {"input_stall", "host_device_sync"} <= set(found), list(found)
+    # 30 ms of sleep, 0.3 ms of batch making and copying a step: within 10% (the span holds 4.2 steps)
+    assert found["input_stall"].saving_ms_per_step == pytest.approx(30.3, rel=0.1)
+    assert "host_launch_bound" not in found  # the CPU was not slow to launch: it was making the batch
+    assert found["input_stall"].remedy == "more_workers"
+
+
+def test_a_loop_without_the_sleep_has_no_input_alarm(tmp_path: Path) -> None:
+    path = tmp_path / "loop.json"
+    path.write_text(json.dumps(_step_loop_trace(0.0, sync=False)))
+    assert "input_stall" not in {f.id for f in analyze(path).findings}

@@ -15,7 +15,7 @@ def exposed_communication(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         return None
     return Diagnosis(
         title="Communication not overlapped with compute",
-        saving_ms=exposed / (f.steps * 1e6),
+        saving_ms=exposed / (f.gpu_steps * 1e6),
         estimate="communication kernel time with no compute kernel running beside it",
         evidence={
             "overlap_pct": round(f.exposed["overlap_pct"], 1),

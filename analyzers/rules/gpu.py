@@ -14,7 +14,7 @@ def host_launch_bound(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         return None
     return Diagnosis(
         title="GPU waits for the CPU to launch kernels (launch-bound)",
-        saving_ms=launch / (f.steps * 1e6),
+        saving_ms=launch / (f.gpu_steps * 1e6),
         estimate="GPU idle between kernels while the CPU was launching the next ones",
         evidence={
             "gpu_busy_pct": round(100 - f.breakdown["idle_pct"], 1),
@@ -31,7 +31,7 @@ def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         return None
     return Diagnosis(
         title="Matrix multiplies run in FP32 without tensor cores",
-        saving_ms=t["saved_fraction"] * f.gemm_fp32_ns / (f.steps * 1e6),
+        saving_ms=t["saved_fraction"] * f.gemm_fp32_ns / (f.gpu_steps * 1e6),
         estimate=f"{t['saved_fraction']:.0%} of the FP32 GEMM kernel time",
         evidence={"fp32_gemm_share": round(f.gemm_fp32_ns / f.gemm_ns, 3), "kernels": f.fp32_kernels},
         remedy="bf16",

@@ -17,7 +17,7 @@ def host_device_sync(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         evidence["sync_idle_pct_of_span"] = round(100 * sync / span, 1)
     return Diagnosis(
         title="Host-device synchronization inside the step" + ("" if span else " (.item() each step)"),
-        saving_ms=sync / (f.steps * 1e6),
+        saving_ms=sync / (f.gpu_steps * 1e6),
         estimate="GPU idle while the CPU waited inside a synchronizing call",
         evidence=evidence,
         remedy="avoid_sync",

@@ -14,7 +14,7 @@ def input_stall_in_trace(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         return None
     return Diagnosis(
         title="GPU idle while the input pipeline produces the batch",
-        saving_ms=idle / (f.steps * 1e6),
+        saving_ms=idle / (f.gpu_steps * 1e6),
         estimate="GPU idle while the CPU waited for the next batch",
         evidence={"input_idle_pct_of_span": round(100 * idle / span, 1)},
         remedy="more_workers",
@@ -45,7 +45,7 @@ def pageable_h2d(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         return None
     return Diagnosis(
         title="Host-to-device copies from pageable memory (synchronous, slower)",
-        saving_ms=t["saved_fraction"] * f.pageable_h2d_ns / (f.steps * 1e6),
+        saving_ms=t["saved_fraction"] * f.pageable_h2d_ns / (f.gpu_steps * 1e6),
         estimate=f"{t['saved_fraction']:.0%} of the pageable copies' time",
         evidence={"copies": f.pageable_h2d, "time_ms": round(f.pageable_h2d_ns / 1e6, 3)},
         remedy="pin_memory",
