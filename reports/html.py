@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 from perfkit.analyzers.analyze import Analysis, ranges
 from perfkit.analyzers.metrics import Metrics
 from perfkit.reports import figures
-from perfkit.reports.text import fix
+from perfkit.reports.text import evidence_text, fix
 from plotly.offline import get_plotlyjs
 
 from perfkit.run import write_atomic
@@ -67,17 +67,6 @@ def _table(frame: pd.DataFrame, columns: dict[str, str], limit: int = 50) -> Mar
     return Markup(
         f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>{more}'
     )
-
-
-def _short(v: Any) -> str:
-    """Evidence values for reading: floats to 3 significant digits, lists cut to 5 items."""
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, list):
-        return "[" + ", ".join(_short(x) for x in v[:5]) + (", ..." if len(v) > 5 else "") + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
-    return str(v)
 
 
 def _fig(fig: Any) -> Markup | None:
@@ -152,7 +141,7 @@ def render(analysis: Analysis) -> str:
     findings = []
     for f in analysis.findings:
         d = f.to_json()
-        d["evidence_text"] = "; ".join(f"{k}: {_short(v)}" for k, v in f.evidence.items())
+        d["evidence_text"] = evidence_text(f.evidence)
         d["fix"] = fix(f, m)
         d["ranks_text"] = ranges(f.ranks)
         findings.append(d)

@@ -36,6 +36,21 @@ def fix(f: Finding, metrics: Metrics) -> Fix:
     return Fix(r.description, [r.script] if r.script else [])
 
 
+def short(v: Any) -> str:
+    """Evidence values for reading: floats to 3 significant digits, lists cut to 5 items."""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(short(x) for x in v[:5]) + (", ..." if len(v) > 5 else "") + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {short(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def evidence_text(evidence: dict[str, Any]) -> str:
+    return "; ".join(f"{k}: {short(v)}" for k, v in evidence.items())
+
+
 def command_line(argv: list[str]) -> str:
     """argv as a line that pastes into a shell (paths with spaces quoted)."""
     return shlex.join(str(a) for a in argv)
@@ -107,6 +122,9 @@ def analysis_summary(result: Analysis, target: Path) -> str:
         lines.append(f"{i:>2}. [{f.severity}] {f.title}{saving}{ranks}")
         x = fix(f, m)
         lines.append(f"      fix: {x.description}" + (f"  ({'  '.join(x.code)})" if x.code else ""))
+        if f.saving_ms_per_step or f.estimate:
+            lines.append(f"      estimate: {f.estimate}")
+        lines.append(f"      evidence: {evidence_text(f.evidence)}")
     lines.append(f"wrote {target}")
     if m.is_bundled_trainer and any(remedies.get(f.remedy).trainer for f in result.findings):
         lines.append(

@@ -18,6 +18,7 @@ from perfkit.analyzers.kernels import category, gemm_precision
 from perfkit.analyzers.memory import load_snapshot, snapshot_summary
 from perfkit.analyzers.trace import TraceError, load_trace
 from perfkit.reports.text import fix
+from synth import snapshot, step_loop_trace
 
 from perfkit.cli import cli
 from perfkit.optimizer import remedies
@@ -404,35 +405,6 @@ def test_the_attention_finding_follows_the_runs_config(attention: str, fires: bo
     assert ("unfused_attention" in {f.id for f in evaluate([facts], metrics)}) is fires
 
 
-def _snapshot(*, split: int, flushes: int, expandable: bool = False, empty_cache: bool = False) -> dict:
-    """A CUDA allocator snapshot as plain data: one 4 GiB segment with a live block and ``split``
-    bytes of free blocks inside it; a history with ``flushes`` segment frees."""
-    gib = 2**30
-    frames = [{"name": "forward", "filename": "train.py", "line": 42}]
-    blocks = [
-        {
-            "address": 1,
-            "size": 4 * gib - split,
-            "requested_size": 4 * gib - split,
-            "state": "active_allocated",
-            "frames": frames,
-        },
-        {"address": 2, "size": split, "requested_size": 0, "state": "inactive", "frames": []},
-    ]
-    free_frames = (
-        [{"name": "empty_cache", "filename": "torch/cuda/memory.py", "line": 1}] if empty_cache else []
-    )
-    history = [{"action": "segment_alloc", "addr": 0, "size": 4 * gib, "frames": frames}]
-    history += [
-        {"action": "segment_free", "addr": 9, "size": gib, "frames": free_frames} for _ in range(flushes)
-    ]
-    return {
-        "segments": [{"address": 0, "total_size": 4 * gib, "is_expandable": expandable, "blocks": blocks}],
-        "device_traces": [history],
-        "allocator_settings": {"expandable_segments": expandable},
-    }
-
-
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
@@ -444,7 +416,7 @@ def _snapshot(*, split: int, flushes: int, expandable: bool = False, empty_cache
 )
 def test_a_snapshot_alone_gets_memory_findings(tmp_path: Path, kwargs: dict, expected: set) -> None:
     path = tmp_path / "snap.pickle"
-    path.write_bytes(pickle.dumps(_snapshot(**kwargs)))
+    path.write_bytes(pickle.dumps(snapshot(**kwargs)))
     a = analyze(path)
     assert a.ranks == [0]  # a snapshot alone is one rank, never "0 ranks"
     found = {f.id: f for f in a.findings}
@@ -469,62 +441,17 @@ def test_a_snapshot_in_a_run_is_read_against_the_device(tmp_path: Path) -> None:
 
     run = Run.create(tmp_path / "r", command=["x"], world_size=1, env={"gpu_memory_bytes": 4 * 2**30})
     run.layout.rank_dir(0).mkdir()
-    run.layout.memory_snapshot(0).write_bytes(pickle.dumps(_snapshot(split=2**20, flushes=0)))
+    run.layout.memory_snapshot(0).write_bytes(pickle.dumps(snapshot(split=2**20, flushes=0)))
     run.finish("complete", 0)
     f = {f.id: f for f in analyze(run.path).findings}["memory_headroom"]
     assert f.ranks == [0] and f.evidence["capacity_gib"] == 4.0
-
-
-def _step_loop_trace(sleep_ms: float, sync: bool = True) -> dict:
-    """A Kineto trace as plain data of a 5-step GPU loop whose batches are built by user code: each
-    step ends with ``.item()`` (a sync), then the CPU runs ``sleep_ms`` of Python outside any profiled
-    op, makes the batch (``aten::randint``), copies it to the device and launches 10 ms of kernels."""
-    events, t, corr = [], 1_000.0, 1  # microseconds
-
-    def x(cat, name, ts, dur, **args):  # noqa: E306
-        events.append(
-            {
-                "ph": "X",
-                "cat": cat,
-                "name": name,
-                "pid": 1 if cat not in ("kernel", "gpu_memcpy") else 0,
-                "tid": 1 if cat not in ("kernel", "gpu_memcpy") else 7,
-                "ts": ts,
-                "dur": dur,
-                "args": args,
-            }
-        )
-
-    for step in range(5):
-        step_start = t
-        t += sleep_ms * 1e3  # Python outside any op: no event
-        x("cpu_op", "aten::randint", t, 200)
-        t += 200
-        x("cpu_op", "aten::to", t, 60)
-        x("cuda_runtime", "cudaMemcpyAsync", t + 5, 40, correlation=corr)
-        x("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", t + 50, 100, correlation=corr, stream=7)
-        corr += 1
-        t += 60
-        gpu_t = t + 100
-        for _k in range(10):  # 10 kernels of 1 ms, launched 10 us apart
-            x("cuda_runtime", "cudaLaunchKernel", t, 8, correlation=corr)
-            x("kernel", "ampere_sgemm_128x64_nn", max(gpu_t, t + 20), 1_000, correlation=corr, stream=7)
-            gpu_t = max(gpu_t, t + 20) + 1_000
-            corr += 1
-            t += 10
-        if sync:
-            x("cpu_op", "aten::item", t, gpu_t - t + 30)
-            x("cuda_runtime", "cudaStreamSynchronize", t + 5, gpu_t - t + 20)
-        t = gpu_t + 40
-        x("user_annotation", f"ProfilerStep#{step}", step_start, t - step_start)
-    return {"traceEvents": events, "deviceProperties": [{"name": "NVIDIA H100 80GB HBM3"}]}
 
 
 def test_idle_before_a_batch_built_by_user_code_is_an_input_stall_and_a_sync(tmp_path: Path) -> None:
     """The GPU waits 30 ms a step while the CPU, stopped by .item(), runs Python and then makes and
     copies the batch: both links of the chain are named, the input one with most of the idle time."""
     path = tmp_path / "loop.json"
-    path.write_text(json.dumps(_step_loop_trace(30.0)))
+    path.write_text(json.dumps(step_loop_trace(30.0)))
     a = analyze(path)
     found = {f.id: f for f in a.findings}
     assert {"input_stall", "host_device_sync"} <= set(found), list(found)
@@ -536,5 +463,5 @@ def test_idle_before_a_batch_built_by_user_code_is_an_input_stall_and_a_sync(tmp
 
 def test_a_loop_without_the_sleep_has_no_input_alarm(tmp_path: Path) -> None:
     path = tmp_path / "loop.json"
-    path.write_text(json.dumps(_step_loop_trace(0.0, sync=False)))
+    path.write_text(json.dumps(step_loop_trace(0.0, sync=False)))
     assert "input_stall" not in {f.id for f in analyze(path).findings}

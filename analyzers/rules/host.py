@@ -18,7 +18,9 @@ def host_device_sync(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     return Diagnosis(
         title="Host-device synchronization inside the step" + ("" if span else " (.item() each step)"),
         saving_ms=sync / (f.gpu_steps * 1e6),
-        estimate="GPU idle while the CPU waited inside a synchronizing call",
+        estimate="GPU idle after a synchronizing call, which kept the CPU from running ahead"
+        if span
+        else "not estimated: the trace has no GPU time (on a CPU run .item() costs little)",
         evidence=evidence,
         remedy="avoid_sync",
     )

@@ -1,0 +1,112 @@
+"""Do the diagnoses' savings hold? Predicted against measured, per planted problem.
+
+    python bench/calibration.py                  # every case, 2 CPU ranks, ~5 minutes
+    python bench/calibration.py --case buckets --repeats 5
+
+For each case, a planted-slow configuration of the bundled trainer is profiled (every collector) and
+analyzed; the finding the case plants must be there. Its remedy's trainer change is then measured:
+the planted configuration and the planted one with the fix, in interleaved plain runs (no
+collectors), as ``perfkit optimize`` measures. The measured saving is the median of the paired
+step-time differences. A prediction holds when it is within a factor of 2 of the measured saving,
+or when the finding says it cannot estimate (its estimate reads "not estimated").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from perfkit.analyzers.analyze import analyze
+from perfkit.optimizer import remedies
+from perfkit.optimizer.trials import Candidate, interleave
+from perfkit.profile import reference_request, run_profile
+
+# The workload: tiny-cpu with a wider model (~0.9M parameters), heavy enough that a step is mostly
+# compute on 2 shared cores.
+WORKLOAD = ["model.d_model=128", "model.n_heads=4"]
+CASES: dict[str, tuple[list[str], str]] = {
+    "buckets": (["overlap.bucket_cap_mb=0.005"], "small_ddp_buckets"),
+    "checkpointing": (["kernels.activation_checkpointing=true"], "recompute_without_pressure"),
+    "attention": (["kernels.attention=eager"], "unfused_attention"),
+    "optimizer": (["kernels.optimizer_impl=unfused"], "unfused_optimizer"),
+    "sync": (["log_every=1"], "host_device_sync"),
+}
+
+
+def run_case(name: str, nproc: int, steps: int, repeats: int, work: Path) -> dict[str, Any]:
+    planted, finding_id = CASES[name]
+    sets = [*WORKLOAD, *planted]
+    run, rc = run_profile(
+        reference_request("tiny-cpu", [*sets, f"steps={steps}"], nproc, work / f"{name}-profiled", name)
+    )
+    if rc != 0:
+        sys.exit(f"{name}: the profiled run failed (exit code {rc})")
+    found = {f.id: f for f in analyze(run.path).findings}
+    f = found.get(finding_id)
+    row: dict[str, Any] = {"case": name, "planted": planted, "finding": finding_id, "found": f is not None}
+    if f is None:
+        row["verdict"] = f"MISSED (found: {', '.join(found) or 'nothing'})"
+        return row
+    fix = remedies.get(f.remedy).overrides()
+    base = Candidate("planted", [*sets, f"steps={steps}"])
+    fixed = Candidate("fixed", [*sets, *fix, f"steps={steps}"])
+    interleave("tiny-cpu", nproc, [base, fixed], repeats, work, progress=lambda line: print("  " + line))
+    pairs = [
+        b.step_ms - v.step_ms
+        for b, v in zip(base.runs, fixed.runs, strict=False)
+        if b.ok and v.ok and b.step_ms and v.step_ms
+    ]
+    measured = statistics.median(pairs) if pairs else None
+    predicted = f.saving_ms_per_step
+    row.update(
+        fix=fix,
+        predicted_ms=predicted,
+        estimate=f.estimate,
+        measured_ms=measured,
+        planted_step_ms=base.step_ms,
+        pairs_ms=pairs,
+    )
+    if f.estimate.startswith("not estimated"):
+        row["verdict"] = "says it cannot estimate"
+    elif measured is None:
+        row["verdict"] = "not measured"
+    elif measured <= 0:
+        row["verdict"] = "HOLDS" if predicted <= 0.05 * (base.step_ms or 1) else "OFF: the fix measured no gain"
+    else:
+        ratio = predicted / measured
+        row["ratio"] = ratio
+        row["verdict"] = "HOLDS (within 2x)" if 0.5 <= ratio <= 2 else f"OFF ({ratio:.2f}x)"
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", choices=list(CASES), help="default: every case")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.case or list(CASES):
+            print(f"case {name}: {' '.join(CASES[name][0])}", flush=True)
+            rows.append(run_case(name, args.nproc, args.steps, args.repeats, Path(tmp)))
+    print(f"\ntiny-cpu + {' '.join(WORKLOAD)}, {args.nproc} CPU ranks, {args.repeats} interleaved pairs per fix")
+    print(f"{'case':<14} {'finding':<28} {'step ms':>8} {'predicted':>10} {'measured':>9}  verdict")
+    for r in rows:
+        pred = f"{r['predicted_ms']:.1f}" if "predicted_ms" in r else "-"
+        meas = f"{r['measured_ms']:.1f}" if r.get("measured_ms") is not None else "-"
+        step = f"{r['planted_step_ms']:.1f}" if r.get("planted_step_ms") else "-"
+        print(f"{r['case']:<14} {r['finding']:<28} {step:>8} {pred:>10} {meas:>9}  {r['verdict']}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Every registered rule has a case that makes it fire (a rule that never fires passes every
+negative test), built from plain data where no real capture exists; a new rule without one fails
+here."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from perfkit.analyzers.analyze import analyze
+from perfkit.analyzers.metrics import (
+    CommMetrics,
+    IoMetrics,
+    MemoryMetrics,
+    Metrics,
+    RunInfo,
+    StepMetrics,
+    StragglerRank,
+    Stragglers,
+    Throughput,
+)
+from perfkit.analyzers.rules import RULES, Finding, evaluate
+from synth import snapshot, step_loop_trace
+
+DATA = Path(__file__).parent / "data"
+
+
+def _steps(step_ms: float = 100.0, **phases: float) -> StepMetrics:
+    return StepMetrics(
+        steps=20, step_time_ms=step_ms, step_time_p90_ms=step_ms, per_rank=[], phase_share=phases
+    )
+
+
+def _run_rules(metrics: Metrics) -> list[Finding]:
+    return evaluate([], metrics)
+
+
+def _trace(tmp: Path, doc: dict) -> list[Finding]:  # type: ignore[type-arg]
+    path = tmp / "trace.json"
+    path.write_text(json.dumps(doc))
+    return analyze(path).findings
+
+
+def _snapshot_alone(tmp: Path, **kwargs: object) -> list[Finding]:
+    path = tmp / "snap.pickle"
+    path.write_bytes(pickle.dumps(snapshot(**kwargs)))  # type: ignore[arg-type]
+    return analyze(path).findings
+
+
+def _headroom(tmp: Path) -> list[Finding]:
+    from perfkit.run import Run
+
+    run = Run.create(tmp / "r", command=["x"], world_size=1, env={"gpu_memory_bytes": 4 * 2**30})
+    run.layout.rank_dir(0).mkdir()
+    run.layout.memory_snapshot(0).write_bytes(pickle.dumps(snapshot(split=2**20, flushes=0)))
+    run.finish("complete", 0)
+    return analyze(run.path).findings
+
+
+FIRES: dict[str, Callable[[Path], list[Finding]]] = {
+    # trace rules: the eager H100 step loop (real), a plain-data step loop, the HTA NCCL traces (real)
+    "host_launch_bound": lambda tmp: analyze(DATA / "h100" / "tuned_trace.json.gz").findings,
+    "host_device_sync": lambda tmp: _trace(tmp, step_loop_trace(30.0)),
+    "input_stall": lambda tmp: _trace(tmp, step_loop_trace(30.0)),
+    "fp32_gemm": lambda tmp: _trace(tmp, step_loop_trace(0.0)),  # ampere_sgemm: FP32 on CUDA cores
+    "pageable_h2d": lambda tmp: _trace(tmp, step_loop_trace(0.0)),  # Memcpy HtoD (Pageable -> Device)
+    "unfused_attention": lambda tmp: _run_with_trace(tmp, {"kernels": {"attention": "eager"}}),
+    "unfused_optimizer": lambda tmp: _run_with_trace(tmp, {"kernels": {"optimizer_impl": "unfused"}}),
+    "exposed_communication": lambda tmp: analyze(DATA / "hta" / "trace_filter").findings,
+    # run rules: metrics as the run tables give them
+    "low_mfu": lambda tmp: _run_rules(
+        Metrics(steps=_steps(), throughput=Throughput(flops_per_token=1.0, achieved_tflops=1.0, mfu=0.12))
+    ),
+    "checkpoint_stall": lambda tmp: _run_rules(
+        Metrics(
+            steps=_steps(),
+            io=IoMetrics(checkpoint_save_ms_max=2000.0, checkpoint_saves=2),
+            config={"checkpoint": {"every": 10}},
+        )
+    ),
+    "memory_pressure": lambda tmp: _run_rules(
+        Metrics(steps=_steps(), memory=MemoryMetrics(rss_max_bytes=1.0, alloc_retries=4, ooms=0))
+    ),
+    "recompute_without_pressure": lambda tmp: _run_rules(
+        Metrics(
+            run=RunInfo(
+                name="r",
+                status="complete",
+                world_size=1,
+                command=[],
+                env={"host_memory_bytes": 2**34},
+                collectors={},
+            ),
+            config={"kernels": {"activation_checkpointing": True}},
+            steps=_steps(forward=0.3),
+            memory=MemoryMetrics(rss_max_bytes=2**30, alloc_retries=0),
+        )
+    ),
+    "small_ddp_buckets": lambda tmp: _run_rules(
+        Metrics(
+            steps=_steps(backward=0.5),
+            comms=CommMetrics(
+                table=[{"op": "all_reduce", "time_ms": 60.0, "count": 60}],
+                collectives_per_step=60.0,
+                bytes_per_step=60 * 5e3,
+                ddp_buckets_per_step=60.0,
+                ddp_bucket_bytes=5e3,
+            ),
+        )
+    ),
+    "straggler": lambda tmp: _run_rules(
+        Metrics(
+            steps=_steps(),
+            stragglers=Stragglers(
+                ranks=[
+                    StragglerRank(
+                        rank=0, busy_ms=50.0, score=1.0, arrival_late_ms=0.0, last_to_arrive_share=0.0
+                    ),
+                    StragglerRank(
+                        rank=1, busy_ms=95.0, score=0.53, arrival_late_ms=45.0, last_to_arrive_share=1.0
+                    ),
+                ],
+                slow=[1],
+            ),
+        )
+    ),
+    # snapshot rules: allocator snapshots as plain data
+    "allocator_fragmentation": lambda tmp: _snapshot_alone(tmp, split=2**30, flushes=0),
+    "allocator_cache_flushes": lambda tmp: _snapshot_alone(tmp, split=2**20, flushes=3),
+    "memory_headroom": _headroom,
+}
+
+
+def _run_with_trace(tmp: Path, config: dict) -> list[Finding]:  # type: ignore[type-arg]
+    from perfkit.analyzers.facts import trace_facts
+    from perfkit.analyzers.trace import load_trace
+
+    path = tmp / "trace.json"
+    path.write_text(json.dumps(step_loop_trace(0.0)))
+    facts = trace_facts(load_trace(path))
+    facts.optimizer_impl = "per-parameter"  # the plain-data loop has no optimizer step of its own
+    return evaluate([facts], Metrics(config=config, steps=_steps()))
+
+
+def test_every_rule_has_a_case_that_makes_it_fire() -> None:
+    missing = {r.id for r in RULES} - set(FIRES)
+    assert not missing, f"add a positive case to FIRES for: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("rule_id", sorted(FIRES))
+def test_the_rule_fires(tmp_path: Path, rule_id: str) -> None:
+    found = {f.id: f for f in FIRES[rule_id](tmp_path)}
+    assert rule_id in found, f"{rule_id} did not fire; found {sorted(found)}"
+    f = found[rule_id]
+    assert f.remedy and f.title and f.severity in ("high", "medium", "low")
+    assert f.saving_ms_per_step >= 0 and f.estimate
