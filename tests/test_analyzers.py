@@ -77,7 +77,8 @@ def test_two_rank_hta_traces(tmp_path: Path) -> None:
     assert a.ranks == [0, 1] and not a.partial
     for rank in (0, 1):
         b = a.metrics.trace[rank].temporal_breakdown
-        assert abs(b["compute_pct"] + b["communication_pct"] + b["memory_pct"] + b["idle_pct"] - 100) < 1e-6
+        # a real split, not a tautology: some of each
+        assert 0 < b["idle_pct"] < 100 and b["compute_pct"] > 1
         assert b["communication_pct"] > 10  # NCCL SendRecv
     assert "exposed_communication" in ids(a)
     ops = {row["op"] for row in a.metrics.trace_collectives}

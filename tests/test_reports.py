@@ -92,3 +92,7 @@ def test_kernel_names_are_escaped(tmp_path: Path) -> None:
     a.tables["kernels"].loc[0, "name"] = EVIL
     page = write_report(a, tmp_path / "r.html").read_text()
     assert EVIL not in page
+    # and it is there, escaped: the row was drawn, not dropped
+    from markupsafe import escape
+
+    assert str(escape(EVIL)) in page
