@@ -68,6 +68,9 @@ class CommMetrics:
     bytes_per_step: float
     ddp_buckets_per_step: float | None = None
     ddp_bucket_bytes: float | None = None
+    ddp_exposed_ms: float | None = None
+    """Median time a step's DDP all-reduces still ran after the last bucket was handed over (the end
+    of backward): communication the step waits for."""
 
 
 @dataclass(kw_only=True)
