@@ -208,8 +208,8 @@ def comm_metrics(t: RunTables) -> CommMetrics | None:
             out.ddp_bucket_bytes = float(b["bytes"].median())
         # DDP hands over the last bucket when backward ends; what still runs after that is the
         # communication the step waits for, exposed.
-        per_step = ddp[ddp["step"] > WARMUP_STEPS].groupby(["rank", "step"])
-        tail = (per_step["end_ns"].max() - per_step["start_ns"].max()).dropna()
+        by_step = ddp[ddp["step"] > WARMUP_STEPS].groupby(["rank", "step"])
+        tail = (by_step["end_ns"].max() - by_step["start_ns"].max()).dropna()
         if not tail.empty:
             out.ddp_exposed_ms = float(tail.median() / 1e6)
     return out

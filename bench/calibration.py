@@ -78,7 +78,9 @@ def run_case(name: str, nproc: int, steps: int, repeats: int, work: Path) -> dic
     elif measured is None:
         row["verdict"] = "not measured"
     elif measured <= noise:
-        row["verdict"] = "HOLDS (no gain, none predicted)" if predicted <= noise else "OFF: the fix measured no gain"
+        row["verdict"] = (
+            "HOLDS (no gain, none predicted)" if predicted <= noise else "OFF: the fix measured no gain"
+        )
     else:
         ratio = predicted / measured
         row["ratio"] = ratio
@@ -99,7 +101,9 @@ def main() -> None:
         for name in args.case or list(CASES):
             print(f"case {name}: {' '.join(CASES[name][0])}", flush=True)
             rows.append(run_case(name, args.nproc, args.steps, args.repeats, Path(tmp)))
-    print(f"\ntiny-cpu + {' '.join(WORKLOAD)}, {args.nproc} CPU ranks, {args.repeats} interleaved pairs per fix")
+    print(
+        f"\ntiny-cpu + {' '.join(WORKLOAD)}, {args.nproc} CPU ranks, {args.repeats} interleaved pairs per fix"
+    )
     print(f"{'case':<14} {'finding':<28} {'step ms':>8} {'predicted':>10} {'measured':>9}  verdict")
     for r in rows:
         pred = f"{r['predicted_ms']:.1f}" if "predicted_ms" in r else "-"

@@ -43,6 +43,8 @@ class _Pending:
     marks: list[tuple[str, Any, Any]]
     tokens: int | None
     loss: Any
+    loss_ready: Any = None
+    """A CUDA event recorded after the loss's copy to the host: the value is read once it completed."""
     perfkit_s: float | None = None
 
 
@@ -266,11 +268,14 @@ class Probe:
         self.begin_step()
         end_mark = end_mark if end_mark is not None else self._mark()
         t_enter = time.thread_time()
+        loss_ready = None
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
-            if loss.is_cuda:  # copy without a device sync; read once the step's events completed
+            if loss.is_cuda:  # copy without a device sync; read once the copy's own event completed
                 host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
                 host.copy_(loss, non_blocking=True)
+                loss_ready = torch.cuda.Event()
+                loss_ready.record()  # after the copy: the step's end event may be recorded before it
                 loss = host
         self.step += 1
         self._pending.append(
@@ -283,6 +288,7 @@ class Probe:
                 marks=[("__step__", self._step_mark, end_mark), *self._marks],
                 tokens=tokens if tokens is not None else self._tokens,
                 loss=loss,
+                loss_ready=loss_ready,
             )
         )
         self._in_step = False
@@ -306,11 +312,12 @@ class Probe:
         while self._pending:
             p = self._pending[0]
             end = p.marks[0][2]
-            if isinstance(end, torch.cuda.Event):
-                if force:
-                    end.synchronize()
-                elif not end.query():
-                    break
+            waits = [e for e in (end, p.loss_ready) if isinstance(e, torch.cuda.Event)]
+            if force:
+                for e in waits:
+                    e.synchronize()
+            elif not all(e.query() for e in waits):
+                break
             self._pending.pop(0)
             durations: dict[str, float] = {}
             for name, a, b in p.marks:

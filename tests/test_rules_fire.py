@@ -108,6 +108,7 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
                 bytes_per_step=60 * 5e3,
                 ddp_buckets_per_step=60.0,
                 ddp_bucket_bytes=5e3,
+                ddp_exposed_ms=30.0,
             ),
         )
     ),
@@ -157,3 +158,5 @@ def test_the_rule_fires(tmp_path: Path, rule_id: str) -> None:
     f = found[rule_id]
     assert f.remedy and f.title and f.severity in ("high", "medium", "low")
     assert f.saving_ms_per_step >= 0 and f.estimate
+    if rule_id == "small_ddp_buckets":  # 30 ms exposed, 60 buckets where 1 would do: 59/60 of it
+        assert f.saving_ms_per_step == pytest.approx(29.5)
