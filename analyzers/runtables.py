@@ -187,7 +187,11 @@ def comm_metrics(t: RunTables) -> CommMetrics | None:
     c = t.comms
     if c.empty:
         return None
-    c = c.assign(duration_ns=(c["end_ns"] - c["start_ns"]).astype(float))
+    # Host-side durations where the end is known (gloo, synchronous calls); the GPU's own duration
+    # for NCCL collectives, whose host-side end is only when they were queued.
+    host_ns = (c["end_ns"] - c["start_ns"]).astype(float)
+    gpu_ns = c["gpu_ms"].astype(float) * 1e6 if "gpu_ms" in c else host_ns * float("nan")
+    c = c.assign(duration_ns=gpu_ns.where(gpu_ns.notna(), host_ns))
     per_step = (
         c[c["step"] > WARMUP_STEPS].groupby(["rank", "step"]).agg(n=("op", "size"), bytes=("bytes", "sum"))
     )

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 WARMUP = 5
-COLLECT = "steps,comms,memory,io,nvml"
+COLLECT = "steps,comms,cpu,memory,io,nvml"
 
 
 def median_step(log: Path) -> float:

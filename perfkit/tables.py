@@ -63,6 +63,7 @@ COMMS = Table(
         "dtype": "str",
         "start_ns": "int",
         "end_ns": "int",
+        "gpu_ms": "float",
     },
     required=("step", "seq", "op", "bytes", "start_ns"),
 )

@@ -334,3 +334,33 @@ def test_cpu_collector_measures_the_process_and_the_host(tmp_path: Path) -> None
     share = cpu["cpu_s"] / cpu["wall_s"]
     assert (share[[0, 2]] > 0.6).all() and (share[[1, 3]] < 0.3).all(), list(share)
     assert cpu["host_busy"].notna().sum() >= 2 and cpu["host_busy"].dropna().between(0, 1).all()
+
+
+def test_cuda_collectives_are_written_once_their_work_completed(tmp_path: Path) -> None:
+    """NCCL works are polled at step ends, never waited for: a completed one is written with its GPU
+    duration, a running one waits for a later step (or the stop, without a duration)."""
+    from perfkit.collectors.signals.comms import CommsCollector, _Recorder
+
+    from perfkit.tables import COMMS
+
+    class FakeWork:
+        def __init__(self, done: bool, ms: float) -> None:
+            self.done, self.ms = done, ms
+
+        def is_completed(self) -> bool:
+            return self.done
+
+        def _get_duration(self) -> float:
+            return self.ms
+
+    probe = _probe(tmp_path, ["steps"]).start()
+    rec = _Recorder(probe, CommsCollector())
+    fast, slow = FakeWork(True, 1.5), FakeWork(False, 9.0)
+    rec.on_gpu = [(w, ("all_reduce", "ddp", None, None, 100, None, 1)) for w in (fast, slow)]
+    rec.resolve_gpu()
+    assert len(rec.on_gpu) == 1 and rec.on_gpu[0][0] is slow
+    slow.done = True
+    rec.resolve_gpu()
+    probe.stop()
+    comms, _ = read_table(tmp_path / "rank0" / "comms.jsonl", COMMS)
+    assert list(comms["gpu_ms"]) == [1.5, 9.0] and comms["end_ns"].isna().all()

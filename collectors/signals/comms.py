@@ -82,6 +82,8 @@ class _Recorder:
         self.seq = 0
         self.lock = threading.Lock()
         self.groups: dict[int, tuple[str, str, int]] = {}
+        self.on_gpu: list[tuple[Any, tuple[Any, ...]]] = []
+        """CUDA collectives whose GPU time is not known yet: (work, add's arguments)."""
 
     def group_info(self, group: Any) -> tuple[str, str, int]:
         key = id(group)
@@ -108,9 +110,18 @@ class _Recorder:
         step: int,
         end_known: bool = True,
     ) -> None:
-        """Record an op now (synchronous) or when its Work completes; never raise into the caller."""
+        """Record an op now (synchronous) or when its Work completes; never raise into the caller.
+
+        A collective on CUDA tensors (NCCL) returns, and its future completes, when the kernel is
+        queued, not when it ran: its host-side end would say nothing. Its GPU duration is read from
+        the Work (``TORCH_NCCL_ENABLE_TIMING``, which perfkit profile sets) once the work completed,
+        polled at step ends without a device sync; the end stays unknown."""
         try:
             fut = None
+            if isinstance(work, dist.Work) and isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                with self.lock:
+                    self.on_gpu.append((work, (op, source, group, tensor, start, None, step)))
+                return
             if isinstance(work, dist.Work):
                 try:
                     fut = work.get_future()
@@ -123,6 +134,30 @@ class _Recorder:
         except Exception as e:
             self.probe.disable(self.collector, f"recording {op} failed: {type(e).__name__}: {e}")
 
+    def resolve_gpu(self, force: bool = False) -> None:
+        """Write the CUDA collectives whose work completed, with their GPU duration (all when forced,
+        the duration then where known)."""
+        with self.lock:
+            pending, self.on_gpu = self.on_gpu, []
+        waiting = []
+        for work, args in pending:
+            try:
+                done = work.is_completed()
+            except Exception:
+                done = True
+            if not done and not force:
+                waiting.append((work, args))
+                continue
+            gpu_ms = None
+            if done:
+                try:
+                    gpu_ms = float(work._get_duration())
+                except Exception:  # timing off, or a backend without it
+                    gpu_ms = None
+            self.safe_add(*args, gpu_ms)
+        with self.lock:
+            self.on_gpu = waiting + self.on_gpu
+
     def safe_add(self, *args: Any) -> None:
         try:
             self.add(*args)
@@ -130,7 +165,15 @@ class _Recorder:
             self.probe.disable(self.collector, f"recording failed: {type(e).__name__}: {e}")
 
     def add(
-        self, op: str, source: str, group: Any, tensor: Any, start_ns: int, end_ns: int | None, step: int
+        self,
+        op: str,
+        source: str,
+        group: Any,
+        tensor: Any,
+        start_ns: int,
+        end_ns: int | None,
+        step: int,
+        gpu_ms: float | None = None,
     ) -> None:
         t0 = time.thread_time()
         op = canonical(op)
@@ -151,6 +194,7 @@ class _Recorder:
                     "dtype": dtype,
                     "start_ns": start_ns,
                     "end_ns": end_ns,
+                    "gpu_ms": gpu_ms,
                 }
             )
             self.probe.self_time_s += time.thread_time() - t0
@@ -320,5 +364,13 @@ class CommsCollector(Collector):
         patch_all()
         _recorder[0] = _Recorder(probe, self)
 
+    def step_end(self, probe: Probe, step: int) -> None:
+        rec = _recorder[0]
+        if rec is not None and rec.on_gpu:
+            rec.resolve_gpu()
+
     def stop(self, probe: Probe) -> None:
+        rec = _recorder[0]
+        if rec is not None:
+            rec.resolve_gpu(force=True)
         _recorder[0] = None
