@@ -19,6 +19,7 @@ import pandas as pd
 from perfkit.analyzers import rules
 from perfkit.analyzers.comms import collective_table, trace_collectives
 from perfkit.analyzers.facts import TraceFacts, trace_facts
+from perfkit.analyzers.hangs import hang_metrics
 from perfkit.analyzers.kernels import kernel_table
 from perfkit.analyzers.memory import summarize
 from perfkit.analyzers.metrics import (
@@ -252,6 +253,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         capacity = m.env.get("gpu_memory_bytes") or next(
             (int(r["device_memory"]) for r in good if r.get("device_memory")), None
         )
+        metrics.hang = hang_metrics(run, problems)
         for snap in run.layout.snapshots():
             name = f"{snap.parent.name}/{snap.name}"
             try:  # a damaged snapshot is a problem of that file, not of the run
@@ -319,7 +321,7 @@ def completeness(run: Run, t: Any) -> list[str]:
             f"{run.path}: the run failed: its owner (pid {m.pid}) was killed before it finished; "
             "the last steps may be missing"
         )
-    if m.status in ("failed", "interrupted"):
+    if m.status in ("failed", "interrupted", "hung"):
         code = f" (exit code {m.exit_code})" if m.exit_code is not None else ""
         out.append(f"{run.path}: the run {m.status}{code}; its last steps may be missing")
     for rank, report in sorted(run.rank_reports().items()):

@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 SCHEMA_VERSION = 2
+
+if TYPE_CHECKING:
+    from perfkit.analyzers.hangs import HangMetrics
 
 
 @dataclass(kw_only=True)
@@ -155,6 +158,8 @@ class Metrics:
     trace_collectives: list[dict[str, Any]] = field(default_factory=list)
     memory_snapshot: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Allocator snapshot summaries by file (``rank0/memory_snapshot.pickle``)."""
+    hang: HangMetrics | None = None
+    """Who waits for whom when ranks hung or one failed (perfkit.analyzers.hangs)."""
 
     @property
     def step_ms(self) -> float | None:

@@ -116,6 +116,16 @@ class CollectOptions:
         parse=_positive_int,
     )
     """Cap on allocator history entries."""
+    hang_timeout: float = _option(
+        600.0,
+        flag="--hang-timeout",
+        env="PERFKIT_HANG_TIMEOUT",
+        help="Seconds without a step or collective progressing before the ranks write hang records "
+        "and the job is stopped; 0: off",
+        parse=lambda text, what: 0.0 if text.strip() in ("0", "0.0") else _positive_float(text, what),
+    )
+    """No step and no collective progress for this long: a hang (10 minutes never fires on a healthy
+    job); 0 turns the watchdog off."""
 
     def __post_init__(self) -> None:
         if self.nvml_hz > 1000 or self.nvml_hz < 0.1:

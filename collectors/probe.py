@@ -13,8 +13,10 @@ import atexit
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,6 +90,7 @@ class Probe:
         as thread CPU time: on a busy host, wall time would also count time the thread was not
         running at all."""
         self.auto: Any = None  # AutoSteps, when hooks find the steps
+        self._collectives_at_stop: dict[str, Any] | None = None
 
     # ---- life cycle -------------------------------------------------------------------------
     def start(self) -> Probe:
@@ -113,7 +116,44 @@ class Probe:
         atexit.register(self.stop)
         if threading.current_thread() is threading.main_thread():
             self._install_signal_handlers()
+        self._install_excepthook()
         return self
+
+    def _collectives_state(self) -> dict[str, Any] | None:
+        comms = sys.modules.get("perfkit.collectors.signals.comms")
+        recorder = comms._recorder[0] if comms is not None else None
+        if recorder is None:
+            return self._collectives_at_stop
+        try:
+            return dict(recorder.state())
+        except Exception:
+            return None
+
+    def _install_excepthook(self) -> None:
+        """An exception that ends this rank is written down (failure.json) before it is printed: the
+        analysis names the rank that failed first, and where."""
+        previous = sys.excepthook
+
+        def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+            with contextlib.suppress(Exception):
+                frames = [
+                    {"file": f.filename, "line": f.lineno, "function": f.name}
+                    for f in traceback.extract_tb(tb)
+                ]
+                write_json_atomic(
+                    self.layout.failure_record(self.rank),
+                    {
+                        "rank": self.rank,
+                        "time": time.time(),
+                        "exception": kind.__name__,
+                        "message": str(value)[:2000],
+                        "frames": frames[-20:],
+                        "step": self.step,
+                    },
+                )
+            previous(kind, value, tb)
+
+        sys.excepthook = hook
 
     def stop(self, outcome: str | None = None) -> None:
         """Flush everything and write the rank's final status. Safe to call twice."""
@@ -125,6 +165,7 @@ class Probe:
         if outcome:
             self._outcome = outcome
         self._resolve(force=True)
+        self._collectives_at_stop = self._collectives_state()
         for collector in self.collectors:
             if collector.enabled:
                 self._guard(collector, "stop", collector.stop, self)
@@ -156,6 +197,7 @@ class Probe:
     def _write_probe_json(self, status: str) -> None:
         info: dict[str, Any] = {
             "rank": self.rank,
+            "pid": self.pid,
             "world_size": self.world_size,
             "local_rank": self.local_rank,
             "status": status,
@@ -167,6 +209,9 @@ class Probe:
             "options": asdict(self.options),
             "model": self.description,
         }
+        collectives = self._collectives_state()
+        if collectives is not None:  # what this rank was in when it stopped (a crash, a SIGTERM)
+            info["collectives"] = collectives
         if self.rank == 0:
             info["env"] = torch_environment()
         with contextlib.suppress(OSError):

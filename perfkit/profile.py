@@ -17,7 +17,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -180,26 +181,117 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
 
     previous = signal.signal(signal.SIGTERM, forward)
     interrupts = 0
+    hang: HangWatch | None = HangWatch(run, req.options.hang_timeout) if req.options.hang_timeout else None
     try:
         with Progress(run, stream):
             while True:
                 try:
-                    rc = proc.wait()
+                    rc = proc.wait(timeout=1.0)
                     break
+                except subprocess.TimeoutExpired:
+                    if hang is not None and hang.should_stop():
+                        status = "hung"
+                        stream.write(f"\nperfkit: the job hung; stopping it ({hang.said()})\n")
+                        rc = _stop_job(proc, to_job)
+                        break
                 except KeyboardInterrupt:  # passed on; the ranks flush and stop. Again: harder.
                     status = "interrupted"
                     to_job((signal.SIGINT, signal.SIGTERM, signal.SIGKILL)[min(interrupts, 2)])
                     interrupts += 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    rc = exit_code(rc)
+    rc = HUNG_EXIT if status == "hung" else exit_code(rc)
     if rc == 0:
         status = "complete"
+    elif status == "hung":
+        pass
     elif rc in (128 + signal.SIGINT, 128 + signal.SIGTERM) or status == "interrupted":
         status = "interrupted"
     run.merge_rank_reports()
     run.finish(status, rc)
     return run, rc
+
+
+HUNG_EXIT = 124
+"""perfkit profile's exit code when it stopped a hung job (as timeout(1) does)."""
+
+
+class HangWatch:
+    """Reads the ranks' hang records from the launcher's side: once one rank wrote one, the others
+    get a grace period to write theirs (each rank's watchdog fires on its own clock), then the job
+    is to be stopped."""
+
+    def __init__(self, run: Run, timeout: float) -> None:
+        self.run = run
+        self.grace = min(15.0, max(3.0, timeout))
+        self.first: float | None = None
+
+    def should_stop(self) -> bool:
+        records = self.run.layout.hang_records()
+        if not records:
+            return False
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        return len(records) >= len(self.run.ranks()) or now - self.first >= self.grace
+
+    def said(self) -> str:
+        ranks = [int(p.parent.name.removeprefix("rank")) for p in self.run.layout.hang_records()]
+        return f"hang records from rank(s) {', '.join(map(str, sorted(ranks)))}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): torchrun may start its ranks in sessions of their
+    own, out of reach of a signal to its process group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _stop_job(proc: subprocess.Popen[bytes], to_job: Callable[[int], None], grace: float = 10.0) -> int:
+    """SIGTERM to the job (its process group and every process below it), SIGKILL to whatever is
+    left after ``grace`` seconds: a rank blocked inside a collective never runs its Python signal
+    handler. No rank is left behind."""
+    below = descendants(proc.pid)
+    to_job(signal.SIGTERM)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        to_job(signal.SIGKILL)
+        rc = proc.wait()
+    deadline = time.monotonic() + grace
+    for pid in below:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 5
+    while time.monotonic() < end and any(_alive(pid) for pid in below):
+        time.sleep(0.05)
+    return rc
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead and waiting to be reaped, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _die_with_parent() -> None:

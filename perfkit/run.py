@@ -37,8 +37,8 @@ MANIFEST_NAME = "manifest.json"
 ANALYSIS_NAME = "analysis.json"
 PROBE_NAME = "probe.json"
 SNAPSHOT_NAMES = ("memory_snapshot.pickle", "oom_snapshot.pickle")
-Status = Literal["running", "complete", "failed", "interrupted"]
-STATUSES: tuple[str, ...] = ("running", "complete", "failed", "interrupted")
+Status = Literal["running", "complete", "failed", "interrupted", "hung"]
+STATUSES: tuple[str, ...] = ("running", "complete", "failed", "interrupted", "hung")
 _RANK_DIR = re.compile(r"^rank(\d+)$")
 
 
@@ -127,6 +127,17 @@ class RunLayout:
 
     def probe(self, rank: int) -> Path:
         return self.rank_dir(rank) / PROBE_NAME
+
+    def hang_record(self, rank: int) -> Path:
+        """Written by the rank's watchdog when nothing progressed for the hang timeout."""
+        return self.rank_dir(rank) / "hang.json"
+
+    def failure_record(self, rank: int) -> Path:
+        """Written by the rank when an exception ended it."""
+        return self.rank_dir(rank) / "failure.json"
+
+    def hang_records(self) -> list[Path]:
+        return [p for rank in self.ranks() if (p := self.hang_record(rank)).is_file()]
 
     def memory_snapshot(self, rank: int) -> Path:
         return self.rank_dir(rank) / SNAPSHOT_NAMES[0]

@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 from perfkit.analyzers.analyze import Analysis, ranges
 from perfkit.analyzers.metrics import Metrics
 from perfkit.reports import figures
-from perfkit.reports.text import evidence_text, fix
+from perfkit.reports.text import evidence_text, fix, rank_in
 from plotly.offline import get_plotlyjs
 
 from perfkit.run import write_atomic
@@ -151,6 +151,27 @@ def render(analysis: Analysis) -> str:
     else:
         no_trace = "no kernel trace: profile with --profile-steps (the kernels collector) or pass a trace"
     sections = [
+        Section(
+            "hang",
+            "Hang or failure: what each rank was in",
+            _table(
+                pd.DataFrame(
+                    [
+                        {"rank": s.rank, "in": rank_in(s), "at": s.frame, "told by": s.told_by}
+                        for s in m.hang.ranks
+                    ]
+                ),
+                {
+                    "rank": "rank",
+                    "in": "collectives in flight",
+                    "at": "innermost user frame",
+                    "told by": "told by",
+                },
+            )
+            if m.hang is not None and m.hang.ranks
+            else None,
+            "no rank hung or failed",
+        ),
         Section(
             "steps",
             "Per-rank step timeline",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perfkit.analyzers.analyze import Analysis, Comparison, ranges
+from perfkit.analyzers.hangs import RankState
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Finding
 
@@ -86,6 +87,43 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
     return "\n".join(lines)
 
 
+def rank_in(state: RankState) -> str:
+    """What one rank was in: its collectives in flight, or none."""
+    if not state.in_flight:
+        return "in no collective"
+    return ", ".join(
+        f"in {e['op']} #{e['seq']} of group {e['group']}"
+        + (f" for {e['waiting_s']:.1f} s" if "waiting_s" in e else "")
+        for e in state.in_flight
+    )
+
+
+def hang_lines(m: Metrics) -> list[str]:
+    """A hung or failed run's story, first: each rank and what it was in, the stuck ranks' stacks,
+    the first failure."""
+    h = m.hang
+    if h is None:
+        return []
+    lines = [
+        f"  {'HUNG' if h.hung else 'FAILED'}: what each rank was in (from its {h.ranks[0].told_by if h.ranks else 'records'})"
+    ]
+    stuck = {r for w in h.waits for r in w.missing}
+    for s in h.ranks:
+        mark = "  <- the others wait for it" if s.rank in stuck else ""
+        lines.append(f"    rank {s.rank}: {rank_in(s)}; at {s.frame or '(no user frame)'}{mark}")
+    for s in h.ranks:
+        if s.rank in stuck and s.stack:
+            lines.append(f"    rank {s.rank}'s stack (innermost last):")
+            lines += [f"      {frame}" for frame in s.stack[-6:]]
+    if h.first_failure:
+        f = h.first_failure
+        lines.append(
+            f"    first failure: rank {f['rank']}: {f['exception']}: {f['message'][:160]}"
+            + (f" at {f['frame']}" if f["frame"] else "")
+        )
+    return lines
+
+
 def analysis_summary(result: Analysis, target: Path) -> str:
     m = result.metrics
     lines = [
@@ -93,6 +131,7 @@ def analysis_summary(result: Analysis, target: Path) -> str:
     ]
     for p in result.problems:
         lines.append(f"  problem: {p}")
+    lines += hang_lines(m)
     if m.steps:
         line = f"  step time {m.steps.step_time_ms:.1f} ms (median)"
         if m.steps.tokens_per_s is not None:

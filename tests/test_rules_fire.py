@@ -156,7 +156,7 @@ def test_the_rule_fires(tmp_path: Path, rule_id: str) -> None:
     found = {f.id: f for f in FIRES[rule_id](tmp_path)}
     assert rule_id in found, f"{rule_id} did not fire; found {sorted(found)}"
     f = found[rule_id]
-    assert f.remedy and f.title and f.severity in ("high", "medium", "low")
+    assert f.remedy and f.title and f.severity in ("critical", "high", "medium", "low")
     assert f.saving_ms_per_step >= 0 and f.estimate
     if rule_id == "small_ddp_buckets":  # 30 ms exposed, 60 buckets where 1 would do: 59/60 of it
         assert f.saving_ms_per_step == pytest.approx(29.5)

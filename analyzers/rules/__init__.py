@@ -56,6 +56,8 @@ class Diagnosis:
     remedy: str
     """The id of a remedy in perfkit.optimizer.remedies."""
     ranks: list[int] = field(default_factory=list)
+    severity: str | None = None
+    """Set only where time saved does not measure it (a hang stops the job): else from the saving."""
 
 
 @dataclass(kw_only=True)
@@ -63,7 +65,8 @@ class Finding:
     id: str
     title: str
     severity: str
-    """high (saves >= 10% of the step), medium (>= 3%) or low."""
+    """critical (the job stops: a hang, a failure), high (saves >= 10% of the step), medium (>= 3%)
+    or low."""
     evidence: dict[str, Any]
     ranks: list[int]
     saving_ms_per_step: float
@@ -83,18 +86,22 @@ class Rule:
     family: str
     thresholds: Thresholds
     fn: Callable[[Any, Thresholds], Diagnosis | None]
+    needs_steps: bool = True
+    """A run rule that needs step times (most); a hang or crash has none to speak of."""
 
 
 RULES: list[Rule] = []
 
 
-def rule(id: str, *, reads: Reads, **thresholds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def rule(
+    id: str, *, reads: Reads, needs_steps: bool = True, **thresholds: float
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a rule: its finding id, what it reads, and its named thresholds."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if any(r.id == id and r.reads == reads for r in RULES):
             raise ValueError(f"rule {id!r} reading {reads} is registered twice")
-        RULES.append(Rule(id, reads, fn.__module__.rsplit(".", 1)[-1], dict(thresholds), fn))
+        RULES.append(Rule(id, reads, fn.__module__.rsplit(".", 1)[-1], dict(thresholds), fn, needs_steps))
         return fn
 
     return register
@@ -110,7 +117,7 @@ def _finding(r: Rule, d: Diagnosis, step_ms: float | None, ranks: list[int]) -> 
     return Finding(
         id=r.id,
         title=d.title,
-        severity=severity(saving, step_ms),
+        severity=d.severity or severity(saving, step_ms),
         evidence=d.evidence,
         ranks=ranks,
         saving_ms_per_step=round(max(0.0, saving), 3),
@@ -143,7 +150,7 @@ def evaluate(
             if found:
                 found[0].ranks = sorted({rank for x in found for rank in x.ranks})
                 out.append(found[0])
-        elif metrics is not None and metrics.step_ms:
+        elif metrics is not None and (metrics.step_ms or not r.needs_steps):
             d = r.fn(metrics, r.thresholds)
             if d is not None:
                 out.append(_finding(r, d, metrics.step_ms, d.ranks))
@@ -158,12 +165,12 @@ def rank(findings: list[Finding]) -> list[Finding]:
             if f.id in best:
                 f.ranks = sorted(set(f.ranks) | set(best[f.id].ranks))
             best[f.id] = f
-    order = {"high": 0, "medium": 1, "low": 2}
+    order = {"critical": 0, "high": 1, "medium": 2, "low": 3}
     return sorted(best.values(), key=lambda f: (order[f.severity], -f.saving_ms_per_step))
 
 
 # The families register their rules on import.
-from perfkit.analyzers.rules import comms, gpu, host, inputs, memory  # noqa: E402
+from perfkit.analyzers.rules import comms, gpu, hangs, host, inputs, memory  # noqa: E402
 
 __all__ = [
     "RULES",
@@ -174,6 +181,7 @@ __all__ = [
     "comms",
     "evaluate",
     "gpu",
+    "hangs",
     "host",
     "inputs",
     "memory",

@@ -84,6 +84,65 @@ class _Recorder:
         self.groups: dict[int, tuple[str, str, int]] = {}
         self.on_gpu: list[tuple[Any, tuple[Any, ...]]] = []
         """CUDA collectives whose GPU time is not known yet: (work, add's arguments)."""
+        self.entered: dict[str, int] = {}
+        """Per process group: how many collectives this rank entered (their sequence numbers)."""
+        self.completed: dict[str, int] = {}
+        self.in_flight: dict[int, dict[str, Any]] = {}
+        """Entered and not completed, by key: group, its sequence number, op, bytes, dtype, when."""
+        self.last_completed: dict[str, dict[str, Any]] = {}
+        self._keys = 0
+
+    def enter(self, op: str, group: Any, tensor: Any, start_ns: int, step: int) -> int | None:
+        """Note a collective as entered (before the call, which may block): what a hang record
+        says this rank waits in. Returns the key that ``add`` is given when it completes."""
+        try:
+            name = self.group_info(group)[0]
+            nbytes, dtype = _message(tensor)
+        except Exception:
+            return None
+        with self.lock:
+            self._keys += 1
+            gseq = self.entered.get(name, 0) + 1
+            self.entered[name] = gseq
+            self.in_flight[self._keys] = {
+                "group": name,
+                "seq": gseq,
+                "op": canonical(op),
+                "bytes": nbytes,
+                "dtype": dtype,
+                "entered_ns": start_ns,
+                "step": step,
+            }
+            return self._keys
+
+    def leave(self, key: int | None) -> None:
+        if key is None:
+            return
+        with self.lock:
+            entry = self.in_flight.pop(key, None)
+            if entry is not None:
+                self.completed[entry["group"]] = self.completed.get(entry["group"], 0) + 1
+                self.last_completed[entry["group"]] = entry
+
+    def progress(self) -> tuple[int, int]:
+        """Collectives entered and completed so far, all groups: the watchdog's sign of life."""
+        with self.lock:
+            return sum(self.entered.values()), sum(self.completed.values())
+
+    def state(self) -> dict[str, Any]:
+        """What this rank is in, for a hang record: per group the last entered and completed
+        sequence numbers, the collectives in flight, the last completed one."""
+        now = time.time_ns()
+        with self.lock:
+            return {
+                "entered": dict(self.entered),
+                "completed": dict(self.completed),
+                "in_flight": [
+                    {**e, "waiting_s": round((now - e["entered_ns"]) / 1e9, 3)}
+                    for e in sorted(self.in_flight.values(), key=lambda e: e["entered_ns"])
+                ],
+                "last_completed": dict(self.last_completed),
+            }
 
     def group_info(self, group: Any) -> tuple[str, str, int]:
         key = id(group)
@@ -109,6 +168,7 @@ class _Recorder:
         start: int,
         step: int,
         end_known: bool = True,
+        key: int | None = None,
     ) -> None:
         """Record an op now (synchronous) or when its Work completes; never raise into the caller.
 
@@ -119,6 +179,7 @@ class _Recorder:
         try:
             fut = None
             if isinstance(work, dist.Work) and isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                self.leave(key)  # queued on the GPU; its GPU time comes later
                 with self.lock:
                     self.on_gpu.append((work, (op, source, group, tensor, start, None, step)))
                 return
@@ -128,9 +189,15 @@ class _Recorder:
                 except RuntimeError:  # gloo's point-to-point Work has no future: end unknown
                     end_known = False
             if fut is not None:
-                fut.then(lambda _f: self.safe_add(op, source, group, tensor, start, time.time_ns(), step))
+                fut.then(
+                    lambda _f: self.safe_add(
+                        op, source, group, tensor, start, time.time_ns(), step, None, key
+                    )
+                )
             else:
-                self.add(op, source, group, tensor, start, time.time_ns() if end_known else None, step)
+                self.add(
+                    op, source, group, tensor, start, time.time_ns() if end_known else None, step, None, key
+                )
         except Exception as e:
             self.probe.disable(self.collector, f"recording {op} failed: {type(e).__name__}: {e}")
 
@@ -174,8 +241,10 @@ class _Recorder:
         end_ns: int | None,
         step: int,
         gpu_ms: float | None = None,
+        key: int | None = None,
     ) -> None:
         t0 = time.thread_time()
+        self.leave(key)
         op = canonical(op)
         nbytes, dtype = _message(tensor)
         name, ranks, size = self.group_info(group)
@@ -243,12 +312,16 @@ def _wrap_op(
         _state.inside = True
         step = rec.probe.step + 1
         start = time.time_ns()
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            _state.inside = False
         group = _arg(args, kwargs, group_idx, "group")
         tensor = _arg(args, kwargs, tensor_idx, tensor_name) if tensor_idx >= 0 else None
+        key = None if functional else rec.enter(name, group, tensor, start, step)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:
+            rec.leave(key)
+            raise
+        finally:
+            _state.inside = False
         if functional:
             tensor = result if name.startswith("all_gather") else tensor
             if not isinstance(group, dist.ProcessGroup):
@@ -258,7 +331,9 @@ def _wrap_op(
                     pass
             rec.finish(None, name, "funcol", group, tensor, start, step, end_known=False)
         else:
-            rec.finish(result, name, getattr(_state, "source", None) or "python", group, tensor, start, step)
+            rec.finish(
+                result, name, getattr(_state, "source", None) or "python", group, tensor, start, step, key=key
+            )
         return result
 
     wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
@@ -272,14 +347,21 @@ def _wrap_batch(fn: Any, recorder_ref: list[_Recorder | None]) -> Any:
         if rec is None or not rec.collector.enabled or getattr(_state, "inside", False):
             return fn(p2p_op_list, *args, **kwargs)
         step, start = rec.probe.step + 1, time.time_ns()
+        ops = [
+            "send" if getattr(p2p.op, "__name__", "") in ("isend", "send") else "recv" for p2p in p2p_op_list
+        ]
+        keys = [rec.enter(op, p2p.group, p2p.tensor, start, step) for op, p2p in zip(ops, p2p_op_list)]
         _state.inside = True
         try:
             works = fn(p2p_op_list, *args, **kwargs)
+        except BaseException:
+            for key in keys:
+                rec.leave(key)
+            raise
         finally:
             _state.inside = False
-        for p2p, work in zip(p2p_op_list, works or []):
-            op = "send" if getattr(p2p.op, "__name__", "") in ("isend", "send") else "recv"
-            rec.finish(work, op, "python", p2p.group, p2p.tensor, start, step)
+        for p2p, work, op, key in zip(p2p_op_list, works or [], ops, keys):
+            rec.finish(work, op, "python", p2p.group, p2p.tensor, start, step, key=key)
         return works
 
     wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]

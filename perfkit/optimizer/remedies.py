@@ -201,3 +201,24 @@ register(
     )
 )
 register(Remedy(id="see_causes", description="See the other findings for its causes."))
+register(
+    Remedy(
+        id="fix_hang",
+        description="Make every rank reach the collective the others wait in: look at the stuck ranks' "
+        "line (a rank-dependent branch, a data read that never returns, an exception swallowed).",
+    )
+)
+register(
+    Remedy(
+        id="fix_desync",
+        description="Every rank of a group must call the same collectives, in the same order, with the "
+        "same sizes and dtypes: look for rank-dependent code paths before this call.",
+    )
+)
+register(
+    Remedy(
+        id="fix_failure",
+        description="Fix the exception the first failing rank raised; the others only stopped because "
+        "it did.",
+    )
+)

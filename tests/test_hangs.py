@@ -1,0 +1,124 @@
+"""Hangs and failures on gloo, 2 ranks under perfkit profile: the rank the others wait for, and its
+line; a desync; the rank that failed first; a slow step that is no hang; damaged records."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import run_perfkit
+from perfkit.analyzers.analyze import analyze
+
+from perfkit.cli import cli
+from perfkit.run import Run
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = """
+import os, time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank, PLANT = dist.get_rank(), os.environ["PLANT"]
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+t = torch.ones(4)
+for step in range(8):
+    model(torch.ones(2, 4)).sum().backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+    opt.step()
+    opt.zero_grad()
+    if step == 3 and rank == 1:
+        if PLANT == "block":
+            time.sleep(3600)  # PLANTED: rank 1 stuck here
+        if PLANT == "raise":
+            raise RuntimeError("planted failure")
+        if PLANT == "slow":
+            time.sleep(1.5)  # shorter than the hang timeout
+        if PLANT == "desync":
+            dist.broadcast(t, 0)
+            continue
+    dist.all_reduce(t)
+dist.destroy_process_group()
+"""
+
+
+def _profile(tmp_path: Path, plant: str, timeout: str = "4") -> tuple[object, Path, float]:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / f"run-{plant}"
+    t0 = time.monotonic()
+    proc = run_perfkit(
+        "profile", "--out", str(out), "--profile-steps", "none", "--hang-timeout", timeout,
+        "--", "torchrun", "--nproc_per_node", "2", str(script), env={"PLANT": plant}, timeout=240,
+    )  # fmt: skip
+    return proc, out, time.monotonic() - t0
+
+
+def _no_rank_left(out: Path) -> None:
+    """Every rank's process is gone (or a zombie, dead and waiting for init to reap it)."""
+    for rank in (0, 1):
+        pid = json.loads((out / f"rank{rank}" / "probe.json").read_text())["pid"]
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        assert state == "Z", f"rank {rank} (pid {pid}) outlived perfkit profile"
+
+
+def test_a_rank_that_never_arrives_is_named_with_its_line(tmp_path: Path) -> None:
+    proc, out, wall = _profile(tmp_path, "block")
+    assert proc.returncode == 124, proc.stderr[-3000:]  # perfkit profile's code for a hung job
+    assert wall < 60  # the timeout (4 s) and a grace, not gloo's 30 minutes
+    assert Run.open(out).manifest.status == "hung"
+    a = analyze(out)
+    top = a.findings[0]
+    assert top.id == "hang" and top.ranks == [1] and top.severity == "critical", [
+        (f.id, f.title) for f in a.findings
+    ]
+    assert top.evidence["op"] == "all_reduce" and top.evidence["waiting"] == [0]
+    line = SCRIPT.splitlines().index("            time.sleep(3600)  # PLANTED: rank 1 stuck here") + 1
+    assert f"train.py:{line} <module>" in top.evidence["stuck_at"]
+    summary = CliRunner().invoke(cli, ["analyze", str(out)]).output
+    assert "HUNG" in summary and "<- the others wait for it" in summary
+    _no_rank_left(out)
+
+
+def test_ranks_in_different_collectives_are_a_desync(tmp_path: Path) -> None:
+    proc, out, wall = _profile(tmp_path, "desync")
+    assert proc.returncode == 124 and wall < 90  # both ranks blocked inside gloo: killed, not left
+    _no_rank_left(out)
+    a = analyze(out)
+    found = {f.id: f for f in a.findings}
+    assert "desync" in found, [(f.id, f.title) for f in a.findings]
+    sides = {s["op"] for s in found["desync"].evidence["sides"]}
+    assert sides == {"all_reduce", "broadcast"}
+
+
+def test_the_rank_that_failed_first_is_named(tmp_path: Path) -> None:
+    proc, out, _ = _profile(tmp_path, "raise")
+    assert proc.returncode != 0
+    a = analyze(out)
+    f = {f.id: f for f in a.findings}["first_failure"]
+    assert f.ranks == [1] and "RuntimeError: planted failure" in f.title and "train.py" in f.evidence["at"]
+
+
+def test_a_slow_step_shorter_than_the_timeout_is_no_hang(tmp_path: Path) -> None:
+    proc, out, _ = _profile(tmp_path, "slow")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = analyze(out)
+    assert not {"hang", "desync", "first_failure"} & {f.id for f in a.findings}
+
+
+def test_a_damaged_hang_record_is_one_line(tmp_path: Path) -> None:
+    run = Run.create(tmp_path / "r", command=["x"], world_size=2)
+    for rank in (0, 1):
+        run.layout.rank_dir(rank).mkdir()
+    run.layout.hang_record(0).write_text('{"rank": 0, "collectives": {"in_flight": [{"group": "0", "se')
+    run.layout.hang_record(1).write_text(json.dumps({"rank": 1, "threads": "garbage", "collectives": [1, 2]}))
+    run.finish("hung", 124)
+    result = CliRunner().invoke(cli, ["analyze", str(run.path)])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert sum("hang.json: cannot be read" in line for line in result.output.splitlines()) == 1
