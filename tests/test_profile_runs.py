@@ -70,6 +70,7 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         "io",
         "kernels",
         "cpu",
+        "hang",
     }
     assert run.manifest.env["torch"].startswith("2.")
     for rank in (0, 1):
