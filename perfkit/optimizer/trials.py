@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from perfkit.errors import ConfigError, PerfkitError
 from perfkit.launch import check_devices, trainer_command, trainer_env
 from perfkit.trainer.config import load_config, resolve_layout
@@ -42,6 +44,9 @@ class Measurement:
     """Model FLOPs utilization over the same steps (GPU runs only)."""
     peak_memory_bytes: int | None = None
     """Of the busiest rank: CUDA's max allocated on GPU, the process's peak RSS on CPU."""
+    samples_ms: list[float] = field(default_factory=list)
+    """Time per step of each logged interval after the warm-up (one per step at log_every=1):
+    many samples per run, for the confidence interval of a comparison."""
     error: str = ""
 
 
@@ -169,6 +174,7 @@ def measure(config: str, nproc: int, overrides: Sequence[str], workdir: Path) ->
     finally:
         log.unlink(missing_ok=True)
     figures = step_figures(records)
+    samples = step_samples(records)
     if figures is None:
         return Measurement(ok=False, error="too few logged steps to time; raise steps")
     last = records[-1]
@@ -181,7 +187,16 @@ def measure(config: str, nproc: int, overrides: Sequence[str], workdir: Path) ->
         # MFU is inversely proportional to the step time: rescale the last record's to the window's
         mfu=mfu * last["step_time_s"] / figures[0] if isinstance(mfu, int | float) else None,
         peak_memory_bytes=last.get("peak_memory_bytes"),
+        samples_ms=samples,
     )
+
+
+def step_samples(records: list[dict[str, Any]], warmup: int = WARMUP) -> list[float]:
+    """Each logged interval's time per step (ms) after the warm-up: one sample per step at
+    log_every=1, one per interval otherwise."""
+    records = sorted(records, key=lambda r: r["step"])
+    later = [r for r in records if r["step"] > warmup] or records[1:] or records
+    return [float(r["step_time_s"]) * 1e3 for r in later if r.get("step_time_s")]
 
 
 def interleave(
@@ -211,41 +226,100 @@ def interleave(
 class Verdict:
     keep: bool
     ratio: float | None
-    """Median of the paired ratios, variant / base step time (0.9 = 10% faster)."""
+    """Variant / base time per step, pooled medians (0.9 = 10% faster)."""
     reason: str
+    interval: tuple[float, float] | None = None
+    """95% confidence interval of the ratio (t interval over the interleaved pairs' log-ratios)."""
+    undecided: bool = False
+    """The interval straddles the bar: more runs could decide it."""
+
+
+# Student's t, 97.5th percentile, by degrees of freedom: a 95% two-sided interval. 95% rather than
+# 90%: more pairs are measured while the interval straddles the bar, and each look is a chance to be
+# fooled (simulated with this machine's noise: 90% kept a 0% change in up to 2 of 30 trials).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def _t975(df: int) -> float:
+    return _T975.get(df) or next((v for k, v in sorted(_T975.items()) if k >= df), 1.960)
+
+
+def ratio_interval(base: Candidate, variant: Candidate) -> tuple[float, tuple[float, float]] | None:
+    """The variant/base ratio of step times and its 95% confidence interval. Each interleaved pair
+    gives one ratio of the runs' median per-step times (the many steps of a run make its median
+    robust to single slow steps); the pairs' log-ratios give a t interval, which carries the drift
+    between runs of a shared machine (a bootstrap over three pairs does not, and kept a 0% change).
+    One pair has no interval: the whole line counts as undecided."""
+    ratios = [
+        float(np.median(v.samples_ms or [v.step_ms])) / float(np.median(b.samples_ms or [b.step_ms]))
+        for b, v in zip(base.runs, variant.runs, strict=False)
+        if b.ok and v.ok and b.step_ms and v.step_ms
+    ]
+    if not ratios:
+        return None
+    logs = np.log(ratios)
+    point = float(np.exp(logs.mean()))
+    if len(ratios) < 2:
+        return point, (0.0, float("inf"))
+    half = _t975(len(ratios) - 1) * float(logs.std(ddof=1)) / math.sqrt(len(ratios))
+    return point, (float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half)))
 
 
 def judge(base: Candidate, variant: Candidate, min_gain: float, loss_tolerance: float = 0.02) -> Verdict:
-    """Keep the variant only if every pair of runs agrees that it is faster and the median gain is at
-    least ``min_gain`` (a fraction): a gain smaller than the noise between runs is not measured."""
+    """Keep the variant only when the whole confidence interval of its step-time ratio is past the
+    bar (at least ``min_gain`` faster) and the loss is not worse; drop it when the whole interval
+    falls short; between the two the verdict is undecided (more runs may tell)."""
     if variant.failed:
         return Verdict(False, None, f"the run failed: {variant.failed}")
     if base.failed:
         return Verdict(False, None, f"the base run failed: {base.failed}")
-    pairs = [
-        (v.step_ms, b.step_ms)
-        for b, v in zip(base.runs, variant.runs, strict=False)
-        if b.ok and v.ok and b.step_ms and v.step_ms
-    ]
-    if not pairs:
+    found = ratio_interval(base, variant)
+    if found is None:
         return Verdict(False, None, "nothing measured")
-    ratios = [v / b for v, b in pairs]
-    ratio = statistics.median(ratios)
+    ratio, (lo, hi) = found
     loss, base_loss = variant.loss, base.loss
     if loss is not None and not math.isfinite(loss):
-        return Verdict(False, ratio, f"the loss is {loss}: this change breaks training")
+        return Verdict(False, ratio, f"the loss is {loss}: this change breaks training", (lo, hi))
     if loss is not None and base_loss is not None and loss > base_loss * (1 + loss_tolerance) + 1e-6:
         return Verdict(
-            False, ratio, f"it changes the training: final loss {loss:.4f} vs {base_loss:.4f} without it"
+            False,
+            ratio,
+            f"it changes the training: final loss {loss:.4f} vs {base_loss:.4f} without it",
+            (lo, hi),
         )
-    spread = f"{len(ratios)} pair(s), {min(ratios):.3f}-{max(ratios):.3f}"
-    if ratio > 1 - min_gain or max(ratios) >= 1:
-        if ratio >= 1:
-            return Verdict(False, ratio, f"{ratio - 1:.1%} slower ({spread})")
-        if max(ratios) >= 1:
-            return Verdict(False, ratio, f"{1 - ratio:.1%} faster but the pairs disagree ({spread})")
-        return Verdict(False, ratio, f"{1 - ratio:.1%} faster: below the {min_gain:.0%} bar ({spread})")
-    return Verdict(True, ratio, f"{1 - ratio:.1%} faster ({spread})")
+    n = sum(1 for b, v in zip(base.runs, variant.runs, strict=False) if b.ok and v.ok)
+    spread = f"95% interval {lo:.3f}-{hi:.3f}, {n} pair(s)"
+    bar = 1 - min_gain
+    if hi < bar:
+        return Verdict(True, ratio, f"{1 - ratio:.1%} faster ({spread})", (lo, hi))
+    if lo >= bar:
+        what = (
+            f"{ratio - 1:.1%} slower"
+            if ratio >= 1
+            else f"{1 - ratio:.1%} faster: below the {min_gain:.0%} bar"
+        )
+        return Verdict(False, ratio, f"{what} ({spread})", (lo, hi))
+    return Verdict(
+        False, ratio, f"{1 - ratio:+.1%} gain, undecided: the interval straddles the {min_gain:.0%} bar ({spread})",
+        (lo, hi), undecided=True,
+    )  # fmt: skip
+
+
+def judge_adaptively(
+    base: Candidate,
+    variant: Candidate,
+    min_gain: float,
+    more: Callable[[], bool],
+    max_pairs: int,
+) -> Verdict:
+    """``judge``, then one more interleaved pair at a time (``more`` measures it, False when the
+    budget is spent) while the interval straddles the bar, up to ``max_pairs``; still undecided
+    then, the change is dropped."""
+    verdict = judge(base, variant, min_gain)
+    while verdict.undecided and min(len(base.runs), len(variant.runs)) < max_pairs and more():
+        verdict = judge(base, variant, min_gain)
+    return verdict
 
 
 def write_toml(config: dict[str, Any], path: Path) -> Path:

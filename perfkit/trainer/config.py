@@ -114,6 +114,9 @@ class DataConfig:
     """Pin host batches so host-to-device copies can be asynchronous (GPU only)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    read_delay_ms: float = 0.0
+    """Milliseconds each batch read waits: a slow storage or a heavy transform, planted for demos
+    and tests (more workers and prefetch hide it)."""
 
 
 @dataclass(kw_only=True)

@@ -54,9 +54,18 @@ class TokenBatches(Dataset[torch.Tensor]):
     """Item ``step`` is this rank's ``[local_batch, seq_len + 1]`` int64 token windows for that step."""
 
     def __init__(
-        self, path: Path, *, seq_len: int, global_batch: int, local_batch: int, dp_rank: int, seed: int
+        self,
+        path: Path,
+        *,
+        seq_len: int,
+        global_batch: int,
+        local_batch: int,
+        dp_rank: int,
+        seed: int,
+        read_delay_s: float = 0.0,
     ) -> None:
         self.path = path
+        self.read_delay_s = read_delay_s
         self.seq_len = seq_len
         self.global_batch = global_batch
         self.local_batch = local_batch
@@ -84,6 +93,8 @@ class TokenBatches(Dataset[torch.Tensor]):
         start_ns, t0 = time.time_ns(), time.perf_counter()
         # The copy out of the map is where the pages are read (from the page cache or the disk).
         rows = np.stack([self._tokens[o : o + self.seq_len + 1] for o in self.offsets(step)])
+        if self.read_delay_s:
+            time.sleep(self.read_delay_s)
         record_read(rows.nbytes, time.perf_counter() - t0, start_ns, str(self.path), step=step + 1)
         return torch.from_numpy(rows.astype(np.int64))
 

@@ -183,6 +183,7 @@ def _train(
         local_batch=layout.local_batch,
         dp_rank=par.dp_rank,
         seed=cfg.seed,
+        read_delay_s=cfg.data.read_delay_ms / 1e3,
     )
 
     ckpt = None
