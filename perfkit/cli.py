@@ -432,7 +432,18 @@ def sweep(
     help="Percent a change must save to be kept.",
 )
 @click.option(
-    "--max-trials", type=click.IntRange(min=1), default=5, show_default=True, help="Remedies to try."
+    "--max-trials", type=click.IntRange(min=1), default=8, show_default=True, help="Remedies to try, all rounds."
+)
+@click.option(
+    "--max-repeats",
+    type=click.IntRange(min=1),
+    help="Most run pairs per trial while its interval straddles the bar (default 4 x --repeats).",
+)
+@click.option(
+    "--max-rounds", type=click.IntRange(min=1), default=4, show_default=True, help="Profile-and-try rounds."
+)
+@click.option(
+    "--budget", type=FiniteRange(min=0.1), metavar="MINUTES", help="Stop trying new changes after this long."
 )
 @click.option("--no-verify", is_flag=True, help="Skip the final profiled run of the optimized configuration.")
 @click.option(
@@ -447,6 +458,9 @@ def optimize(
     repeats: int,
     min_gain: float,
     max_trials: int,
+    max_repeats: int | None,
+    max_rounds: int,
+    budget: float | None,
     no_verify: bool,
     out: Path | None,
 ) -> None:
@@ -456,9 +470,10 @@ def optimize(
     perfkit optimize                         profile tiny-cpu on 2 ranks, then tune it
     perfkit optimize runs/<time>-tiny-cpu    start from a profiled run of the trainer
 
-    Each remedy is tried against the configuration so far in alternating plain runs; it is kept
-    only if every pair agrees it is faster by at least --min-gain percent and the loss is not
-    worse. Writes optimize.json and optimize.html, and profiles the final configuration.
+    Each remedy (and its alternatives) is tried against the configuration so far in interleaved
+    plain runs; it is kept only if the 95% interval of its step-time ratio is wholly past --min-gain
+    and the loss is not worse. Then the new configuration is profiled again, and its findings make
+    the next round, until a round keeps nothing. Writes optimize.json and optimize.html.
     """
     from perfkit.optimizer.optimize import run_optimize
     from perfkit.reports.text import optimize_summary
@@ -477,6 +492,9 @@ def optimize(
             repeats=repeats,
             min_gain=min_gain / 100,
             max_trials=max_trials,
+            max_repeats=max_repeats,
+            max_rounds=max_rounds,
+            budget_s=budget * 60 if budget else None,
             verify=not no_verify,
             progress=_progress,
         )

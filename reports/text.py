@@ -216,7 +216,17 @@ def optimize_summary(opt: Optimization) -> str:
         lines.append("  no finding of the baseline has a config change to try")
     for t in data["trials"]:
         verdict = "KEPT   " if t["kept"] else ("skipped" if t["skipped"] else "dropped")
-        lines.append(f"  {verdict} {' '.join(t['change']):<44} {t['reason']}")
+        lines.append(f"  round {t['round']} {verdict} {' '.join(t['change']):<44} {t['reason']}")
+        if len(t["alternatives"]) > 1 and not t["skipped"]:
+            for a in t["alternatives"]:
+                lines.append(f"      {' '.join(a['change']):<44} {a['reason']}")
+        if t["measured_ms"] is not None:
+            predicted = f"{t['predicted_ms']:.1f}" if t["predicted_ms"] else "not estimated"
+            lines.append(f"      saving per step: predicted {predicted}, measured {t['measured_ms']:.1f} ms")
+    if opt.prediction_error is not None:
+        lines.append(f"  predictions: median error {opt.prediction_error:.0%} of the measured saving")
+    if opt.stopped:
+        lines.append(f"  stopped after {len(opt.rounds)} round(s): {opt.stopped}")
     if opt.kept:
         speed = f"{opt.speedup:.2f}x the throughput of the original" if opt.speedup else "not measured"
         lines.append(f"kept: {' '.join('--set ' + k for k in opt.kept)}  ({speed}, side by side)")

@@ -30,12 +30,11 @@ def render(data: dict[str, Any], page: Path | None = None) -> str:
     else:
         rows = []
         for t in data["trials"]:
-            for side in ("base", "variant"):
-                c = t.get(side)
-                if c:
-                    rows.append(
-                        {**c, "label": f"{t['remedy']}: {'with' if side == 'variant' else 'without'}"}
-                    )
+            if t.get("base"):
+                rows.append({**t["base"], "label": f"{t['remedy']}: without"})
+            for a in t.get("alternatives", []):
+                if a.get("variant"):
+                    rows.append({**a["variant"], "label": f"{t['remedy']}: {' '.join(a['change'])}"})
         rows += [{**c, "label": f"all kept: {c['label']}"} for c in data.get("final", [])]
         title = f"perfkit optimize: {Path(data['config']).name} on {data['nproc']} rank(s)"
         chart = figures.trial_runs(rows, "Each trial: without and with the change (each dot one run)")

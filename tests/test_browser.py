@@ -91,10 +91,19 @@ def test_sweep_and_optimize_pages_draw_offline(tmp_path: Path, kind: str) -> Non
             "finding": "small_ddp_buckets", "title": "Gradients all-reduced in many tiny buckets", "remedy": "bucket_size",
             "change": ["overlap.bucket_cap_mb=25"], "skipped": "", "kept": True, "ratio": 0.6, "reason": "40% faster",
             "base": _candidate("without", [45.0, 44.0]), "variant": _candidate("with", [27.0, 26.0]),
+            "round": 1, "interval": [0.55, 0.65], "predicted_ms": 15.0, "measured_ms": 18.0,
+            "alternatives": [
+                {"change": ["overlap.bucket_cap_mb=25"], "kept": True, "ratio": 0.6, "interval": [0.55, 0.65],
+                 "reason": "40% faster", "variant": _candidate("with", [27.0, 26.0])},
+                {"change": ["overlap.bucket_cap_mb=<b>50</b>"], "kept": False, "ratio": 0.61, "interval": [0.5, 0.7],
+                 "reason": "39% faster", "variant": _candidate("with50", [27.5, 26.5])},
+            ],
         }  # fmt: skip
         data = {
             "kind": "optimize", "config": "tiny-cpu", "nproc": 2, "overrides": [], "baseline_run": "runs/b",
             "final_run": "runs/o", "kept": ["overlap.bucket_cap_mb=25"], "speedup": 1.6, "trials": [trial],
+            "rounds": [{"round": 1, "profiled_run": "runs/b", "stop": "a round kept nothing"}],
+            "stopped": "a round kept nothing", "prediction_error": 0.17,
             "final": [_candidate("original", [45.0]), _candidate("final", [27.0])],
         }  # fmt: skip
     page = write(data, tmp_path / f"{kind}.html")

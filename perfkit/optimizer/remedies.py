@@ -28,10 +28,18 @@ class Remedy:
     """Config overrides of the bundled trainer (``--set key=value``); empty: no switch."""
     script: str = ""
     """The change to make in any other training script (code or environment)."""
+    alternatives: tuple[dict[str, Any], ...] = ()
+    """Other trainer changes for the same fix, measured beside ``trainer`` (the best is kept)."""
 
     def overrides(self) -> list[str]:
         """The trainer change as ``--set`` arguments read it: ``["kernels.compile=true"]``."""
         return [as_override(k, v) for k, v in self.trainer.items()]
+
+    def all_overrides(self) -> list[list[str]]:
+        """The trainer change and each alternative, as ``--set`` arguments."""
+        if not self.trainer:
+            return []
+        return [self.overrides(), *([as_override(k, v) for k, v in alt.items()] for alt in self.alternatives)]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +106,7 @@ register(
         id="fused_optimizer",
         description="Update all parameters in one fused optimizer kernel.",
         trainer={"kernels.optimizer_impl": "fused"},
+        alternatives=({"kernels.optimizer_impl": "foreach"},),  # foreach is the faster one on CPU
         script="torch.optim.AdamW(model.parameters(), ..., fused=True)",
     )
 )
@@ -162,6 +171,7 @@ register(
         id="bucket_size",
         description="Larger DDP buckets (bucket_cap_mb, default 25).",
         trainer={"overlap.bucket_cap_mb": 25},
+        alternatives=({"overlap.bucket_cap_mb": 50}, {"overlap.bucket_cap_mb": 100}),
         script="DDP(model, bucket_cap_mb=25)",
     )
 )
@@ -172,6 +182,10 @@ register(
         id="more_workers",
         description="More DataLoader workers and a deeper prefetch.",
         trainer={"data.num_workers": 4, "data.prefetch_factor": 4},
+        alternatives=(
+            {"data.num_workers": 2, "data.prefetch_factor": 2},
+            {"data.num_workers": 8, "data.prefetch_factor": 4},
+        ),
         script="DataLoader(..., num_workers=4, pin_memory=True, persistent_workers=True, prefetch_factor=4)",
     )
 )
