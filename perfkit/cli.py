@@ -432,7 +432,11 @@ def sweep(
     help="Percent a change must save to be kept.",
 )
 @click.option(
-    "--max-trials", type=click.IntRange(min=1), default=8, show_default=True, help="Remedies to try, all rounds."
+    "--max-trials",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Remedies to try, all rounds.",
 )
 @click.option(
     "--max-repeats",
