@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perfkit.frames import user_frame
 from perfkit.run import Run
 
 _WORLD_GROUPS = ("0", "default")
-_NOT_USER = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen", "<string>", "signals/comms.py",
-             "collectors/probe.py", "collectors/api.py", "collectors/auto.py", "/threading.py")  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -53,16 +52,6 @@ class HangMetrics:
     waits: list[Wait] = field(default_factory=list)
     desyncs: list[dict[str, Any]] = field(default_factory=list)
     first_failure: dict[str, Any] | None = None
-
-
-def user_frame(frames: list[dict[str, Any]]) -> str:
-    """``file:line function`` of the innermost frame that is the user's code (not the standard
-    library, an installed package, or perfkit's own wrappers)."""
-    for f in reversed(frames):
-        path = str(f.get("file", ""))
-        if not any(mark in path for mark in _NOT_USER):
-            return f"{path}:{f.get('line')} {f.get('function')}"
-    return ""
 
 
 def _read(path: Path, problems: list[str]) -> dict[str, Any] | None:

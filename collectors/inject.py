@@ -37,6 +37,9 @@ def activate() -> None:
         from perfkit.collectors.signals.comms import patch_all
 
         patch_all()  # before the script builds DDP: its comm hook goes in at the first forward
+    from perfkit.collectors import sites
+
+    sites.install(probe)  # where the script builds its DataLoader and optimizer, for its fixes
     from perfkit.collectors.auto import install
 
     if not probe.manual:

@@ -34,6 +34,9 @@ def fix(f: Finding, metrics: Metrics) -> Fix:
     r = remedies.get(f.remedy)
     if metrics.is_bundled_trainer and r.trainer:
         return Fix(r.description, [f"--set {o}" for o in r.overrides()])
+    site = metrics.model.get("call_sites", {}).get(r.site) if r.site else None
+    if r.script and isinstance(site, dict) and site.get("at"):
+        return Fix(r.description, [f"{r.script}  -- at {site['at']}"])
     return Fix(r.description, [r.script] if r.script else [])
 
 

@@ -99,9 +99,17 @@ def test_slow_data_loader(tmp_path: Path) -> None:
     ]
     assert top.evidence["data_wait_share"] > 0.25  # ~100 ms of sleep in a ~250 ms step
     assert top.remedy == "more_workers"
-    # A script of the user's own: the fix is said in its terms, never as a --set of the bundled trainer.
-    assert fix(top, a.metrics).code == [remedies.get("more_workers").script]
-    assert "DataLoader(" in fix(top, a.metrics).code[0]
+    # A script of the user's own: the fix is said in its terms, never as a --set of the bundled
+    # trainer, at the line where the script builds its DataLoader.
+    (code,) = fix(top, a.metrics).code
+    line = (
+        SCRIPT.splitlines().index(
+            "loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data))"
+        )
+        + 1
+    )
+    assert code.startswith(remedies.get("more_workers").script) and code.endswith(f"train.py:{line} <module>")
+    assert a.metrics.model["call_sites"]["optimizer"]["type"] == "SGD"
 
 
 def test_straggler_rank_is_named(tmp_path: Path) -> None:

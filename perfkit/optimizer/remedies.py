@@ -30,6 +30,9 @@ class Remedy:
     """The change to make in any other training script (code or environment)."""
     alternatives: tuple[dict[str, Any], ...] = ()
     """Other trainer changes for the same fix, measured beside ``trainer`` (the best is kept)."""
+    site: str = ""
+    """The call in a user's script the change goes to (``dataloader``, ``optimizer``), when perfkit
+    saw where the script makes it."""
 
     def overrides(self) -> list[str]:
         """The trainer change as ``--set`` arguments read it: ``["kernels.compile=true"]``."""
@@ -108,6 +111,7 @@ register(
         trainer={"kernels.optimizer_impl": "fused"},
         alternatives=({"kernels.optimizer_impl": "foreach"},),  # foreach is the faster one on CPU
         script="torch.optim.AdamW(model.parameters(), ..., fused=True)",
+        site="optimizer",
     )
 )
 register(
@@ -187,6 +191,7 @@ register(
             {"data.num_workers": 8, "data.prefetch_factor": 4},
         ),
         script="DataLoader(..., num_workers=4, pin_memory=True, persistent_workers=True, prefetch_factor=4)",
+        site="dataloader",
     )
 )
 register(
@@ -195,6 +200,7 @@ register(
         description="Copy batches from pinned memory, without blocking the host.",
         trainer={"data.pin_memory": True},
         script="DataLoader(..., pin_memory=True) and batch.to(device, non_blocking=True)",
+        site="dataloader",
     )
 )
 register(
