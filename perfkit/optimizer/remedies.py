@@ -44,14 +44,6 @@ class Remedy:
             return []
         return [self.overrides(), *([as_override(k, v) for k, v in alt.items()] for alt in self.alternatives)]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "description": self.description,
-            "trainer": self.trainer,
-            "script": self.script,
-        }
-
 
 def as_override(key: str, value: Any) -> str:
     """``key=value`` in the form ``--set`` reads (booleans as true/false)."""
