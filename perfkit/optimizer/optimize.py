@@ -97,11 +97,12 @@ class Trial:
 
     @property
     def measured_ms(self) -> float | None:
-        """Time per step the chosen (or first) alternative saved, base minus variant."""
+        """Time per step the chosen (or first) alternative saved: the base's step time times one
+        less the verdict's ratio (negative: it cost time)."""
         alt = self.chosen or self.alternatives[0]
-        if self.base is None or alt.variant is None or not self.base.step_ms or not alt.variant.step_ms:
+        if self.base is None or not self.base.step_ms or alt.verdict is None or alt.verdict.ratio is None:
             return None
-        return self.base.step_ms - alt.variant.step_ms
+        return self.base.step_ms * (1 - alt.verdict.ratio)
 
     def to_json(self) -> dict[str, Any]:
         v = self.verdict
