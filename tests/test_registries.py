@@ -29,7 +29,7 @@ def test_every_rule_is_registered_once_with_a_family() -> None:
     for r in RULES:
         assert (r.id, r.reads) not in seen
         seen.add((r.id, r.reads))
-        assert r.family in {"gpu", "host", "comms", "inputs", "memory"}, r.family
+        assert r.family in {"gpu", "host", "comms", "inputs", "memory", "hangs"}, r.family
         assert all(isinstance(v, int | float) for v in r.thresholds.values())
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from perfkit.analyzers.analyze import analyze
+from perfkit.analyzers.hangs import HangMetrics
 from perfkit.analyzers.metrics import (
     CommMetrics,
     IoMetrics,
@@ -128,11 +129,55 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
             ),
         )
     ),
+    # hangs and failures: what the ranks' records say, as the analysis reads them
+    "hang": lambda tmp: _run_rules(Metrics(hang=_hung())),
+    "desync": lambda tmp: _run_rules(Metrics(hang=_hung(rank1_op="broadcast"))),
+    "first_failure": lambda tmp: _run_rules(
+        Metrics(
+            hang=HangMetrics(
+                hung=False,
+                ranks=[],
+                first_failure={
+                    "rank": 1,
+                    "time": 1.0,
+                    "exception": "RuntimeError",
+                    "message": "boom",
+                    "frame": "t.py:3 f",
+                },
+            )
+        )
+    ),
     # snapshot rules: allocator snapshots as plain data
     "allocator_fragmentation": lambda tmp: _snapshot_alone(tmp, split=2**30, flushes=0),
     "allocator_cache_flushes": lambda tmp: _snapshot_alone(tmp, split=2**20, flushes=3),
     "memory_headroom": _headroom,
 }
+
+
+def _hung(rank1_op: str | None = None) -> HangMetrics:
+    """Two ranks' states: rank 0 in all_reduce #5 of group 0; rank 1 in nothing (a hang), or in
+    another op at the same sequence number (a desync)."""
+    from perfkit.analyzers.hangs import RankState, _match
+
+    entry = {"group": "0", "seq": 5, "op": "all_reduce", "bytes": 16, "dtype": "float32"}
+    r1 = [{**entry, "op": rank1_op}] if rank1_op else []
+    h = HangMetrics(
+        hung=True,
+        ranks=[
+            RankState(
+                rank=0, told_by="hang record", in_flight=[entry], entered={"0": 5}, frame="t.py:9 main"
+            ),
+            RankState(
+                rank=1,
+                told_by="hang record",
+                in_flight=r1,
+                entered={"0": 5 if rank1_op else 4},
+                frame="t.py:7 main",
+            ),
+        ],
+    )
+    _match(h, 2)
+    return h
 
 
 def _run_with_trace(tmp: Path, config: dict) -> list[Finding]:  # type: ignore[type-arg]
