@@ -19,6 +19,7 @@ import pandas as pd
 from perfkit.analyzers import rules
 from perfkit.analyzers.comms import collective_table, trace_collectives
 from perfkit.analyzers.facts import TraceFacts, trace_facts
+from perfkit.analyzers.flight import dumps_hang_metrics, looks_like_dump
 from perfkit.analyzers.hangs import hang_metrics
 from perfkit.analyzers.kernels import kernel_table
 from perfkit.analyzers.memory import summarize
@@ -163,6 +164,10 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     if path.is_dir() and RunLayout(path).is_run():
         run = Run.open(path)
         traces = run.layout.traces()
+    elif path.is_dir() and (
+        dumps := [p for p in sorted(path.iterdir()) if p.is_file() and looks_like_dump(p)]
+    ):
+        return _flight_recorder(path, dumps)
     elif path.is_dir():
         traces = find_traces(path)
         if not traces:
@@ -280,6 +285,19 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         tables=tables,
         problems=problems,
         ranks=sorted(ranks),
+    )
+
+
+def _flight_recorder(path: Path, dumps: list[Path]) -> Analysis:
+    """A folder of PyTorch flight-recorder dumps: who waits for whom, as from perfkit's own records."""
+    problems: list[str] = []
+    metrics = Metrics(hang=dumps_hang_metrics(dumps, problems))
+    return Analysis(
+        source=path,
+        metrics=metrics,
+        findings=rules.evaluate([], metrics),
+        problems=problems,
+        ranks=[s.rank for s in metrics.hang.ranks] if metrics.hang else [],
     )
 
 

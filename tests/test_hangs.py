@@ -122,3 +122,74 @@ def test_a_damaged_hang_record_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["analyze", str(run.path)])
     assert result.exit_code == 0 and "Traceback" not in result.output
     assert sum("hang.json: cannot be read" in line for line in result.output.splitlines()) == 1
+
+
+def _dump(rank: int, entries: list[dict], last_completed: int) -> bytes:
+    """A flight-recorder dump as torch 2.13 pickles it (the layout _dump_fr_trace returns)."""
+    import pickle
+
+    return pickle.dumps(
+        {
+            "version": "2.10",
+            "pg_config": {"0": {"name": "0", "desc": "default_pg", "ranks": "[0, 1]"}},
+            "pg_status": {"0": {"last_enqueued_collective": max([e["collective_seq_id"] for e in entries] or [last_completed]),
+                                "last_started_collective": -1, "last_completed_collective": last_completed}},
+            "entries": entries,
+        }
+    )  # fmt: skip
+
+
+def _entry(seq: int, op: str, line: int) -> dict:
+    return {
+        "record_id": seq, "pg_id": 0, "process_group": ("0", "default_pg"), "collective_seq_id": seq, "p2p_seq_id": 0,
+        "op_id": seq, "profiling_name": f"nccl:{op}", "time_created_ns": seq, "input_sizes": [[4]],
+        "input_dtypes": ["Float"], "output_sizes": [[4]], "output_dtypes": ["Float"], "state": "scheduled",
+        "is_p2p": False, "retired": False, "timeout_ms": 600000,
+        "frames": [{"name": op, "filename": "/x/site-packages/torch/distributed/distributed_c10d.py", "line": 1},
+                   {"name": "main", "filename": "/home/u/train.py", "line": line}],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("rank1", "finding"), [("missing", "hang"), ("broadcast", "desync")])
+def test_flight_recorder_dumps_give_the_same_findings(tmp_path: Path, rank1: str, finding: str) -> None:
+    (tmp_path / "nccl_trace_rank_0").write_bytes(
+        _dump(0, [_entry(4, "all_reduce", 20), _entry(5, "all_reduce", 20)], 4)
+    )
+    rank1_entries = [_entry(4, "all_reduce", 20)] + ([_entry(5, rank1, 31)] if rank1 != "missing" else [])
+    (tmp_path / "nccl_trace_rank_1").write_bytes(_dump(1, rank1_entries, 4))
+    a = analyze(tmp_path)
+    top = a.findings[0]
+    assert top.id == finding and a.ranks == [0, 1], [(f.id, f.title) for f in a.findings]
+    if finding == "hang":
+        assert top.ranks == [1] and top.evidence["op"] == "all_reduce" and top.evidence["seq"] == 5
+    else:
+        assert {s["op"] for s in top.evidence["sides"]} == {"all_reduce", "broadcast"}
+        assert a.metrics.hang is not None and a.metrics.hang.ranks[1].frame == "/home/u/train.py:31 main"
+
+
+def test_a_real_flight_recorder_dump_is_read(tmp_path: Path) -> None:
+    """torch 2.13 records on gloo too: dump one from a 1-rank group and read it back."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch, torch.distributed as dist\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29541', TORCH_FR_BUFFER_SIZE='20')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "t = torch.ones(4); dist.all_reduce(t); dist.broadcast(t, 0)\n"
+        f"open({str(tmp_path / 'fr_rank_0')!r}, 'wb').write(torch._C._distributed_c10d._dump_fr_trace(None, None, None))\n"
+        "dist.destroy_process_group()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)
+    a = analyze(tmp_path)
+    assert a.ranks == [0] and a.metrics.hang is not None
+    (state,) = a.metrics.hang.ranks
+    assert state.entered == {"0": 2} and not state.in_flight and not a.findings  # both completed
+
+
+def test_a_damaged_dump_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "nccl_trace_rank_0").write_bytes(_dump(0, [_entry(5, "all_reduce", 20)], 4))
+    (tmp_path / "nccl_trace_rank_1").write_bytes(b"\x80\x04garbage")
+    result = CliRunner().invoke(cli, ["analyze", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert sum("not a readable flight-recorder dump" in line for line in result.output.splitlines()) == 1

@@ -13,6 +13,8 @@ def hang(m: Metrics, t: Thresholds) -> Diagnosis | None:
     if h is None or not h.hung:
         return None
     stuck = [w for w in h.waits if w.missing]
+    if not stuck and h.desyncs:  # every rank arrived, at different collectives: the desync says it
+        return None
     if not stuck:
         waiting = sorted({s.rank for s in h.ranks})
         return Diagnosis(

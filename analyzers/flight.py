@@ -1,0 +1,126 @@
+"""PyTorch flight-recorder dumps: the per-rank records torch keeps of its last collectives and dumps
+on a NCCL timeout (``TORCH_FR_BUFFER_SIZE``/``TORCH_NCCL_TRACE_BUFFER_SIZE``, files
+``<TORCH_FR_DUMP_TEMP_FILE><rank>``; or ``torch._C._distributed_c10d._dump_fr_trace()``), as pickles
+(loaded with the plain-data unpickler) or JSON. Read into the same per-rank states as perfkit's own
+hang records, so the hang, desync and first-failure rules apply to them unchanged.
+
+Layout, as torch 2.13 writes it: ``version``, ``pg_config``, ``pg_status`` (per process group id:
+``last_enqueued_collective``, ``last_completed_collective``), ``entries`` (``collective_seq_id``,
+``process_group`` (name, description), ``profiling_name`` ("nccl:all_reduce"), ``input_sizes``,
+``input_dtypes``, ``state``, ``frames`` innermost first). On gloo the entries stay "scheduled":
+``pg_status`` says what completed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from perfkit.analyzers.hangs import HangMetrics, RankState, _match
+from perfkit.analyzers.memory import _PlainData
+from perfkit.analyzers.trace import TraceError
+
+from perfkit.frames import user_frame
+
+_ELEMENT = {"Float": 4, "Half": 2, "BFloat16": 2, "Double": 8, "Long": 8, "Int": 4, "Short": 2, "Byte": 1,
+            "Char": 1, "Bool": 1, "Float8_e4m3fn": 1, "Float8_e5m2": 1}  # fmt: skip
+_TRAILING_DIGITS = re.compile(r"(\d+)(?:\.\w+)?$")
+
+
+def looks_like_dump(path: Path) -> bool:
+    """A pickle (protocol 2+) or a JSON object that holds flight-recorder entries."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or (head[:1] == b"{" and b'"entries"' in head and b'"pg_status"' in head)
+
+
+def load_dump(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw) if raw[:1] == b"{" else _PlainData(io.BytesIO(raw)).load()
+    except Exception as e:  # a damaged dump is that file's problem, in one line
+        raise TraceError(f"{path}: not a readable flight-recorder dump ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise TraceError(f"{path}: not a flight-recorder dump (no entries list)")
+    return data
+
+
+def _bytes(entry: dict[str, Any]) -> int:
+    sizes, dtypes = entry.get("input_sizes") or [], entry.get("input_dtypes") or []
+    total = 0
+    for shape, dtype in zip(sizes, dtypes, strict=False):
+        if isinstance(shape, list) and all(isinstance(n, int) for n in shape):
+            total += math.prod(shape) * _ELEMENT.get(str(dtype), 4)
+    return total
+
+
+def _state(rank: int, data: dict[str, Any]) -> RankState:
+    status = data.get("pg_status") if isinstance(data.get("pg_status"), dict) else {}
+    entered: dict[str, int] = {}
+    in_flight = []
+    stuck_frames: list[dict[str, Any]] = []
+    for e in data["entries"]:
+        if not isinstance(e, dict) or e.get("is_p2p") or not isinstance(e.get("collective_seq_id"), int):
+            continue
+        pg = e.get("process_group")
+        group = str(pg[0]) if isinstance(pg, list | tuple) and pg else str(e.get("pg_id", ""))
+        seq = e["collective_seq_id"]
+        entered[group] = max(entered.get(group, 0), seq)
+        pg_state = status.get(str(e.get("pg_id")), {}) if isinstance(status, dict) else {}
+        done = pg_state.get("last_completed_collective")
+        completed = seq <= done if isinstance(done, int) else e.get("state") == "completed"
+        if completed:
+            continue
+        in_flight.append(
+            {
+                "group": group,
+                "seq": seq,
+                "op": str(e.get("profiling_name", "")).split(":", 1)[-1],
+                "bytes": _bytes(e),
+                "dtype": str((e.get("input_dtypes") or [""])[0]).lower(),
+                "state": e.get("state"),
+            }
+        )
+        raw_frames = e.get("frames")
+        frames: list[Any] = raw_frames if isinstance(raw_frames, list) else []
+        stuck_frames = [
+            {"file": f.get("filename"), "line": f.get("line"), "function": f.get("name")}
+            for f in reversed(frames)  # the recorder writes the innermost frame first
+            if isinstance(f, dict)
+        ]
+    return RankState(
+        rank=rank,
+        told_by="flight recorder",
+        in_flight=in_flight,
+        entered=entered,
+        frame=user_frame(stuck_frames),
+        stack=[f"{f['file']}:{f['line']} {f['function']}" for f in stuck_frames[-8:]],
+    )
+
+
+def dumps_hang_metrics(paths: list[Path], problems: list[str]) -> HangMetrics:
+    """The ranks' states from their dumps (rank from the file name's trailing digits, else its
+    order), matched by (group, sequence number)."""
+    states = []
+    for i, path in enumerate(sorted(paths)):
+        try:
+            data = load_dump(path)
+        except TraceError as e:
+            problems.append(str(e))
+            continue
+        m = _TRAILING_DIGITS.search(path.name)
+        rank = int(data["rank"]) if isinstance(data.get("rank"), int) else int(m.group(1)) if m else i
+        states.append(_state(rank, data))
+    if not states:
+        raise TraceError(problems[0] if problems else "no flight-recorder dump could be read")
+    h = HangMetrics(hung=any(s.in_flight for s in states), ranks=sorted(states, key=lambda s: s.rank))
+    world = max(len(states), max(s.rank for s in states) + 1)
+    _match(h, world)
+    return h
