@@ -220,7 +220,10 @@ def test_optimize_keeps_the_fix_for_a_planted_problem(tmp_path: Path) -> None:
     assert all(t["skipped"] for t in data["trials"][1:])
     assert data["stopped"] == "--max-trials 1 reached" and len(data["rounds"]) == 1
     assert f"train with: perfkit train --config tiny-cpu --nproc 2 --set {chosen}" in r.stdout
-    assert "findings gone after: Gradients all-reduced in many tiny buckets" in r.stdout
+    (gone,) = [line for line in r.stdout.splitlines() if line.startswith("findings gone after: ")]
+    assert (
+        "Gradients all-reduced in many tiny buckets" in gone
+    )  # beside any noise (a straggler on a busy machine)
     final = Path(data["final_run"])
     assert (final / "report" / "compare.html").exists() and (final / "report" / "index.html").exists()
     assert (out / "baseline" / "report" / "index.html").exists()
