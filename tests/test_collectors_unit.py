@@ -332,7 +332,8 @@ def test_cpu_collector_measures_the_process_and_the_host(tmp_path: Path) -> None
     cpu, _ = read_table(tmp_path / "rank0" / "cpu.jsonl", CPU)
     assert list(cpu["step"]) == [1, 2, 3, 4]
     share = cpu["cpu_s"] / cpu["wall_s"]
-    assert (share[[0, 2]] > 0.6).all() and (share[[1, 3]] < 0.3).all(), list(share)
+    # spinning steps use the CPU, sleeping ones hardly (shares relative: a loaded machine lends less)
+    assert share[[0, 2]].min() > 3 * share[[1, 3]].max() and share[[0, 2]].min() > 0.25, list(share)
     assert cpu["host_busy"].notna().sum() >= 2 and cpu["host_busy"].dropna().between(0, 1).all()
 
 
