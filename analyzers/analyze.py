@@ -226,7 +226,8 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
 
     if run is not None:
         t = load_tables(run)
-        problems += t.notes + completeness(run, t)
+        reports = run.rank_reports()  # every rank's probe.json, read once for both uses below
+        problems += t.notes + completeness(run, t, reports)
         ranks |= set(run.ranks())
         if not ranks:
             raise RunDirError(
@@ -258,7 +259,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         capacity = m.env.get("gpu_memory_bytes") or next(
             (int(r["device_memory"]) for r in good if r.get("device_memory")), None
         )
-        metrics.hang = hang_metrics(run, problems)
+        metrics.hang = hang_metrics(run, problems, reports)
         for snap in run.layout.snapshots():
             name = f"{snap.parent.name}/{snap.name}"
             try:  # a damaged snapshot is a problem of that file, not of the run
@@ -326,7 +327,7 @@ def _one_trace_per_rank(good: list[dict[str, Any]], problems: list[str]) -> list
     return list(seen.values())
 
 
-def completeness(run: Run, t: Any) -> list[str]:
+def completeness(run: Run, t: Any, reports: dict[int, dict[str, Any]]) -> list[str]:
     """What a run directory lacks against its manifest: ranks that wrote no folder, ranks that
     ended badly or recorded no steps, a run that failed or was interrupted."""
     m, out = run.manifest, []
@@ -342,7 +343,7 @@ def completeness(run: Run, t: Any) -> list[str]:
     if m.status in ("failed", "interrupted", "hung"):
         code = f" (exit code {m.exit_code})" if m.exit_code is not None else ""
         out.append(f"{run.path}: the run {m.status}{code}; its last steps may be missing")
-    for rank, report in sorted(run.rank_reports().items()):
+    for rank, report in sorted(reports.items()):
         status = report.get("status")
         if status not in ("complete", None) and not (status == "running" and m.status == "running"):
             what = "was killed or crashed (its collectors never stopped)" if status == "running" else status

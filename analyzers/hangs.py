@@ -98,7 +98,7 @@ def _state(rank: int, record: dict[str, Any], told_by: str) -> RankState:
     )
 
 
-def hang_metrics(run: Run, problems: list[str]) -> HangMetrics | None:
+def hang_metrics(run: Run, problems: list[str], reports: dict[int, dict[str, Any]]) -> HangMetrics | None:
     """What the ranks' records say; None when no rank hung or failed."""
     layout = run.layout
     states: dict[int, RankState] = {}
@@ -126,7 +126,7 @@ def hang_metrics(run: Run, problems: list[str]) -> HangMetrics | None:
                 )
     if not hung and not failures:
         return None
-    for rank, report in run.rank_reports().items():  # the others: what they were in when they stopped
+    for rank, report in reports.items():  # the others: what they were in when they stopped
         if rank not in states and isinstance(report.get("collectives"), dict):
             states[rank] = _state(rank, report, "its stop")
     out = HangMetrics(hung=hung, ranks=[states[r] for r in sorted(states)])

@@ -62,7 +62,7 @@ def trainer_env(nproc: int) -> dict[str, str]:
     """This process's environment for ``nproc`` trainer ranks: torchrun would set 1 thread per rank
     and print a banner about it; share the cores instead (unless the user chose)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
     return env
 
 

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from perfkit.collectors.options import CollectOptions
 from perfkit.envinfo import environment
 from perfkit.errors import ConfigError
-from perfkit.launch import exit_code
+from perfkit.launch import exit_code, trainer_env
 from perfkit.run import Run, RunLayout, Status
 from perfkit.tables import STEPS
 
@@ -51,14 +51,12 @@ class ProfileRequest:
 
 
 def child_env(req: ProfileRequest) -> dict[str, str]:
-    env = {**os.environ, **req.options.to_env()}
+    env = {**trainer_env(req.world_size), **req.options.to_env()}  # the cores shared by the ranks
     env["PERFKIT_RUN_DIR"] = str(req.out.resolve())
     # NCCL collectives' GPU durations (CUDA events on the NCCL stream; read by the comms collector
     # once each work completed). No effect on gloo.
     env.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site_dir()), env.get("PYTHONPATH", "")) if p)
-    # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, req.world_size))))
     return env
 
 
