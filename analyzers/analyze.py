@@ -44,6 +44,7 @@ from perfkit.analyzers.runtables import (
     straggler_metrics,
     throughput_metrics,
 )
+from perfkit.analyzers.spread import rank_spread
 from perfkit.analyzers.trace import TraceError, load_trace
 
 from perfkit.errors import RunDirError
@@ -223,6 +224,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
         shares = cats.groupby("category")["time_ns"].sum().div(max(1, cats["time_ns"].sum())).round(4)
         metrics.kernel_categories = {str(k): float(v) for k, v in shares.items()}
         metrics.trace_collectives = records(tables["trace_collectives"])
+        metrics.rank_spread = rank_spread(facts)
 
     if run is not None:
         t = load_tables(run)
@@ -282,7 +284,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     return Analysis(
         source=path,
         metrics=metrics,
-        findings=rules.evaluate(facts, metrics if run is not None else None, snapshots),
+        findings=rules.evaluate(facts, metrics, snapshots),
         tables=tables,
         problems=problems,
         ranks=sorted(ranks),

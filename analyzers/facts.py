@@ -36,6 +36,12 @@ class TraceFacts:
     attention_kernel_ns: int
     item_calls: int
     """aten::item calls outside the optimizer step (AdamW reads its step counters with .item())."""
+    comm_kernel_ns: int = 0
+    """Communication kernels' summed time (overlapped or not): under synchronous collectives it
+    holds the time a rank waited for the last one to arrive."""
+    comm_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Communication kernels by process group (where the trace names it): ``ranks`` (or None),
+    ``calls``, ``ns``."""
     optimizer_impl: str | None = None
     """fused, foreach or per-parameter, from the ops inside the optimizer's steps; None: no step seen."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +111,7 @@ def trace_facts(trace: Trace) -> TraceFacts:
     cpu_ops = cpu_ops[cpu_ops > 0]
     cpu_ops.index = cpu_ops.index.astype(str)
     memcpy = gpu[by_name(gpu["name"], lambda n: "Pageable -> Device" in n, bool)]
+    comm = gpu[(gpu["category"] == "communication").to_numpy()]
     return TraceFacts(
         rank=trace.rank,
         steps=n_steps,
@@ -121,7 +128,35 @@ def trace_facts(trace: Trace) -> TraceFacts:
         attention_kernel_ns=int(gpu[gpu["category"] == "attention"]["dur"].sum()),
         item_calls=items,
         optimizer_impl=optimizer_impl,
+        comm_kernel_ns=int(comm["dur"].sum()),
+        comm_groups=_comm_groups(trace, comm),
     )
+
+
+def _comm_groups(trace: Trace, comm: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Communication kernels by the process group their arguments name (torch >= 2.2 writes
+    "Process Group Name" and "Process Group Ranks" on NCCL kernels)."""
+    args = trace.comm_args
+    if comm.empty or args.empty or "pg_name" not in args:
+        return {}
+    named = args.reindex(comm.index)
+    out: dict[str, dict[str, Any]] = {}
+    for (name, ranks), dur in comm["dur"].groupby(
+        [named["pg_name"].astype(str).to_numpy(), named["pg_ranks"].astype(str).to_numpy()]
+    ):
+        if name in ("None", "nan"):
+            continue
+        out[str(name)] = {"ranks": _rank_list(str(ranks)), "calls": int(len(dur)), "ns": int(dur.sum())}
+    return out
+
+
+def _rank_list(text: str) -> list[int] | None:
+    """``"[0, 1, 2]"`` as a list; None when it does not read as one."""
+    try:
+        ranks = [int(x) for x in text.strip("[] ").split(",") if x.strip()]
+    except ValueError:
+        return None
+    return ranks or None
 
 
 def ops(f: TraceFacts, *names: str) -> int:

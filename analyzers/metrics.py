@@ -64,6 +64,46 @@ class Stragglers:
 
 
 @dataclass(kw_only=True)
+class GpuRank:
+    """One rank's GPU time per step, from its trace."""
+
+    rank: int
+    compute_ms: float
+    comm_ms: float
+    """Communication kernels' time: under synchronous collectives, mostly waiting for the last rank."""
+    idle_ms: float
+
+
+@dataclass(kw_only=True)
+class SlowGroup:
+    name: str
+    ranks: list[int] | None
+    call_ms: float
+    """Median time of one of its collectives (over its members' traces)."""
+    typical_ms: float
+    """The same for the groups of its shape (size and stride)."""
+    calls_per_step: float
+
+
+@dataclass(kw_only=True)
+class RankSpread:
+    """How the ranks of a job differ, from their traces (four ranks or more): the outliers above
+    the median by a robust margin (median absolute deviation), so that noise names nobody."""
+
+    ranks: list[GpuRank]
+    median_compute_ms: float
+    median_comm_ms: float
+    slow_gpu: list[int]
+    """Ranks whose compute kernels take longer than the others' (the others wait for them)."""
+    late: list[int]
+    """Ranks the others wait for with no slower compute: their collectives are short (they arrive
+    last), their GPU idles before them (their host is late)."""
+    slow_groups: list[SlowGroup]
+    slow_link: list[int]
+    """The ranks every slow group shares, when slow groups of two shapes meet in them."""
+
+
+@dataclass(kw_only=True)
 class CommMetrics:
     table: list[dict[str, Any]]
     """Collectives by op and message size: count, bytes, time, algorithm and bus bandwidth."""
@@ -160,6 +200,8 @@ class Metrics:
     """Allocator snapshot summaries by file (``rank0/memory_snapshot.pickle``)."""
     hang: HangMetrics | None = None
     """Who waits for whom when ranks hung or one failed (perfkit.analyzers.hangs)."""
+    rank_spread: RankSpread | None = None
+    """Slow GPUs, late ranks and slow links, from the traces of four ranks or more."""
 
     @property
     def step_ms(self) -> float | None:

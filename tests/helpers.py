@@ -25,3 +25,17 @@ def run_perfkit(
         env=user_env(env),
         timeout=timeout,
     )
+
+
+def synth_ranks():  # type: ignore[no-untyped-def]
+    """bench/synth_ranks.py as a module: N-rank jobs made from a real trace, with planted effects."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "synth_ranks.py"
+    if "synth_ranks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("synth_ranks", path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["synth_ranks"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["synth_ranks"]

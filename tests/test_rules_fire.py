@@ -191,6 +191,25 @@ def _run_with_trace(tmp: Path, config: dict) -> list[Finding]:  # type: ignore[t
     return evaluate([facts], Metrics(config=config, steps=_steps()))
 
 
+def _job(tmp: Path, **plant: int) -> list[Finding]:
+    """A 16-rank job made from a real NCCL trace with one planted effect (bench/synth_ranks.py)."""
+    from helpers import synth_ranks
+
+    synth = synth_ranks()
+    synth.synthesize(
+        DATA / "hta" / "trace_filter" / "sampled_rank-0.json.gz",
+        tmp / "job",
+        synth.Plan(ranks=16, **plant),
+        jobs=1,
+    )
+    return analyze(tmp / "job", jobs=1).findings
+
+
+FIRES["slow_gpu"] = lambda tmp: _job(tmp, slow_gpu=2)
+FIRES["late_rank"] = lambda tmp: _job(tmp, straggler=5)
+FIRES["slow_link"] = lambda tmp: _job(tmp, slow_link=9)
+
+
 def test_every_rule_has_a_case_that_makes_it_fire() -> None:
     missing = {r.id for r in RULES} - set(FIRES)
     assert not missing, f"add a positive case to FIRES for: {sorted(missing)}"

@@ -4,7 +4,8 @@ A rule is one function declared with ``@rule(id, reads=..., **thresholds)``:
 
 - ``reads="trace"``: called once per rank with that rank's ``TraceFacts`` (``perfkit.analyzers.facts``);
   a finding that holds on several ranks names them all, with the worst rank's numbers as evidence.
-- ``reads="run"``: called once with the run tables' ``Metrics`` (only when the run has step times).
+- ``reads="run"``: called once with the ``Metrics`` (of a run's tables, or of a folder of traces:
+  the cross-rank spread); only when the run has step times, unless declared ``needs_steps=False``.
 - ``reads="snapshot"``: called once per CUDA allocator snapshot (a ``Snapshot``: its summary and,
   when known, the device's capacity).
 
@@ -132,6 +133,9 @@ def evaluate(
     """Every registered rule over every rank's trace facts, the run's metrics and the allocator
     snapshots, merged and ranked."""
     out: list[Finding] = []
+    step_ms = metrics.step_ms if metrics is not None else None
+    if step_ms is None and trace_facts:  # a folder of traces: their steps are the reference
+        step_ms = sorted(f.step_ms for f in trace_facts)[len(trace_facts) // 2]
     for f in trace_facts:  # what the run's own config says it used comes before what the trace suggests
         f.config = metrics.config if metrics is not None else {}
     for r in RULES:
@@ -153,7 +157,7 @@ def evaluate(
         elif metrics is not None and (metrics.step_ms or not r.needs_steps):
             d = r.fn(metrics, r.thresholds)
             if d is not None:
-                out.append(_finding(r, d, metrics.step_ms, d.ranks))
+                out.append(_finding(r, d, step_ms, d.ranks))
     return rank(out)
 
 

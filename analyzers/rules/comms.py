@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable
+
 from perfkit.analyzers.facts import TraceFacts
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
@@ -74,3 +77,66 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
         remedy="straggler",
         ranks=list(st.slow),
     )
+
+
+@rule("late_rank", reads="run", needs_steps=False)
+def late_rank(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    sp = m.rank_spread
+    if sp is None or not sp.late:
+        return None
+    ranks = {r.rank: r for r in sp.ranks}
+    worst = min(sp.late, key=lambda k: ranks[k].comm_ms)
+    return Diagnosis(
+        title=f"The other ranks wait for rank {worst} in their collectives (its GPU computes as fast; "
+        "it starts late)",
+        saving_ms=sp.median_comm_ms - ranks[worst].comm_ms,
+        estimate="how much longer the median rank's communication kernels run than its own: the wait",
+        evidence={
+            "ranks": [
+                {"rank": k, "comm_ms": round(ranks[k].comm_ms, 2), "idle_ms": round(ranks[k].idle_ms, 2)}
+                for k in sp.late
+            ],
+            "median_comm_ms": round(sp.median_comm_ms, 2),
+            "median_idle_ms": round(_median(r.idle_ms for r in sp.ranks), 2),
+        },
+        remedy="straggler",
+        ranks=list(sp.late),
+    )
+
+
+@rule("slow_link", reads="run", needs_steps=False)
+def slow_link(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    sp = m.rank_spread
+    if sp is None or not sp.slow_groups:
+        return None
+    worst = sp.slow_groups[0]
+    saving = max((g.call_ms - g.typical_ms) * g.calls_per_step for g in sp.slow_groups)
+    where = (
+        f"rank {', '.join(map(str, sp.slow_link))}, the one rank they share"
+        if sp.slow_link
+        else f"group {worst.name}"
+    )
+    return Diagnosis(
+        title=f"Collectives of {len(sp.slow_groups)} process group(s) run "
+        f"{worst.call_ms / worst.typical_ms:.1f}x slower than their peers: a slow link at {where}",
+        saving_ms=saving,
+        estimate="the slowest group's collectives at the typical group's time per call",
+        evidence={
+            "groups": [
+                {
+                    "group": g.name,
+                    "ranks": g.ranks,
+                    "call_ms": round(g.call_ms, 3),
+                    "typical_ms": round(g.typical_ms, 3),
+                }
+                for g in sp.slow_groups[:8]
+            ],
+            "shared_ranks": sp.slow_link,
+        },
+        remedy="slow_link",
+        ranks=sp.slow_link or sorted({r for g in sp.slow_groups for r in g.ranks or []}),
+    )
+
+
+def _median(values: Iterable[float]) -> float:
+    return statistics.median(list(values) or [0.0])

@@ -212,6 +212,21 @@ register(
         "rebalance or exclude the node.",
     )
 )
+register(
+    Remedy(
+        id="slow_gpu",
+        description="Check that GPU: clocks and throttle reasons (nvidia-smi -q -d PERFORMANCE,CLOCK), "
+        "temperature and power, ECC and row remapping; drain the node if it stays slow.",
+    )
+)
+register(
+    Remedy(
+        id="slow_link",
+        description="Test the links of the ranks named: nccl-tests (all_reduce_perf) on their nodes, "
+        "NCCL_DEBUG=INFO for the transport each ring uses, ibstat / nvidia-smi nvlink -s for errors "
+        "and link width; move the job off the link or fix it.",
+    )
+)
 register(Remedy(id="see_causes", description="See the other findings for its causes."))
 register(
     Remedy(

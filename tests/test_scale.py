@@ -1,0 +1,51 @@
+"""Jobs of many ranks, made from a real NCCL trace (bench/synth_ranks.py): each planted effect named
+with its rank, and no false ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import synth_ranks
+from perfkit.analyzers.analyze import analyze
+
+SOURCE = Path(__file__).parent / "data" / "hta" / "trace_filter" / "sampled_rank-0.json.gz"
+CROSS_RANK = {"slow_gpu", "late_rank", "slow_link", "straggler"}
+
+
+def _findings(tmp: Path, ranks: int = 64, **plant: int) -> dict[str, list[int]]:
+    synth = synth_ranks()
+    synth.synthesize(SOURCE, tmp / "job", synth.Plan(ranks=ranks, seed=ranks, **plant), jobs=2)
+    analysis = analyze(tmp / "job", jobs=2)
+    assert analysis.ranks == list(range(ranks))
+    return {f.id: f.ranks for f in analysis.findings if f.id in CROSS_RANK}
+
+
+@pytest.mark.parametrize(
+    ("plant", "expected"),
+    [
+        ({}, {}),
+        ({"straggler": 37}, {"late_rank": [37]}),
+        ({"slow_gpu": 5}, {"slow_gpu": [5]}),
+        ({"slow_link": 50}, {"slow_link": [50]}),
+        (
+            {"straggler": 3, "slow_gpu": 40, "slow_link": 21},
+            {"late_rank": [3], "slow_gpu": [40], "slow_link": [21]},
+        ),
+    ],
+    ids=["clean", "straggler", "slow-gpu", "slow-link", "all-three"],
+)
+def test_each_planted_effect_named_with_its_rank_at_64_ranks(
+    tmp_path: Path, plant: dict[str, int], expected: dict[str, list[int]]
+) -> None:
+    assert _findings(tmp_path, **plant) == expected
+
+
+def test_a_slow_link_with_one_kind_of_group_names_the_group_not_a_rank(tmp_path: Path) -> None:
+    """16 ranks: two tp groups (too few to compare) and eight dp pairs; the slow pair is named by its
+    members, since one shape cannot tell which member's link is slow."""
+    assert _findings(tmp_path, ranks=16, slow_link=9) == {"slow_link": [1, 9]}
+
+
+def test_three_ranks_are_too_few_to_call_one_an_outlier(tmp_path: Path) -> None:
+    assert _findings(tmp_path, ranks=3, slow_gpu=1) == {}
