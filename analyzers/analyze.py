@@ -304,8 +304,11 @@ def _flight_recorder(path: Path, dumps: list[Path]) -> Analysis:
     )
 
 
-def ranges(ranks: list[int] | set[int]) -> str:
-    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+def ranges(ranks: list[int] | set[int], of: list[int] | None = None) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``; every one of ``of`` (the job's ranks, when more than two) as
+    ``all 256``."""
+    if of is not None and len(of) > 2 and set(ranks) == set(of):
+        return f"all {len(of)}"
     spans: list[list[int]] = []
     for r in sorted(set(ranks)):
         if spans and r == spans[-1][1] + 1:

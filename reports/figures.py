@@ -17,6 +17,57 @@ _LAYOUT = dict(
     legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),  # above the plot, clear of the axis title
 )
 PHASES = ("data_wait", "forward", "backward", "forward_backward", "optimizer", "checkpoint")
+MANY = 32
+"""Above this many ranks a per-rank bar chart becomes a distribution, outlier ranks named."""
+LINES = 16
+"""Up to this many ranks, one line each; above, the ranks' median and p10-p90 band, and the three
+ranks furthest above it."""
+HEATMAP_ROWS = 64
+"""A rank x step heatmap of more ranks shows bins of consecutive ranks (each bin's worst)."""
+
+
+def _rank_axis(ranks: Any) -> dict[str, Any]:
+    """A category axis of ranks in numeric order (never 0, 1, 10, 11, ..., 2)."""
+    return dict(type="category", categoryorder="array", categoryarray=[str(r) for r in sorted(ranks)])
+
+
+def _boxes(fig: go.Figure, ranks: list[int], series: dict[str, list[float]]) -> None:
+    """One box per series over the ranks; the outliers drawn as points that name their rank."""
+    text = [f"rank {r}" for r in ranks]
+    for name, values in series.items():
+        fig.add_box(
+            y=values,
+            name=name,
+            boxpoints="outliers",
+            text=text,
+            hovertemplate="%{text}: %{y:.3g}<extra>" + name + "</extra>",
+        )
+
+
+def _lines(fig: go.Figure, table: pd.DataFrame, column: str, scale: float, label: str = "") -> None:
+    """One line per rank, or for many ranks their spread and the three highest ranks."""
+    ranks = table["rank"].nunique()
+    if ranks <= LINES:
+        for rank, s in table.groupby("rank"):
+            fig.add_scatter(
+                x=s["step"], y=s[column] * scale, mode="lines+markers", name=f"rank {rank}{label}"
+            )
+        return
+    by_step = table.groupby("step")[column]
+    q = by_step.quantile([0.1, 0.5, 0.9]).unstack() * scale
+    fig.add_scatter(x=q.index, y=q[0.9], line=dict(width=0), showlegend=False, hoverinfo="skip")
+    fig.add_scatter(
+        x=q.index,
+        y=q[0.1],
+        fill="tonexty",
+        line=dict(width=0),
+        fillcolor="rgba(99,110,250,0.25)",
+        name=f"{ranks} ranks, p10-p90{label}",
+    )
+    fig.add_scatter(x=q.index, y=q[0.5], name=f"median rank{label}", line=dict(color="#636efa"))
+    for rank in table.groupby("rank")[column].median().nlargest(3).index:
+        s = table[table["rank"] == rank]
+        fig.add_scatter(x=s["step"], y=s[column] * scale, mode="lines", name=f"rank {rank}{label}")
 
 
 def html(fig: go.Figure) -> str:
@@ -33,18 +84,33 @@ def step_breakdown(metrics: Metrics) -> go.Figure | None:
             for r in metrics.steps.per_rank
         ]
     )
-    fig = go.Figure()
+    frame = frame.sort_values("rank")
     accounted = pd.Series(0.0, index=frame.index)
+    series: dict[str, pd.Series] = {}
     for p in PHASES:
         col = f"{p}_ms"
         if col in frame and frame[col].notna().any():
-            fig.add_bar(name=p.replace("_", " "), x=frame["rank"].astype(str), y=frame[col])
+            series[p.replace("_", " ")] = frame[col]
             accounted += frame[col].fillna(0)
-    fig.add_bar(name="other", x=frame["rank"].astype(str), y=(frame["step_ms"] - accounted).clip(lower=0))
+    series["other"] = (frame["step_ms"] - accounted).clip(lower=0)
+    fig = go.Figure()
+    if len(frame) > MANY:
+        _boxes(
+            fig,
+            frame["rank"].tolist(),
+            {"step": frame["step_ms"].tolist(), **{k: v.tolist() for k, v in series.items()}},
+        )
+        fig.update_layout(
+            title=f"Median step time by phase over {len(frame)} ranks", yaxis_title="ms", **_LAYOUT
+        )
+        return fig
+    for name, values in series.items():
+        fig.add_bar(name=name, x=frame["rank"].astype(str), y=values)
     fig.update_layout(
         barmode="stack",
         title="Median step time by phase, per rank",
         xaxis_title="rank",
+        xaxis=_rank_axis(frame["rank"]),
         yaxis_title="ms",
         **_LAYOUT,
     )
@@ -58,8 +124,7 @@ def per_step(
     if table is None or table.empty or column not in table or table[column].isna().all():
         return None
     fig = go.Figure()
-    for rank, s in table.groupby("rank"):
-        fig.add_scatter(x=s["step"], y=s[column] * scale, mode="lines+markers", name=f"rank {rank}")
+    _lines(fig, table.dropna(subset=[column]), column, scale)
     fig.update_layout(title=title, xaxis_title="step", yaxis_title=unit, **_LAYOUT)
     return fig
 
@@ -68,16 +133,20 @@ def straggler_heatmap(steps: pd.DataFrame | None) -> go.Figure | None:
     if steps is None or steps.empty or steps["rank"].nunique() < 2:
         return None
     grid = steps.pivot_table(index="rank", columns="step", values="step_time_s", aggfunc="first") * 1e3
+    grid = grid.sort_index()
+    title = "Step time, rank x step"
+    labels = [f"rank {r}" for r in grid.index]
+    if len(grid) > HEATMAP_ROWS:  # bins of consecutive ranks, each showing its slowest
+        size = -(-len(grid) // HEATMAP_ROWS)
+        bins = [grid.index[i : i + size] for i in range(0, len(grid), size)]
+        labels = [f"ranks {b[0]}-{b[-1]}" if len(b) > 1 else f"rank {b[0]}" for b in bins]
+        grid = pd.DataFrame([grid.loc[b].max() for b in bins], columns=grid.columns)
+        title = f"Step time, rank x step ({size} ranks a row, the slowest of each)"
     fig = go.Figure(
-        go.Heatmap(
-            z=grid.values,
-            x=grid.columns,
-            y=[f"rank {r}" for r in grid.index],
-            colorscale="Viridis",
-            colorbar=dict(title="ms"),
-        )
+        go.Heatmap(z=grid.values, x=grid.columns, y=labels, colorscale="Viridis", colorbar=dict(title="ms"))
     )
-    fig.update_layout(title="Step time, rank x step", xaxis_title="step", **_LAYOUT)
+    layout = {**_LAYOUT, "height": max(340, min(900, 14 * len(labels) + 120))}
+    fig.update_layout(title=title, xaxis_title="step", yaxis=dict(autorange="reversed"), **layout)
     return fig
 
 
@@ -86,11 +155,22 @@ def gpu_breakdown(metrics: Metrics) -> go.Figure | None:
     if not rows:
         return None
     fig = go.Figure()
-    for key in ("compute", "communication", "memory", "idle"):
-        fig.add_bar(name=key, x=[f"rank {r}" for r, _ in rows], y=[b[f"{key}_pct"] for _, b in rows])
+    keys = ("compute", "communication", "memory", "idle")
+    if len(rows) > MANY:
+        _boxes(fig, [r for r, _ in rows], {k: [b[f"{k}_pct"] for _, b in rows] for k in keys})
+        fig.update_layout(
+            title=f"GPU time over {len(rows)} ranks: compute, communication, memory, idle (%)",
+            yaxis_title="% of the profiled span",
+            **_LAYOUT,
+        )
+        return fig
+    for key in keys:
+        fig.add_bar(name=key, x=[str(r) for r, _ in rows], y=[b[f"{key}_pct"] for _, b in rows])
     fig.update_layout(
         barmode="stack",
         title="GPU time: compute, communication, memory, idle (%)",
+        xaxis_title="rank",
+        xaxis=_rank_axis(r for r, _ in rows),
         yaxis_title="% of the profiled span",
         **_LAYOUT,
     )
@@ -119,6 +199,11 @@ def memory_timeline(memory: pd.DataFrame | None) -> go.Figure | None:
     if memory is None or memory.empty:
         return None
     fig = go.Figure()
+    if memory["rank"].nunique() > LINES:
+        column = "allocated" if "allocated" in memory and memory["allocated"].notna().any() else "rss"
+        _lines(fig, memory.dropna(subset=[column]), column, 1 / 2**20, f" {column}")
+        fig.update_layout(title="Memory per step", xaxis_title="step", yaxis_title="MiB", **_LAYOUT)
+        return fig
     for rank, m in memory.groupby("rank"):
         if "allocated" in m and m["allocated"].notna().any():
             fig.add_scatter(x=m["step"], y=m["allocated"] / 2**20, name=f"rank {rank} allocated")

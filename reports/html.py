@@ -108,6 +108,68 @@ def _snapshot_tables(m: Metrics) -> list[Markup | None]:
     return out
 
 
+def _spread_tables(m: Metrics) -> Markup | None:
+    """Ranked lists: the slowest GPUs, the ranks the others wait for, the slowest process groups."""
+    sp = m.rank_spread
+    if sp is None:
+        return None
+    frame = pd.DataFrame([vars(r) for r in sp.ranks])
+    frame["compute_x"] = frame["compute_ms"] / sp.median_compute_ms if sp.median_compute_ms else None
+    frame["waited_ms"] = sp.median_comm_ms - frame["comm_ms"]
+    flag = {r: "slow GPU" for r in sp.slow_gpu} | {r: "late" for r in sp.late}
+    frame["verdict"] = frame["rank"].map(lambda r: flag.get(r, ""))
+    columns = {"rank": "rank", "verdict": "named", "compute_ms": "compute ms/step", "compute_x": "x median"}
+    parts = [
+        Markup(
+            f"<p>{len(frame)} ranks; median compute {sp.median_compute_ms:.3g} ms and communication "
+            f"{sp.median_comm_ms:.3g} ms a step. Named: slow GPU {ranges(sp.slow_gpu) or 'none'}; "
+            f"late {ranges(sp.late) or 'none'}; slow link {ranges(sp.slow_link) or 'none'}.</p>"
+        ),
+        Markup("<h3>Slowest GPUs (compute a step)</h3>"),
+        _table(frame.sort_values("compute_ms", ascending=False), columns, limit=10),
+        Markup("<h3>Ranks the others wait for (shortest communication kernels)</h3>"),
+        _table(
+            frame.sort_values("comm_ms"),
+            {
+                "rank": "rank",
+                "verdict": "named",
+                "comm_ms": "communication ms/step",
+                "waited_ms": "others wait ms",
+                "idle_ms": "GPU idle ms/step",
+            },
+            limit=10,
+        ),
+    ]
+    if sp.slow_groups:
+        groups = pd.DataFrame(
+            [
+                {
+                    "group": g.name,
+                    "ranks": ranges(g.ranks or []),
+                    "call_ms": g.call_ms,
+                    "typical_ms": g.typical_ms,
+                    "slowdown": g.call_ms / g.typical_ms if g.typical_ms else None,
+                }
+                for g in sp.slow_groups
+            ]
+        )
+        parts += [
+            Markup("<h3>Slow process groups</h3>"),
+            _table(
+                groups,
+                {
+                    "group": "group",
+                    "ranks": "ranks",
+                    "call_ms": "ms a call",
+                    "typical_ms": "typical",
+                    "slowdown": "x typical",
+                },
+                limit=20,
+            ),
+        ]
+    return Markup("").join(parts)
+
+
 def render(analysis: Analysis) -> str:
     m, t = analysis.metrics, analysis.tables
     run = m.run
@@ -143,7 +205,7 @@ def render(analysis: Analysis) -> str:
         d = f.to_json()
         d["evidence_text"] = evidence_text(f.evidence)
         d["fix"] = fix(f, m)
-        d["ranks_text"] = ranges(f.ranks)
+        d["ranks_text"] = ranges(f.ranks, analysis.ranks)
         findings.append(d)
 
     if m.trace:
@@ -179,6 +241,12 @@ def render(analysis: Analysis) -> str:
             _collector_reason(m, "steps") if run else "a bare trace has no perfkit step table",
         ),
         Section("gpu", "Compute / communication / memory / idle", _fig(figures.gpu_breakdown(m)), no_trace),
+        Section(
+            "ranks",
+            "Ranks compared: slow GPUs, ranks the others wait for, slow links",
+            _spread_tables(m),
+            "needs the traces of four ranks or more",
+        ),
         Section(
             "kernels",
             "Kernels",

@@ -127,6 +127,20 @@ def hang_lines(m: Metrics) -> list[str]:
     return lines
 
 
+def _breakdown_spread(traces: list[tuple[int, Any]]) -> list[str]:
+    """The GPU breakdown of many ranks: median, and the lowest and highest rank of each share."""
+    rows = [(r, t.temporal_breakdown) for r, t in traces if t.temporal_breakdown]
+    if not rows:
+        return []
+    parts = []
+    for key, label in (("compute", "GPU compute"), ("communication", "communication"), ("idle", "idle")):
+        values = sorted((b[f"{key}_pct"], r) for r, b in rows)
+        med = values[len(values) // 2][0]
+        (lo, lo_r), (hi, hi_r) = values[0], values[-1]
+        parts.append(f"{label} {med:.0f}% (rank {lo_r} {lo:.0f}% .. rank {hi_r} {hi:.0f}%)")
+    return [f"  {len(rows)} ranks, median: " + ", ".join(parts)]
+
+
 def analysis_summary(result: Analysis, target: Path) -> str:
     m = result.metrics
     lines = [
@@ -142,7 +156,11 @@ def analysis_summary(result: Analysis, target: Path) -> str:
         if m.throughput and m.throughput.mfu is not None:
             line += f", MFU {m.throughput.mfu:.1%}"
         lines.append(line)
-    for rank, t in sorted(m.trace.items())[:8]:
+    shown = sorted(m.trace.items())
+    if len(shown) > 8:  # many ranks: the spread, then none one by one
+        lines += _breakdown_spread(shown)
+        shown = []
+    for rank, t in shown:
         b = t.temporal_breakdown
         if b:
             lines.append(
@@ -160,7 +178,7 @@ def analysis_summary(result: Analysis, target: Path) -> str:
         lines.append("  no findings: nothing stands out")
     for i, f in enumerate(result.findings, 1):
         saving = f" (~{f.saving_ms_per_step:.1f} ms/step)" if f.saving_ms_per_step else ""
-        ranks = f" ranks {ranges(f.ranks)}" if f.ranks else ""
+        ranks = f" ranks {ranges(f.ranks, result.ranks)}" if f.ranks else ""
         lines.append(f"{i:>2}. [{f.severity}] {f.title}{saving}{ranks}")
         x = fix(f, m)
         lines.append(f"      fix: {x.description}" + (f"  ({'  '.join(x.code)})" if x.code else ""))

@@ -49,3 +49,32 @@ def test_a_slow_link_with_one_kind_of_group_names_the_group_not_a_rank(tmp_path:
 
 def test_three_ranks_are_too_few_to_call_one_an_outlier(tmp_path: Path) -> None:
     assert _findings(tmp_path, ranks=3, slow_gpu=1) == {}
+
+
+def test_reports_read_at_many_ranks(tmp_path: Path) -> None:
+    """Per-rank figures in numeric rank order, distributions above 32 ranks, the heatmap binned;
+    findings on every rank read "all N"."""
+    import pandas as pd
+    from perfkit.analyzers.analyze import ranges
+    from perfkit.reports import figures
+
+    assert ranges(list(range(256)), list(range(256))) == "all 256"
+    assert ranges([0, 1, 2, 3, 200], list(range(256))) == "0-3, 200"
+    synth = synth_ranks()
+    synth.synthesize(SOURCE, tmp_path / "few", synth.Plan(ranks=12), jobs=1)
+    fig = figures.gpu_breakdown(analyze(tmp_path / "few", jobs=1).metrics)
+    assert fig is not None and list(fig.layout.xaxis.categoryarray) == [str(r) for r in range(12)]
+    steps = pd.DataFrame(
+        [
+            {"rank": r, "step": s, "step_time_s": 0.1 + (0.05 if r == 77 else 0)}
+            for r in range(256)
+            for s in range(5)
+        ]
+    )
+    heat = figures.straggler_heatmap(steps)
+    assert heat is not None and len(heat.data[0].y) == 64 and heat.data[0].y[19] == "ranks 76-79"
+    assert max(heat.data[0].z[19]) == pytest.approx(150.0)  # the bin shows its slowest rank
+    lines = figures.per_step(steps, "step_time_s", "step time")
+    assert lines is not None
+    names = [t.name for t in lines.data if t.name]
+    assert len(lines.data) == 6 and names[0] == "256 ranks, p10-p90" and "rank 77" in names
