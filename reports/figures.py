@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -54,7 +55,7 @@ def _lines(fig: go.Figure, table: pd.DataFrame, column: str, scale: float, label
             )
         return
     by_step = table.groupby("step")[column]
-    q = by_step.quantile([0.1, 0.5, 0.9]).unstack() * scale
+    q = by_step.quantile(np.array([0.1, 0.5, 0.9])).unstack() * scale
     fig.add_scatter(x=q.index, y=q[0.9], line=dict(width=0), showlegend=False, hoverinfo="skip")
     fig.add_scatter(
         x=q.index,
