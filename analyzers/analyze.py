@@ -203,6 +203,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     snapshots: list[rules.Snapshot] = []
     tables: dict[str, pd.DataFrame] = {}
     facts: list[TraceFacts] = [r["facts"] for r in good]
+    metrics.traced_ranks = sorted(r["rank"] for r in good)
     ranks: set[int] = {r["rank"] for r in good}
     if good:
         for r in good:

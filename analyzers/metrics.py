@@ -200,6 +200,8 @@ class Metrics:
     """Allocator snapshot summaries by file (``rank0/memory_snapshot.pickle``)."""
     hang: HangMetrics | None = None
     """Who waits for whom when ranks hung or one failed (perfkit.analyzers.hangs)."""
+    traced_ranks: list[int] = field(default_factory=list)
+    """The ranks whose kernel traces were analyzed (a run may trace only some: --trace-ranks)."""
     rank_spread: RankSpread | None = None
     """Slow GPUs, late ranks and slow links, from the traces of four ranks or more."""
 

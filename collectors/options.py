@@ -58,6 +58,42 @@ def _positive_int(text: str, what: str) -> int:
     return value
 
 
+def parse_ranks(text: str, what: str) -> str:
+    """``all``, ranks and ranges (``0,7,16-31``), or ``sample:N`` (N ranks spread evenly, rank 0
+    first); checked here, resolved against the world size by ``rank_selected``."""
+    spec = text.strip().replace(" ", "")
+    if spec == "all":
+        return spec
+    try:
+        if spec.startswith("sample:"):
+            if int(spec.removeprefix("sample:")) < 1:
+                raise ValueError
+            return spec
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            if int(lo) < 0 or (hi and int(hi) < int(lo)):
+                raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"{what} {text!r}: give all, ranks and ranges (0,7,16-31) or sample:N (N ranks spread evenly)"
+        ) from None
+    return spec
+
+
+def rank_selected(spec: str, rank: int, world_size: int) -> bool:
+    """Whether ``rank`` of ``world_size`` is one of ``spec`` (as ``parse_ranks`` checked it)."""
+    if spec == "all":
+        return True
+    if spec.startswith("sample:"):
+        n = min(world_size, int(spec.removeprefix("sample:")))
+        return rank in {round(i * world_size / n) for i in range(n)}
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        if int(lo) <= rank <= int(hi or lo):
+            return True
+    return False
+
+
 def _option(
     default: Any,
     *,
@@ -95,6 +131,15 @@ class CollectOptions:
         format=format_window,
     )
     """Kernel-trace window, first and last step (1-based, inclusive); None: no trace."""
+    trace_ranks: str = _option(
+        "all",
+        flag="--trace-ranks",
+        env="PERFKIT_TRACE_RANKS",
+        help="Ranks that write a kernel trace: all, ranks and ranges (0,7,16-31) or sample:N; "
+        "the cheap tables stay on every rank",
+        parse=parse_ranks,
+    )
+    """Which ranks write a kernel trace (at hundreds of ranks, a few traces tell the story)."""
     nvml_hz: float = _option(
         10.0, flag="--nvml-hz", env="PERFKIT_NVML_HZ", help="NVML samples per second", parse=_positive_float
     )

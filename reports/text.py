@@ -156,6 +156,11 @@ def analysis_summary(result: Analysis, target: Path) -> str:
         if m.throughput and m.throughput.mfu is not None:
             line += f", MFU {m.throughput.mfu:.1%}"
         lines.append(line)
+    if m.run is not None and m.traced_ranks and len(m.traced_ranks) < len(result.ranks):
+        lines.append(
+            f"  kernel traces from rank(s) {ranges(m.traced_ranks)} of {len(result.ranks)}; "
+            "the step, collective and memory tables from every rank"
+        )
     shown = sorted(m.trace.items())
     if len(shown) > 8:  # many ranks: the spread, then none one by one
         lines += _breakdown_spread(shown)

@@ -188,7 +188,9 @@ def test_probe_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_collect_options_round_trip_through_the_environment() -> None:
-    o = CollectOptions(collect=["steps", "nvml"], profile_steps=None, nvml_hz=2.5, memory_history=(3, 4))
+    o = CollectOptions(
+        collect=["steps", "nvml"], profile_steps=None, nvml_hz=2.5, memory_history=(3, 4), trace_ranks="0,7-9"
+    )
     assert CollectOptions.from_env(o.to_env()) == o
     assert CollectOptions.from_env({}) == CollectOptions()  # unset variables: the defaults
 
@@ -201,11 +203,31 @@ def test_collect_options_round_trip_through_the_environment() -> None:
         ("profile_steps", "7-5", "FIRST-LAST"),
         ("memory_history_entries", "many", "not a whole number"),
         ("collect", "steps,gpu", "unknown collector 'gpu'"),
+        ("trace_ranks", "0,x", "sample:N"),
+        ("trace_ranks", "9-3", "ranks and ranges"),
+        ("trace_ranks", "sample:0", "sample:N"),
     ],
 )
 def test_collect_options_reject_bad_text_with_one_line(field: str, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         CollectOptions.from_text({field: text})
+
+
+@pytest.mark.parametrize(
+    ("spec", "world", "traced"),
+    [
+        ("all", 4, [0, 1, 2, 3]),
+        ("0,7", 16, [0, 7]),
+        ("1-3, 10", 16, [1, 2, 3, 10]),
+        ("sample:4", 256, [0, 64, 128, 192]),
+        ("sample:8", 4, [0, 1, 2, 3]),
+    ],
+)
+def test_trace_ranks_resolve_against_the_world(spec: str, world: int, traced: list[int]) -> None:
+    from perfkit.collectors.options import rank_selected
+
+    parsed = CollectOptions.from_text({"trace_ranks": spec}).trace_ranks
+    assert [r for r in range(world) if rank_selected(parsed, r, world)] == traced
 
 
 def test_every_collector_module_registers_one_collector_of_its_name() -> None:

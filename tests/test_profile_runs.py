@@ -240,3 +240,29 @@ def test_sigint_marks_the_run_interrupted(tmp_path: Path) -> None:
     assert run.manifest.status == "interrupted"
     for rank in (0, 1):
         assert len(table(out, rank, STEPS)) >= 3
+
+
+def test_trace_ranks_traces_only_those_ranks(tmp_path: Path) -> None:
+    """At hundreds of ranks a few traces tell the story: --trace-ranks 1 traces rank 1 alone, the
+    cheap tables stay on both, and the analysis says which ranks have traces."""
+    out = tmp_path / "some"
+    proc = profile(
+        out,
+        "--profile-steps",
+        "2-3",
+        "--trace-ranks",
+        "1",
+        "--",
+        "reference",
+        "--config",
+        "tiny-cpu",
+        "--set",
+        f"steps={STEPS_N}",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (out / "rank0" / "trace.json.gz").exists() and (out / "rank1" / "trace.json.gz").exists()
+    assert len(table(out, 0, STEPS)) == len(table(out, 1, STEPS)) == STEPS_N
+    assert Run.open(out).manifest.collectors["kernels"].status == "ok"
+    summary = run_perfkit("analyze", str(out))
+    assert summary.returncode == 0, summary.stderr
+    assert "kernel traces from rank(s) 1 of 2" in summary.stdout

@@ -7,6 +7,7 @@ import os
 
 import torch
 from perfkit.collectors.base import Collector, register
+from perfkit.collectors.options import rank_selected
 from perfkit.collectors.probe import Probe
 from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -22,6 +23,8 @@ class KernelsCollector(Collector):
     def available(self, probe: Probe) -> str | None:
         if probe.options.profile_steps is None:
             return "no --profile-steps window"
+        if not rank_selected(probe.options.trace_ranks, probe.rank, probe.world_size):
+            return f"not a traced rank (--trace-ranks {probe.options.trace_ranks})"
         return None
 
     def start(self, probe: Probe) -> None:
