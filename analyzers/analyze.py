@@ -148,7 +148,9 @@ def _trace_job(path: Path) -> dict[str, Any]:
     }
 
 
-def _parse_all(paths: list[Path], jobs: int | None) -> list[dict[str, Any]]:
+def _parse_all(paths: list[Path], jobs: int | None, scheduler: str | None = None) -> list[dict[str, Any]]:
+    if scheduler is not None:
+        return _parse_on_dask(paths, scheduler)
     if len(paths) <= 1 or jobs == 1:
         return [_trace_job(p) for p in paths]
     workers = min(len(paths), jobs or os.cpu_count() or 1)
@@ -156,7 +158,42 @@ def _parse_all(paths: list[Path], jobs: int | None) -> list[dict[str, Any]]:
         return list(pool.map(_trace_job, paths))
 
 
-def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | None = None) -> Analysis:
+DASK_CONNECT_S = 10.0
+"""How long to try reaching a Dask scheduler before saying so."""
+
+
+def _parse_on_dask(paths: list[Path], scheduler: str) -> list[dict[str, Any]]:
+    """The per-rank work on a Dask distributed cluster (its workers read the traces from a shared
+    filesystem and need perfkit installed); the results come back in path order."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise RunDirError(
+            "--scheduler needs dask's distributed package: pip install 'perfkit[dask]' (or leave out "
+            "--scheduler to use this machine's cores)"
+        ) from None
+    try:
+        client = Client(scheduler, timeout=DASK_CONNECT_S, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise RunDirError(
+            f"cannot reach the Dask scheduler at {scheduler} ({e}); start one (dask scheduler) or leave "
+            "out --scheduler"
+        ) from None
+    with client:
+        absolute = [str(p.resolve()) for p in paths]
+        futures = client.map(_trace_job, [Path(p) for p in absolute], pure=False)
+        return list(client.gather(futures))
+
+
+def analyze(
+    path: Path | str,
+    *,
+    peak_tflops: float | None = None,
+    jobs: int | None = None,
+    scheduler: str | None = None,
+) -> Analysis:
+    """Analyze a run directory, one trace or a folder of traces; the traces are parsed by ``jobs``
+    local processes, or by the workers of the Dask cluster at ``scheduler`` (``tcp://HOST:PORT``)."""
     path = Path(path)
     if not path.exists():
         raise RunDirError(f"{path}: no such run directory or trace")
@@ -188,7 +225,7 @@ def analyze(path: Path | str, *, peak_tflops: float | None = None, jobs: int | N
     else:
         traces = [path]
 
-    results = _parse_all(traces, jobs)
+    results = _parse_all(traces, jobs, scheduler)
     problems = early_problems + [r["error"] for r in results if "error" in r]
     good = _one_trace_per_rank([r for r in results if "error" not in r], problems)
     problems += [note for r in good for note in r["repairs"]]

@@ -246,6 +246,12 @@ def _analyze_and_report(run: Path) -> None:
 @click.option(
     "--jobs", type=click.IntRange(min=1), help="Processes that parse traces (default: one per core)."
 )
+@click.option(
+    "--scheduler",
+    metavar="tcp://HOST:PORT",
+    help="Parse the traces on this Dask cluster's workers (traces on a shared filesystem; "
+    "pip install 'perfkit[dask]').",
+)
 @click.option("--report", "with_report", is_flag=True, help="Also write the HTML report (report/index.html).")
 def analyze(
     source: Path,
@@ -253,6 +259,7 @@ def analyze(
     as_json: bool,
     peak_tflops: float | None,
     jobs: int | None,
+    scheduler: str | None,
     with_report: bool,
 ) -> None:
     """Find why a run is slow: metrics and ranked findings for a run directory, one Kineto trace,
@@ -262,7 +269,9 @@ def analyze(
     from perfkit.reports.publish import publish
     from perfkit.reports.text import analysis_summary
 
-    done = publish(source, out=out, report=with_report, peak_tflops=peak_tflops, jobs=jobs)
+    done = publish(
+        source, out=out, report=with_report, peak_tflops=peak_tflops, jobs=jobs, scheduler=scheduler
+    )
     assert done.json_path is not None
     if as_json:
         click.echo(jsonlib.dumps(done.analysis.to_json(), indent=1))

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perfkit.analyzers.analyze import Analysis, analyze, output_path
-from perfkit.reports.html import write_report
 
 from perfkit.run import RunLayout, write_json_atomic
 
@@ -24,6 +23,8 @@ def write_outputs(analysis: Analysis, *, json_path: Path | None, report_path: Pa
     if json_path is not None:
         write_json_atomic(json_path, analysis.to_json())
     if report_path is not None:
+        from perfkit.reports.html import write_report  # plotly and jinja2 only when a page is written
+
         write_report(analysis, report_path)
     return Published(analysis, json_path, report_path)
 
@@ -36,11 +37,12 @@ def publish(
     report: bool | Path = True,
     peak_tflops: float | None = None,
     jobs: int | None = None,
+    scheduler: str | None = None,
 ) -> Published:
     """Analyze ``source``; write analysis.json (into ``out``, else beside the input) and the report
     (``report``: True for its default place beside analysis.json, or a path)."""
     json_path = output_path(source, out) if write_json else None
-    analysis = analyze(source, peak_tflops=peak_tflops, jobs=jobs)
+    analysis = analyze(source, peak_tflops=peak_tflops, jobs=jobs, scheduler=scheduler)
     if isinstance(report, Path):
         report_path: Path | None = report
     elif report:

@@ -78,3 +78,36 @@ def test_reports_read_at_many_ranks(tmp_path: Path) -> None:
     assert lines is not None
     names = [t.name for t in lines.data if t.name]
     assert len(lines.data) == 6 and names[0] == "256 ranks, p10-p90" and "rank 77" in names
+
+
+def test_a_dask_cluster_gives_the_same_analysis_as_local_processes(tmp_path: Path) -> None:
+    """perfkit analyze --scheduler: the per-rank work on a Dask LocalCluster's worker processes."""
+    distributed = pytest.importorskip("distributed")
+    from perfkit.run import write_json_atomic
+
+    synth = synth_ranks()
+    synth.synthesize(SOURCE, tmp_path / "job", synth.Plan(ranks=8, slow_gpu=3), jobs=1)
+    local = analyze(tmp_path / "job", jobs=2)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as c:
+        remote = analyze(tmp_path / "job", scheduler=c.scheduler_address)
+    write_json_atomic(tmp_path / "a.json", local.to_json())
+    write_json_atomic(tmp_path / "b.json", remote.to_json())
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    assert [f.id for f in remote.findings if f.id == "slow_gpu"] == ["slow_gpu"]
+
+
+def test_an_unreachable_scheduler_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("distributed")
+    from perfkit.analyzers import analyze as module
+
+    from perfkit.errors import RunDirError
+
+    monkeypatch.setattr(module, "DASK_CONNECT_S", 1.0)
+    synth = synth_ranks()
+    synth.synthesize(SOURCE, tmp_path / "job", synth.Plan(ranks=2), jobs=1)
+    with pytest.raises(
+        RunDirError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 .*leave out"
+    ):
+        analyze(tmp_path / "job", scheduler="tcp://127.0.0.1:9")
