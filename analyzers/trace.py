@@ -262,21 +262,30 @@ _CHUNK = 2 << 20
 
 
 def _blocks(path: Path) -> Iterator[bytes]:
-    """The file's (decompressed) bytes in blocks of about 2 MiB."""
+    """The file's (decompressed) bytes in blocks of about 2 MiB; a gzip file of several members
+    (``cat a.gz b.gz``, pigz, bgzip) is read through all of them, as gzip itself does."""
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
         f.seek(0)
-        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
-        while block := f.read(1 << 16 if gz else _CHUNK):
-            yield inflate.decompress(block) if inflate else block
-        if inflate:
-            yield inflate.flush()
+        if not gz:
+            while block := f.read(_CHUNK):
+                yield block
+            return
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while block := f.read(1 << 16):
+            while block:
+                yield inflate.decompress(block)
+                if not inflate.eof:
+                    break
+                block = inflate.unused_data  # the next member begins here
+                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        yield inflate.flush()
 
 
 def _event_start(text: bytearray) -> int:
-    """Offset of the last event in ``text`` that begins with ``{ "ph": `` (Kineto writes "ph"
+    """Offset of the last event in ``text`` that begins with ``{ "ph":`` (Kineto writes "ph"
     first), or -1."""
-    cut = text.rfind(b'"ph": ')
+    cut = text.rfind(b'"ph":')  # with a space (Kineto) or without (compact JSON writers)
     if cut <= 0:
         return -1
     brace = text.rfind(b"{", 0, cut)

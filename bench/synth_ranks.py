@@ -94,22 +94,20 @@ def _extra_compute(doc: dict[str, Any], factor: float) -> np.ndarray:
     return np.asarray(out)
 
 
-def _rank_doc(doc: dict[str, Any], rank: int, plan: Plan, waits: dict[str, np.ndarray]) -> dict[str, Any]:
+def _rank_gpu(
+    gpu: list[dict[str, Any]], steps: int, rank: int, plan: Plan, waits: dict[str, np.ndarray]
+) -> list[dict[str, Any]]:
+    """Rank ``rank``'s GPU events (``gpu``: the source's, in start order): jitter, planted effects,
+    later work moved with them."""
     rng = random.Random(plan.seed * 100003 + rank)
-    events = doc["traceEvents"]
-    gpu_idx = sorted(
-        (i for i, e in enumerate(events) if e.get("cat") in _GPU and "dur" in e and "ts" in e),
-        key=lambda i: events[i]["ts"],
-    )
-    n_comm = sum(1 for i in gpu_idx if _is_comm(events[i]))
-    steps = max(1, sum(1 for e in events if str(e.get("name", "")).startswith("ProfilerStep")))
+    n_comm = sum(1 for e in gpu if _is_comm(e))
     lag_us = plan.straggler_ms * 1e3 * steps / max(1, n_comm)
     mine = _groups(rank, plan.ranks)
     slow = set(_groups(plan.slow_link, plan.ranks)) if plan.slow_link is not None else set()
-    out = list(events)
+    out = []
     shift, k = 0.0, 0
-    for i in gpu_idx:
-        e = dict(events[i])
+    for source in gpu:
+        e = dict(source)
         dur = float(e["dur"])
         if _is_comm(e):
             before = 0.0
@@ -142,32 +140,65 @@ def _rank_doc(doc: dict[str, Any], rank: int, plan: Plan, waits: dict[str, np.nd
             scale = plan.slow_gpu_factor if rank == plan.slow_gpu else 1.0
             dur = dur * scale * (1 + rng.gauss(0, 0.01))
         e["ts"] = e["ts"] + shift
-        shift += dur - float(events[i]["dur"])
+        shift += dur - float(source["dur"])
         e["dur"] = dur
-        out[i] = e
+        out.append(e)
+    return out
+
+
+@dataclass
+class _Source:
+    """The source trace split once: its top-level fields, its GPU events (which each rank changes)
+    and the gzip member of every other event (which all ranks share as written)."""
+
+    head: dict[str, Any]
+    gpu: list[dict[str, Any]]
+    steps: int
+    shared_gz: bytes
+
+
+def _split(doc: dict[str, Any]) -> _Source:
+    events = doc["traceEvents"]
+    is_gpu = [e.get("cat") in _GPU and "dur" in e and "ts" in e for e in events]
+    gpu = sorted((e for e, g in zip(events, is_gpu, strict=True) if g), key=lambda e: e["ts"])
+    shared = [e for e, g in zip(events, is_gpu, strict=True) if not g]
+    if not gpu or not shared:
+        sys.exit("the source trace needs GPU events (kernels, NCCL among them) and CPU events")
+    steps = max(1, sum(1 for e in shared if str(e.get("name", "")).startswith("ProfilerStep")))
     head = {k: v for k, v in doc.items() if k != "traceEvents"}
+    return _Source(
+        head, gpu, steps, gzip.compress(b"," + orjson.dumps(shared)[1:-1] + b"]}", compresslevel=1)
+    )
+
+
+_SOURCE: list[_Source] = []
+
+
+def _write(args: tuple[int, Plan, dict[str, np.ndarray], Path]) -> int:
+    """One rank's file: a gzip member of its own (its distributedInfo, clock offset and GPU events),
+    then the shared member of the other events; readers go through every member, as gzip does."""
+    rank, plan, waits, out = args
+    src = _SOURCE[0]
+    rng = random.Random(plan.seed * 7919 + rank)
+    head = dict(src.head)
     info = dict(head.get("distributedInfo") or {"backend": "nccl"})
     info.update(rank=rank, world_size=plan.ranks)
     head["distributedInfo"] = info
     head["baseTimeNanoseconds"] = int(head.get("baseTimeNanoseconds", 0)) + rng.randrange(0, 50_000_000)
-    return {**head, "traceEvents": out}
-
-
-_DOC: dict[str, Any] = {}
-
-
-def _write(args: tuple[int, Plan, dict[str, np.ndarray], Path]) -> int:
-    rank, plan, waits, out = args
-    data = orjson.dumps(_rank_doc(_DOC, rank, plan, waits))
+    own = (
+        orjson.dumps(head)[:-1]
+        + b',"traceEvents":'
+        + orjson.dumps(_rank_gpu(src.gpu, src.steps, rank, plan, waits))[:-1]
+    )
     path = out / f"rank{rank}.trace.json.gz"
     with open(path, "wb") as f:
-        f.write(gzip.compress(data, compresslevel=1))
-    return len(data)
+        f.write(gzip.compress(own, compresslevel=1))
+        f.write(src.shared_gz)
+    return len(own)
 
 
-def _init(doc: dict[str, Any]) -> None:
-    _DOC.clear()
-    _DOC.update(doc)
+def _init(source: _Source) -> None:
+    _SOURCE[:] = [source]
 
 
 def synthesize(source: Path, out: Path, plan: Plan, jobs: int | None = None) -> list[Path]:
@@ -177,12 +208,14 @@ def synthesize(source: Path, out: Path, plan: Plan, jobs: int | None = None) -> 
     waits = {
         "slow_gpu": _extra_compute(doc, plan.slow_gpu_factor) if plan.slow_gpu is not None else np.zeros(0)
     }
+    split = _split(doc)
+    del doc
     work = [(r, plan, waits, out) for r in range(plan.ranks)]
-    if (jobs or os.cpu_count() or 1) > 1 and plan.ranks > 4:
-        with ProcessPoolExecutor(jobs, initializer=_init, initargs=(doc,)) as pool:
-            list(pool.map(_write, work, chunksize=4))
+    if (jobs or os.cpu_count() or 1) > 1 and plan.ranks > 16:
+        with ProcessPoolExecutor(jobs, initializer=_init, initargs=(split,)) as pool:
+            list(pool.map(_write, work, chunksize=8))
     else:
-        _init(doc)
+        _init(split)
         for w in work:
             _write(w)
     return [out / f"rank{r}.trace.json.gz" for r in range(plan.ranks)]

@@ -466,3 +466,26 @@ def test_a_loop_without_the_sleep_has_no_input_alarm(tmp_path: Path) -> None:
     path = tmp_path / "loop.json"
     path.write_text(json.dumps(step_loop_trace(0.0, sync=False)))
     assert "input_stall" not in {f.id for f in analyze(path).findings}
+
+
+def test_compact_json_in_several_gzip_members_reads_like_kineto_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace written by a compact JSON writer ("ph":"X", no spaces) and gzipped in several members
+    (cat a.gz b.gz, pigz) is read by the streaming decoder, with the same events as Kineto's text."""
+    import gzip
+
+    import orjson
+    from perfkit.analyzers import trace as module
+
+    source = DATA / "hta" / "trace_filter" / "sampled_rank-0.json.gz"
+    doc = orjson.loads(gzip.decompress(source.read_bytes()))
+    text = orjson.dumps(doc)
+    assert b'"ph": ' not in text
+    cut = text.index(b"},{", len(text) // 2) + 2
+    (tmp_path / "t.json.gz").write_bytes(gzip.compress(text[:cut]) + gzip.compress(text[cut:]))
+    expected = module.load_trace(source)
+    monkeypatch.setattr(module, "_read_bytes", lambda path: pytest.fail("fell back to the strict parse"))
+    got = module.load_trace(tmp_path / "t.json.gz")
+    assert len(got.events) == len(expected.events) > 1000
+    assert (got.events["dur"].to_numpy() == expected.events["dur"].to_numpy()).all()
