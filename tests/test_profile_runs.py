@@ -27,8 +27,11 @@ def profile(out: Path, *args: str, env: dict[str, str] | None = None) -> subproc
     return run_perfkit("profile", "--out", str(out), *args, env=env)
 
 
-def reference(out: Path, *sets: str, profile_steps: str = "none", **kw) -> subprocess.CompletedProcess[str]:
+def reference(
+    out: Path, *sets: str, profile_steps: str = "none", flags: tuple[str, ...] = (), **kw
+) -> subprocess.CompletedProcess[str]:
     args = [
+        *flags,
         "--profile-steps",
         profile_steps,
         "--",
@@ -246,19 +249,7 @@ def test_trace_ranks_traces_only_those_ranks(tmp_path: Path) -> None:
     """At hundreds of ranks a few traces tell the story: --trace-ranks 1 traces rank 1 alone, the
     cheap tables stay on both, and the analysis says which ranks have traces."""
     out = tmp_path / "some"
-    proc = profile(
-        out,
-        "--profile-steps",
-        "2-3",
-        "--trace-ranks",
-        "1",
-        "--",
-        "reference",
-        "--config",
-        "tiny-cpu",
-        "--set",
-        f"steps={STEPS_N}",
-    )
+    proc = reference(out, profile_steps="2-3", flags=("--trace-ranks", "1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not (out / "rank0" / "trace.json.gz").exists() and (out / "rank1" / "trace.json.gz").exists()
     assert len(table(out, 0, STEPS)) == len(table(out, 1, STEPS)) == STEPS_N
