@@ -72,6 +72,10 @@ class GpuRank:
     comm_ms: float
     """Communication kernels' time: under synchronous collectives, mostly waiting for the last rank."""
     idle_ms: float
+    peer_compute_ms: float = 0.0
+    """The median compute of its peers: the ranks that run the same number of kernels a step (a
+    pipeline's stages differ by design and are not compared with each other)."""
+    peer_comm_ms: float = 0.0
 
 
 @dataclass(kw_only=True)

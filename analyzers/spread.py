@@ -12,8 +12,10 @@ communication kernels run long), the last one does not. So, per step and rank:
   among groups of one shape (size and stride), those far above the typical per-call time are
   slow; where slow groups of two shapes meet in one rank (a tp and a dp group), that rank is named.
 
-An outlier is beyond the median by a relative margin *and* by several median absolute deviations
-of the ranks, so jitter between healthy ranks names nobody. Fewer than four ranks: nothing said.
+Ranks are compared with their peers only: those that run the same number of kernels a step (within
+2%), so the stages of a pipeline, which differ by design, are never called slow for it. An outlier
+is beyond its peers' median by a relative margin *and* by several median absolute deviations, so
+jitter between healthy ranks names nobody. Fewer than four peers: nothing said.
 """
 
 from __future__ import annotations
@@ -73,25 +75,45 @@ def rank_spread(facts: Sequence[TraceFacts]) -> RankSpread | None:
                 idle_ms=b.get("idle_ns", 0) / steps / 1e6,
             )
         )
-    compute = {r.rank: r.compute_ms for r in per_rank}
-    comm = {r.rank: r.comm_ms for r in per_rank}
-    slow_gpu = sorted(_outliers(compute, SLOW_GPU)) if statistics.median(compute.values()) > 0 else []
     step_ms = statistics.median(f.step_ms for f in facts)
-    late = (
-        sorted(r for r in _outliers(comm, below=LATE * step_ms) if r not in slow_gpu)
-        if statistics.median(comm.values()) > 0
-        else []
-    )
+    slow_gpu: list[int] = []
+    late: list[int] = []
+    by_rank = {r.rank: r for r in per_rank}
+    for peers in _peers(facts):
+        compute = {r: by_rank[r].compute_ms for r in peers}
+        comm = {r: by_rank[r].comm_ms for r in peers}
+        for r in peers:
+            by_rank[r].peer_compute_ms = statistics.median(compute.values())
+            by_rank[r].peer_comm_ms = statistics.median(comm.values())
+        slow = _outliers(compute, SLOW_GPU) if statistics.median(compute.values()) > 0 else []
+        slow_gpu += slow
+        if statistics.median(comm.values()) > 0:
+            late += [r for r in _outliers(comm, below=LATE * step_ms) if r not in slow]
+    compute_all = [r.compute_ms for r in per_rank]
+    comm_all = [r.comm_ms for r in per_rank]
     groups = _slow_groups(facts)
     return RankSpread(
         ranks=sorted(per_rank, key=lambda r: r.rank),
-        median_compute_ms=statistics.median(compute.values()),
-        median_comm_ms=statistics.median(comm.values()),
-        slow_gpu=slow_gpu,
-        late=late,
+        median_compute_ms=statistics.median(compute_all),
+        median_comm_ms=statistics.median(comm_all),
+        slow_gpu=sorted(slow_gpu),
+        late=sorted(late),
         slow_groups=groups,
         slow_link=_common(groups),
     )
+
+
+def _peers(facts: Sequence[TraceFacts]) -> list[list[int]]:
+    """Ranks in sets of peers: those whose kernels a step agree within 2%."""
+    kps = sorted(((f.breakdown or {}).get("kernels", 0) / max(1, f.steps), f.rank) for f in facts)
+    out: list[list[int]] = []
+    first = None
+    for value, rank in kps:
+        if first is None or value > first * 1.02 + 1e-9:
+            out.append([])
+            first = value
+        out[-1].append(rank)
+    return out
 
 
 def _slow_groups(facts: Sequence[TraceFacts]) -> list[SlowGroup]:

@@ -114,11 +114,16 @@ def _spread_tables(m: Metrics) -> Markup | None:
     if sp is None:
         return None
     frame = pd.DataFrame([vars(r) for r in sp.ranks])
-    frame["compute_x"] = frame["compute_ms"] / sp.median_compute_ms if sp.median_compute_ms else None
-    frame["waited_ms"] = sp.median_comm_ms - frame["comm_ms"]
+    frame["compute_x"] = frame["compute_ms"] / frame["peer_compute_ms"].where(frame["peer_compute_ms"] > 0)
+    frame["waited_ms"] = frame["peer_comm_ms"] - frame["comm_ms"]
     flag = {r: "slow GPU" for r in sp.slow_gpu} | {r: "late" for r in sp.late}
     frame["verdict"] = frame["rank"].map(lambda r: flag.get(r, ""))
-    columns = {"rank": "rank", "verdict": "named", "compute_ms": "compute ms/step", "compute_x": "x median"}
+    columns = {
+        "rank": "rank",
+        "verdict": "named",
+        "compute_ms": "compute ms/step",
+        "compute_x": "x its peers",
+    }
     parts = [
         Markup(
             f"<p>{len(frame)} ranks; median compute {sp.median_compute_ms:.3g} ms and communication "

@@ -111,3 +111,32 @@ def test_an_unreachable_scheduler_says_so(tmp_path: Path, monkeypatch: pytest.Mo
         RunDirError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 .*leave out"
     ):
         analyze(tmp_path / "job", scheduler="tcp://127.0.0.1:9")
+
+
+def test_pipeline_stages_are_compared_with_their_peers_only() -> None:
+    """Ranks that run different kernels a step (a pipeline's stages) are not each other's yardstick:
+    a last stage computing 40% more is no slow GPU; a slow rank among its peers still is."""
+    from types import SimpleNamespace
+
+    from perfkit.analyzers.spread import rank_spread
+
+    def rank(r: int, kernels: int, compute_ms: float) -> SimpleNamespace:
+        breakdown = {"kernels": kernels * 10, "compute_ns": compute_ms * 1e6 * 10, "idle_ns": 0}
+        return SimpleNamespace(
+            rank=r,
+            steps=10,
+            gpu_steps=10.0,
+            step_ms=200.0,
+            breakdown=breakdown,
+            comm_kernel_ns=50e6 * 10,
+            comm_groups={},
+        )
+
+    stages = [rank(r, 1000, 100.0 + r % 3) for r in range(8)] + [
+        rank(r, 1400, 140.0 + r % 3) for r in range(8, 16)
+    ]
+    assert rank_spread(stages).slow_gpu == []  # type: ignore[arg-type, union-attr]
+    stages[12] = rank(12, 1400, 185.0)
+    spread = rank_spread(stages)  # type: ignore[arg-type]
+    assert spread is not None and spread.slow_gpu == [12]
+    assert spread.ranks[12].peer_compute_ms == pytest.approx(141.5)  # ranks 8-15, 12 among them

@@ -85,18 +85,22 @@ def late_rank(m: Metrics, t: Thresholds) -> Diagnosis | None:
     if sp is None or not sp.late:
         return None
     ranks = {r.rank: r for r in sp.ranks}
-    worst = min(sp.late, key=lambda k: ranks[k].comm_ms)
+    worst = max(sp.late, key=lambda k: ranks[k].peer_comm_ms - ranks[k].comm_ms)
     return Diagnosis(
         title=f"The other ranks wait for rank {worst} in their collectives (its GPU computes as fast; "
         "it starts late)",
-        saving_ms=sp.median_comm_ms - ranks[worst].comm_ms,
-        estimate="how much longer the median rank's communication kernels run than its own: the wait",
+        saving_ms=ranks[worst].peer_comm_ms - ranks[worst].comm_ms,
+        estimate="how much longer its peers' communication kernels run than its own (median): the wait",
         evidence={
             "ranks": [
-                {"rank": k, "comm_ms": round(ranks[k].comm_ms, 2), "idle_ms": round(ranks[k].idle_ms, 2)}
+                {
+                    "rank": k,
+                    "comm_ms": round(ranks[k].comm_ms, 2),
+                    "peers_median_comm_ms": round(ranks[k].peer_comm_ms, 2),
+                    "idle_ms": round(ranks[k].idle_ms, 2),
+                }
                 for k in sp.late
             ],
-            "median_comm_ms": round(sp.median_comm_ms, 2),
             "median_idle_ms": round(_median(r.idle_ms for r in sp.ranks), 2),
         },
         remedy="straggler",

@@ -103,16 +103,22 @@ def slow_gpu(m: Metrics, t: Thresholds) -> Diagnosis | None:
     if sp is None or not sp.slow_gpu:
         return None
     ranks = {r.rank: r for r in sp.ranks}
-    worst = max(sp.slow_gpu, key=lambda k: ranks[k].compute_ms)
-    ratio = ranks[worst].compute_ms / sp.median_compute_ms
+    worst = max(sp.slow_gpu, key=lambda k: ranks[k].compute_ms / ranks[k].peer_compute_ms)
+    ratio = ranks[worst].compute_ms / ranks[worst].peer_compute_ms
     return Diagnosis(
         title=f"Rank {worst}'s GPU computes {100 * (ratio - 1):.0f}% slower than the others' "
         "(the others wait for it)",
-        saving_ms=ranks[worst].compute_ms - sp.median_compute_ms,
-        estimate="its compute kernels' time beyond the median rank's: the others wait that long",
+        saving_ms=ranks[worst].compute_ms - ranks[worst].peer_compute_ms,
+        estimate="its compute kernels' time beyond its peers' median: the others wait that long",
         evidence={
-            "ranks": [{"rank": k, "compute_ms": round(ranks[k].compute_ms, 2)} for k in sp.slow_gpu],
-            "median_compute_ms": round(sp.median_compute_ms, 2),
+            "ranks": [
+                {
+                    "rank": k,
+                    "compute_ms": round(ranks[k].compute_ms, 2),
+                    "peers_median_ms": round(ranks[k].peer_compute_ms, 2),
+                }
+                for k in sp.slow_gpu
+            ],
         },
         remedy="slow_gpu",
         ranks=list(sp.slow_gpu),
