@@ -180,8 +180,7 @@ def _parse_on_dask(paths: list[Path], scheduler: str) -> list[dict[str, Any]]:
             "out --scheduler"
         ) from None
     with client:
-        absolute = [str(p.resolve()) for p in paths]
-        futures = client.map(_trace_job, [Path(p) for p in absolute], pure=False)
+        futures = client.map(_trace_job, [p.resolve() for p in paths], pure=False)
         return list(client.gather(futures))
 
 

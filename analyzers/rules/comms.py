@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 
 from perfkit.analyzers.facts import TraceFacts
 from perfkit.analyzers.metrics import Metrics
@@ -101,7 +100,7 @@ def late_rank(m: Metrics, t: Thresholds) -> Diagnosis | None:
                 }
                 for k in sp.late
             ],
-            "median_idle_ms": round(_median(r.idle_ms for r in sp.ranks), 2),
+            "median_idle_ms": round(statistics.median(r.idle_ms for r in sp.ranks), 2),
         },
         remedy="straggler",
         ranks=list(sp.late),
@@ -140,7 +139,3 @@ def slow_link(m: Metrics, t: Thresholds) -> Diagnosis | None:
         remedy="slow_link",
         ranks=sp.slow_link or sorted({r for g in sp.slow_groups for r in g.ranks or []}),
     )
-
-
-def _median(values: Iterable[float]) -> float:
-    return statistics.median(list(values) or [0.0])
