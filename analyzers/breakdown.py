@@ -11,7 +11,6 @@ import re
 
 import numpy as np
 import pandas as pd
-from perfkit.analyzers.kernels import hta_kernel_type
 from perfkit.analyzers.trace import Trace, by_name
 
 
@@ -54,18 +53,20 @@ def temporal_breakdown(trace: Trace, hta_definitions: bool = False) -> dict[str,
     """Shares of the GPU's span (first GPU event start to last end).
 
     compute: time any compute kernel runs; communication and memory: time they run and no compute
-    kernel does; idle: no GPU event. With ``hta_definitions`` kernels are split as HTA does (only
-    ``nccl...Kernel`` names count as communication) and non_compute = communication + memory."""
+    kernel does; idle: no GPU event. With ``hta_definitions`` the events and kernel types are HTA's
+    (``analyzers/hta.py``) and non_compute = communication + memory."""
     gpu = trace.gpu
     if hta_definitions:
-        gpu = _hta_window(trace, gpu)
+        from perfkit.analyzers import hta
+
+        gpu = hta.window(trace)
     if gpu.empty:
         return {}
     starts, ends = gpu["ts"].to_numpy(), gpu["end"].to_numpy()
     span = int(ends.max() - starts.min())
     busy = covered(starts, ends)
     if hta_definitions:
-        kinds = by_name(gpu["name"], hta_kernel_type)
+        kinds = gpu["kind"].replace({"computation": "compute"}).to_numpy()
     else:
         kinds = gpu["category"].replace({c: "compute" for c in _COMPUTE}).to_numpy()
     compute_mask = kinds == "compute"
@@ -85,18 +86,6 @@ def temporal_breakdown(trace: Trace, hta_definitions: bool = False) -> dict[str,
         out[f"{key}_pct"] = 100.0 * out[f"{key}_ns"] / span if span else 0.0
     out["non_compute_pct"] = out["communication_pct"] + out["memory_pct"]
     return out
-
-
-def _hta_window(trace: Trace, gpu: pd.DataFrame) -> pd.DataFrame:
-    """HTA's trace filter: with two or more ProfilerStep annotations, keep only GPU events launched
-    (by correlation id) from CPU events that start before the last step does."""
-    steps = profiler_steps(trace)
-    if len(steps) < 2:
-        return gpu
-    ev = trace.events
-    corr = ev["correlation"].to_numpy()
-    keep = (ev["stream"].to_numpy() == -1) & (ev["ts"].to_numpy() < steps["ts"].max()) & (corr >= 0)
-    return gpu[np.isin(gpu["correlation"].to_numpy(), np.unique(corr[keep]))]
 
 
 _COMPUTE = ("gemm", "attention", "optimizer", "normalization", "softmax", "reduction", "elementwise", "other")

@@ -52,16 +52,6 @@ def gemm_precision(name: str) -> str:
     return "tensor-core" if "gemm" not in name.lower() else "fp32"
 
 
-def hta_kernel_type(name: str) -> str:
-    """HTA's own three-way split (COMMUNICATION if the name holds nccl...Kernel, MEMORY for
-    Memcpy/Memset, else COMPUTATION), for agreement with its temporal breakdown."""
-    if re.match(r"^nccl.*Kernel", name) or "ncclKernel" in name:
-        return "communication"
-    if "Memcpy" in name or "Memset" in name:
-        return "memory"
-    return "compute"
-
-
 def classify(gpu: pd.DataFrame) -> pd.DataFrame:
     """Adds ``category`` and, for GEMMs, ``precision`` to GPU events (computed once per distinct name)."""
     cats = by_name(gpu["name"], category)

@@ -37,6 +37,9 @@ class TraceError(RunDirError):
 
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+# Events on a GPU stream: the GPU work, and the waits Kineto draws there (cuda_sync: "Stream Wait
+# Event", "Stream Sync"); only these keep their ``stream`` (ROCm runtime calls carry one too).
+STREAM_CATS = (*GPU_CATS, "cuda_sync")
 # Arguments kept for the events that carry collective metadata (record_param_comms, NCCL kernels).
 COMM_ARGS = {
     "Collective name": "collective",
@@ -241,7 +244,7 @@ class _Columns:
             a[key].append(ids)
             self.bad_ints += bad
         stream = np.full(n, -1, dtype=np.int64)
-        gpu = np.flatnonzero(np.fromiter((c in GPU_CATS for c in cats), dtype=bool, count=n))
+        gpu = np.flatnonzero(np.fromiter((c in STREAM_CATS for c in cats), dtype=bool, count=n))
         stream[gpu] = [s if isinstance(s := xs[i].args.stream, int) else -1 for i in gpu.tolist()]
         a["stream"].append(stream)
         for i, e in enumerate(xs):
@@ -384,7 +387,7 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
         tids.append(str(e.get("tid")))
         ts.append(t)
         durs.append(d)
-        s = args.get("stream", -1) if cat in GPU_CATS else -1
+        s = args.get("stream", -1) if cat in STREAM_CATS else -1
         streams.append(s if isinstance(s, int) and _INT64[0] <= s < _INT64[1] else -1)
         c = args.get("correlation", -1)
         corrs.append(c if isinstance(c, int) and _INT64[0] <= c < _INT64[1] else -1)
@@ -427,6 +430,14 @@ def _release_large_buffers() -> None:
 
 def _categorical(values: Any) -> pd.Categorical:
     return values if isinstance(values, pd.Categorical) else pd.Categorical(values)
+
+
+def _us_to_ns(us: np.ndarray) -> np.ndarray:
+    """Microseconds to int64 nanoseconds without losing whole microseconds: Kineto's epoch
+    timestamps (~1.7e15 us) times 1e3 exceed float64's exact integers (spacing 256 ns there), so the
+    whole and fractional parts are converted apart."""
+    whole = np.floor(us)
+    return whole.astype(np.int64) * 1000 + np.rint((us - whole) * 1e3).astype(np.int64)
 
 
 def _base_ns(value: Any, path: Path, repairs: list[str]) -> int:
@@ -491,7 +502,7 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
         if not ok.any():
             raise TraceError(f"{path}: no event has a possible time; the trace is damaged")
     keep: Any = ok if dropped else slice(None)  # a view when nothing was dropped
-    ts_ns = np.rint(cols["ts"][keep] * 1e3).astype(np.int64) + base
+    ts_ns = _us_to_ns(cols["ts"][keep]) + base
     dur_ns = np.rint(cols["dur"][keep] * 1e3).astype(np.int64)
     events = pd.DataFrame(
         {

@@ -13,8 +13,9 @@ Two comparisons, each tool in a fresh process per repeat, alternating, medians p
 2. **The same four metrics in-process**, imports excluded on both sides: perfkit's loader and four
    functions against HTA's.
 
-Also printed: peak RSS of each, and the temporal breakdown of both (perfkit with HTA's definitions),
-whose percentages should agree within 1 point.
+Also printed: peak RSS of each, and HTA's four metrics computed by perfkit with HTA's definitions
+(``perfkit.analyzers.hta``) against HTA's own: the temporal breakdown (percent), the kernel-type
+table, the communication/computation overlap and the per-stream idle breakdown (microseconds).
 """
 
 from __future__ import annotations
@@ -46,9 +47,15 @@ trace = load_trace(Path(sys.argv[1]))
 tb = temporal_breakdown(trace, hta_definitions=True)
 idle_attribution(trace); kernel_table(trace); trace_collectives(trace); exposed_communication(trace)
 t2 = time.perf_counter()
-print(json.dumps({"seconds": t2 - t1, "import_s": t1 - t0, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from perfkit.analyzers import hta
+idle = hta.idle_breakdown(trace)
+print(json.dumps({"seconds": t2 - t1, "import_s": t1 - t0, "peak_kb": peak,
                   "after_import_kb": base, "idle_pct": tb["idle_pct"], "compute_pct": tb["compute_pct"],
-                  "non_compute_pct": tb["non_compute_pct"]}))
+                  "non_compute_pct": tb["non_compute_pct"],
+                  "kernel_us": {k: v / 1e3 for k, v in hta.kernel_breakdown(trace).items()},
+                  "overlap_pct": hta.comm_comp_overlap_pct(trace),
+                  "idle_us": {f"{r.stream}/{r.idle_category}": r.idle_ns / 1e3 for r in idle.itertuples()}}))
 """
 
 HTA = r"""
@@ -62,14 +69,17 @@ t1 = time.perf_counter()
 a = TraceAnalysis(trace_dir=sys.argv[1])
 tb = a.get_temporal_breakdown(visualize=False)
 ranks = list(a.t.traces.keys())
-a.get_idle_time_breakdown(ranks=ranks, visualize=False)
-a.get_gpu_kernel_breakdown(visualize=False)
-a.get_comm_comp_overlap(visualize=False)
+idle = a.get_idle_time_breakdown(ranks=ranks, visualize=False)[0]
+kernel = a.get_gpu_kernel_breakdown(visualize=False)[0]
+overlap = a.get_comm_comp_overlap(visualize=False)["comp_comm_overlap_pctg"].iloc[0]
 t2 = time.perf_counter()
 row = tb.iloc[0]
 print(json.dumps({"seconds": t2 - t1, "import_s": t1 - t0, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "after_import_kb": base, "idle_pct": float(row["idle_time_pctg"]),
-                  "compute_pct": float(row["compute_time_pctg"]), "non_compute_pct": float(row["non_compute_time_pctg"])}))
+                  "compute_pct": float(row["compute_time_pctg"]), "non_compute_pct": float(row["non_compute_time_pctg"]),
+                  "kernel_us": {r.kernel_type: float(r.sum) for r in kernel.itertuples()},
+                  "overlap_pct": None if overlap != overlap else float(overlap),
+                  "idle_us": {f"{r.stream}/{r.idle_category}": float(r.idle_time) for r in idle.itertuples()}}))
 """
 
 
@@ -90,6 +100,20 @@ def whole_process(argv: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{argv[0]} failed:\n{proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
     return {"seconds": seconds, "peak_kb": usage.ru_maxrss}
+
+
+def _agreement(ours: dict, theirs: dict) -> dict[str, float]:
+    """Largest differences between perfkit's HTA-definition figures and HTA's (microseconds)."""
+    out = {}
+    for key in ("kernel_us", "idle_us"):
+        a, b = ours[key], theirs[key]
+        out[key] = max((abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in {*a, *b}), default=0.0)
+        out[key.replace("_us", "_total_us")] = sum(b.values())
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "none" if value is None else f"{value:.2f}%"
 
 
 def main() -> None:
@@ -143,6 +167,12 @@ def main() -> None:
             + ", ".join(f"{k} {ours[0][k]:.2f} vs {theirs[0][k]:.2f}" for k in diff)
             + f"; max difference {max(diff.values()):.2f} points"
         )
+        agree = _agreement(ours[0], theirs[0])
+        print(
+            f"  kernel-type table: max difference {agree['kernel_us']:.0f} us of {agree['kernel_total_us']:.0f}; "
+            f"overlap {_pct(ours[0]['overlap_pct'])} vs {_pct(theirs[0]['overlap_pct'])}; "
+            f"idle per stream and category: max difference {agree['idle_us']:.0f} us of {agree['idle_total_us']:.0f}"
+        )
         results.append(
             {
                 "trace": str(trace),
@@ -154,6 +184,7 @@ def main() -> None:
                 "in_process_speedup": speedup,
                 "memory_ratio": memory,
                 "breakdown_max_diff_pts": max(diff.values()),
+                **agree,
             }
         )
     if args.json:
