@@ -60,7 +60,7 @@ done
 [ -f /tmp/gpu_run/rank0/memory_snapshot.pickle ] && say "allocator history: $(du -h /tmp/gpu_run/rank0/memory_snapshot.pickle | cut -f1)"
 
 # 4. perfkit's own overhead: profiled / plain, interleaved
-step overhead 110 python3 bench/collector_overhead.py --config gpt2-small-gpu --nproc 1 --steps 30 --repeats 2 \
+step overhead 110 python3 bench/collector_overhead.py --mode manual --config gpt2-small-gpu --nproc 1 --steps 30 --repeats 2 \
   --json "$OUT/overhead.json"
 tail -n 4 "$OUT/overhead.log" >>"$SUMMARY"
 say "done in $SECONDS s"

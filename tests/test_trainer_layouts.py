@@ -59,6 +59,7 @@ LAYOUTS = {
     "fsdp2xtp2": (4, ["parallel.tp=2", "parallel.zero=2"]),
     "dp2xpp2": (4, ["parallel.pp=2"]),
     "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
+    "pp2xfsdp2": (4, ["parallel.pp=2", "parallel.zero=3"]),
     "pp2xtp2-sequence-parallel": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
 }
 
