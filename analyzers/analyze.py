@@ -252,6 +252,7 @@ def analyze(
                 idle_attribution=f.idle,
                 communication_overlap=f.exposed,
                 gemm_fp32_share=f.gemm_fp32_ns / f.gemm_ns if f.gemm_ns else None,
+                recomputed_ops_per_step=round(f.recomputed_ops / f.steps, 1),
             )
         tables["kernel_categories"] = pd.concat([r["categories"] for r in good], ignore_index=True)
         tables["kernels"] = pd.concat([r["top"] for r in good], ignore_index=True)

@@ -3,6 +3,7 @@ apart from the rules themselves."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,12 @@ class TraceFacts:
     ``calls``, ``ns``."""
     optimizer_impl: str | None = None
     """fused, foreach or per-parameter, from the ops inside the optimizer's steps; None: no step seen."""
+    recomputed_ops: int = 0
+    """Forward-only ops (layer norm, GELU, softmax, fused attention's forward, embedding) run inside
+    backward: the activation-checkpointing recompute, whichever API made it."""
     config: dict[str, Any] = field(default_factory=dict)
+    """The bundled trainer's configuration when the trace is part of its run (set by the analysis):
+    what the run used, told by the run itself."""
 
     @property
     def gpu_steps(self) -> float:
@@ -55,9 +61,6 @@ class TraceFacts:
         if span and self.step_ms and self.steps > 1:
             return min(float(self.steps), max(1.0, span / (self.step_ms * 1e6)))
         return float(self.steps)
-
-    """The bundled trainer's configuration when the trace is part of its run (set by the analysis):
-    what the run used, told by the run itself."""
 
 
 def _inside(events: pd.DataFrame, spans: pd.DataFrame) -> np.ndarray:
@@ -130,7 +133,38 @@ def trace_facts(trace: Trace) -> TraceFacts:
         optimizer_impl=optimizer_impl,
         comm_kernel_ns=int(comm["dur"].sum()),
         comm_groups=_comm_groups(trace, comm),
+        recomputed_ops=recomputed_ops(ev),
     )
+
+
+# Ops a forward pass runs and a backward pass never does (backward has its own *_backward ops).
+_FORWARD_ONLY = re.compile(
+    r"^aten::(native_layer_norm|layer_norm|rms_norm|_fused_rms_norm|relu|gelu|silu|_softmax|embedding"
+    r"|_scaled_dot_product_\w*attention\w*|_flash_attention_forward|_efficient_attention_forward)$"
+)
+
+
+def recomputed_ops(ev: pd.DataFrame) -> int:
+    """How many forward-only ops ran inside backward (``autograd::engine::evaluate_function``
+    spans of the same thread): activation checkpointing's recompute. Non-reentrant checkpointing
+    leaves no op of its own in a trace; this is what it leaves."""
+    cpu = ev[(ev["cat"] == "cpu_op").to_numpy()]
+    if cpu.empty:
+        return 0
+    names = cpu["name"]
+    backward = cpu[by_name(names, lambda n: n.startswith("autograd::engine::evaluate_function"), bool)]
+    forward = cpu[by_name(names, lambda n: bool(_FORWARD_ONLY.match(n)), bool)]
+    count = 0
+    for tid, spans in backward.groupby(backward["tid"].astype(str), observed=True):
+        ops = forward[(forward["tid"].astype(str) == tid).to_numpy()]
+        if ops.empty:
+            continue
+        order = np.argsort(spans["ts"].to_numpy(), kind="stable")
+        starts = spans["ts"].to_numpy()[order]
+        ends = np.maximum.accumulate(spans["end"].to_numpy()[order])
+        i = np.searchsorted(starts, ops["ts"].to_numpy(), side="right") - 1
+        count += int(((i >= 0) & (ops["ts"].to_numpy() < ends[np.maximum(i, 0)])).sum())
+    return count
 
 
 def _comm_groups(trace: Trace, comm: pd.DataFrame) -> dict[str, dict[str, Any]]:

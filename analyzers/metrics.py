@@ -166,6 +166,8 @@ class RankTrace:
     """GPU idle ns by cause: input, sync, host launch, other."""
     communication_overlap: dict[str, float]
     gemm_fp32_share: float | None = None
+    recomputed_ops_per_step: float = 0.0
+    """Forward-only ops run inside backward a step: activation checkpointing's recompute."""
 
 
 @dataclass(kw_only=True)

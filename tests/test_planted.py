@@ -32,12 +32,21 @@ class Tokens(Dataset):
         g = torch.Generator().manual_seed(i)
         return torch.randint(0, 64, (8,), generator=g), torch.randint(0, 64, (), generator=g)
 
+class Checkpointed(nn.Module):  # activation checkpointing, as a user script writes it
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, x):
+        if PLANT == "checkpoint":
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+        return self.inner(x)
+
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 # Heavy enough (~50 ms of compute a step) that scheduling noise on 2 shared cores, seen to slow
 # one rank by 25 ms, stays well inside the straggler threshold (busy < 3/4 of the fastest).
-model = DDP(nn.Sequential(nn.Embedding(64, 64), nn.Flatten(), nn.Linear(64 * 8, 2048), nn.ReLU(),
-                          nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 64)))
+model = DDP(Checkpointed(nn.Sequential(nn.Embedding(64, 64), nn.Flatten(), nn.Linear(64 * 8, 2048), nn.ReLU(),
+                                       nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 64))))
 data = Tokens()
 loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -88,7 +97,10 @@ def test_clean_run_has_no_high_finding(clean) -> None:
     assert not [f for f in clean.findings if f.severity == "high"], [
         (f.id, f.evidence) for f in clean.findings
     ]
-    assert not {"straggler", "input_stall", "host_device_sync"} & set(by_id(clean))
+    assert not {"straggler", "input_stall", "host_device_sync", "recompute_without_pressure"} & set(
+        by_id(clean)
+    )
+    assert all(r.recomputed_ops_per_step == 0 for r in clean.metrics.trace.values())
 
 
 def test_slow_data_loader(tmp_path: Path) -> None:
@@ -148,6 +160,7 @@ def test_tiny_ddp_buckets(tmp_path: Path) -> None:
     top = a.findings[0]
     assert top.id == "small_ddp_buckets", [(f.id, f.saving_ms_per_step) for f in a.findings]
     assert top.evidence["buckets_per_step"] > 20
+    assert top.evidence["bucket_cap_mb"] == 0.001 and "the run's config" in top.evidence["told_by"]
     assert remedies.get(top.remedy).trainer == {"overlap.bucket_cap_mb": 25}
     assert fix(top, a.metrics).code == ["--set overlap.bucket_cap_mb=25"]  # the bundled trainer: its --set
 
@@ -166,6 +179,19 @@ def test_activation_checkpointing_with_memory_to_spare(tmp_path: Path) -> None:
     assert f.remedy == "no_activation_checkpointing"
     assert 0 < f.saving_ms_per_step < a.metrics.steps.step_time_ms  # type: ignore[union-attr]
     assert fix(f, a.metrics).code == ["--set kernels.activation_checkpointing=false"]
+
+
+def test_checkpointing_in_a_users_script_is_told_by_the_trace(tmp_path: Path) -> None:
+    """A script of its own (no configuration perfkit can read) checkpointing with
+    ``torch.utils.checkpoint``: the forward ops its backward re-runs tell it, and the fix is in the
+    script's terms."""
+    a = analyze(profile_script(tmp_path, "checkpoint"))
+    f = by_id(a)["recompute_without_pressure"]
+    assert f.evidence["told_by"] == "the trace's ops (forward ops run inside backward)"
+    # embedding and two ReLUs a step, recomputed once each
+    assert f.evidence["recomputed_ops_per_step"] >= 3
+    assert 0 < f.saving_ms_per_step < a.metrics.steps.step_time_ms  # type: ignore[union-attr]
+    assert not any("--set" in line for line in fix(f, a.metrics).code)
 
 
 @pytest.mark.parametrize(("impl", "said"), [("unfused", "per-parameter"), ("foreach", "foreach")])

@@ -224,3 +224,22 @@ def test_the_rule_fires(tmp_path: Path, rule_id: str) -> None:
     assert f.saving_ms_per_step >= 0 and f.estimate
     if rule_id == "small_ddp_buckets":  # 30 ms exposed, 60 buckets where 1 would do: 59/60 of it
         assert f.saving_ms_per_step == pytest.approx(29.5)
+
+
+def test_fp32_gemm_says_what_told_it(tmp_path: Path) -> None:
+    """The kernels tell the precision; a run configured for bf16 that still runs FP32 GEMMs (layers
+    outside autocast) says so beside them."""
+    bare = {f.id: f for f in _trace(tmp_path, step_loop_trace(0.0))}["fp32_gemm"]
+    assert bare.evidence["told_by"].startswith("the trace's GEMM kernels")
+    assert "configured_precision" not in bare.evidence and "bf16" not in bare.title
+    in_run = {f.id: f for f in _run_with_trace(tmp_path, {"kernels": {"precision": "bf16"}})}["fp32_gemm"]
+    assert in_run.evidence["configured_precision"] == "bf16"
+    assert in_run.title.endswith("although the run is configured for bf16")
+
+
+def test_small_buckets_say_what_told_them(tmp_path: Path) -> None:
+    recorded = {f.id: f for f in FIRES["small_ddp_buckets"](tmp_path)}["small_ddp_buckets"]
+    assert (
+        recorded.evidence["told_by"] == "the DDP all-reduces perfkit recorded (their count and size a step)"
+    )
+    assert "bucket_cap_mb" not in recorded.evidence

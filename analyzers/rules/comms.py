@@ -36,6 +36,7 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
         return None
     ideal = max(1, int(n * size / t["ideal_bucket_bytes"]) + 1)
     exposed_ms = comm.ddp_exposed_ms or 0.0
+    cap = m.config.get("overlap", {}).get("bucket_cap_mb")
     # The queue of tiny all-reduces still running after backward ended is what the step waits for;
     # with ``ideal`` large buckets about ideal/n of it would remain (bench/calibration.py: predicted
     # against measured on 2 CPU ranks). Overlapped communication is not counted.
@@ -49,6 +50,9 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "bucket_kib": round(size / 1024, 1),
             "exposed_after_backward_ms": round(exposed_ms, 2),
             "ideal_buckets": ideal,
+            **({"bucket_cap_mb": cap} if cap is not None else {}),
+            "told_by": "the DDP all-reduces perfkit recorded (their count and size a step)"
+            + (", and the run's config (overlap.bucket_cap_mb)" if cap is not None else ""),
         },
         remedy="bucket_size",
     )

@@ -29,11 +29,22 @@ def host_launch_bound(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
 def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     if not f.gemm_ns or f.gemm_fp32_ns <= t["min_fp32_share"] * f.gemm_ns:
         return None
+    # The kernels say what ran; a configuration saying otherwise (bf16 with FP32 GEMMs left: layers
+    # outside autocast) is named beside them.
+    configured = f.config.get("kernels", {}).get("precision")
+    evidence: dict[str, object] = {
+        "fp32_gemm_share": round(f.gemm_fp32_ns / f.gemm_ns, 3),
+        "kernels": f.fp32_kernels,
+        "told_by": "the trace's GEMM kernels (SIMT FP32, no tensor cores)",
+    }
+    if configured is not None:
+        evidence["configured_precision"] = configured
     return Diagnosis(
-        title="Matrix multiplies run in FP32 without tensor cores",
+        title="Matrix multiplies run in FP32 without tensor cores"
+        + (" although the run is configured for bf16" if configured == "bf16" else ""),
         saving_ms=t["saved_fraction"] * f.gemm_fp32_ns / (f.gpu_steps * 1e6),
         estimate=f"{t['saved_fraction']:.0%} of the FP32 GEMM kernel time",
-        evidence={"fp32_gemm_share": round(f.gemm_fp32_ns / f.gemm_ns, 3), "kernels": f.fp32_kernels},
+        evidence=evidence,
         remedy="bf16",
     )
 

@@ -33,8 +33,15 @@ def memory_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
 def recompute_without_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """Activation checkpointing recomputes the forward pass in backward to save memory; when the
     peak leaves more than half the device free and the allocator never ran short, that recompute
-    buys nothing."""
-    if not m.config.get("kernels", {}).get("activation_checkpointing") or m.steps is None:
+    buys nothing. Whether the run checkpoints: its configuration when it has one, else its traces
+    (forward-only ops run inside backward)."""
+    configured = m.config.get("kernels", {}).get("activation_checkpointing")
+    recomputed = max((r.recomputed_ops_per_step for r in m.trace.values()), default=0.0)
+    if configured is not None:
+        told_by = "the run's config (kernels.activation_checkpointing)"
+    else:
+        configured, told_by = recomputed > 0, "the trace's ops (forward ops run inside backward)"
+    if not configured or m.steps is None:
         return None
     mem, env = m.memory, (m.run.env if m.run else {})
     if mem is None or (mem.alloc_retries or 0) > 0 or (mem.ooms or 0) > 0:
@@ -55,6 +62,8 @@ def recompute_without_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "peak_share_of_capacity": round(peak / capacity, 3),
             "capacity": what,
             "forward_ms": round(forward_ms, 2),
+            "recomputed_ops_per_step": recomputed,
+            "told_by": told_by,
         },
         remedy="no_activation_checkpointing",
     )
