@@ -60,7 +60,7 @@ def run_case(name: str, nproc: int, steps: int, repeats: int, work: Path) -> dic
     fix = remedies.get(f.remedy).overrides()
     base = Candidate("planted", [*sets, f"steps={steps}"])
     fixed = Candidate("fixed", [*sets, *fix, f"steps={steps}"])
-    interleave("tiny-cpu", nproc, [base, fixed], repeats, work, progress=lambda line: print("  " + line))
+    interleave("tiny-cpu", nproc, [base, fixed], repeats, work, progress=lambda line, *_: print("  " + line))
     pairs = [
         b.step_ms - v.step_ms
         for b, v in zip(base.runs, fixed.runs, strict=False)

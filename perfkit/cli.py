@@ -18,6 +18,7 @@ import click
 
 from perfkit import __version__
 from perfkit.errors import PerfkitError
+from perfkit.progress import Progress
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -365,10 +366,6 @@ def export_trace(run: Path, out: Path | None) -> None:
     click.echo(path)
 
 
-def _progress(line: str) -> None:
-    click.echo(f"perfkit: {line}", err=True)
-
-
 @contextlib.contextmanager
 def _partial_on_interrupt(results: Path) -> Iterator[None]:
     """Ctrl-C: one line saying where what was measured so far is kept; exit 130."""
@@ -415,9 +412,9 @@ def sweep(
 
     folder = out or default_run_path("sweep")
     study = StudyLayout(folder, "sweep")
-    with _partial_on_interrupt(study.results):
+    with _partial_on_interrupt(study.results), Progress() as progress:
         result = run_sweep(
-            config_name, nproc, [*overrides, f"steps={steps}"], layouts, repeats, folder, progress=_progress
+            config_name, nproc, [*overrides, f"steps={steps}"], layouts, repeats, folder, progress=progress
         )
     click.echo(sweep_summary(result.to_json(), steps))
     click.echo(f"wrote {study.results}")
@@ -494,7 +491,7 @@ def optimize(
 
     folder = out or default_run_path("optimize")
     study = StudyLayout(folder, "optimize")
-    with _partial_on_interrupt(study.results):
+    with _partial_on_interrupt(study.results), Progress() as progress:
         opt = run_optimize(
             config=config_name,
             nproc=nproc,
@@ -509,7 +506,7 @@ def optimize(
             max_rounds=max_rounds,
             budget_s=budget * 60 if budget else None,
             verify=not no_verify,
-            progress=_progress,
+            progress=progress,
         )
     click.echo(optimize_summary(opt))
     click.echo(f"wrote {study.results}")

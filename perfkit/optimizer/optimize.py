@@ -41,6 +41,7 @@ from perfkit.optimizer.trials import (
     judge_adaptively,
     write_toml,
 )
+from perfkit.progress import Reporter, quiet
 from perfkit.run import Run, RunLayout, StudyLayout, write_json_atomic
 from perfkit.trainer.config import load_config
 
@@ -292,7 +293,7 @@ def run_optimize(
     max_rounds: int = 4,
     budget_s: float | None = None,
     verify: bool = True,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Reporter = quiet,
 ) -> Optimization:
     folder = StudyLayout(out, "optimize")
     out.mkdir(parents=True, exist_ok=True)
@@ -403,7 +404,7 @@ def _run_trial(
     max_pairs: int,
     min_gain: float,
     work: Path,
-    progress: Callable[[str], None],
+    progress: Reporter,
     time_left: Callable[[], bool],
 ) -> bool:
     """Measure the trial's alternatives against its base, interleaved; more pairs while an

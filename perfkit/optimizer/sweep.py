@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perfkit.errors import ConfigError
 from perfkit.optimizer.trials import Candidate, check, interleave
+from perfkit.progress import Reporter, quiet
 from perfkit.run import StudyLayout, write_json_atomic
 from perfkit.trainer.config import load_config, resolve_layout
 
@@ -111,7 +112,7 @@ def run_sweep(
     layouts: Sequence[str],
     repeats: int,
     out: Path,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Reporter = quiet,
 ) -> Sweep:
     problem = check(config, 1, [o for o in overrides if not o.startswith("parallel.")])
     if problem:

@@ -24,6 +24,7 @@ import numpy as np
 
 from perfkit.errors import ConfigError, PerfkitError
 from perfkit.launch import check_devices, trainer_command, trainer_env
+from perfkit.progress import Reporter, quiet
 from perfkit.trainer.config import load_config, resolve_layout
 
 WARMUP = 3
@@ -205,7 +206,7 @@ def interleave(
     candidates: list[Candidate],
     repeats: int,
     workdir: Path,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Reporter = quiet,
 ) -> None:
     """Measure every runnable candidate ``repeats`` times, round-robin; a candidate whose run fails is
     not run again (its error is kept)."""
@@ -219,7 +220,7 @@ def interleave(
             c.runs.append(m)
             done += 1
             figure = f"{m.step_ms:.1f} ms/step" if m.ok and m.step_ms else f"failed: {m.error}"
-            progress(f"[{done}/{total}] {c.label} (run {r + 1}/{repeats}): {figure}")
+            progress(f"[{done}/{total}] {c.label} (run {r + 1}/{repeats}): {figure}", done, total)
 
 
 @dataclass
