@@ -46,3 +46,16 @@ def test_no_activation_checkpointing_undoes_the_memory_remedy() -> None:
         load_config("tiny-cpu", [*on.overrides(), *off.overrides()]).kernels.activation_checkpointing is False
     )
     assert "torch.utils.checkpoint" in off.script
+
+
+def test_a_change_is_tried_only_where_it_acts() -> None:
+    """FSDP prefetch does nothing under DDP and bucket sizes nothing under FSDP: the optimizer does
+    not spend runs measuring them there."""
+    ddp = load_config("tiny-cpu", []).to_dict()
+    fsdp = load_config("tiny-cpu", ["parallel.zero=3"]).to_dict()
+    assert remedies.acts_in(["overlap.bucket_cap_mb=25"], ddp)
+    assert not remedies.acts_in(["overlap.bucket_cap_mb=25"], fsdp)
+    assert remedies.acts_in(["overlap.fsdp_prefetch=1"], fsdp)
+    assert not remedies.acts_in(["overlap.fsdp_prefetch=1"], ddp)
+    assert not remedies.acts_in(["parallel.pp_schedule=gpipe"], ddp)
+    assert remedies.acts_in(["kernels.attention=sdpa"], ddp)

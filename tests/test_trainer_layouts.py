@@ -50,6 +50,8 @@ LAYOUTS = {
     "zero1": (2, ["parallel.zero=1"]),
     "fsdp-zero2": (2, ["parallel.zero=2"]),
     "fsdp-zero3": (2, ["parallel.zero=3"]),
+    "fsdp-zero3-prefetch": (2, ["parallel.zero=3", "overlap.fsdp_prefetch=2"]),
+    "dp2-bucket-view": (2, ["overlap.gradient_as_bucket_view=true", "overlap.bucket_cap_mb=0.01"]),
     "tp2": (2, ["parallel.tp=2"]),
     "tp2-sequence-parallel": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2-gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),

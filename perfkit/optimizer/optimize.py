@@ -255,11 +255,13 @@ def plan(
             continue
         seen.update(tuple(c) for c in changes)
         problems = {tuple(c): check(config, nproc, [*overrides, *c]) for c in changes}
-        runnable = [
-            c
-            for c in changes
-            if not problems[tuple(c)] and load_config(config, [*overrides, *c]).to_dict() != current
-        ]
+        runnable = []
+        for c in changes:
+            if problems[tuple(c)]:
+                continue
+            changed = load_config(config, [*overrides, *c]).to_dict()
+            if changed != current and remedies.acts_in(c, changed):
+                runnable.append(c)
         t = Trial(
             f.id,
             f.title,

@@ -51,6 +51,23 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={text}"
 
 
+# Trainer keys that act only in some layouts: a change of one elsewhere would measure nothing.
+_ACTS_WHEN: dict[str, Any] = {
+    "overlap.bucket_cap_mb": lambda c: c["parallel"]["zero"] < 2,  # DDP's buckets
+    "overlap.gradient_as_bucket_view": lambda c: c["parallel"]["zero"] < 2,
+    "overlap.fsdp_prefetch": lambda c: c["parallel"]["zero"] >= 2,  # FSDP2's blocks
+    "parallel.pp_schedule": lambda c: c["parallel"]["pp"] > 1,
+    "parallel.microbatches": lambda c: c["parallel"]["pp"] > 1,
+    "parallel.sequence_parallel": lambda c: c["parallel"]["tp"] > 1,
+}
+
+
+def acts_in(change: list[str], config: dict[str, Any]) -> bool:
+    """Whether every key of a ``--set`` change acts in a configuration (``TrainConfig.to_dict()``
+    with the change applied): FSDP prefetch does nothing under DDP, bucket sizes nothing under FSDP."""
+    return all(_ACTS_WHEN.get(item.split("=", 1)[0], lambda c: True)(config) for item in change)
+
+
 REMEDIES: dict[str, Remedy] = {}
 
 
@@ -159,6 +176,12 @@ register(
         description="Overlap gradient communication with backward: larger DDP buckets issued earlier, "
         "FSDP prefetch, or fewer collectives.",
         trainer={"overlap.bucket_cap_mb": 25},
+        alternatives=(
+            {"overlap.bucket_cap_mb": 25, "overlap.gradient_as_bucket_view": True},
+            {"overlap.fsdp_prefetch": 1},
+            {"overlap.fsdp_prefetch": 2},
+            {"parallel.zero": 2},  # FSDP2: keep the gathered parameters from forward to backward
+        ),
         script="DDP(model, bucket_cap_mb=25); with FSDP2, model.set_modules_to_forward_prefetch(...)",
     )
 )

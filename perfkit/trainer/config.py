@@ -80,6 +80,9 @@ class OverlapConfig:
     """DDP gradient bucket size: smaller buckets start all-reduce earlier but issue more of them."""
     gradient_as_bucket_view: bool = False
     """Let DDP's gradients alias its buckets, saving a copy and memory."""
+    fsdp_prefetch: int = 0
+    """FSDP2 (zero 2/3): how many next blocks each block explicitly prefetches (all-gathers early), in
+    forward and backward; 0 leaves FSDP2's implicit one-block prefetch."""
 
 
 @dataclass(kw_only=True)
@@ -344,6 +347,7 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
         ("steps", cfg.steps, 1),
         ("log_every", cfg.log_every, 1),
         ("checkpoint.every", cfg.checkpoint.every, 0),
+        ("overlap.fsdp_prefetch", cfg.overlap.fsdp_prefetch, 0),
     ):
         if value < low:
             raise ConfigError(f"{name}={value} must be at least {low}")

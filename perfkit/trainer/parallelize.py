@@ -145,9 +145,15 @@ def _data_parallel(
             param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
         )
         reshard = p.zero == 3
-        for block in module.layers.values():
+        blocks = list(module.layers.values())
+        for block in blocks:
             fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
         fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
+        ahead = cfg.overlap.fsdp_prefetch
+        if ahead:  # explicit prefetch: all-gather the next blocks' parameters before they are needed
+            for i, block in enumerate(blocks):
+                block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + ahead])  # type: ignore[operator]
+                block.set_modules_to_backward_prefetch(blocks[max(0, i - ahead) : i][::-1])  # type: ignore[operator]
         return module
     if dp_mesh.size() == 1 or not ddp:
         return module

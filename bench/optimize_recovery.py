@@ -1,0 +1,140 @@
+"""Does ``perfkit optimize`` recover what a person would by hand?
+
+    python bench/optimize_recovery.py                       # every case, ~8 minutes a case
+    python bench/optimize_recovery.py --case overlap --budget 6
+
+Each case plants slowdowns in the bundled trainer (tiny-cpu widened to d_model 128 on 2 CPU
+ranks, the workload of ``bench/calibration.py``) and knows the hand-tuned fix. ``perfkit optimize``
+starts from the planted configuration with a time budget; then the planted, the optimized and the
+hand-tuned configurations run side by side in interleaved plain runs. The recovery is the share of
+the hand-tuned speed-up the optimizer got: (planted/optimized - 1) / (planted/hand-tuned - 1), from
+the runs' median per-step times. Target: at least 90% on every case, within 10 minutes a case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from perfkit.optimizer.optimize import run_optimize
+from perfkit.optimizer.trials import Candidate, interleave
+
+WORKLOAD = ["model.d_model=128", "model.n_heads=4"]
+# case: (family, planted, hand-tuned): the fix a person who knows the trainer would apply
+CASES: dict[str, tuple[str, list[str], list[str]]] = {
+    "overlap": (
+        "overlap schedule",
+        ["overlap.bucket_cap_mb=0.005"],
+        ["overlap.bucket_cap_mb=25"],
+    ),
+    "kernels": (
+        "tuned kernels",
+        ["kernels.attention=eager", "kernels.optimizer_impl=unfused"],
+        ["kernels.attention=sdpa", "kernels.optimizer_impl=foreach"],
+    ),
+    "recompute": (
+        "tuned kernels + host",
+        ["kernels.activation_checkpointing=true", "log_every=1"],
+        ["kernels.activation_checkpointing=false", "log_every=10"],
+    ),
+    "all-four": (
+        "both",
+        [
+            "kernels.attention=eager",
+            "kernels.optimizer_impl=unfused",
+            "kernels.activation_checkpointing=true",
+            "overlap.bucket_cap_mb=0.005",
+        ],
+        [
+            "kernels.attention=sdpa",
+            "kernels.optimizer_impl=foreach",
+            "kernels.activation_checkpointing=false",
+            "overlap.bucket_cap_mb=25",
+        ],
+    ),
+}
+
+
+def run_case(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    family, planted, hand = CASES[name]
+    slow = [*WORKLOAD, *planted]
+    t0 = time.monotonic()
+    opt = run_optimize(
+        config="tiny-cpu",
+        nproc=args.nproc,
+        overrides=slow,
+        out=work / f"{name}-optimize",
+        steps=args.steps,
+        repeats=2,
+        max_trials=8,
+        budget_s=args.budget * 60,
+        verify=False,
+        progress=lambda line, *_: print(f"  {line}", flush=True),
+    )
+    optimize_s = time.monotonic() - t0
+    steps = [f"steps={args.steps}"]
+    cands = [
+        Candidate("planted", [*slow, *steps]),
+        Candidate("optimized", [*slow, *opt.kept, *steps]),
+        Candidate("hand-tuned", [*slow, *hand, *steps]),
+    ]
+    print(f"  side by side: planted, optimized ({' '.join(opt.kept) or 'nothing kept'}), hand-tuned")
+    interleave(
+        "tiny-cpu", args.nproc, cands, args.repeats, work, progress=lambda line, *_: print(f"  {line}")
+    )
+    med = {c.label: statistics.median(r.step_ms for r in c.runs if r.ok and r.step_ms) for c in cands}
+    s_opt, s_hand = med["planted"] / med["optimized"], med["planted"] / med["hand-tuned"]
+    recovery = (s_opt - 1) / (s_hand - 1) if s_hand > 1 else float("nan")
+    return {
+        "case": name,
+        "family": family,
+        "planted": planted,
+        "hand": hand,
+        "kept": opt.kept,
+        "stopped": opt.stopped,
+        "optimize_s": optimize_s,
+        "step_ms": med,
+        "speedup_optimized": s_opt,
+        "speedup_hand": s_hand,
+        "recovery": recovery,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", choices=list(CASES), help="default: every case")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--budget", type=float, default=8.0, help="perfkit optimize's --budget, minutes")
+    ap.add_argument("--repeats", type=int, default=3, help="side-by-side pairs at the end")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.case or list(CASES):
+            print(f"case {name}: planted {' '.join(CASES[name][1])}", flush=True)
+            rows.append(run_case(name, args, Path(tmp)))
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    print(f"\ntiny-cpu + {' '.join(WORKLOAD)}, {args.nproc} CPU ranks, optimize --budget {args.budget:g} min")
+    print(
+        f"{'case':<10} {'planted ms':>10} {'optimized':>10} {'hand':>8} {'recovery':>9} {'minutes':>8}  kept"
+    )
+    for r in rows:
+        m = r["step_ms"]
+        print(
+            f"{r['case']:<10} {m['planted']:>10.1f} {m['optimized']:>10.1f} {m['hand-tuned']:>8.1f} "
+            f"{r['recovery']:>8.0%} {r['optimize_s'] / 60:>8.1f}  {' '.join(r['kept']) or '-'}"
+        )
+    if any(not r["recovery"] >= 0.9 for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
