@@ -118,3 +118,27 @@ def test_async_checkpoint_completes(tmp_path: Path) -> None:
         "step-00000006",
     ]
     assert all((p / ".metadata").exists() for p in (tmp_path / "ck").iterdir())
+
+
+# Kernel switches on one process: the same math gives the same losses (1e-4, float reordering);
+# bf16 autocast a stated tolerance (5% of the loss: bf16 keeps 8 bits of mantissa in the matmuls).
+KERNELS = {
+    "eager-attention": (["kernels.attention=eager"], 1e-4),
+    "unfused-adamw": (["kernels.optimizer_impl=unfused"], 1e-4),
+    "fused-adamw": (["kernels.optimizer_impl=fused"], 1e-4),
+    "activation-checkpointing": (["kernels.activation_checkpointing=true"], 1e-4),
+    "bf16": (["kernels.precision=bf16"], 5e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernel_switch_keeps_the_losses(tmp_path: Path, baseline: list[float], name: str) -> None:
+    sets, tolerance = KERNELS[name]
+    rc, records, out = train(tmp_path, 1, *sets)
+    assert rc == 0, out
+    got = [r["loss"] for r in records]
+    assert len(got) == STEPS
+    for g, w in zip(got, baseline):
+        assert abs(g - w) <= tolerance * abs(w), (name, got, baseline)
+    if name == "bf16":  # not the fp32 run by another name
+        assert got != baseline
