@@ -161,6 +161,14 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             n_matched = max(1, len(matched) // n_ranks)
             last_share = last.groupby("rank").size() / n_matched
     busy = s.set_index(["rank", "step"])["step_time_s"] - wait
+    # Time the training thread was ready to run but the host ran something else (run-queue wait,
+    # the cpu collector) is the host's doing, not the rank's: an oversubscribed host makes one rank
+    # slow by turns or for a while, which is not a straggler to fix in the job.
+    cpu = t.frames.get("cpu")
+    if cpu is not None and not cpu.empty and "runq_wait_s" in cpu and cpu["runq_wait_s"].notna().any():
+        runq = cpu.dropna(subset=["runq_wait_s"]).set_index(["rank", "step"])["runq_wait_s"]
+        runq = runq[~runq.index.duplicated()]
+        busy = busy - runq.reindex(busy.index).fillna(0.0)
     busy_med = busy.groupby(level="rank").median()
     score = busy_med.min() / busy_med
     ranks = [

@@ -106,7 +106,7 @@ NVML = Table(
 )
 CPU = Table(
     "cpu",
-    {"step": "int", "cpu_s": "float", "wall_s": "float", "host_busy": "float"},
+    {"step": "int", "cpu_s": "float", "wall_s": "float", "host_busy": "float", "runq_wait_s": "float"},
     required=("step", "cpu_s", "wall_s"),
 )
 TABLES = {t.name: t for t in (STEPS, COMMS, IO, MEMORY, NVML, CPU)}

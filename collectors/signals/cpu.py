@@ -18,6 +18,16 @@ from perfkit.collectors.probe import Probe
 from perfkit.tables import CPU
 
 
+def runq_wait_ns() -> int | None:
+    """How long the calling thread has waited on a run queue (runnable, but the host gave its core to
+    something else), from /proc/thread-self/schedstat (Linux; None elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def host_times() -> tuple[int, int] | None:
     """(busy, total) jiffies of the whole host since boot, from /proc/stat's first line."""
     try:
@@ -36,6 +46,7 @@ class CpuCollector(Collector):
 
     def start(self, probe: Probe) -> None:
         self._last = os.times()
+        self._runq = runq_wait_ns()
         self._host = host_times()
         self._host_at = time.monotonic()
 
@@ -47,6 +58,10 @@ class CpuCollector(Collector):
             "wall_s": now.elapsed - self._last.elapsed,
         }
         self._last = now
+        runq = runq_wait_ns()  # step_end runs on the training thread: its own wait
+        if runq is not None and self._runq is not None:
+            row["runq_wait_s"] = (runq - self._runq) / 1e9
+        self._runq = runq
         if time.monotonic() - self._host_at >= 0.5:
             host = host_times()
             if host is not None and self._host is not None and host[1] > self._host[1]:
