@@ -64,12 +64,13 @@ class TraceFacts:
 
 
 def _inside(events: pd.DataFrame, spans: pd.DataFrame) -> np.ndarray:
-    """Which of ``events`` start inside one of ``spans`` (non-overlapping, e.g. optimizer steps)."""
+    """Which of ``events`` start inside one of ``spans`` (optimizer steps; nested or overlapping
+    spans too, e.g. autograd's evaluate_function calls)."""
     if events.empty or spans.empty:
         return np.zeros(len(events), dtype=bool)
     starts, ends = spans["ts"].to_numpy(), spans["end"].to_numpy()
     order = starts.argsort()
-    starts, ends = starts[order], ends[order]
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
     ts = events["ts"].to_numpy()
     k = starts.searchsorted(ts, side="right") - 1
     return (k >= 0) & (ts <= ends[k.clip(0)])
@@ -154,17 +155,10 @@ def recomputed_ops(ev: pd.DataFrame) -> int:
     names = cpu["name"]
     backward = cpu[by_name(names, lambda n: n.startswith("autograd::engine::evaluate_function"), bool)]
     forward = cpu[by_name(names, lambda n: bool(_FORWARD_ONLY.match(n)), bool)]
-    count = 0
-    for tid, spans in backward.groupby(backward["tid"].astype(str), observed=True):
-        ops = forward[(forward["tid"].astype(str) == tid).to_numpy()]
-        if ops.empty:
-            continue
-        order = np.argsort(spans["ts"].to_numpy(), kind="stable")
-        starts = spans["ts"].to_numpy()[order]
-        ends = np.maximum.accumulate(spans["end"].to_numpy()[order])
-        i = np.searchsorted(starts, ops["ts"].to_numpy(), side="right") - 1
-        count += int(((i >= 0) & (ops["ts"].to_numpy() < ends[np.maximum(i, 0)])).sum())
-    return count
+    return sum(
+        int(_inside(forward[(forward["tid"] == tid).to_numpy()], spans).sum())
+        for tid, spans in backward.groupby("tid", observed=True)
+    )
 
 
 def _comm_groups(trace: Trace, comm: pd.DataFrame) -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 import pandas as pd
+from perfkit.analyzers.breakdown import merge, profiler_steps
 from perfkit.analyzers.trace import GPU_CATS, Trace, by_name
 
 _COMM = re.compile(r"^nccl.*Kernel")
@@ -39,11 +40,9 @@ def kernel_type(name: str) -> str:
 def window(trace: Trace) -> pd.DataFrame:
     """The GPU events HTA reads (every event on a stream: kernels, copies, sets and ``cuda_sync``
     waits, "Stream Wait Event" counting as computation), with their ``kind``: with two or more
-    ProfilerStep annotations, only
-    those launched (by correlation id) from CPU events that start before the last step does; starts
-    rounded up and ends down to whole microseconds, as HTA's parser does."""
-    from perfkit.analyzers.breakdown import profiler_steps
-
+    ProfilerStep annotations, only those launched (by correlation id) from CPU events that start
+    before the last step does; starts rounded up and ends down to whole microseconds, as HTA's
+    parser does."""
     gpu = trace.events[trace.events["stream"].to_numpy() != -1]
     steps = profiler_steps(trace)
     if len(steps) >= 2:
@@ -68,8 +67,6 @@ def _ceil_us(ns: np.ndarray) -> np.ndarray:
 
 def _sweep(gpu: pd.DataFrame, kinds: tuple[str, ...]) -> dict[frozenset[str], int]:
     """Time during which exactly each set of ``kinds`` runs (each kind's intervals merged first)."""
-    from perfkit.analyzers.breakdown import merge
-
     times, deltas = [], []
     for bit, kind in enumerate(kinds):
         sub = gpu[gpu["kind"].to_numpy() == kind]

@@ -164,11 +164,9 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
     # Time the training thread was ready to run but the host ran something else (run-queue wait,
     # the cpu collector) is the host's doing, not the rank's: an oversubscribed host makes one rank
     # slow by turns or for a while, which is not a straggler to fix in the job.
-    cpu = t.frames.get("cpu")
-    if cpu is not None and not cpu.empty and "runq_wait_s" in cpu and cpu["runq_wait_s"].notna().any():
-        runq = cpu.dropna(subset=["runq_wait_s"]).set_index(["rank", "step"])["runq_wait_s"]
-        runq = runq[~runq.index.duplicated()]
-        busy = busy - runq.reindex(busy.index).fillna(0.0)
+    runq = t.frames["cpu"].dropna(subset=["runq_wait_s"]).set_index(["rank", "step"])["runq_wait_s"]
+    if not runq.empty:
+        busy = busy - runq[~runq.index.duplicated()].reindex(busy.index).fillna(0.0)
     busy_med = busy.groupby(level="rank").median()
     score = busy_med.min() / busy_med
     ranks = [

@@ -13,12 +13,14 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
-import pandas as pd
 
 from perfkit.errors import RunDirError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
@@ -174,6 +176,8 @@ def read_table(path: Path, table: Table, drop_bad_rows: bool = False) -> tuple[p
         rows.append(row)
     if bad:
         notes.append(f"{len(bad)} damaged row(s) dropped; first: {bad[0]}")
+    import pandas as pd  # only readers need it: the CLI's start-up and the ranks' collectors do not
+
     frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*table.columns, *(k for r in rows for k in r)])))
     return frame, notes
 

@@ -13,6 +13,7 @@ it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ def as_override(key: str, value: Any) -> str:
 
 
 # Trainer keys that act only in some layouts: a change of one elsewhere would measure nothing.
-_ACTS_WHEN: dict[str, Any] = {
+_ACTS_WHEN: dict[str, Callable[[dict[str, Any]], bool]] = {
     "overlap.bucket_cap_mb": lambda c: c["parallel"]["zero"] < 2,  # DDP's buckets
     "overlap.gradient_as_bucket_view": lambda c: c["parallel"]["zero"] < 2,
     "overlap.fsdp_prefetch": lambda c: c["parallel"]["zero"] >= 2,  # FSDP2's blocks
