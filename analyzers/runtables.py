@@ -161,13 +161,12 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             n_matched = max(1, len(matched) // n_ranks)
             last_share = last.groupby("rank").size() / n_matched
     busy = s.set_index(["rank", "step"])["step_time_s"] - wait
-    # Time the training thread was ready to run but the host ran something else (run-queue wait,
-    # the cpu collector) is the host's doing, not the rank's: an oversubscribed host makes one rank
-    # slow by turns or for a while, which is not a straggler to fix in the job.
-    runq = t.frames["cpu"].dropna(subset=["runq_wait_s"]).set_index(["rank", "step"])["runq_wait_s"]
-    if not runq.empty:
-        busy = busy - runq[~runq.index.duplicated()].reindex(busy.index).fillna(0.0)
     busy_med = busy.groupby(level="rank").median()
+    # The training thread's run-queue wait (ready to run, but the host ran something else; the cpu
+    # collector): where it explains most of a rank's extra busy time, the host is oversubscribed and
+    # the rank is not a straggler to fix in the job. A rank that sleeps or computes longer is.
+    cpu = t.frames["cpu"].dropna(subset=["runq_wait_s"])
+    runq_med = cpu.groupby("rank")["runq_wait_s"].median() if not cpu.empty else None
     score = busy_med.min() / busy_med
     ranks = [
         StragglerRank(
@@ -185,6 +184,11 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
     for x in ranks:
         share = x.last_to_arrive_share
         if (x.score or 0.0) < 0.75 and (share is None or share >= 0.8):
+            fastest = int(busy_med.idxmin())  # type: ignore[call-overload]
+            extra = busy_med[x.rank] - busy_med[fastest]
+            if runq_med is not None and {x.rank, fastest} <= set(runq_med.index):
+                if runq_med[x.rank] - runq_med[fastest] >= 0.5 * extra:
+                    continue  # the host kept it waiting
             slow.append(x.rank)
     return Stragglers(ranks=ranks, slow=slow)
 
