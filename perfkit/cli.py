@@ -34,6 +34,38 @@ class FiniteRange(click.FloatRange):
         return result
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: 40GiB, 512MiB, 2.5GB or a plain number of bytes."""
+
+    name = "size"
+    _UNITS = {
+        "": 1,
+        "b": 1,
+        "kb": 1e3,
+        "mb": 1e6,
+        "gb": 1e9,
+        "tb": 1e12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :]
+        try:
+            size = float(number) * self._UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size; write e.g. 40GiB, 512MiB or 2.5GB", param, ctx)
+        if not math.isfinite(size) or size <= 0:
+            self.fail(f"{value!r} must be a positive size", param, ctx)
+        return size
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -390,6 +422,35 @@ def _partial_on_interrupt(results: Path) -> Iterator[None]:
 @click.option("--steps", type=click.IntRange(min=2), default=20, show_default=True, help="Steps per run.")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Runs per layout.")
 @click.option(
+    "--basis",
+    type=click.Path(path_type=Path),
+    help="A profiled run of the trainer to predict from (default: profile the first layout).",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    help="Successive halving: short runs for every layout, the faster half again for twice the steps, "
+    "until TOP are left for the full runs (default: every layout runs in full).",
+)
+@click.option(
+    "--memory-limit",
+    type=ByteSize(),
+    metavar="SIZE",
+    help="Per-rank memory a layout must be predicted to fit, e.g. 40GiB (default: the GPU's, or the "
+    "host's shared by the ranks).",
+)
+@click.option("--no-predict", is_flag=True, help="Measure every layout without a basis run or predictions.")
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Nodes (run the same command on each).",
+)
+@click.option(
+    "--rdzv-endpoint", metavar="HOST:PORT", default="", help="torchrun's rendezvous for --nnodes > 1."
+)
+@click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Folder (default runs/<time>-sweep)."
 )
 def sweep(
@@ -399,26 +460,73 @@ def sweep(
     layouts: tuple[str, ...],
     steps: int,
     repeats: int,
+    basis: Path | None,
+    top: int | None,
+    memory_limit: float | None,
+    no_predict: bool,
+    nnodes: int,
+    rdzv_endpoint: str,
     out: Path | None,
 ) -> None:
-    """Benchmark the reference trainer over parallel layouts, side by side.
+    """Predict, then benchmark the reference trainer over parallel layouts, side by side.
 
-    Plain runs (no collectors), interleaved round-robin so a shared machine's drift falls on every
-    layout alike. Writes sweep.json and sweep.html; layouts that cannot run are listed with why.
+    One profiled run (--basis, or the first layout) predicts each layout's step time and peak
+    memory; layouts predicted not to fit are listed, not run; the rest run fastest-predicted first,
+    as plain runs (no collectors) interleaved round-robin so a shared machine's drift falls on every
+    layout alike. Writes sweep.json (a ledger: the same command in the same --out measures nothing
+    twice) and sweep.html, with predicted beside measured.
     """
+    from perfkit.errors import ConfigError
+    from perfkit.launch import Nodes
     from perfkit.optimizer.sweep import run_sweep
     from perfkit.reports.text import sweep_summary
     from perfkit.run import StudyLayout, default_run_path
 
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, an address every node reaches")
     folder = out or default_run_path("sweep")
     study = StudyLayout(folder, "sweep")
     with _partial_on_interrupt(study.results), Progress() as progress:
         result = run_sweep(
-            config_name, nproc, [*overrides, f"steps={steps}"], layouts, repeats, folder, progress=progress
+            config_name,
+            nproc,
+            [*overrides, f"steps={steps}"],
+            layouts,
+            repeats,
+            folder,
+            progress=progress,
+            basis_run=basis,
+            top=top,
+            memory_limit=memory_limit,
+            nodes=Nodes(nnodes, rdzv_endpoint),
+            predict=not no_predict,
         )
     click.echo(sweep_summary(result.to_json(), steps))
     click.echo(f"wrote {study.results}")
     click.echo(f"report: {study.page.resolve()}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A change to the run's configuration, e.g. --set parallel.tp=2 (repeatable).",
+)
+@click.option("--nproc", type=click.IntRange(min=1), help="Ranks for the change (default: the run's).")
+def whatif(run: Path, overrides: tuple[str, ...], nproc: int | None) -> None:
+    """Predict a change's step time and peak memory from a profiled run, without running it.
+
+    RUN is a profiled run of the reference trainer; each --set changes its configuration (the
+    layout, microbatches, ZeRO stage, checkpointing, precision, ...).
+    """
+    from perfkit.optimizer.layoutmodel import basis_from_run, whatif_lines
+
+    basis = basis_from_run(run)
+    for line in whatif_lines(basis, list(overrides), nproc or basis.world_size):
+        click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)

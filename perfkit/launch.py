@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from perfkit.errors import ConfigError
@@ -44,18 +45,58 @@ def check_devices(cfg: TrainConfig, nproc: int) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """Where the ranks run: this node alone (torchrun --standalone), or several nodes meeting at a
+    rendezvous endpoint (torchrun's c10d rendezvous; the same command runs on every node)."""
+
+    count: int = 1
+    endpoint: str = ""
+    """HOST:PORT of the rendezvous (a node's address that every node reaches)."""
+
+    @property
+    def single(self) -> bool:
+        return self.count == 1 and not self.endpoint
+
+    def torchrun_args(self, run_id: str) -> list[str]:
+        """``run_id`` must be the same on every node for one run and differ between runs."""
+        if self.single:
+            return ["--standalone"]
+        return [
+            f"--nnodes={self.count}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={run_id}",
+        ]
+
+
+ONE_NODE = Nodes()
+
+
 def trainer_command(
-    nproc: int, config: str, overrides: tuple[str, ...] | list[str], log_json: Path | None
+    nproc: int,
+    config: str,
+    overrides: tuple[str, ...] | list[str],
+    log_json: Path | None,
+    nodes: Nodes = ONE_NODE,
+    run_id: str = "perfkit",
 ) -> list[str]:
-    """argv that runs the trainer: alone for one rank, else under torchrun on this node."""
+    """argv that runs the trainer: alone for one rank, else under torchrun (``nproc`` ranks a node)."""
     args = ["-m", "perfkit.trainer", "--config", config]
     for item in overrides:
         args += ["--set", item]
     if log_json is not None:
         args += ["--log-json", str(log_json)]
-    if nproc == 1:
+    if nproc == 1 and nodes.single:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *nodes.torchrun_args(run_id),
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
 
 
 def trainer_env(nproc: int) -> dict[str, str]:

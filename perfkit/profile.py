@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from perfkit.collectors.options import CollectOptions
 from perfkit.envinfo import environment
 from perfkit.errors import ConfigError
-from perfkit.launch import exit_code, trainer_env
+from perfkit.launch import Nodes, exit_code, trainer_env
 from perfkit.run import Run, RunLayout, Status
 from perfkit.tables import STEPS
 
@@ -120,24 +120,26 @@ def reference_request(
     out: Path,
     name: str,
     options: CollectOptions | None = None,
+    nodes: Nodes | None = None,
 ) -> ProfileRequest:
     """A request to profile the bundled trainer, its configuration checked before any process
     starts, its log written into the run; every collector and the default kernel window unless
     ``options`` say otherwise (no window when the run is too short for it)."""
-    from perfkit.launch import check_devices, trainer_command
+    from perfkit.launch import ONE_NODE, check_devices, trainer_command
     from perfkit.trainer.config import load_config, resolve_layout
 
+    nodes = nodes or ONE_NODE
     cfg = load_config(config, list(overrides))
-    resolve_layout(cfg, nproc)
+    resolve_layout(cfg, nproc * nodes.count)
     check_devices(cfg, nproc)
     options = options or CollectOptions()
     if options.profile_steps and options.profile_steps[1] > cfg.steps:
         options = dataclasses.replace(options, profile_steps=None)
     return ProfileRequest(
-        command=trainer_command(nproc, config, list(overrides), RunLayout(out).train_log),
+        command=trainer_command(nproc, config, list(overrides), RunLayout(out).train_log, nodes, name),
         out=out,
         options=options,
-        world_size=nproc,
+        world_size=nproc * nodes.count,
         config=cfg.to_dict(),
         name=name,
     )

@@ -262,6 +262,17 @@ def trial_runs(rows: list[dict[str, Any]], title: str) -> go.Figure | None:
     fig.add_scatter(
         name="each run", x=[d[0] for d in dots], y=[d[1] for d in dots], mode="markers", marker=dict(size=8)
     )
+    predicted = [
+        (r["predicted"]["step_ms"], r["label"]) for r in rows if (r.get("predicted") or {}).get("step_ms")
+    ]
+    if predicted:
+        fig.add_scatter(
+            name="predicted",
+            x=[p[0] for p in predicted],
+            y=[p[1] for p in predicted],
+            mode="markers",
+            marker=dict(size=11, symbol="diamond-open", line=dict(width=2)),
+        )
     fig.update_layout(
         title=title,
         xaxis_title="ms per step (lower is better)",

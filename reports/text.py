@@ -215,23 +215,48 @@ def comparison_summary(c: Comparison) -> str:
 
 
 def sweep_summary(data: dict[str, Any], steps: int) -> str:
-    """The ranked table of a sweep.json document."""
+    """The ranked table of a sweep.json document, predicted beside measured."""
+    head = f"perfkit sweep: {data['config']} on {data['nproc']} rank(s)"
+    if data.get("nodes", 1) > 1:
+        head += f" a node x {data['nodes']} nodes"
+    rungs = data.get("rungs") or []
+    if len(rungs) > 1:
+        head += ", successive halving " + " -> ".join(f"{n} layouts x {s} steps" for n, s, _ in rungs)
+    head += f"; {data['repeats']} run(s) of {steps} steps for the full runs"
     lines = [
-        f"perfkit sweep: {data['config']} on {data['nproc']} rank(s), {data['repeats']} run(s) each, {steps} steps",
-        f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'tokens/s':>10} {'vs best':>8} {'peak MiB':>9}  runs",
+        head,
+        f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'predicted':>10} {'vs best':>8} {'peak MiB':>9} {'predicted':>10}  runs",
     ]
     for i, c in enumerate(data["candidates"], 1):
+        p = c.get("predicted") or {}
+        pms = f"{p['step_ms']:>10.1f}" if p.get("step_ms") else f"{'–':>10}"
+        pmem = f"{p['peak_memory_bytes'] / 2**20:>10,.0f}" if p.get("peak_memory_bytes") else f"{'–':>10}"
         if c["step_ms"]:
-            runs = ", ".join(f"{r['step_ms']:.1f}" if r["ok"] else "failed" for r in c["runs"])
+            runs = ", ".join(
+                f"{r['step_ms']:.1f}" if r["ok"] and r.get("step_ms") else "failed" for r in c["runs"]
+            )
             mem = f"{c['peak_memory_bytes'] / 2**20:>9,.0f}" if c["peak_memory_bytes"] else f"{'–':>9}"
             mfu = f"  MFU {c['mfu']:.1%}" if c["mfu"] is not None else ""
+            vs = f"{c['vs_best']:>7.2f}x" if c.get("vs_best") else f"{c.get('measured_steps')} st."
             lines.append(
-                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {c['tokens_per_s']:>10,.0f} "
-                f"{c['vs_best']:>7.2f}x {mem}  {runs}{mfu}"
+                f"{i:>3}  {c['label']:<28} {c['step_ms']:>9.2f} {pms} {vs:>8} {mem} {pmem}  {runs}{mfu}"
             )
         else:
-            why = f"skipped: {c['skipped']}" if c["skipped"] else f"failed: {c['runs'][-1]['error']}"
-            lines.append(f"{i:>3}  {c['label']:<28} {why}")
+            why = f"skipped: {c['skipped']}" if c["skipped"] else (
+                f"failed: {c['runs'][-1]['error']}" if c["runs"] else "not measured")  # fmt: skip
+            lines.append(f"{i:>3}  {c['label']:<28} {'':>9} {pms} {'':>8} {'':>9} {pmem}  {why}")
+    a = data.get("agreement") or {}
+    if a.get("spearman") is not None:
+        lines.append(
+            f"predicted vs measured: step-time ranking Spearman {a['spearman']:.2f} over {a['layouts_ranked']} layouts"
+            + (
+                f"; peak memory off by {a['memory_error_median']:.0%} (median), {a['memory_error_max']:.0%} at most"
+                if a.get("memory_error_median") is not None
+                else ""
+            )
+        )
+    if data.get("basis"):
+        lines.append(f"predictions from {data['basis']['run']}")
     return "\n".join(lines)
 
 

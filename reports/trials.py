@@ -24,6 +24,7 @@ def render(data: dict[str, Any], page: Path | None = None) -> str:
     """The page for a sweep.json or optimize.json document (``page``: where it will be written, to
     link the runs' reports relative to it)."""
     if data.get("kind") == "sweep":
+        data = {"basis": None, "agreement": {}, "rungs": [], "steps": None, **data}
         rows = data["candidates"]
         title = f"perfkit sweep: {data['config']} on {data['nproc']} rank(s)"
         chart = figures.trial_runs(rows, "Time per step of each layout (each dot one run)")

@@ -1,13 +1,26 @@
-"""``perfkit sweep``: the reference trainer over a set of parallel layouts, measured side by side.
+"""``perfkit sweep``: the reference trainer over a set of parallel layouts, predicted first, then
+measured side by side.
 
 Each layout is a short spec of parallel keys (``tp=2,pp=2``, ``zero=3``; a dotted key such as
 ``kernels.compile=true`` sets any config key). By default: every way to split the ranks into
 pipeline × tensor × data parallel groups, and for pure data parallelism DDP and FSDP2 (zero=3).
 Layouts this model or world size cannot take are listed with the reason, not run.
+
+Before anything is measured, one profiled run (the *basis*: ``--basis RUN``, or the first layout
+profiled with the cheap collectors) gives every layout a predicted step time and peak memory
+(``layoutmodel``). Layouts predicted not to fit in memory are listed, not run; the rest run in the
+predicted order. With ``top``, successive halving: every layout runs short, the faster half runs
+again for twice the steps, until ``top`` are left for the full runs.
+
+``sweep.json`` is a ledger, written after every run: the same sweep started again in the same folder
+measures nothing twice, and a Ctrl-C keeps every finished run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -15,13 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perfkit.errors import ConfigError
-from perfkit.optimizer.trials import Candidate, check, interleave
+from perfkit.errors import ConfigError, RunDirError
+from perfkit.launch import ONE_NODE, Nodes
+from perfkit.optimizer.layoutmodel import Basis, basis_from_run, describe, predict_overrides
+from perfkit.optimizer.trials import WARMUP, Candidate, Measurement, check, measure
 from perfkit.progress import Reporter, quiet
 from perfkit.run import StudyLayout, write_json_atomic
 from perfkit.trainer.config import load_config, resolve_layout
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MIN_STEPS = WARMUP + 4
+"""The fewest steps a short (halving) run trains: the warm-up and a few timed steps."""
 
 
 def parse_layout(spec: str) -> list[str]:
@@ -62,14 +79,49 @@ def label(config: str, nproc: int, overrides: Sequence[str], spec: str) -> str:
         lay = resolve_layout(cfg, nproc)
     except ConfigError:
         return spec
-    parts = [f"{k}{v}" for k, v in (("pp", lay.pp), ("dp", lay.dp), ("tp", lay.tp)) if v > 1] or ["1 rank"]
-    if cfg.parallel.zero:
-        parts.append(f"zero{cfg.parallel.zero}")
-    if cfg.parallel.sequence_parallel:
-        parts.append("sp")
-    if lay.pp > 1:
-        parts.append(cfg.parallel.pp_schedule)
-    return " ".join(parts + extra)
+    return " ".join([describe(cfg, lay), *extra])
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties share their mean rank); None under three pairs."""
+    if len(xs) < 3 or len(xs) != len(ys):
+        return None
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else None
+
+
+def halving_rungs(n: int, top: int | None, steps: int, repeats: int) -> list[tuple[int, int, int]]:
+    """Successive halving: (layouts kept, steps, runs each) per rung. Every rung halves the field and
+    doubles the steps; the last runs ``top`` layouts for ``steps`` × ``repeats``."""
+    if not top or n <= top:
+        return [(n, steps, repeats)]
+    sizes = [n]
+    while sizes[-1] > top:
+        sizes.append(max(top, math.ceil(sizes[-1] / 2)))
+    rungs = []
+    for i, size in enumerate(sizes[:-1]):
+        rung_steps = max(MIN_STEPS, steps >> (len(sizes) - 1 - i))
+        rungs.append((size, min(rung_steps, steps), 1))
+    rungs.append((sizes[-1], steps, repeats))
+    return rungs
 
 
 @dataclass
@@ -78,31 +130,161 @@ class Sweep:
     nproc: int
     base_overrides: list[str]
     repeats: int
+    steps: int = 0
+    top: int | None = None
+    nodes: int = 1
+    memory_limit: float | None = None
     candidates: list[Candidate] = field(default_factory=list)
+    basis: Basis | None = None
+    rungs: list[tuple[int, int, int]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     interrupted: bool = False
 
+    def runs_at(self, c: Candidate, steps: int) -> list[Measurement]:
+        return [r for r in c.runs if r.steps == steps]
+
+    def figure(self, c: Candidate) -> tuple[int, float] | None:
+        """(steps, median ms/step) of the longest runs the candidate got."""
+        for steps in sorted({r.steps or 0 for r in c.runs}, reverse=True):
+            good = sorted(r.step_ms for r in self.runs_at(c, steps) if r.ok and r.step_ms)
+            if good:
+                return steps, good[len(good) // 2] if len(good) % 2 else (
+                    good[len(good) // 2 - 1] + good[len(good) // 2]
+                ) / 2
+        return None
+
     def ranked(self) -> list[Candidate]:
-        """Measured layouts, fastest first, then the failed and the skipped."""
-        measured = sorted((c for c in self.candidates if c.step_ms), key=lambda c: c.step_ms or 0.0)
-        return measured + [c for c in self.candidates if not c.step_ms]
+        """Measured layouts: those that reached the full runs first, fastest first; then those
+        stopped at a shorter rung; then the failed and the skipped."""
+        measured = [c for c in self.candidates if self.figure(c)]
+        measured.sort(key=lambda c: (-(f := self.figure(c) or (0, 0.0))[0], f[1]))
+        return measured + [c for c in self.candidates if not self.figure(c)]
+
+    def agreement(self) -> dict[str, Any]:
+        """Predicted against measured: rank correlation of step time over the largest set of layouts
+        measured at one length, and the peak-memory error of every measured layout."""
+        by_steps: dict[int, list[tuple[float, float]]] = {}
+        for c in self.candidates:
+            if not c.predicted:
+                continue
+            for steps in {r.steps or 0 for r in c.runs}:
+                good = sorted(r.step_ms for r in self.runs_at(c, steps) if r.ok and r.step_ms)
+                if good:
+                    by_steps.setdefault(steps, []).append((c.predicted["step_ms"], good[len(good) // 2]))
+        pairs = max(by_steps.values(), key=len, default=[])
+        errors = [
+            abs(c.predicted["peak_memory_bytes"] - c.peak_memory_bytes) / c.peak_memory_bytes
+            for c in self.candidates
+            if c.predicted and c.predicted.get("peak_memory_bytes") and c.peak_memory_bytes
+        ]
+        errors.sort()
+        return {
+            "spearman": spearman([p for p, _ in pairs], [m for _, m in pairs]),
+            "layouts_ranked": len(pairs),
+            "memory_error_median": errors[len(errors) // 2] if errors else None,
+            "memory_error_max": errors[-1] if errors else None,
+            "layouts_with_memory": len(errors),
+        }
 
     def to_json(self) -> dict[str, Any]:
-        best = self.ranked()[0].step_ms if self.candidates else None
+        ranked = self.ranked()
+        best = self.figure(ranked[0]) if ranked else None
         return {
             "schema_version": SCHEMA_VERSION,
             "kind": "sweep",
             "config": self.config,
             "nproc": self.nproc,
+            "nodes": self.nodes,
             "overrides": self.base_overrides,
             "repeats": self.repeats,
+            "steps": self.steps,
+            "top": self.top,
+            "memory_limit": self.memory_limit,
+            "rungs": [list(r) for r in self.rungs],
             "started": self.started,
             "interrupted": self.interrupted,
+            "basis": self.basis.to_json() if self.basis else None,
+            "agreement": self.agreement(),
             "candidates": [
-                {**c.to_json(), "vs_best": (c.step_ms / best if c.step_ms and best else None)}
-                for c in self.ranked()
+                {
+                    **c.to_json(),
+                    "step_ms": (f := self.figure(c)) and f[1],
+                    "measured_steps": f and f[0],
+                    "vs_best": f[1] / best[1] if f and best and f[0] == best[0] else None,
+                }
+                for c in ranked
             ],
         }
+
+
+def _ledger(out: Path, sweep: Sweep) -> dict[tuple[str, ...], list[Measurement]]:
+    """Runs an earlier start of the same sweep in ``out`` measured, by a candidate's overrides."""
+    path = StudyLayout(out, "sweep").results
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path} cannot be read ({e}); move it away or use another --out") from None
+    same = (old.get("config"), old.get("nproc"), old.get("nodes", 1), old.get("overrides")) == (
+        sweep.config,
+        sweep.nproc,
+        sweep.nodes,
+        sweep.base_overrides,
+    )
+    if not same:
+        raise ConfigError(
+            f"{out} holds a different sweep ({old.get('config')} on {old.get('nproc')} rank(s), "
+            f"overrides {' '.join(old.get('overrides') or []) or 'none'}); use another --out to start a new one"
+        )
+    return {
+        tuple(c["overrides"]): [Measurement.from_json(r) for r in c.get("runs", [])]
+        for c in old.get("candidates", [])
+    }
+
+
+def _basis(sweep: Sweep, basis_run: Path | None, out: Path, nodes: Nodes, progress: Reporter) -> Basis:
+    """The given profiled run, or the first runnable layout profiled with the cheap collectors into
+    ``out/basis`` (reused when an earlier start of this sweep completed it)."""
+    if basis_run is not None:
+        return basis_from_run(basis_run)
+    from perfkit.collectors.options import CollectOptions
+    from perfkit.profile import reference_request, run_profile
+    from perfkit.run import Run
+
+    first = next(c for c in sweep.candidates if not c.skipped)
+    folder = out / "basis"
+    try:
+        if Run.open(folder).manifest.status == "complete":
+            return basis_from_run(folder)
+    except Exception:  # not there, or not complete: profile it (again)
+        pass
+    progress(f"profiling the basis ({first.label}) for the predictions", 0, 0)
+    options = CollectOptions(collect=["steps", "comms", "memory", "cpu"], profile_steps=None)
+    req = reference_request(sweep.config, first.overrides, sweep.nproc, folder, "basis", options, nodes)
+    import io
+
+    _, rc = run_profile(req, io.StringIO())
+    if rc != 0:
+        raise RunDirError(
+            f"the basis run in {folder} failed (exit code {rc}); run it with perfkit profile to see why"
+        )
+    return basis_from_run(folder)
+
+
+def _limit(sweep: Sweep, memory_limit: float | None, basis: Basis) -> tuple[float | None, str]:
+    """The per-rank memory a layout must fit in, and what it is."""
+    if memory_limit:
+        return memory_limit, "--memory-limit"
+    from perfkit.run import Run
+
+    env = Run.open(Path(basis.run)).manifest.env
+    if env.get("gpu_memory_bytes"):
+        return float(env["gpu_memory_bytes"]), "the GPU's memory"
+    host = env.get("host_memory_bytes")
+    if host:
+        return float(host) / sweep.nproc, f"this host's memory shared by {sweep.nproc} ranks"
+    return None, ""
 
 
 def run_sweep(
@@ -113,37 +295,115 @@ def run_sweep(
     repeats: int,
     out: Path,
     progress: Reporter = quiet,
+    basis_run: Path | None = None,
+    top: int | None = None,
+    memory_limit: float | None = None,
+    nodes: Nodes = ONE_NODE,
+    predict: bool = True,
 ) -> Sweep:
     problem = check(config, 1, [o for o in overrides if not o.startswith("parallel.")])
     if problem:
         raise ConfigError(problem)
-    sweep = Sweep(config, nproc, list(overrides), repeats)
+    if top and nodes.count > 1:
+        raise ConfigError(
+            "--top needs every layout's figures on every node, but only the node of rank 0 logs them; "
+            "sweep several nodes without --top"
+        )
+    world = nproc * nodes.count
+    steps = load_config(config, list(overrides)).steps
+    sweep = Sweep(config, nproc, list(overrides), repeats, steps, top, nodes.count, memory_limit)
     seen: set[tuple[str, ...]] = set()
-    for spec in layouts or default_layouts(nproc):
+    for spec in layouts or default_layouts(world):
         sets = [*overrides, *parse_layout(spec)]
         key = tuple(sets)
         if key in seen:
             continue
         seen.add(key)
-        c = Candidate(label(config, nproc, sets, spec), sets)
-        c.skipped = check(config, nproc, sets)
+        c = Candidate(label(config, world, sets, spec), sets)
+        c.skipped = check(config, nproc, sets, nodes.count)
         sweep.candidates.append(c)
-    runnable = [c for c in sweep.candidates if not c.skipped]
-    if not runnable:
+    if not any(not c.skipped for c in sweep.candidates):
         raise ConfigError(
-            "none of the layouts can run with --nproc "
-            f"{nproc}: " + "; ".join(f"{c.label}: {c.skipped}" for c in sweep.candidates)
+            f"none of the layouts can run with {world} rank(s): "
+            + "; ".join(f"{c.label}: {c.skipped}" for c in sweep.candidates)
         )
+    earlier = _ledger(out, sweep)
+    for c in sweep.candidates:
+        c.runs = earlier.get(tuple(c.overrides), [])
     out.mkdir(parents=True, exist_ok=True)
+    results = StudyLayout(out, "sweep").results
     try:
+        if predict:
+            sweep.basis = _basis(sweep, basis_run, out, nodes, progress)
+            limit, what = _limit(sweep, memory_limit, sweep.basis)
+            for c in sweep.candidates:
+                if c.skipped:
+                    continue
+                p = predict_overrides(sweep.basis, config, c.overrides, world)
+                c.predicted = p.to_json()
+                if limit and p.peak_bytes and p.peak_bytes > limit:
+                    c.skipped = f"predicted peak {p.peak_bytes / 2**30:.2f} GiB a rank exceeds {limit / 2**30:.2f} GiB ({what})"
+            sweep.candidates.sort(key=lambda c: (c.predicted or {}).get("step_ms") or math.inf)
+        field_ = [c for c in sweep.candidates if not c.skipped]
+        if not field_:
+            raise ConfigError("no layout is predicted to fit in memory: " + "; ".join(
+                f"{c.label}: {c.skipped}" for c in sweep.candidates))  # fmt: skip
+        sweep.rungs = halving_rungs(len(field_), top, steps, repeats)
+        write_json_atomic(results, sweep.to_json())
         with tempfile.TemporaryDirectory(dir=out) as work:
-            interleave(config, nproc, sweep.candidates, repeats, Path(work), progress)
+            for i, (size, rung_steps, runs) in enumerate(sweep.rungs):
+                if i:
+                    field_ = sorted(field_, key=lambda c: _at(sweep, c, sweep.rungs[i - 1][1]))[:size]
+                _measure_rung(sweep, field_, rung_steps, runs, Path(work), nodes, progress, results, i)
     except KeyboardInterrupt:
         sweep.interrupted = True  # keep what was measured
         raise
     finally:
-        write_json_atomic(StudyLayout(out, "sweep").results, sweep.to_json())
+        write_json_atomic(results, sweep.to_json())
     from perfkit.reports.trials import write
 
     write(sweep.to_json(), StudyLayout(out, "sweep").page)
     return sweep
+
+
+def _at(sweep: Sweep, c: Candidate, steps: int) -> float:
+    good = sorted(r.step_ms for r in sweep.runs_at(c, steps) if r.ok and r.step_ms)
+    return good[len(good) // 2] if good else math.inf
+
+
+def _measure_rung(
+    sweep: Sweep,
+    field_: list[Candidate],
+    steps: int,
+    runs: int,
+    work: Path,
+    nodes: Nodes,
+    progress: Reporter,
+    results: Path,
+    rung: int,
+) -> None:
+    """Each layout of ``field_`` until it has ``runs`` runs of ``steps`` steps, round-robin; runs the
+    ledger already holds are not made again; the ledger is written after every run."""
+    todo = {id(c): max(0, runs - len(sweep.runs_at(c, steps))) for c in field_}
+    total, done = sum(todo.values()), 0
+    where = f"rung {rung + 1}/{len(sweep.rungs)}, {steps} steps" if len(sweep.rungs) > 1 else f"{steps} steps"
+    for r in range(runs):
+        for c in field_:
+            if todo[id(c)] <= 0 or any(not m.ok for m in c.runs):
+                continue
+            todo[id(c)] -= 1
+            key = hashlib.sha1(f"{sweep.config}{c.overrides}{steps}{r}".encode()).hexdigest()[:12]
+            m = measure(
+                sweep.config, sweep.nproc, [*c.overrides, f"steps={steps}"], work, nodes, f"perfkit-{key}"
+            )
+            m.steps = steps
+            c.runs.append(m)
+            done += 1
+            write_json_atomic(results, sweep.to_json())
+            figure = (
+                f"{m.step_ms:.1f} ms/step"
+                if m.ok and m.step_ms
+                else (f"failed: {m.error}" if not m.ok else "done")
+            )
+            predicted = f" (predicted {c.predicted['step_ms']:.1f})" if c.predicted else ""
+            progress(f"[{done}/{total}] {c.label} ({where}): {figure}{predicted}", done, total)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from perfkit.errors import ConfigError, PerfkitError
-from perfkit.launch import check_devices, trainer_command, trainer_env
+from perfkit.launch import ONE_NODE, Nodes, check_devices, trainer_command, trainer_env
 from perfkit.progress import Reporter, quiet
 from perfkit.trainer.config import load_config, resolve_layout
 
@@ -49,6 +49,13 @@ class Measurement:
     """Time per step of each logged interval after the warm-up (one per step at log_every=1):
     many samples per run, for the confidence interval of a comparison."""
     error: str = ""
+    steps: int | None = None
+    """The steps the run trained (a sweep's short rounds run fewer)."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Measurement:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -60,6 +67,8 @@ class Candidate:
     runs: list[Measurement] = field(default_factory=list)
     skipped: str = ""
     """Why it was not run (an invalid configuration for this world size or device)."""
+    predicted: dict[str, Any] | None = None
+    """A layout model's prediction (sweep): step_ms, peak_memory_bytes and their parts."""
 
     @property
     def failed(self) -> str:
@@ -101,11 +110,12 @@ class Candidate:
         }
 
 
-def check(config: str, nproc: int, overrides: Sequence[str]) -> str:
-    """'' when the configuration can run with ``nproc`` ranks here, else the reason it cannot."""
+def check(config: str, nproc: int, overrides: Sequence[str], nodes: int = 1) -> str:
+    """'' when the configuration can run with ``nproc`` ranks here (on each of ``nodes``), else the
+    reason it cannot."""
     try:
         cfg = load_config(config, list(overrides))
-        resolve_layout(cfg, nproc)
+        resolve_layout(cfg, nproc * nodes)
         check_devices(cfg, nproc)
     except ConfigError as e:
         return str(e)
@@ -154,12 +164,20 @@ def _last_error(text: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
-def measure(config: str, nproc: int, overrides: Sequence[str], workdir: Path) -> Measurement:
-    """Run the trainer once, without collectors, and read its log."""
+def measure(
+    config: str,
+    nproc: int,
+    overrides: Sequence[str],
+    workdir: Path,
+    nodes: Nodes = ONE_NODE,
+    run_id: str = "",
+) -> Measurement:
+    """Run the trainer once, without collectors, and read its log (``nproc`` ranks on each of
+    ``nodes``; ``run_id`` names the run alike on every node)."""
     log = workdir / f"run-{uuid.uuid4().hex}.jsonl"
     env = trainer_env(nproc)
     env.pop("PERFKIT_RUN_DIR", None)  # never profiled, even when perfkit itself is
-    argv = trainer_command(nproc, config, list(overrides), log)
+    argv = trainer_command(nproc, config, list(overrides), log, nodes, run_id or uuid.uuid4().hex)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     except OSError as e:
@@ -168,6 +186,10 @@ def measure(config: str, nproc: int, overrides: Sequence[str], workdir: Path) ->
         return Measurement(
             ok=False, error=f"exit code {proc.returncode}: {_last_error(proc.stderr + proc.stdout)}"
         )
+    if not nodes.single and not log.exists():
+        return Measurement(
+            ok=True, error="", steps=None
+        )  # global rank 0 ran on another node: its log is there
     try:
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:

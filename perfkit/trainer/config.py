@@ -178,11 +178,24 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     cfg = TrainConfig()
     if name_or_path:
         _apply_mapping(cfg, _read_toml(name_or_path), "")
+    _apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> None:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set parallel.tp=2")
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), value.strip())
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A configuration from its ``to_dict()`` form (as a run's manifest holds it), checked like TOML,
+    then ``section.key=value`` overrides."""
+    cfg = TrainConfig()
+    _apply_mapping(cfg, data, "")
+    _apply_overrides(cfg, overrides)
     return cfg
 
 

@@ -1,0 +1,467 @@
+"""A model of the reference trainer's layouts: per-rank peak memory and step time of any parallel
+layout, predicted from one profiled run (the *basis*) without running it.
+
+Step time = compute × pipeline fill + optimizer + collectives + what the basis spent outside the
+model (data wait, logging, perfkit). Compute is the busiest rank's share of the model's FLOPs (blocks
+split by tp and pp, the head on the last stage, recomputation with activation checkpointing) at the
+rate the basis ran; the optimizer scales with the parameters a rank updates (sharded by ZeRO).
+Collectives follow each layout's volume and count (DDP buckets, ZeRO-1 broadcasts, FSDP2 all-gathers
+and reduce-scatters per block, tensor-parallel all-reduces per block and microbatch, pipeline
+sends) at the latency and bus bandwidth fitted to the basis's recorded collectives (alpha + bytes /
+beta, the faster quantile of each size: a collective's recorded time also holds its wait for the
+last rank). Communication is counted as exposed: on gloo the copies compete with compute for the same
+cores; a GPU basis's overlap is not modelled (said in the basis).
+
+Peak memory = the basis's own part (libraries, buffers: its measured peak minus its modelled state)
++ parameters, gradients, DDP buckets and AdamW state by ZeRO stage + activations by micro-batch,
+sequence length, tensor/sequence parallelism, checkpointing and the microbatches a pipeline schedule
+keeps in flight + the logits on the last stage.
+
+Torch-free: a prediction is arithmetic on the configuration and the basis's tables.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perfkit.errors import ConfigError, RunDirError
+from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
+
+WARMUP = 3
+"""Steps of the basis left out (allocation, compilation, worker start-up)."""
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one layout puts on its busiest rank."""
+
+    cfg: TrainConfig
+    layout: Layout
+
+    @property
+    def block_params(self) -> int:
+        d, r = self.cfg.model.d_model, self.cfg.model.mlp_ratio
+        return 4 * d * d + 4 * d + 2 * r * d * d + r * d + d + 4 * d
+
+    @property
+    def embed_params(self) -> int:
+        m = self.cfg.model
+        return m.vocab_size * m.d_model + m.seq_len * m.d_model
+
+    @property
+    def head_params(self) -> int:
+        m = self.cfg.model
+        return (0 if m.tie_embeddings else m.vocab_size * m.d_model) + 2 * m.d_model
+
+    @property
+    def stage_layers(self) -> list[list[int]]:
+        """Layers of each pipeline rank (looped placement: rank r holds stages r, r + pp, ...)."""
+        n, lay = self.cfg.model.n_layers, self.layout
+        stages = [
+            list(range(s * n // lay.n_stages, (s + 1) * n // lay.n_stages)) for s in range(lay.n_stages)
+        ]
+        return [sum((stages[r + i * lay.pp] for i in range(lay.stages_per_rank)), []) for r in range(lay.pp)]
+
+    def rank_params(self, pp_rank: int) -> int:
+        """Parameters one tensor-parallel rank of pipeline rank ``pp_rank`` holds, unsharded by ZeRO."""
+        lay = self.layout
+        p = len(self.stage_layers[pp_rank]) * self.block_params // lay.tp
+        if pp_rank == 0:
+            p += self.embed_params
+        if pp_rank == (lay.n_stages - 1) % lay.pp:
+            p += self.head_params
+        return p
+
+    @property
+    def busiest(self) -> int:
+        """The pipeline rank with the most FLOPs (the head counts as much as its matmul)."""
+        return max(range(self.layout.pp), key=self.stage_flops_per_token)
+
+    def stage_flops_per_token(self, pp_rank: int) -> float:
+        m = self.cfg.model
+        blocks: float = len(self.stage_layers[pp_rank]) * (6 * self.block_params + 12 * m.d_model * m.seq_len)
+        if self.cfg.kernels.activation_checkpointing:
+            blocks *= 8 / 6  # the forward again in backward
+        head = 6 * m.vocab_size * m.d_model if pp_rank == (self.layout.n_stages - 1) % self.layout.pp else 0
+        return blocks / self.layout.tp + head
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return self.layout.local_batch * self.cfg.model.seq_len
+
+    @property
+    def flops(self) -> float:
+        """FLOPs of the busiest rank per optimizer step (no pipeline fill)."""
+        return self.tokens_per_rank * self.stage_flops_per_token(self.busiest)
+
+    @property
+    def pipeline_fill(self) -> float:
+        """Step compute over the compute of the microbatches alone: (m + (pp - 1) / v) / m."""
+        lay = self.layout
+        if lay.pp == 1:
+            return 1.0
+        return (lay.microbatches + (lay.pp - 1) / lay.stages_per_rank) / lay.microbatches
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.cfg.kernels.precision == "bf16" else FP32
+
+    @property
+    def optimizer_params(self) -> float:
+        """Parameters whose AdamW state one rank keeps and updates."""
+        p = self.rank_params(self.busiest)
+        return p / self.layout.dp if self.cfg.parallel.zero >= 1 else p
+
+
+def collectives(shape: Shape) -> list[tuple[str, str, float, int, int]]:
+    """Per optimizer step on the busiest rank: (what, op, bytes per call, group size, calls)."""
+    cfg, lay = shape.cfg, shape.layout
+    out: list[tuple[str, str, float, int, int]] = []
+    p = shape.rank_params(shape.busiest) * FP32
+    m = lay.microbatches
+    if lay.dp > 1:
+        zero = cfg.parallel.zero
+        if zero <= 1:
+            buckets = max(1, math.ceil(p / (cfg.overlap.bucket_cap_mb * 2**20)))
+            out.append(("gradients (DDP)", "all_reduce", p / buckets, lay.dp, buckets))
+            if zero == 1:
+                out.append(("parameters (ZeRO-1)", "broadcast", p / lay.dp, lay.dp, lay.dp))
+        else:
+            units = len(shape.stage_layers[shape.busiest]) + 1  # each block, and the root module
+            gathers = (2 if zero == 3 else 1) * (m if zero == 3 else 1)
+            param_bytes = p // 2 if cfg.kernels.precision == "bf16" else p
+            out.append(
+                ("parameters (FSDP all-gather)", "all_gather", param_bytes / units, lay.dp, units * gathers)
+            )
+            out.append(("gradients (FSDP reduce-scatter)", "reduce_scatter", p / units, lay.dp, units * m))
+    if lay.tp > 1:
+        layers = len(shape.stage_layers[shape.busiest])
+        size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
+        calls = 4 * layers * m  # two in forward, two in backward, per block and microbatch
+        if cfg.parallel.sequence_parallel:
+            out.append(("activations (TP all-gather)", "all_gather", size, lay.tp, calls))
+            out.append(("activations (TP reduce-scatter)", "reduce_scatter", size, lay.tp, calls))
+        else:
+            out.append(("activations (TP all-reduce)", "all_reduce", size, lay.tp, calls))
+    if lay.pp > 1:
+        size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
+        # a middle rank receives and sends each microbatch forward and its gradient backward
+        sends = (2 if lay.pp > 2 or lay.stages_per_rank > 1 else 1) * 2 * m * lay.stages_per_rank
+        out.append(("activations (pipeline send/recv)", "send", size, 2, sends))
+    return out
+
+
+def bus_factor(op: str, n: int) -> float:
+    if n <= 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (n - 1) / n
+    if op in ("all_gather", "reduce_scatter", "broadcast"):
+        return (n - 1) / n
+    return 1.0
+
+
+def activation_bytes(shape: Shape) -> float:
+    """Activations the busiest rank keeps at its peak, and the logits on the last stage."""
+    cfg, lay = shape.cfg, shape.layout
+    m = cfg.model
+    mb, s, d = lay.micro_batch, m.seq_len, m.d_model
+    # per token and block: ~ (10 + 2·mlp_ratio)·d values kept for backward (Korthikanti et al. 2022,
+    # without dropout), split by tp except the norms' inputs (unless sequence parallel)
+    per_token = (10 + 2 * m.mlp_ratio) * d / lay.tp + (0 if cfg.parallel.sequence_parallel else 2 * d)
+    if cfg.kernels.attention == "eager":
+        per_token += 2 * s * m.n_heads / lay.tp  # the scores and the softmax, s per head
+    layers = len(shape.stage_layers[shape.busiest])
+    if cfg.kernels.activation_checkpointing:
+        kept = layers * d + per_token  # each block's input, and one block's full set
+    else:
+        kept = layers * per_token
+    if lay.pp == 1:
+        in_flight = 1  # accumulation steps run one after another
+    elif cfg.parallel.pp_schedule == "gpipe":
+        in_flight = lay.microbatches
+    else:
+        in_flight = min(lay.microbatches, lay.pp * lay.stages_per_rank)
+    acts = kept * mb * s * shape.act_bytes * in_flight
+    if shape.busiest == (lay.n_stages - 1) % lay.pp:
+        acts += 3 * mb * s * m.vocab_size * FP32  # logits, log-softmax, their gradient
+    return float(acts)
+
+
+def state_bytes(shape: Shape) -> dict[str, float]:
+    """Parameters, gradients, DDP buckets and AdamW state on the busiest rank."""
+    cfg, lay = shape.cfg, shape.layout
+    p = shape.rank_params(shape.busiest) * FP32
+    zero = cfg.parallel.zero
+    out = {
+        "parameters": p / lay.dp if zero == 3 else p,
+        "gradients": p / lay.dp if zero >= 2 else p,
+        "optimizer state": 2 * p / lay.dp if zero >= 1 else 2 * p,
+    }
+    if zero == 3:
+        out["parameters"] += p / max(1, len(shape.stage_layers[shape.busiest]))  # one block gathered
+    if zero <= 1 and lay.dp > 1 and not cfg.overlap.gradient_as_bucket_view:
+        out["DDP buckets"] = p
+    if cfg.kernels.precision == "bf16":
+        out["bf16 weight copies"] = p / 2 / (lay.dp if zero == 3 else 1)
+    return out
+
+
+@dataclass
+class Basis:
+    """What one profiled run measured, to predict other layouts from."""
+
+    run: str
+    config: dict[str, Any]
+    world_size: int
+    device: str
+    step_s: float
+    compute_s: float
+    """The busiest rank's model compute per step (forward + backward, collectives taken out)."""
+    optimizer_s: float
+    outside_s: float
+    """Per step, time outside the model: data wait, logging, the rest of the loop."""
+    alpha_s: float
+    beta_bytes_per_s: float
+    comm_basis: str
+    peak_bytes: float | None
+    base_bytes: float | None
+    """The peak's part no layout changes: libraries, buffers (measured peak − modelled state)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> Shape:
+        cfg = config_from_dict(self.config)
+        return Shape(cfg, resolve_layout(cfg, self.world_size))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "config"}
+
+
+@dataclass
+class Prediction:
+    step_s: float
+    peak_bytes: float | None
+    time_parts: dict[str, float]
+    memory_parts: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step_ms": self.step_s * 1e3,
+            "peak_memory_bytes": self.peak_bytes,
+            "time_ms": {k: v * 1e3 for k, v in self.time_parts.items()},
+            "memory_bytes": self.memory_parts,
+        }
+
+
+def comm_seconds(shape: Shape, alpha: float, beta: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for what, op, size, n, calls in collectives(shape):
+        t = calls * (alpha + bus_factor(op, n) * size / beta)
+        out[what] = out.get(what, 0.0) + t
+    return out
+
+
+def _fit_comms(comms: Any, steps_after: int) -> tuple[float, float, str] | None:
+    """Latency and bus bandwidth from the recorded collectives: per (op, size, group size) the 20th
+    percentile of the durations (the rest waited for the last rank), then alpha + bus bytes / beta
+    fitted by least squares over sizes (alpha from the smallest when there is one size class)."""
+    c = comms[(comms["step"] > steps_after) & comms["bytes"].notna() & (comms["group_size"] > 1)]
+    c = c[c["op"].isin(["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv"])]
+    if c.empty:
+        return None
+    c = c.assign(dur=(c["end_ns"] - c["start_ns"]) / 1e9)
+    points = []
+    for (op, size, n), g in c.groupby(["op", "bytes", "group_size"]):
+        q = float(g["dur"].quantile(0.2))
+        points.append((bus_factor(str(op), int(n)) * float(size), q, len(g)))
+    points.sort()
+    if len({u for u, _, _ in points}) >= 2:
+        xs = [u for u, _, _ in points]
+        ys = [t for _, t, _ in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+        alpha = max(my - slope * mx, min(ys) * 0.5, 1e-6)
+        if slope <= 0:
+            big = points[-1]
+            slope = max(big[1] - alpha, 1e-6) / big[0]
+    else:
+        u, t, _ = points[0]
+        alpha = min(t, 50e-6) if u > 4096 else t
+        slope = max(t - alpha, 1e-7) / u if u else 1e-9
+    count = sum(n for _, _, n in points)
+    return alpha, 1.0 / slope, f"fitted to {count} recorded collectives in {len(points)} size classes"
+
+
+def basis_from_run(run_path: Path) -> Basis:
+    """Read a profiled run of the reference trainer as a basis for predictions."""
+    from perfkit.analyzers.runtables import load_tables
+    from perfkit.run import Run
+
+    run = Run.open(run_path)
+    config = run.manifest.config
+    if not config:
+        raise ConfigError(
+            f"{run_path} is not a run of the bundled trainer (its manifest has no trainer config); "
+            "predictions model the reference trainer's layouts"
+        )
+    t = load_tables(run)
+    steps = t.steps
+    if steps.empty:
+        raise RunDirError(f"{run_path} has no step table; profile it with the steps collector")
+    later = steps[steps["step"] > WARMUP]
+    if later["step"].nunique() < 2:
+        later = steps[steps["step"] > 1] if steps["step"].nunique() > 2 else steps
+    per_rank = later.groupby("rank")[["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s"]]
+    med = per_rank.median()
+    step_s = float(med["step_time_s"].median())
+    basis = Basis(
+        run=str(run_path),
+        config=config,
+        world_size=run.manifest.world_size,
+        device=str(config.get("device", "cpu")),
+        step_s=step_s,
+        compute_s=0.0,
+        optimizer_s=0.0,
+        outside_s=0.0,
+        alpha_s=0.0,
+        beta_bytes_per_s=1.0,
+        comm_basis="",
+        peak_bytes=None,
+        base_bytes=None,
+    )
+    shape = basis.shape
+    fit = _fit_comms(t.comms, WARMUP) if not t.comms.empty else None
+    if fit is None:
+        # nothing to fit (one rank): loopback gloo on this kind of host, or NVLink-class NCCL
+        gpu = shape.cfg.device == "cuda" or bool(run.manifest.env.get("gpus"))
+        fit = (
+            (20e-6, 100e9, "assumed (NVLink-class NCCL)") if gpu else (300e-6, 1e9, "assumed (gloo loopback)")
+        )
+        basis.notes.append(
+            "the basis recorded no collectives: latency and bandwidth are assumed, not measured"
+        )
+    basis.alpha_s, basis.beta_bytes_per_s, basis.comm_basis = fit
+    mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
+    model_s = float(mid["forward_s"] + mid["backward_s"])
+    comm = sum(comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s).values())
+    if comm > 0.8 * model_s:
+        basis.notes.append("the fitted collectives explain most of forward + backward: compute is uncertain")
+    basis.compute_s = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
+    basis.optimizer_s = float(mid["optimizer_s"])
+    basis.outside_s = max(0.0, step_s - model_s - basis.optimizer_s)
+    mem = t.memory
+    col = "max_allocated" if "max_allocated" in mem.columns and mem["max_allocated"].notna().any() else "rss"
+    if not mem.empty and col in mem.columns and mem[col].notna().any():
+        basis.peak_bytes = float(mem[col].max())
+        basis.base_bytes = basis.peak_bytes - sum(memory_parts(shape).values())
+        if basis.base_bytes < 0:
+            basis.notes.append(
+                "the modelled state exceeds the measured peak: memory predictions are upper bounds"
+            )
+            basis.base_bytes = 0.0
+    else:
+        basis.notes.append("the basis recorded no memory: peak memory is not predicted")
+    if shape.cfg.device == "cuda":
+        basis.notes.append("on GPU, communication that overlaps compute is counted as exposed")
+    return basis
+
+
+def memory_parts(shape: Shape) -> dict[str, float]:
+    return {**state_bytes(shape), "activations": activation_bytes(shape)}
+
+
+def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
+    """The step time and peak memory of ``cfg`` on ``world_size`` ranks, from ``basis``."""
+    shape = Shape(cfg, resolve_layout(cfg, world_size))
+    base = basis.shape
+    rate = base.flops / basis.compute_s if basis.compute_s > 0 else float("inf")
+    compute = shape.flops / rate
+    parts = {"compute": compute}
+    if shape.pipeline_fill > 1:
+        parts["pipeline bubble"] = compute * (shape.pipeline_fill - 1)
+    parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
+    for what, seconds in comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s).items():
+        parts[what] = seconds
+    parts["outside the model"] = basis.outside_s  # data wait, logging and the loop, as measured
+    mem = memory_parts(shape)
+    peak = None
+    if basis.base_bytes is not None:
+        mem = {"libraries and buffers (basis)": basis.base_bytes, **mem}
+        peak = sum(mem.values())
+    return Prediction(sum(parts.values()), peak, parts, mem)
+
+
+def describe(cfg: TrainConfig, lay: Layout) -> str:
+    """A short name for a layout: ``dp2 tp2``, ``dp4 zero3``, ``pp2 dp2 1f1b mb4``."""
+    parts = [f"{k}{v}" for k, v in (("pp", lay.pp), ("dp", lay.dp), ("tp", lay.tp)) if v > 1] or ["1 rank"]
+    if cfg.parallel.zero:
+        parts.append(f"zero{cfg.parallel.zero}")
+    if cfg.parallel.sequence_parallel:
+        parts.append("sp")
+    if lay.pp > 1:
+        parts.append(cfg.parallel.pp_schedule)
+        if cfg.parallel.microbatches:
+            parts.append(f"mb{cfg.parallel.microbatches}")
+    return " ".join(parts)
+
+
+def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[str]:
+    """``perfkit whatif``: the basis as measured and as modelled, and the change, part by part."""
+    base_cfg = config_from_dict(basis.config)
+    cfg = config_from_dict(basis.config, overrides)
+    lay = resolve_layout(cfg, world_size)
+    before = predict(basis, base_cfg, basis.world_size)
+    after = predict(basis, cfg, world_size)
+    mib = 2**20
+    name = f"{describe(base_cfg, basis.shape.layout)} on {basis.world_size} rank(s)"
+    change = " ".join(f"--set {o}" for o in overrides) or "no change"
+    lines = [
+        f"perfkit whatif: {basis.run} ({name}) with {change} ({describe(cfg, lay)} on {world_size} rank(s))",
+        "",
+        f"{'':<34}{'measured':>10}{'modelled':>10}{'change':>10}",
+        f"{'time per step (ms)':<34}{basis.step_s * 1e3:>10.1f}{before.step_s * 1e3:>10.1f}"
+        f"{after.step_s * 1e3:>10.1f}   {after.step_s / before.step_s:.2f}x",
+    ]
+    if after.peak_bytes is not None and before.peak_bytes is not None and basis.peak_bytes:
+        lines.append(
+            f"{'peak memory a rank (MiB)':<34}{basis.peak_bytes / mib:>10,.0f}{before.peak_bytes / mib:>10,.0f}"
+            f"{after.peak_bytes / mib:>10,.0f}   {after.peak_bytes / before.peak_bytes:.2f}x"
+        )
+    lines += ["", "time per step by part (ms)"]
+    for key in dict.fromkeys([*before.time_parts, *after.time_parts]):
+        lines.append(
+            f"  {key:<32}{'':>10}{before.time_parts.get(key, 0) * 1e3:>10.1f}{after.time_parts.get(key, 0) * 1e3:>10.1f}"
+        )
+    if after.peak_bytes is not None:
+        lines += ["", "peak memory a rank by part (MiB)"]
+        for key in dict.fromkeys([*before.memory_parts, *after.memory_parts]):
+            lines.append(
+                f"  {key:<32}{'':>10}{before.memory_parts.get(key, 0) / mib:>10.1f}"
+                f"{after.memory_parts.get(key, 0) / mib:>10.1f}"
+            )
+    rate = basis.shape.flops / basis.compute_s / 1e9 if basis.compute_s else 0.0
+    lines += [
+        "",
+        f"basis: compute at {rate:.2f} GFLOP/s a rank (forward + backward less modelled collectives); "
+        f"collectives alpha {basis.alpha_s * 1e3:.3f} ms + bytes at {basis.beta_bytes_per_s / 1e9:.2f} GB/s "
+        f"bus bandwidth ({basis.comm_basis}); outside the model {basis.outside_s * 1e3:.1f} ms as measured",
+    ]
+    if basis.base_bytes is not None:
+        lines.append(
+            f"memory: {basis.base_bytes / mib:,.0f} MiB of the measured peak is libraries and buffers, the same in every layout"
+        )
+    lines += [f"note: {n}" for n in basis.notes]
+    return lines
+
+
+def predict_overrides(basis: Basis, config: str, overrides: Sequence[str], world_size: int) -> Prediction:
+    return predict(basis, load_config(config, list(overrides)), world_size)

@@ -1,0 +1,225 @@
+"""The layout model (perfkit whatif, the sweep's predictions), the sweep's ledger and successive
+halving: on synthetic basis runs whose figures are known, so every number can be checked."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from helpers import run_perfkit
+
+from perfkit.optimizer import layoutmodel as lm
+from perfkit.optimizer import sweep as sw
+from perfkit.optimizer.trials import Measurement
+from perfkit.run import Run
+from perfkit.trainer.config import load_config, resolve_layout
+
+ALPHA, BETA = 0.5e-3, 200e6  # the collectives planted in the basis: 0.5 ms + bus bytes at 200 MB/s
+
+
+def shape(*sets: str, world: int = 2) -> lm.Shape:
+    cfg = load_config("tiny-cpu", list(sets))
+    return lm.Shape(cfg, resolve_layout(cfg, world))
+
+
+def make_basis(tmp: Path, *sets: str, world: int = 2, rss: int = 400 << 20) -> Path:
+    """A finished run of tiny-cpu with 10 steps a rank: 30 ms a step, 8 forward, 14 backward, 2 optimizer,
+    1 data wait; DDP's bucket all-reduce and a 4-byte all-reduce timed exactly by ALPHA and BETA
+    (plus, for some, a wait for the last rank that the fit must see through)."""
+    cfg = load_config("tiny-cpu", list(sets))
+    run = Run.create(tmp / "basis", command=["x"], world_size=world, config=cfg.to_dict(),
+                     env={"host_memory_bytes": 24 << 30})  # fmt: skip
+    grads = shape(*sets, world=world).rank_params(0) * 4
+    t = 1_000_000_000
+    for rank in range(world):
+        d = run.layout.rank_dir(rank)
+        d.mkdir(parents=True, exist_ok=True)
+        steps, comms, mem = [], [], []
+        for step in range(1, 11):
+            steps.append({"step": step, "start_ns": t, "end_ns": t + 30_000_000, "step_time_s": 0.030,
+                          "data_wait_s": 0.001, "forward_s": 0.008, "backward_s": 0.014, "optimizer_s": 0.002,
+                          "tokens": 512, "loss": 5.0, "perfkit_s": 0.0})  # fmt: skip
+            for seq, nbytes in ((2 * step, grads), (2 * step + 1, 4)):
+                dur = ALPHA + (2 * (world - 1) / world) * nbytes / BETA
+                wait = 0.004 * (step % 3)  # a wait for the last rank in two steps of three
+                comms.append({"step": step, "seq": seq, "op": "all_reduce", "source": "ddp", "group": "0",
+                              "group_ranks": "0,1", "group_size": world, "bytes": nbytes, "dtype": "float32",
+                              "start_ns": t, "end_ns": t + int((dur + wait) * 1e9)})  # fmt: skip
+            mem.append({"step": step, "rss": rss, "device": "cpu"})
+            t += 30_000_000
+        for name, rows in (("steps", steps), ("comms", comms), ("memory", mem)):
+            (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.manifest.status = "complete"
+    run.save()
+    return run.path
+
+
+def test_parameter_counts_match_the_trainers() -> None:
+    # tiny-cpu: the trainer reports 140,832 parameters (manifest model.parameters)
+    s = shape("parallel.tp=1", world=1)
+    assert s.rank_params(0) == 140_832
+    # pipeline stages and tensor parallel ranks split the blocks; the embeddings and head stay whole
+    pp = shape("parallel.pp=2")
+    assert pp.rank_params(0) + pp.rank_params(1) == 140_832
+    tp = shape("parallel.tp=2")
+    assert tp.rank_params(0) == 140_832 - 2 * s.block_params  # half of four blocks' parameters
+    # the busiest rank has all the per-token FLOPs of a single process, halved by the layers it has
+    assert pp.stage_flops_per_token(1) > pp.stage_flops_per_token(0)  # the head is on the last stage
+
+
+def test_memory_model_orders_the_layouts() -> None:
+    ddp = lm.memory_parts(shape())
+    z1, z3 = lm.memory_parts(shape("parallel.zero=1")), lm.memory_parts(shape("parallel.zero=3"))
+    assert z1["optimizer state"] == ddp["optimizer state"] / 2  # sharded over 2 data-parallel ranks
+    assert z3["parameters"] < ddp["parameters"] and z3["gradients"] == ddp["gradients"] / 2
+    assert "DDP buckets" in ddp and "DDP buckets" not in lm.memory_parts(
+        shape("overlap.gradient_as_bucket_view=true")
+    )
+    assert lm.activation_bytes(shape("kernels.activation_checkpointing=true")) < lm.activation_bytes(shape())
+    assert lm.activation_bytes(shape("kernels.attention=eager")) > lm.activation_bytes(shape())
+    # GPipe keeps every microbatch's activations; 1F1B at most one per stage in flight
+    gpipe = shape("parallel.pp=2", "parallel.microbatches=8", "parallel.pp_schedule=gpipe")
+    onefoneb = shape("parallel.pp=2", "parallel.microbatches=8")
+    assert lm.activation_bytes(gpipe) > 2 * lm.activation_bytes(onefoneb)
+
+
+def test_collectives_per_layout() -> None:
+    by = lambda s: {what: (op, calls) for what, op, _, _, calls in lm.collectives(s)}  # noqa: E731
+    assert by(shape()) == {"gradients (DDP)": ("all_reduce", 1)}
+    assert by(shape("overlap.bucket_cap_mb=0.05"))["gradients (DDP)"][1] == math.ceil(
+        140_832 * 4 / (0.05 * 2**20)
+    )
+    z3 = by(shape("parallel.zero=3"))
+    assert z3["parameters (FSDP all-gather)"] == (
+        "all_gather",
+        2 * 5,
+    )  # forward and backward, 4 blocks + root
+    tp = by(shape("parallel.tp=2"))
+    assert tp == {"activations (TP all-reduce)": ("all_reduce", 4 * 4)}
+    assert set(by(shape("parallel.tp=2", "parallel.sequence_parallel=true"))) == {
+        "activations (TP all-gather)", "activations (TP reduce-scatter)"}  # fmt: skip
+    assert by(shape("parallel.pp=2", "parallel.microbatches=4"))["activations (pipeline send/recv)"][1] == 8
+    assert shape("parallel.pp=2", "parallel.microbatches=2").pipeline_fill == pytest.approx(1.5)
+    assert shape("parallel.pp=2", "parallel.microbatches=8").pipeline_fill == pytest.approx(9 / 8)
+
+
+def test_basis_fits_the_planted_collectives_and_predicts_itself(tmp_path: Path) -> None:
+    b = lm.basis_from_run(make_basis(tmp_path))
+    assert b.alpha_s == pytest.approx(ALPHA, rel=0.05) and b.beta_bytes_per_s == pytest.approx(BETA, rel=0.05)
+    assert "fitted to 28 recorded collectives" in b.comm_basis  # steps 4-10, two a step, two ranks
+    p = lm.predict(b, load_config("tiny-cpu"), 2)
+    assert p.step_s == pytest.approx(0.030, rel=1e-6)  # the basis's own layout: its measured step
+    assert p.peak_bytes == pytest.approx(400 << 20)
+    # an unchanged-compute layout with more collectives costs exactly the modelled collectives more
+    small = lm.predict(b, load_config("tiny-cpu", ["overlap.bucket_cap_mb=0.05"]), 2)
+    buckets = math.ceil(140_832 * 4 / (0.05 * 2**20))
+    assert small.step_s - p.step_s == pytest.approx((buckets - 1) * ALPHA, rel=0.05)
+    # ZeRO-3 halves the optimizer's work and the state; FSDP's collectives replace DDP's
+    z3 = lm.predict(b, load_config("tiny-cpu", ["parallel.zero=3"]), 2)
+    assert z3.time_parts["optimizer"] == pytest.approx(0.001) and z3.peak_bytes < p.peak_bytes
+    # four ranks of data parallelism: half the compute a rank
+    four = lm.predict(b, load_config("tiny-cpu"), 4)
+    assert four.time_parts["compute"] == pytest.approx(p.time_parts["compute"] / 2)
+
+
+def test_whatif_prints_one_screen(tmp_path: Path) -> None:
+    run = make_basis(tmp_path)
+    r = run_perfkit("whatif", str(run), "--set", "parallel.tp=2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) <= 40 and "tp2 on 2 rank(s)" in lines[0]
+    (step,) = [ln for ln in lines if ln.startswith("time per step (ms)")]
+    measured, modelled, change = (float(x) for x in step.split()[4:7])
+    assert measured == modelled == 30.0 and change > measured  # 16 all-reduces of activations a step
+    assert any("activations (TP all-reduce)" in ln for ln in lines) and "alpha 0.500 ms" in r.stdout
+    bad = run_perfkit("whatif", str(run), "--set", "parallel.tp=3")
+    assert (
+        bad.returncode == 2
+        and "does not divide model.n_heads" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
+    other = Run.create(tmp_path / "script", command=["python", "x.py"], world_size=1)
+    bad = run_perfkit("whatif", str(other.path), "--set", "parallel.tp=2")
+    assert (
+        bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "bundled trainer" in bad.stderr
+    )
+
+
+def test_spearman_and_halving() -> None:
+    assert sw.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert sw.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert sw.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert sw.spearman([1, 2], [1, 2]) is None
+    assert sw.halving_rungs(4, None, 20, 2) == [(4, 20, 2)]
+    assert sw.halving_rungs(9, 2, 40, 3) == [(9, 7, 1), (5, 10, 1), (3, 20, 1), (2, 40, 3)]
+
+
+def _fake_measure(calls: list[tuple[str, ...]], stop_after: int | None = None):  # type: ignore[no-untyped-def]
+    """A measure() that times a layout by its predicted order: dp2 10 ms, zero3 20, tp2 30, pp2 40."""
+    speed = {"parallel.zero=3": 20.0, "parallel.tp=2": 30.0, "parallel.pp=2": 40.0}
+
+    def measure(config, nproc, overrides, workdir, nodes=None, run_id=""):  # type: ignore[no-untyped-def]
+        if stop_after is not None and len(calls) >= stop_after:
+            raise KeyboardInterrupt
+        calls.append(tuple(overrides))
+        ms = next((v for k, v in speed.items() if k in overrides), 10.0)
+        return Measurement(ok=True, step_ms=ms, tokens_per_s=1e5 / ms, loss=4.0, peak_memory_bytes=400 << 20,
+                           samples_ms=[ms] * 5)  # fmt: skip
+
+    return measure
+
+
+LAYOUTS = ["tp=1", "zero=3", "tp=2", "pp=2"]
+
+
+def test_sweep_ledger_resumes_without_measuring_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    basis, out = make_basis(tmp_path), tmp_path / "sweep"
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(sw, "measure", _fake_measure(calls, stop_after=3))
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_sweep("tiny-cpu", 2, ["steps=12"], LAYOUTS, 2, out, basis_run=basis)
+    kept = json.loads((out / "sweep.json").read_text())
+    assert kept["interrupted"] and sum(len(c["runs"]) for c in kept["candidates"]) == 3
+    monkeypatch.setattr(sw, "measure", _fake_measure(calls))
+    result = sw.run_sweep("tiny-cpu", 2, ["steps=12"], LAYOUTS, 2, out, basis_run=basis)
+    assert len(calls) == 8 and len(set(calls)) == 4  # 4 layouts x 2 runs, none twice (3 before, 5 after)
+    assert all(len(c.runs) == 2 for c in result.candidates)
+    data = result.to_json()
+    assert [c["label"] for c in data["candidates"]] == ["dp2", "dp2 zero3", "tp2", "pp2 1f1b"]
+    assert data["agreement"]["layouts_ranked"] == 4 and data["agreement"]["spearman"] is not None
+    assert all(c["predicted"]["step_ms"] > 0 for c in data["candidates"])
+    # a third start measures nothing; a different sweep in the same folder is refused in one line
+    sw.run_sweep("tiny-cpu", 2, ["steps=12"], LAYOUTS, 2, out, basis_run=basis)
+    assert len(calls) == 8
+    r = run_perfkit("sweep", "--steps", "8", "--layout", "tp=1", "--out", str(out), "--basis", str(basis))
+    assert r.returncode == 2 and "holds a different sweep" in r.stderr
+
+
+def test_sweep_prunes_what_will_not_fit_and_halves_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    basis = make_basis(tmp_path)
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(sw, "measure", _fake_measure(calls))
+    b = lm.basis_from_run(basis)
+    # a limit just under the largest predicted peak: that layout is listed, not run
+    peaks = {s: lm.predict_overrides(b, "tiny-cpu", sw.parse_layout(s), 2).peak_bytes or 0.0 for s in LAYOUTS}
+    biggest = max(peaks, key=lambda k: peaks[k])
+    limit = (peaks[biggest] + max(v for k, v in peaks.items() if k != biggest)) / 2
+    result = sw.run_sweep("tiny-cpu", 2, ["steps=16"], LAYOUTS, 2, tmp_path / "s", basis_run=basis,
+                          top=1, memory_limit=limit)  # fmt: skip
+    pruned = [c for c in result.candidates if c.skipped]
+    assert len(pruned) == 1 and pruned[0].overrides[-1] == sw.parse_layout(biggest)[0]
+    assert "exceeds" in pruned[0].skipped and "--memory-limit" in pruned[0].skipped and not pruned[0].runs
+    assert result.rungs == [(3, 7, 1), (2, 8, 1), (1, 16, 2)]
+    # the fastest measured layout reached the full runs; the slowest stopped after the first rung
+    ran = sorted((c for c in result.candidates if c.runs), key=lambda c: c.runs[0].step_ms or 0)
+    assert [r.steps for r in ran[0].runs] == [7, 8, 16, 16]
+    assert [r.steps for r in ran[-1].runs] == [7]
+    data = result.to_json()
+    assert data["candidates"][0]["label"] == ran[0].label and data["candidates"][0]["vs_best"] == 1.0
+    assert data["rungs"] == [[3, 7, 1], [2, 8, 1], [1, 16, 2]] and data["candidates"][-1]["skipped"]
