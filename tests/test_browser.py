@@ -93,9 +93,15 @@ def test_sweep_and_optimize_pages_draw_offline(tmp_path: Path, kind: str) -> Non
     from perfkit.reports.trials import write
 
     if kind == "sweep":
+        predicted = {"step_ms": 33.0, "peak_memory_bytes": 420 << 20, "time_ms": {}, "memory_bytes": {}}
         rows = [
-            {**_candidate("tp", [30.0, 31.0]), "vs_best": 1.0},
-            {**_candidate("<b>pp</b>", [40.0, 41.0]), "vs_best": 1.3},
+            {**_candidate("tp", [30.0, 31.0]), "vs_best": 1.0, "predicted": predicted, "measured_steps": 20},
+            {**_candidate("<b>pp</b>", [40.0, 41.0]), "vs_best": 1.3, "predicted": None},
+            {
+                **_candidate("zero3", []),
+                "skipped": "predicted peak 9 GiB a rank exceeds 8 GiB",
+                "predicted": predicted,
+            },
         ]
         data = {
             "kind": "sweep",
@@ -103,6 +109,15 @@ def test_sweep_and_optimize_pages_draw_offline(tmp_path: Path, kind: str) -> Non
             "nproc": 2,
             "overrides": [],
             "repeats": 2,
+            "steps": 20,
+            "rungs": [[3, 7, 1], [2, 20, 2]],
+            "basis": {"run": "runs/basis"},
+            "agreement": {
+                "spearman": 0.8,
+                "layouts_ranked": 4,
+                "memory_error_median": 0.03,
+                "memory_error_max": 0.1,
+            },
             "candidates": rows,
         }
     else:

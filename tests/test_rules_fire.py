@@ -100,6 +100,12 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
             memory=MemoryMetrics(rss_max_bytes=2**30, alloc_retries=0),
         )
     ),
+    "pipeline_bubble": lambda tmp: _run_rules(
+        Metrics(
+            steps=_steps(forward=0.2, backward=0.5),
+            config={"parallel": {"pp": 4, "microbatches": 4, "pp_schedule": "1f1b"}},
+        )
+    ),
     "small_ddp_buckets": lambda tmp: _run_rules(
         Metrics(
             steps=_steps(backward=0.5),
@@ -243,3 +249,17 @@ def test_small_buckets_say_what_told_them(tmp_path: Path) -> None:
         recorded.evidence["told_by"] == "the DDP all-reduces perfkit recorded (their count and size a step)"
     )
     assert "bucket_cap_mb" not in recorded.evidence
+
+
+def test_pipeline_bubble_saving_and_its_absence() -> None:
+    """pp=4 with 4 microbatches (1F1B): 3 of 7 slots idle (43%); with 16 microbatches, 3 of 19. The
+    saving scales the measured forward + backward (70 of a 100 ms step) by 1 - fill(16) / fill(4)."""
+    m = Metrics(steps=_steps(forward=0.2, backward=0.5), config={"parallel": {"pp": 4, "microbatches": 4}})
+    (f,) = [f for f in _run_rules(m) if f.id == "pipeline_bubble"]
+    assert f.evidence["bubble_pct"] == pytest.approx(100 * 3 / 7, abs=0.1)
+    assert f.saving_ms_per_step == pytest.approx(70 * (1 - (19 / 16) / (7 / 4)), rel=1e-3)
+    assert f.remedy == "pipeline_microbatches" and "told_by" in f.evidence
+    # enough microbatches already (3 of 35 slots: under the 10% bar), or no pipeline: nothing
+    for parallel in ({"pp": 4, "microbatches": 32}, {"pp": 1}):
+        m = Metrics(steps=_steps(forward=0.2, backward=0.5), config={"parallel": parallel})
+        assert not [f for f in _run_rules(m) if f.id == "pipeline_bubble"]

@@ -175,14 +175,22 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_sweep_measures_layouts_side_by_side(tmp_path: Path) -> None:
+    """Real runs through torchrun's c10d rendezvous (--nnodes 1 --rdzv-endpoint: the multi-node path on
+    one node), predicted first from a basis the sweep profiles itself."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     out = tmp_path / "sweep"
     r = run_perfkit(
         "sweep", "--nproc", "2", "--steps", "6", "--repeats", "1", "--layout", "tp=1", "--layout", "pp=2",
-        "--layout", "tp=3", "--out", str(out),
+        "--layout", "tp=3", "--out", str(out), "--nnodes", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((out / "sweep.json").read_text())
-    assert data["schema_version"] == 1 and data["nproc"] == 2
+    assert data["schema_version"] == 2 and data["nproc"] == 2 and data["nodes"] == 1
+    assert data["basis"]["run"] == str(out / "basis") and (out / "basis" / "rank1" / "comms.jsonl").exists()
     by = {c["label"]: c for c in data["candidates"]}
     assert set(by) == {"dp2", "pp2 1f1b", "tp=3"}
     assert by["dp2"]["step_ms"] > 0 and by["pp2 1f1b"]["step_ms"] > 0
@@ -193,8 +201,12 @@ def test_sweep_measures_layouts_side_by_side(tmp_path: Path) -> None:
     assert data["candidates"][0]["label"] == fastest  # ranked fastest first
     assert "does not divide model.n_heads" in by["tp=3"]["skipped"] and not by["tp=3"]["runs"]
     assert "skipped: parallel.tp=3" in r.stdout
+    for c in (by["dp2"], by["pp2 1f1b"]):  # predicted beside measured, memory within 15% here
+        assert c["predicted"]["step_ms"] > 0
+        assert abs(c["predicted"]["peak_memory_bytes"] / c["peak_memory_bytes"] - 1) < 0.15
+    assert "predictions from" in r.stdout
     page = (out / "sweep.html").read_text()
-    assert "plotly-graph-div" in page and "pp2 1f1b" in page
+    assert "plotly-graph-div" in page and "pp2 1f1b" in page and "predicted" in page
 
 
 def test_optimize_keeps_the_fix_for_a_planted_problem(tmp_path: Path) -> None:

@@ -58,6 +58,47 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
+def pipeline_fill(pp: int, microbatches: int, stages_per_rank: int) -> float:
+    """A pipeline step's compute over that of its microbatches alone: (m + (pp - 1) / v) / m
+    (GPipe and 1F1B: v = 1; interleaved 1F1B with v stages a rank)."""
+    return (microbatches + (pp - 1) / stages_per_rank) / microbatches
+
+
+@rule("pipeline_bubble", reads="run", min_bubble_share=0.10)
+def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    """Every pipeline rank idles while the pipeline fills and drains: (pp - 1) / v microbatch slots of
+    m + (pp - 1) / v. More microbatches (or two stages a rank) shrink that share. Told by the run's
+    configuration (pp, microbatches, schedule); the saving scales the measured forward + backward."""
+    par = m.config.get("parallel", {})
+    pp = int(par.get("pp") or 1)
+    if pp <= 1 or m.steps is None:
+        return None
+    v = 2 if par.get("pp_schedule") == "interleaved-1f1b" else 1
+    mb = int(par.get("microbatches") or pp * v)
+    fill = pipeline_fill(pp, mb, v)
+    share = 1 - 1 / fill
+    if share < t["min_bubble_share"]:
+        return None
+    compute_ms = m.steps.step_time_ms * (
+        m.steps.phase_share.get("forward", 0.0) + m.steps.phase_share.get("backward", 0.0)
+    )
+    better = pipeline_fill(pp, 4 * mb, v)  # the largest change the remedy tries
+    return Diagnosis(
+        title="Pipeline ranks idle while the pipeline fills and drains",
+        saving_ms=compute_ms * (1 - better / fill),
+        estimate=f"forward + backward × (1 - fill with {4 * mb} microbatches / fill with {mb}); "
+        "assumes a microbatch's time scales with its size",
+        evidence={
+            "pp": pp,
+            "microbatches": mb,
+            "pp_schedule": par.get("pp_schedule", "1f1b"),
+            "bubble_pct": round(100 * share, 1),
+            "told_by": "the run's config (parallel.pp, parallel.microbatches, parallel.pp_schedule)",
+        },
+        remedy="pipeline_microbatches",
+    )
+
+
 @rule("straggler", reads="run")
 def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
     st = m.stragglers

@@ -152,6 +152,21 @@ register(
 )
 register(
     Remedy(
+        id="pipeline_microbatches",
+        description="Split each step into more pipeline microbatches (or give each rank two stages, "
+        "interleaved 1F1B): the fill and drain become a smaller share of the step.",
+        trainer={"parallel.microbatches": 8},
+        alternatives=(
+            {"parallel.microbatches": 16},
+            {"parallel.pp_schedule": "interleaved-1f1b", "parallel.microbatches": 8},
+        ),
+        script="more microbatches a step (Megatron --num-microbatches via a larger global batch or a "
+        "smaller --micro-batch-size; DeepSpeed gradient_accumulation_steps), or "
+        "--num-layers-per-virtual-pipeline-stage for the interleaved schedule",
+    )
+)
+register(
+    Remedy(
         id="sequence_parallel",
         description="Sequence parallelism: shard the activations outside attention and MLP over the "
         "tensor-parallel ranks (then activation checkpointing if still short).",
