@@ -95,3 +95,24 @@ def test_one_rank_nccl_trainer_run_reports_mfu(tmp_path: Path) -> None:
     assert 0 < a.metrics.throughput.mfu < 1
     data = json.loads((out / "manifest.json").read_text())
     assert data["env"].get("gpu_memory_bytes", 0) > 0
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_modes_keep_the_losses(tmp_path: Path, mode: str) -> None:
+    """kernels.compile_mode (CUDA graphs with reduce-overhead) trains the same losses as eager, to
+    the tolerance of a fused kernel's different summation order."""
+
+    def losses(*sets: str) -> list[float]:
+        log = tmp_path / f"log-{len(list(tmp_path.glob('log-*')))}.jsonl"
+        args = ["--config", "tiny-cpu", "--set", "device=cuda", "--set", "steps=8", "--log-json", str(log)]
+        for s in sets:
+            args += ["--set", s]
+        proc = subprocess.run([sys.executable, "-m", "perfkit", "train", *args], capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+
+    eager = losses()
+    compiled = losses("kernels.compile=true", f"kernels.compile_mode={mode}")
+    assert len(compiled) == len(eager) == 8
+    assert all(abs(c - e) <= 2e-3 * abs(e) for c, e in zip(compiled, eager, strict=True)), (compiled, eager)

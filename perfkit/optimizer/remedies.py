@@ -60,6 +60,8 @@ _ACTS_WHEN: dict[str, Callable[[dict[str, Any]], bool]] = {
     "parallel.pp_schedule": lambda c: c["parallel"]["pp"] > 1,
     "parallel.microbatches": lambda c: c["parallel"]["pp"] > 1,
     "parallel.sequence_parallel": lambda c: c["parallel"]["tp"] > 1,
+    # CUDA graphs and kernel search: GPU modes (on CPU they compile for longer and run the same)
+    "kernels.compile_mode": lambda c: c["kernels"]["compile"] and c["device"] != "cpu",
 }
 
 
@@ -94,7 +96,12 @@ register(
         description="Fuse kernels with torch.compile (or CUDA graphs); a larger micro-batch also gives "
         "each launch more work.",
         trainer={"kernels.compile": True},
-        script="model = torch.compile(model)  (or capture the step in CUDA graphs)",
+        alternatives=(
+            {"kernels.compile": True, "kernels.compile_mode": "reduce-overhead"},
+            {"kernels.compile": True, "kernels.compile_mode": "max-autotune"},
+        ),
+        script="model = torch.compile(model)  (mode='reduce-overhead' adds CUDA graphs; or capture the "
+        "step in CUDA graphs)",
     )
 )
 register(

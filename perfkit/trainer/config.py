@@ -21,6 +21,7 @@ Precision = Literal["fp32", "bf16"]
 OptimizerImpl = Literal["unfused", "foreach", "fused"]
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 Device = Literal["auto", "cpu", "cuda"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass(kw_only=True)
@@ -70,6 +71,9 @@ class KernelsConfig:
     """AdamW implementation: unfused (per-parameter loop), foreach (multi-tensor) or fused."""
     compile: bool = False
     """torch.compile each transformer block."""
+    compile_mode: CompileMode = "default"
+    """torch.compile's mode: reduce-overhead adds CUDA graphs, max-autotune also searches kernels
+    (GPU; both compile for longer)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of keeping them."""
 

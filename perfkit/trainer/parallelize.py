@@ -204,7 +204,7 @@ def parallelize(
         _sequence_parallel_ends(model, mesh["tp"])
     if cfg.kernels.compile:
         for block in model.layers.values():
-            block.compile()
+            block.compile(mode=cfg.kernels.compile_mode)
     pp_rank = mesh.get_local_rank("pp")
     dp_rank = mesh.get_local_rank("dp")
     if layout.pp == 1:
