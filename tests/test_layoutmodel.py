@@ -122,6 +122,14 @@ def test_basis_fits_the_planted_collectives_and_predicts_itself(tmp_path: Path) 
     # four ranks of data parallelism: half the compute a rank
     four = lm.predict(b, load_config("tiny-cpu"), 4)
     assert four.time_parts["compute"] == pytest.approx(p.time_parts["compute"] / 2)
+    # the trainer's own peak (ru_maxrss, what a sweep's runs report) wins over step-end samples
+    assert any("sampled at step ends" in n for n in b.notes)
+    (tmp_path / "basis" / "train_log.jsonl").write_text(
+        json.dumps({"step": 10, "peak_memory_bytes": 500 << 20}) + "\n"
+    )
+    assert (
+        lm.predict(lm.basis_from_run(tmp_path / "basis"), load_config("tiny-cpu"), 2).peak_bytes == 500 << 20
+    )
 
 
 def test_whatif_prints_one_screen(tmp_path: Path) -> None:

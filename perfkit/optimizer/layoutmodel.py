@@ -358,11 +358,15 @@ def basis_from_run(run_path: Path) -> Basis:
     basis.compute_s = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
     basis.optimizer_s = float(mid["optimizer_s"])
     basis.outside_s = max(0.0, step_s - model_s - basis.optimizer_s)
+    peak = _logged_peak(run.layout.train_log)
     mem = t.memory
     col = "max_allocated" if "max_allocated" in mem.columns and mem["max_allocated"].notna().any() else "rss"
-    if not mem.empty and col in mem.columns and mem[col].notna().any():
-        basis.peak_bytes = float(mem[col].max())
-        basis.base_bytes = basis.peak_bytes - sum(memory_parts(shape).values())
+    if peak is None and not mem.empty and col in mem.columns and mem[col].notna().any():
+        peak = float(mem[col].max())  # sampled at step ends: a lower bound of the peak within a step
+        basis.notes.append("the basis's peak is its memory table's (sampled at step ends), not the trainer's")
+    if peak is not None:
+        basis.peak_bytes = peak
+        basis.base_bytes = peak - sum(memory_parts(shape).values())
         if basis.base_bytes < 0:
             basis.notes.append(
                 "the modelled state exceeds the measured peak: memory predictions are upper bounds"
@@ -373,6 +377,19 @@ def basis_from_run(run_path: Path) -> Basis:
     if shape.cfg.device == "cuda":
         basis.notes.append("on GPU, communication that overlaps compute is counted as exposed")
     return basis
+
+
+def _logged_peak(train_log: Path) -> float | None:
+    """The busiest rank's peak as the trainer logs it with its last step (CUDA's max allocated, or
+    the peak RSS on CPU): what a sweep's runs report, so predictions compare like with like."""
+    import json
+
+    try:
+        lines = [ln for ln in train_log.read_text().splitlines() if ln.strip()]
+        value = json.loads(lines[-1]).get("peak_memory_bytes") if lines else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def memory_parts(shape: Shape) -> dict[str, float]:
