@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from perfkit import __version__
-from perfkit.errors import RunDirError
+from perfkit.errors import ConfigError, RunDirError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -346,6 +346,15 @@ class Run:
         run = cls(path, manifest)
         run.save()
         return run
+
+    def trainer_config(self, use: str) -> dict[str, Any]:
+        """The bundled trainer's configuration this run trained with (``TrainConfig.to_dict()``); a
+        run of any other script has none: one line that says so, then ``use`` (what to do instead)."""
+        if not self.manifest.config:
+            raise ConfigError(
+                f"{self.path} is not a run of the bundled trainer (its manifest has no trainer config); {use}"
+            )
+        return self.manifest.config
 
     @classmethod
     def open(cls, path: Path | str) -> Run:

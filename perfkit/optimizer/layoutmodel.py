@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perfkit.errors import ConfigError, RunDirError
+from perfkit.analyzers.comms import bus_factor
+from perfkit.errors import RunDirError
 from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
 
 WARMUP = 3
@@ -156,16 +157,6 @@ def collectives(shape: Shape) -> list[tuple[str, str, float, int, int]]:
         sends = (2 if lay.pp > 2 or lay.stages_per_rank > 1 else 1) * 2 * m * lay.stages_per_rank
         out.append(("activations (pipeline send/recv)", "send", size, 2, sends))
     return out
-
-
-def bus_factor(op: str, n: int) -> float:
-    if n <= 1:
-        return 0.0
-    if op == "all_reduce":
-        return 2 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "broadcast"):
-        return (n - 1) / n
-    return 1.0
 
 
 def activation_bytes(shape: Shape) -> float:
@@ -307,12 +298,7 @@ def basis_from_run(run_path: Path) -> Basis:
     from perfkit.run import Run
 
     run = Run.open(run_path)
-    config = run.manifest.config
-    if not config:
-        raise ConfigError(
-            f"{run_path} is not a run of the bundled trainer (its manifest has no trainer config); "
-            "predictions model the reference trainer's layouts"
-        )
+    config = run.trainer_config("predictions model the reference trainer's layouts")
     t = load_tables(run)
     steps = t.steps
     if steps.empty:

@@ -201,13 +201,9 @@ def baseline_from_run(run_path: Path, out: Path) -> tuple[str, int]:
     """The trainer configuration of a profiled reference-trainer run, as a TOML file in ``out``,
     and its world size."""
     run = Run.open(run_path)
-    config = run.manifest.config
-    if not config:
-        raise ConfigError(
-            f"{run_path} is not a run of the bundled trainer (its manifest has no trainer config); "
-            "perfkit optimize tunes the reference trainer. For your own script, apply the fixes "
-            f"`perfkit analyze {run_path}` prints"
-        )
+    config = run.trainer_config(
+        f"perfkit optimize tunes the reference trainer. For your own script, apply the fixes `perfkit analyze {run_path}` prints"
+    )
     out.mkdir(parents=True, exist_ok=True)
     return str(write_toml(config, StudyLayout(out, "optimize").baseline_config)), run.manifest.world_size
 

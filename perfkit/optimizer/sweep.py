@@ -254,11 +254,14 @@ def _basis(sweep: Sweep, basis_run: Path | None, out: Path, nodes: Nodes, progre
 
     first = next(c for c in sweep.candidates if not c.skipped)
     folder = out / "basis"
-    try:
-        if Run.open(folder).manifest.status == "complete":
-            return basis_from_run(folder)
-    except Exception:  # not there, or not complete: profile it (again)
-        pass
+    if folder.exists():
+        try:
+            if Run.open(folder).manifest.status == "complete":
+                return basis_from_run(folder)
+        except RunDirError:
+            pass
+        # an earlier start stopped while profiling: keep what it wrote beside, profile again
+        folder.rename(out / f"basis.incomplete-{int(time.time())}")
     progress(f"profiling the basis ({first.label}) for the predictions", 0, 0)
     options = CollectOptions(collect=["steps", "comms", "memory", "cpu"], profile_steps=None)
     req = reference_request(sweep.config, first.overrides, sweep.nproc, folder, "basis", options, nodes)
