@@ -86,8 +86,11 @@ def test_memory_model_orders_the_layouts() -> None:
 
 
 def test_collectives_per_layout() -> None:
-    by = lambda s: {what: (op, calls) for what, op, _, _, calls in lm.collectives(s)}  # noqa: E731
+    by = lambda s: {c.what: (c.op, c.calls) for c in lm.collectives(s)}  # noqa: E731
     assert by(shape()) == {"gradients (DDP)": ("all_reduce", 1)}
+    # torch's ZeroRedundancyOptimizer broadcasts every parameter tensor (69 in tiny-cpu) from its owner
+    assert by(shape("parallel.zero=1"))["parameters (ZeRO-1)"] == ("broadcast", 69)
+    assert [c.blocking for c in lm.collectives(shape("parallel.zero=3"))] == [True, True]
     assert by(shape("overlap.bucket_cap_mb=0.05"))["gradients (DDP)"][1] == math.ceil(
         140_832 * 4 / (0.05 * 2**20)
     )
@@ -108,6 +111,7 @@ def test_collectives_per_layout() -> None:
 def test_basis_fits_the_planted_collectives_and_predicts_itself(tmp_path: Path) -> None:
     b = lm.basis_from_run(make_basis(tmp_path))
     assert b.alpha_s == pytest.approx(ALPHA, rel=0.05) and b.beta_bytes_per_s == pytest.approx(BETA, rel=0.05)
+    assert b.wait_s == pytest.approx(0.004, rel=0.05)  # the median wait planted (0, 4 or 8 ms)
     assert "fitted to 28 recorded collectives" in b.comm_basis  # steps 4-10, two a step, two ranks
     p = lm.predict(b, load_config("tiny-cpu"), 2)
     assert p.step_s == pytest.approx(0.030, rel=1e-6)  # the basis's own layout: its measured step
@@ -116,8 +120,10 @@ def test_basis_fits_the_planted_collectives_and_predicts_itself(tmp_path: Path) 
     small = lm.predict(b, load_config("tiny-cpu", ["overlap.bucket_cap_mb=0.05"]), 2)
     buckets = math.ceil(140_832 * 4 / (0.05 * 2**20))
     assert small.step_s - p.step_s == pytest.approx((buckets - 1) * ALPHA, rel=0.05)
-    # ZeRO-3 halves the optimizer's work and the state; FSDP's collectives replace DDP's
+    # ZeRO-3 halves the optimizer's work and the state; FSDP's collectives replace DDP's, and each
+    # of them, blocking, also waits for the slower rank
     z3 = lm.predict(b, load_config("tiny-cpu", ["parallel.zero=3"]), 2)
+    assert z3.time_parts["parameters (FSDP all-gather)"] > 10 * (ALPHA + 0.004)
     assert z3.time_parts["optimizer"] == pytest.approx(0.001) and z3.peak_bytes < p.peak_bytes
     # four ranks of data parallelism: half the compute a rank
     four = lm.predict(b, load_config("tiny-cpu"), 4)

@@ -23,11 +23,10 @@ Torch-free: a prediction is arithmetic on the configuration and the basis's tabl
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from perfkit.analyzers.comms import bus_factor
 from perfkit.errors import RunDirError
@@ -69,6 +68,17 @@ class Shape:
             list(range(s * n // lay.n_stages, (s + 1) * n // lay.n_stages)) for s in range(lay.n_stages)
         ]
         return [sum((stages[r + i * lay.pp] for i in range(lay.stages_per_rank)), []) for r in range(lay.pp)]
+
+    def rank_tensors(self, pp_rank: int) -> int:
+        """Parameter tensors of pipeline rank ``pp_rank``: 16 a block (q, k, v, o, fc1, fc2, ln1 and
+        ln2, each a weight and a bias), the two embeddings on the first stage, the final norm's two
+        and the head on the last."""
+        n = 16 * len(self.stage_layers[pp_rank])
+        if pp_rank == 0:
+            n += 2
+        if pp_rank == (self.layout.n_stages - 1) % self.layout.pp:
+            n += 2 + (0 if self.cfg.model.tie_embeddings else 1)
+        return n
 
     def rank_params(self, pp_rank: int) -> int:
         """Parameters one tensor-parallel rank of pipeline rank ``pp_rank`` holds, unsharded by ZeRO."""
@@ -121,41 +131,56 @@ class Shape:
         return p / self.layout.dp if self.cfg.parallel.zero >= 1 else p
 
 
-def collectives(shape: Shape) -> list[tuple[str, str, float, int, int]]:
-    """Per optimizer step on the busiest rank: (what, op, bytes per call, group size, calls)."""
+class Collective(NamedTuple):
+    what: str
+    op: str
+    size: float
+    """Bytes a call."""
+    group: int
+    calls: int
+    blocking: bool
+    """Issued inside forward or backward and waited for at once (tensor parallel, FSDP2): each call
+    also waits for the slowest rank of its group. DDP's buckets and ZeRO-1's broadcasts run
+    asynchronously; a pipeline's waits are its bubble."""
+
+
+def collectives(shape: Shape) -> list[Collective]:
+    """Per optimizer step on the busiest rank."""
     cfg, lay = shape.cfg, shape.layout
-    out: list[tuple[str, str, float, int, int]] = []
+    out: list[Collective] = []
     p = shape.rank_params(shape.busiest) * FP32
     m = lay.microbatches
     if lay.dp > 1:
         zero = cfg.parallel.zero
         if zero <= 1:
             buckets = max(1, math.ceil(p / (cfg.overlap.bucket_cap_mb * 2**20)))
-            out.append(("gradients (DDP)", "all_reduce", p / buckets, lay.dp, buckets))
-            if zero == 1:
-                out.append(("parameters (ZeRO-1)", "broadcast", p / lay.dp, lay.dp, lay.dp))
+            out.append(Collective("gradients (DDP)", "all_reduce", p / buckets, lay.dp, buckets, False))
+            if zero == 1:  # torch's ZeroRedundancyOptimizer broadcasts each parameter from its owner
+                n = shape.rank_tensors(shape.busiest)
+                out.append(Collective("parameters (ZeRO-1)", "broadcast", p / n, lay.dp, n, False))
         else:
             units = len(shape.stage_layers[shape.busiest]) + 1  # each block, and the root module
             gathers = (2 if zero == 3 else 1) * (m if zero == 3 else 1)
             param_bytes = p // 2 if cfg.kernels.precision == "bf16" else p
-            out.append(
-                ("parameters (FSDP all-gather)", "all_gather", param_bytes / units, lay.dp, units * gathers)
-            )
-            out.append(("gradients (FSDP reduce-scatter)", "reduce_scatter", p / units, lay.dp, units * m))
+            ag, rs = "parameters (FSDP all-gather)", "gradients (FSDP reduce-scatter)"
+            out.append(Collective(ag, "all_gather", param_bytes / units, lay.dp, units * gathers, True))
+            out.append(Collective(rs, "reduce_scatter", p / units, lay.dp, units * m, True))
     if lay.tp > 1:
         layers = len(shape.stage_layers[shape.busiest])
         size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
         calls = 4 * layers * m  # two in forward, two in backward, per block and microbatch
         if cfg.parallel.sequence_parallel:
-            out.append(("activations (TP all-gather)", "all_gather", size, lay.tp, calls))
-            out.append(("activations (TP reduce-scatter)", "reduce_scatter", size, lay.tp, calls))
+            out.append(Collective("activations (TP all-gather)", "all_gather", size, lay.tp, calls, True))
+            out.append(
+                Collective("activations (TP reduce-scatter)", "reduce_scatter", size, lay.tp, calls, True)
+            )
         else:
-            out.append(("activations (TP all-reduce)", "all_reduce", size, lay.tp, calls))
+            out.append(Collective("activations (TP all-reduce)", "all_reduce", size, lay.tp, calls, True))
     if lay.pp > 1:
         size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
         # a middle rank receives and sends each microbatch forward and its gradient backward
         sends = (2 if lay.pp > 2 or lay.stages_per_rank > 1 else 1) * 2 * m * lay.stages_per_rank
-        out.append(("activations (pipeline send/recv)", "send", size, 2, sends))
+        out.append(Collective("activations (pipeline send/recv)", "send", size, 2, sends, False))
     return out
 
 
@@ -221,6 +246,8 @@ class Basis:
     """Per step, time outside the model: data wait, logging, the rest of the loop."""
     alpha_s: float
     beta_bytes_per_s: float
+    wait_s: float
+    """What a blocking collective waits for the slowest rank (median, from the largest collectives)."""
     comm_basis: str
     peak_bytes: float | None
     base_bytes: float | None
@@ -252,44 +279,54 @@ class Prediction:
         }
 
 
-def comm_seconds(shape: Shape, alpha: float, beta: float) -> dict[str, float]:
+def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> dict[str, float]:
+    """Seconds a step of each kind of collective: alpha + bus bytes / beta a call, and ``wait`` for
+    the slowest rank a blocking call."""
     out: dict[str, float] = {}
-    for what, op, size, n, calls in collectives(shape):
-        t = calls * (alpha + bus_factor(op, n) * size / beta)
-        out[what] = out.get(what, 0.0) + t
+    for c in collectives(shape):
+        t = c.calls * (alpha + bus_factor(c.op, c.group) * c.size / beta + (wait if c.blocking else 0.0))
+        out[c.what] = out.get(c.what, 0.0) + t
     return out
 
 
-def _fit_comms(comms: Any, steps_after: int) -> tuple[float, float, str] | None:
-    """Latency and bus bandwidth from the recorded collectives: per (op, size, group size) the 20th
-    percentile of the durations (the rest waited for the last rank), then alpha + bus bytes / beta
-    fitted by least squares over sizes (alpha from the smallest when there is one size class)."""
+def _fit_comms(comms: Any, steps_after: int) -> tuple[float, float, float, str] | None:
+    """Latency, bus bandwidth and the wait for the slowest rank, from the recorded collectives. Per
+    (op, size, group size) the 20th percentile of the durations is the transfer (the rest of a
+    collective's time waited for the last rank to arrive); alpha + bus bytes / beta is fitted to
+    those by least squares weighted by count (size classes of under 5 calls are left out when others
+    have more). The wait is the median of the largest collectives' time beyond the fit: what each
+    blocking collective of a step costs on top of its transfer on this machine."""
     c = comms[(comms["step"] > steps_after) & comms["bytes"].notna() & (comms["group_size"] > 1)]
     c = c[c["op"].isin(["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv"])]
     if c.empty:
         return None
     c = c.assign(dur=(c["end_ns"] - c["start_ns"]) / 1e9)
-    points = []
+    points = []  # (bus bytes, 20th percentile, count, the durations)
     for (op, size, n), g in c.groupby(["op", "bytes", "group_size"]):
-        q = float(g["dur"].quantile(0.2))
-        points.append((bus_factor(str(op), int(n)) * float(size), q, len(g)))
-    points.sort()
-    if len({u for u, _, _ in points}) >= 2:
-        xs = [u for u, _, _ in points]
-        ys = [t for _, t, _ in points]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-        alpha = max(my - slope * mx, min(ys) * 0.5, 1e-6)
+        points.append(
+            (bus_factor(str(op), int(n)) * float(size), float(g["dur"].quantile(0.2)), len(g), g["dur"])
+        )
+    if any(p[2] >= 5 for p in points):
+        points = [p for p in points if p[2] >= 5]
+    points.sort(key=lambda p: p[0])
+    if len({p[0] for p in points}) >= 2:
+        w = [float(p[2]) for p in points]
+        mx = sum(wi * p[0] for wi, p in zip(w, points, strict=True)) / sum(w)
+        my = sum(wi * p[1] for wi, p in zip(w, points, strict=True)) / sum(w)
+        sxx = sum(wi * (p[0] - mx) ** 2 for wi, p in zip(w, points, strict=True))
+        sxy = sum(wi * (p[0] - mx) * (p[1] - my) for wi, p in zip(w, points, strict=True))
+        slope = sxy / sxx if sxx else 0.0
+        alpha = max(my - slope * mx, min(p[1] for p in points) * 0.5, 1e-6)
         if slope <= 0:
-            big = points[-1]
-            slope = max(big[1] - alpha, 1e-6) / big[0]
+            slope = max(points[-1][1] - alpha, 1e-6) / points[-1][0]
     else:
-        u, t, _ = points[0]
+        u, t = points[0][0], points[0][1]
         alpha = min(t, 50e-6) if u > 4096 else t
         slope = max(t - alpha, 1e-7) / u if u else 1e-9
-    count = sum(n for _, _, n in points)
-    return alpha, 1.0 / slope, f"fitted to {count} recorded collectives in {len(points)} size classes"
+    largest = points[-1]
+    wait = max(0.0, float((largest[3] - (alpha + slope * largest[0])).median()))
+    count = sum(p[2] for p in points)
+    return alpha, 1.0 / slope, wait, f"fitted to {count} recorded collectives in {len(points)} size classes"
 
 
 def basis_from_run(run_path: Path) -> Basis:
@@ -320,6 +357,7 @@ def basis_from_run(run_path: Path) -> Basis:
         outside_s=0.0,
         alpha_s=0.0,
         beta_bytes_per_s=1.0,
+        wait_s=0.0,
         comm_basis="",
         peak_bytes=None,
         base_bytes=None,
@@ -330,15 +368,17 @@ def basis_from_run(run_path: Path) -> Basis:
         # nothing to fit (one rank): loopback gloo on this kind of host, or NVLink-class NCCL
         gpu = shape.cfg.device == "cuda" or bool(run.manifest.env.get("gpus"))
         fit = (
-            (20e-6, 100e9, "assumed (NVLink-class NCCL)") if gpu else (300e-6, 1e9, "assumed (gloo loopback)")
+            (20e-6, 100e9, 0.0, "assumed (NVLink-class NCCL)")
+            if gpu
+            else (300e-6, 1e9, 0.0, "assumed (gloo)")
         )
         basis.notes.append(
             "the basis recorded no collectives: latency and bandwidth are assumed, not measured"
         )
-    basis.alpha_s, basis.beta_bytes_per_s, basis.comm_basis = fit
+    basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s, basis.comm_basis = fit
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
-    comm = sum(comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s).values())
+    comm = sum(comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).values())
     if comm > 0.8 * model_s:
         basis.notes.append("the fitted collectives explain most of forward + backward: compute is uncertain")
     basis.compute_s = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
@@ -392,7 +432,7 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     if shape.pipeline_fill > 1:
         parts["pipeline bubble"] = compute * (shape.pipeline_fill - 1)
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
-    for what, seconds in comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s).items():
+    for what, seconds in comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).items():
         parts[what] = seconds
     parts["outside the model"] = basis.outside_s  # data wait, logging and the loop, as measured
     mem = memory_parts(shape)
@@ -456,7 +496,7 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
         "",
         f"basis: compute at {rate:.2f} GFLOP/s a rank (forward + backward less modelled collectives); "
         f"collectives alpha {basis.alpha_s * 1e3:.3f} ms + bytes at {basis.beta_bytes_per_s / 1e9:.2f} GB/s "
-        f"bus bandwidth ({basis.comm_basis}); outside the model {basis.outside_s * 1e3:.1f} ms as measured",
+        f"bus bandwidth, {basis.wait_s * 1e3:.2f} ms wait a blocking call ({basis.comm_basis}); outside the model {basis.outside_s * 1e3:.1f} ms as measured",
     ]
     if basis.base_bytes is not None:
         lines.append(
