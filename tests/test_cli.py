@@ -7,7 +7,18 @@ from click.testing import CliRunner
 from perfkit import __version__
 from perfkit.cli import cli
 
-COMMANDS = ["train", "demo", "profile", "analyze", "report", "compare", "export-trace", "sweep", "optimize"]
+COMMANDS = [
+    "train",
+    "demo",
+    "profile",
+    "analyze",
+    "report",
+    "compare",
+    "export-trace",
+    "sweep",
+    "whatif",
+    "optimize",
+]
 
 
 @pytest.fixture
@@ -78,3 +89,15 @@ def test_profile_bad_arguments_are_one_line(tmp_path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and result.output.count("\n") == 1
         assert not (tmp_path / "r").exists()
+
+
+def test_sizes_parse_and_bad_ones_say_how(runner: CliRunner) -> None:
+    from perfkit.cli import ByteSize
+
+    size = ByteSize()
+    assert size.convert("40GiB", None, None) == 40 * 2**30 and size.convert("2.5GB", None, None) == 2.5e9
+    assert size.convert("512 mib", None, None) == 512 * 2**20 and size.convert("1000", None, None) == 1000
+    result = runner.invoke(cli, ["sweep", "--memory-limit", "lots"])
+    assert result.exit_code == 2 and "write e.g. 40GiB" in result.output
+    result = runner.invoke(cli, ["sweep", "--nnodes", "2"])
+    assert result.exit_code == 2 and "--rdzv-endpoint" in result.output
