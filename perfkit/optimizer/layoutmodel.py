@@ -376,6 +376,16 @@ def basis_from_run(run_path: Path) -> Basis:
             "the basis recorded no collectives: latency and bandwidth are assumed, not measured"
         )
     basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s, basis.comm_basis = fit
+    c = t.comms
+    if (
+        not c.empty
+        and "source" in c.columns
+        and (c.loc[c["bytes"] == c["bytes"].max(), "source"] == "ddp").all()
+    ):
+        basis.notes.append(
+            "the bandwidth is fitted to DDP's bucket all-reduces, which run beside backward: where they are "
+            "large, transfers are predicted slower than they are (bench/sweep_prediction.py's 12.8M-parameter case)"
+        )
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
     comm = sum(comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).values())
