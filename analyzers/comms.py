@@ -19,6 +19,12 @@ def bus_factor(op: str, n: int) -> float:
     return 1.0
 
 
+def pipeline_fill(pp: int, microbatches: int, stages_per_rank: int) -> float:
+    """A pipeline step's compute over that of its microbatches alone: (m + (pp - 1) / v) / m
+    (GPipe and 1F1B: v = 1; interleaved 1F1B with v stages a rank)."""
+    return (microbatches + (pp - 1) / stages_per_rank) / microbatches
+
+
 _BUCKETS = [0, 64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 62]
 _BUCKET_NAMES = ["<64KiB", "64KiB-1MiB", "1-16MiB", "16-256MiB", ">=256MiB"]
 

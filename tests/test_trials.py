@@ -127,21 +127,25 @@ def test_baseline_from_a_run_that_is_not_the_trainer_is_one_line(tmp_path: Path)
     assert nproc == 2 and load_config(config).to_dict() == TrainConfig().to_dict()
 
 
+def _finding(id: str, remedy: str, saving: float) -> Finding:
+    return Finding(
+        id=id,
+        title=id,
+        severity="high",
+        evidence={},
+        ranks=[],
+        saving_ms_per_step=saving,
+        estimate="",
+        remedy=remedy,
+    )
+
+
 def test_plan_skips_what_is_set_invalid_or_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
     def finding(id: str, change: dict) -> Finding:
         monkeypatch.setitem(
             remedies.REMEDIES, f"test_{id}", remedies.Remedy(id=id, description=id, trainer=change)
         )
-        return Finding(
-            id=id,
-            title=id,
-            severity="high",
-            evidence={},
-            ranks=[],
-            saving_ms_per_step=1.0,
-            estimate="",
-            remedy=f"test_{id}",
-        )
+        return _finding(id, f"test_{id}", 1.0)
 
     analysis = SimpleNamespace(
         findings=[
@@ -309,18 +313,6 @@ def test_the_loop_profiles_again_and_stops_when_a_round_keeps_nothing(
         profiled.append(list(overrides))
         return SimpleNamespace(path=out)
 
-    def finding(id: str, remedy: str, saving: float) -> Finding:
-        return Finding(
-            id=id,
-            title=id,
-            severity="high",
-            evidence={},
-            ranks=[],
-            saving_ms_per_step=saving,
-            estimate="",
-            remedy=remedy,
-        )
-
     def fake_analyze(path: Path):  # type: ignore[no-untyped-def]
         current = profiled[-1] if profiled else []
         if not any(
@@ -329,11 +321,11 @@ def test_the_loop_profiles_again_and_stops_when_a_round_keeps_nothing(
             or o.startswith("overlap.bucket_cap_mb=1")
             for o in current
         ):
-            return SimpleNamespace(findings=[finding("small_ddp_buckets", "bucket_size", 12.0)])
+            return SimpleNamespace(findings=[_finding("small_ddp_buckets", "bucket_size", 12.0)])
         return SimpleNamespace(
             findings=[
-                finding("unfused_optimizer", "fused_optimizer", 0.0),
-                finding("input_stall", "more_workers", 1.0),
+                _finding("unfused_optimizer", "fused_optimizer", 0.0),
+                _finding("input_stall", "more_workers", 1.0),
             ]
         )
 

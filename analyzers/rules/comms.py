@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+from perfkit.analyzers.comms import pipeline_fill
 from perfkit.analyzers.facts import TraceFacts
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
@@ -56,12 +57,6 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
         },
         remedy="bucket_size",
     )
-
-
-def pipeline_fill(pp: int, microbatches: int, stages_per_rank: int) -> float:
-    """A pipeline step's compute over that of its microbatches alone: (m + (pp - 1) / v) / m
-    (GPipe and 1F1B: v = 1; interleaved 1F1B with v stages a rank)."""
-    return (microbatches + (pp - 1) / stages_per_rank) / microbatches
 
 
 @rule("pipeline_bubble", reads="run", min_bubble_share=0.10)

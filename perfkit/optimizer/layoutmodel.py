@@ -22,13 +22,15 @@ Torch-free: a prediction is arithmetic on the configuration and the basis's tabl
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from perfkit.analyzers.comms import bus_factor
+from perfkit.analyzers.comms import bus_factor, pipeline_fill
 from perfkit.errors import RunDirError
 from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
 
@@ -114,11 +116,9 @@ class Shape:
 
     @property
     def pipeline_fill(self) -> float:
-        """Step compute over the compute of the microbatches alone: (m + (pp - 1) / v) / m."""
+        """Step compute over the compute of the microbatches alone."""
         lay = self.layout
-        if lay.pp == 1:
-            return 1.0
-        return (lay.microbatches + (lay.pp - 1) / lay.stages_per_rank) / lay.microbatches
+        return 1.0 if lay.pp == 1 else pipeline_fill(lay.pp, lay.microbatches, lay.stages_per_rank)
 
     @property
     def act_bytes(self) -> int:
@@ -252,15 +252,18 @@ class Basis:
     peak_bytes: float | None
     base_bytes: float | None
     """The peak's part no layout changes: libraries, buffers (measured peak − modelled state)."""
+    gpu_memory_bytes: float | None = None
+    host_memory_bytes: float | None = None
+    """The basis's device and host capacities (its manifest), what a sweep's layouts must fit in."""
     notes: list[str] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def shape(self) -> Shape:
         cfg = config_from_dict(self.config)
         return Shape(cfg, resolve_layout(cfg, self.world_size))
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "config"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
 
 
 @dataclass
@@ -361,6 +364,8 @@ def basis_from_run(run_path: Path) -> Basis:
         comm_basis="",
         peak_bytes=None,
         base_bytes=None,
+        gpu_memory_bytes=run.manifest.env.get("gpu_memory_bytes"),
+        host_memory_bytes=run.manifest.env.get("host_memory_bytes"),
     )
     shape = basis.shape
     fit = _fit_comms(t.comms, WARMUP) if not t.comms.empty else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -143,14 +144,16 @@ class Sweep:
     def runs_at(self, c: Candidate, steps: int) -> list[Measurement]:
         return [r for r in c.runs if r.steps == steps]
 
+    def median_at(self, c: Candidate, steps: int) -> float | None:
+        """Median ms/step of the candidate's good runs of ``steps`` steps."""
+        good = [r.step_ms for r in self.runs_at(c, steps) if r.ok and r.step_ms]
+        return statistics.median(good) if good else None
+
     def figure(self, c: Candidate) -> tuple[int, float] | None:
         """(steps, median ms/step) of the longest runs the candidate got."""
         for steps in sorted({r.steps or 0 for r in c.runs}, reverse=True):
-            good = sorted(r.step_ms for r in self.runs_at(c, steps) if r.ok and r.step_ms)
-            if good:
-                return steps, good[len(good) // 2] if len(good) % 2 else (
-                    good[len(good) // 2 - 1] + good[len(good) // 2]
-                ) / 2
+            if (ms := self.median_at(c, steps)) is not None:
+                return steps, ms
         return None
 
     def ranked(self) -> list[Candidate]:
@@ -168,21 +171,19 @@ class Sweep:
             if not c.predicted:
                 continue
             for steps in {r.steps or 0 for r in c.runs}:
-                good = sorted(r.step_ms for r in self.runs_at(c, steps) if r.ok and r.step_ms)
-                if good:
-                    by_steps.setdefault(steps, []).append((c.predicted["step_ms"], good[len(good) // 2]))
+                if (ms := self.median_at(c, steps)) is not None:
+                    by_steps.setdefault(steps, []).append((c.predicted["step_ms"], ms))
         pairs = max(by_steps.values(), key=len, default=[])
         errors = [
             abs(c.predicted["peak_memory_bytes"] - c.peak_memory_bytes) / c.peak_memory_bytes
             for c in self.candidates
             if c.predicted and c.predicted.get("peak_memory_bytes") and c.peak_memory_bytes
         ]
-        errors.sort()
         return {
             "spearman": spearman([p for p, _ in pairs], [m for _, m in pairs]),
             "layouts_ranked": len(pairs),
-            "memory_error_median": errors[len(errors) // 2] if errors else None,
-            "memory_error_max": errors[-1] if errors else None,
+            "memory_error_median": statistics.median(errors) if errors else None,
+            "memory_error_max": max(errors, default=None),
             "layouts_with_memory": len(errors),
         }
 
@@ -279,14 +280,10 @@ def _limit(sweep: Sweep, memory_limit: float | None, basis: Basis) -> tuple[floa
     """The per-rank memory a layout must fit in, and what it is."""
     if memory_limit:
         return memory_limit, "--memory-limit"
-    from perfkit.run import Run
-
-    env = Run.open(Path(basis.run)).manifest.env
-    if env.get("gpu_memory_bytes"):
-        return float(env["gpu_memory_bytes"]), "the GPU's memory"
-    host = env.get("host_memory_bytes")
-    if host:
-        return float(host) / sweep.nproc, f"this host's memory shared by {sweep.nproc} ranks"
+    if basis.gpu_memory_bytes:
+        return basis.gpu_memory_bytes, "the GPU's memory"
+    if basis.host_memory_bytes:
+        return basis.host_memory_bytes / sweep.nproc, f"this host's memory shared by {sweep.nproc} ranks"
     return None, ""
 
 
@@ -356,7 +353,8 @@ def run_sweep(
         with tempfile.TemporaryDirectory(dir=out) as work:
             for i, (size, rung_steps, runs) in enumerate(sweep.rungs):
                 if i:
-                    field_ = sorted(field_, key=lambda c: _at(sweep, c, sweep.rungs[i - 1][1]))[:size]
+                    last = sweep.rungs[i - 1][1]
+                    field_ = sorted(field_, key=lambda c: sweep.median_at(c, last) or math.inf)[:size]
                 _measure_rung(sweep, field_, rung_steps, runs, Path(work), nodes, progress, results, i)
     except KeyboardInterrupt:
         sweep.interrupted = True  # keep what was measured
@@ -367,11 +365,6 @@ def run_sweep(
 
     write(sweep.to_json(), StudyLayout(out, "sweep").page)
     return sweep
-
-
-def _at(sweep: Sweep, c: Candidate, steps: int) -> float:
-    good = sorted(r.step_ms for r in sweep.runs_at(c, steps) if r.ok and r.step_ms)
-    return good[len(good) // 2] if good else math.inf
 
 
 def _measure_rung(
