@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pandas as pd
-from perfkit.analyzers.comms import collective_table
+from perfkit.analyzers.comms import collective_table, service_ns
 from perfkit.analyzers.metrics import (
     CommMetrics,
     IoMetrics,
@@ -33,6 +33,10 @@ class RunTables:
     run: Run
     frames: dict[str, pd.DataFrame]
     notes: list[str] = field(default_factory=list)
+    link_probe: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """The comms table's rows of ``perfkit.probe_links()`` (source "probe"): all-reduces of a few
+    sizes outside the steps, every rank arriving together. They are not the job's collectives, so
+    ``comms`` leaves them out."""
 
     @property
     def steps(self) -> pd.DataFrame:
@@ -68,6 +72,11 @@ def load_tables(run: Run) -> RunTables:
         frames[name] = (
             pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*table.columns, "rank"])
         )
+    c = frames["comms"]
+    probed = c["source"].eq("probe") if "source" in c.columns else pd.Series(False, index=c.index)
+    if probed.any():
+        frames["comms"] = c[~probed].reset_index(drop=True)
+        return RunTables(run, frames, notes, c[probed].reset_index(drop=True))
     return RunTables(run, frames, notes)
 
 
@@ -197,9 +206,10 @@ def comm_metrics(t: RunTables) -> CommMetrics | None:
     c = t.comms
     if c.empty:
         return None
-    # Host-side durations where the end is known (gloo, synchronous calls); the GPU's own duration
-    # for NCCL collectives, whose host-side end is only when they were queued.
-    host_ns = (c["end_ns"] - c["start_ns"]).astype(float)
+    # Host-side durations where the end is known (gloo, synchronous calls), less the time queued
+    # behind the group's previous collective; the GPU's own duration for NCCL collectives, whose
+    # host-side end is only when they were queued.
+    host_ns = service_ns(c)
     gpu_ns = c["gpu_ms"].astype(float) * 1e6 if "gpu_ms" in c else host_ns * float("nan")
     c = c.assign(duration_ns=gpu_ns.where(gpu_ns.notna(), host_ns))
     per_step = (

@@ -111,6 +111,17 @@ def step(tokens: int | None = None, loss: Any = None) -> None:
         probe.begin_step()
 
 
+def probe_links(group: Any = None) -> bool:
+    """At the end of training, on every rank: all-reduce a few message sizes with nothing else
+    running, so the analysis knows the link's latency and bandwidth (``perfkit whatif`` and the
+    sweep's predictions fit their collectives to it). Does nothing unless the comms collector runs."""
+    if Probe.current is None or Probe.current._stopped:
+        return False
+    from perfkit.collectors.signals.comms import probe_links as _probe_links
+
+    return _probe_links(group)
+
+
 def phase(name: str) -> contextlib.AbstractContextManager[None]:
     """Time a phase of the step: data_wait, forward, backward, optimizer, or a name of your own."""
     probe = Probe.current

@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attach", "describe", "phase", "profile", "step"]
+__all__ = ["__version__", "attach", "describe", "phase", "probe_links", "profile", "step"]
 
 
 def profile(out: Any = None, **options: Any) -> Any:
@@ -47,3 +47,11 @@ def describe(**facts: Any) -> None:
     from perfkit.collectors.api import describe as _describe
 
     _describe(**facts)
+
+
+def probe_links(group: Any = None) -> bool:
+    """At the end of training, on every rank: measure the link (a few all-reduces, nothing else
+    running) for the analysis. Does nothing unless profiled with the comms collector."""
+    from perfkit.collectors.api import probe_links as _probe_links
+
+    return _probe_links(group)

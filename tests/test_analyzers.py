@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from perfkit.analyzers.analyze import analyze
 from perfkit.analyzers.breakdown import intersect_len, merge
-from perfkit.analyzers.comms import bus_factor
+from perfkit.analyzers.comms import bus_factor, service_ns
 from perfkit.analyzers.kernels import category, gemm_precision
 from perfkit.analyzers.memory import load_snapshot, snapshot_summary
 from perfkit.analyzers.trace import TraceError, load_trace
@@ -493,3 +493,21 @@ def test_compact_json_in_several_gzip_members_reads_like_kineto_text(
     got = module.load_trace(tmp_path / "t.json.gz")
     assert len(got.events) == len(expected.events) > 1000
     assert (got.events["dur"].to_numpy() == expected.events["dur"].to_numpy()).all()
+
+
+def test_service_time_leaves_out_the_queue() -> None:
+    """Async collectives issued together (ZeRO-1's broadcasts) complete one after another: each one's
+    own time is from the later of its start and the previous one's end, per rank and group."""
+    import pandas as pd
+
+    ms = 1_000_000
+    c = pd.DataFrame(
+        {
+            "rank": [0, 0, 0, 0, 1],
+            "group": ["0", "0", "0", "1", "0"],
+            "start_ns": [0, 1 * ms, 2 * ms, 2 * ms, 0],
+            "end_ns": [4 * ms, 8 * ms, 9 * ms, 3 * ms, None],
+        }
+    )
+    own = service_ns(c) / ms
+    assert list(own[:4]) == [4.0, 4.0, 1.0, 1.0] and np.isnan(own[4])  # the end unknown: no time

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from helpers import run_perfkit, user_env
+from perfkit.analyzers.runtables import load_tables
 
 from perfkit.run import Run, RunLayout
 from perfkit.tables import COMMS, CPU, IO, MEMORY, STEPS, Table, read_table
@@ -90,6 +91,12 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         assert (ddp["bytes"] == PARAM_BYTES).all() and (ddp["group_size"] == 2).all()
         assert (per_step(comms, "all_reduce", "python") == 1).all()
         assert (comms["end_ns"] >= comms["start_ns"]).all()
+        # After the last step, the link probe: 4 sizes, a warm-up and 4 timed all-reduces each,
+        # outside every step; the analysis keeps them out of the job's collectives.
+        probe = comms[comms["source"] == "probe"]
+        assert (probe["step"] == STEPS_N + 1).all()
+        sizes = probe[probe["op"] == "all_reduce"].groupby("bytes").size()
+        assert sizes.to_dict() == {4 << 10: 5, 256 << 10: 5, 4 << 20: 5, 32 << 20: 5}
         assert len(table(out, rank, MEMORY)) == STEPS_N and (table(out, rank, MEMORY)["rss"] > 0).all()
         cpu = table(out, rank, CPU)
         assert list(cpu["step"]) == list(range(1, STEPS_N + 1)) and (cpu["cpu_s"] > 0).all()
@@ -97,6 +104,8 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         assert sorted(reads[reads["kind"] == "read"]["step"]) == list(range(1, STEPS_N + 1))
         assert (reads["bytes"] == 8 * 65 * 2).all()
         assert (out / f"rank{rank}" / "trace.json.gz").stat().st_size > 10_000
+    tables = load_tables(run)
+    assert not (tables.comms["source"] == "probe").any() and len(tables.link_probe) == 2 * 36
 
 
 @pytest.mark.parametrize(

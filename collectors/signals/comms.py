@@ -437,6 +437,41 @@ def _patch_ddp() -> None:
     DDP.forward = forward  # type: ignore[method-assign]
 
 
+PROBE_SIZES = (4 << 10, 256 << 10, 4 << 20, 32 << 20)
+
+
+def probe_links(group: Any = None, sizes: tuple[int, ...] = PROBE_SIZES, repeats: int = 4) -> bool:
+    """All-reduce a few message sizes outside the steps, every rank arriving together (a barrier
+    before each call), recorded with source "probe": the link's latency and bandwidth with nothing
+    else running. A collective inside a step also waits for the slowest rank and, when it overlaps
+    compute (DDP's buckets), shares the machine with it, so a fit to those alone under-rates the
+    link. Every rank of ``group`` must call it. Does nothing (returns False) unless this collector
+    is recording and the group has two ranks or more."""
+    rec = _recorder[0]
+    if rec is None or not rec.collector.enabled or not dist.is_initialized():
+        return False
+    if dist.get_world_size(group) < 2:
+        return False
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend(group) == "nccl"
+        else torch.device("cpu")
+    )
+    _state.source = "probe"
+    try:
+        for size in sizes:
+            t = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
+            dist.all_reduce(t, group=group)  # warm-up: buffers, connections
+            for _ in range(repeats):
+                dist.barrier(group)
+                dist.all_reduce(t, group=group)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    finally:
+        _state.source = None
+    return True
+
+
 @register
 class CommsCollector(Collector):
     name = "comms"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from perfkit.analyzers.comms import bus_factor, pipeline_fill
+from perfkit.analyzers.comms import bus_factor, pipeline_fill, service_ns
 from perfkit.errors import RunDirError
 from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
 
@@ -221,6 +221,8 @@ def state_bytes(shape: Shape) -> dict[str, float]:
         "gradients": p / lay.dp if zero >= 2 else p,
         "optimizer state": 2 * p / lay.dp if zero >= 1 else 2 * p,
     }
+    if zero >= 2:  # one block's unsharded gradients, before their reduce-scatter
+        out["gradients"] += p / max(1, len(shape.stage_layers[shape.busiest]))
     if zero == 3:
         out["parameters"] += p / max(1, len(shape.stage_layers[shape.busiest]))  # one block gathered
     if zero <= 1 and lay.dp > 1 and not cfg.overlap.gradient_as_bucket_view:
@@ -272,14 +274,16 @@ class Prediction:
     peak_bytes: float | None
     time_parts: dict[str, float]
     memory_parts: dict[str, float]
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "step_ms": self.step_s * 1e3,
             "peak_memory_bytes": self.peak_bytes,
             "time_ms": {k: v * 1e3 for k, v in self.time_parts.items()},
             "memory_bytes": self.memory_parts,
         }
+        return {**out, "notes": self.notes} if self.notes else out
 
 
 def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> dict[str, float]:
@@ -292,44 +296,77 @@ def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> 
     return out
 
 
-def _fit_comms(comms: Any, steps_after: int) -> tuple[float, float, float, str] | None:
-    """Latency, bus bandwidth and the wait for the slowest rank, from the recorded collectives. Per
-    (op, size, group size) the 20th percentile of the durations is the transfer (the rest of a
-    collective's time waited for the last rank to arrive); alpha + bus bytes / beta is fitted to
-    those by least squares weighted by count (size classes of under 5 calls are left out when others
-    have more). The wait is the median of the largest collectives' time beyond the fit: what each
-    blocking collective of a step costs on top of its transfer on this machine."""
-    c = comms[(comms["step"] > steps_after) & comms["bytes"].notna() & (comms["group_size"] > 1)]
-    c = c[c["op"].isin(["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv"])]
-    if c.empty:
-        return None
-    c = c.assign(dur=(c["end_ns"] - c["start_ns"]) / 1e9)
-    points = []  # (bus bytes, 20th percentile, count, the durations)
-    for (op, size, n), g in c.groupby(["op", "bytes", "group_size"]):
-        points.append(
-            (bus_factor(str(op), int(n)) * float(size), float(g["dur"].quantile(0.2)), len(g), g["dur"])
-        )
-    if any(p[2] >= 5 for p in points):
-        points = [p for p in points if p[2] >= 5]
-    points.sort(key=lambda p: p[0])
-    if len({p[0] for p in points}) >= 2:
-        w = [float(p[2]) for p in points]
-        mx = sum(wi * p[0] for wi, p in zip(w, points, strict=True)) / sum(w)
-        my = sum(wi * p[1] for wi, p in zip(w, points, strict=True)) / sum(w)
-        sxx = sum(wi * (p[0] - mx) ** 2 for wi, p in zip(w, points, strict=True))
-        sxy = sum(wi * (p[0] - mx) * (p[1] - my) for wi, p in zip(w, points, strict=True))
-        slope = sxy / sxx if sxx else 0.0
-        alpha = max(my - slope * mx, min(p[1] for p in points) * 0.5, 1e-6)
-        if slope <= 0:
-            slope = max(points[-1][1] - alpha, 1e-6) / points[-1][0]
-    else:
+_FITTED_OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv"]
+
+
+def _size_classes(c: Any) -> list[tuple[float, float, int, Any]]:
+    """Per (op, size, group size): bus bytes, the 20th percentile of the durations (the transfer:
+    the rest of a collective's time waited for the last rank to arrive), count, the durations."""
+    c = c.assign(dur=service_ns(c) / 1e9)  # less the time queued behind the group's previous call
+    c = c[c["bytes"].notna() & (c["group_size"] > 1) & c["op"].isin(_FITTED_OPS) & c["dur"].notna()]
+    points = [
+        (bus_factor(str(op), int(n)) * float(size), float(g["dur"].quantile(0.2)), len(g), g["dur"])
+        for (op, size, n), g in c.groupby(["op", "bytes", "group_size"])
+    ]
+    return sorted(points, key=lambda p: p[0])
+
+
+def _line(points: list[tuple[float, float, int, Any]]) -> tuple[float, float]:
+    """alpha + slope x bus bytes through the size classes, least squares weighted by count."""
+    if len({p[0] for p in points}) < 2:
         u, t = points[0][0], points[0][1]
         alpha = min(t, 50e-6) if u > 4096 else t
-        slope = max(t - alpha, 1e-7) / u if u else 1e-9
-    largest = points[-1]
-    wait = max(0.0, float((largest[3] - (alpha + slope * largest[0])).median()))
+        return alpha, max(t - alpha, 1e-7) / u if u else 1e-9
+    w = [float(p[2]) for p in points]
+    mx = sum(wi * p[0] for wi, p in zip(w, points, strict=True)) / sum(w)
+    my = sum(wi * p[1] for wi, p in zip(w, points, strict=True)) / sum(w)
+    sxx = sum(wi * (p[0] - mx) ** 2 for wi, p in zip(w, points, strict=True))
+    sxy = sum(wi * (p[0] - mx) * (p[1] - my) for wi, p in zip(w, points, strict=True))
+    slope = sxy / sxx if sxx else 0.0
+    alpha = max(my - slope * mx, min(p[1] for p in points) * 0.5, 1e-6)
+    if slope <= 0:
+        slope = max(points[-1][1] - alpha, 1e-6) / points[-1][0]
+    return alpha, slope
+
+
+def _fit_comms(comms: Any, steps_after: int, probe: Any = None) -> tuple[float, float, float, str] | None:
+    """Latency, bus bandwidth and the wait for the slowest rank, from the 20th percentile of each
+    size class's own times (not queued behind the previous call; size classes of under 5 calls left
+    out when others have more). With a link probe (``perfkit.probe_links()``: 4 KiB to 32 MiB,
+    nothing else running) its line gives the bandwidth and the smallest calls of the steps the
+    latency a step pays: the large messages inside the steps are DDP's buckets sharing the machine
+    with backward (fitted to alone, they made ZeRO-1's broadcasts 1.9x slower than measured at
+    12.8M parameters). Without one, alpha + bus bytes / beta is fitted to the steps' calls by least
+    squares weighted by count. The wait is the median of the largest in-step collectives' time
+    beyond the fit: what each blocking collective of a step costs on top of its transfer."""
+    steps = comms[comms["step"] > steps_after] if not comms.empty else comms
+    in_steps = _size_classes(steps) if not steps.empty else []
+    probed = _size_classes(probe) if probe is not None and not probe.empty else []
+    if not in_steps and not probed:
+        return None
+    if probed:
+        # the probe's line for the bandwidth; the latency a step pays from its smallest calls
+        _, slope = _line([p for p in probed if p[2] >= 5] or probed)
+        small = ([p for p in in_steps if p[2] >= 5] or in_steps)[:1]
+        alpha = max(small[0][1] - slope * small[0][0], 1e-6) if small else _line(probed)[0]
+        points = in_steps + probed
+    else:
+        points = [p for p in in_steps if p[2] >= 5] or in_steps
+        alpha, slope = _line(points)
+    wait = 0.0
+    if in_steps:
+        classes = [p for p in in_steps if p[2] >= 5] or in_steps
+        largest = classes[-1]
+        wait = max(0.0, float((largest[3] - (alpha + slope * largest[0])).median()))
     count = sum(p[2] for p in points)
-    return alpha, 1.0 / slope, wait, f"fitted to {count} recorded collectives in {len(points)} size classes"
+    probe_note = f" and the link probe's {sum(p[2] for p in probed)}" if probed else ""
+    return (
+        alpha,
+        1.0 / slope,
+        wait,
+        f"fitted to {count - sum(p[2] for p in probed)} recorded collectives{probe_note}, "
+        f"{len(points)} size classes",
+    )
 
 
 def basis_from_run(run_path: Path) -> Basis:
@@ -368,7 +405,7 @@ def basis_from_run(run_path: Path) -> Basis:
         host_memory_bytes=run.manifest.env.get("host_memory_bytes"),
     )
     shape = basis.shape
-    fit = _fit_comms(t.comms, WARMUP) if not t.comms.empty else None
+    fit = _fit_comms(t.comms, WARMUP, t.link_probe)
     if fit is None:
         # nothing to fit (one rank): loopback gloo on this kind of host, or NVLink-class NCCL
         gpu = shape.cfg.device == "cuda" or bool(run.manifest.env.get("gpus"))
@@ -384,6 +421,7 @@ def basis_from_run(run_path: Path) -> Basis:
     c = t.comms
     if (
         not c.empty
+        and t.link_probe.empty
         and "source" in c.columns
         and (c.loc[c["bytes"] == c["bytes"].max(), "source"] == "ddp").all()
     ):
@@ -455,7 +493,13 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     if basis.base_bytes is not None:
         mem = {"libraries and buffers (basis)": basis.base_bytes, **mem}
         peak = sum(mem.values())
-    return Prediction(sum(parts.values()), peak, parts, mem)
+    notes = []
+    if peak is not None and cfg.parallel.zero >= 2 and shape.layout.dp > 1 and not basis.gpu_memory_bytes:
+        notes.append(
+            "FSDP2 on CPU: a rank's RSS grows step after step (the C allocator keeps freed all-gather "
+            "buffers: 591 to 730 MiB over 6 steps at 12.8M parameters), so the peak is a lower bound"
+        )
+    return Prediction(sum(parts.values()), peak, parts, mem, notes)
 
 
 def describe(cfg: TrainConfig, lay: Layout) -> str:
@@ -517,7 +561,7 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
         lines.append(
             f"memory: {basis.base_bytes / mib:,.0f} MiB of the measured peak is libraries and buffers, the same in every layout"
         )
-    lines += [f"note: {n}" for n in basis.notes]
+    lines += [f"note: {n}" for n in [*basis.notes, *after.notes]]
     return lines
 
 
