@@ -346,9 +346,8 @@ def _fit_comms(comms: Any, steps_after: int, probe: Any = None) -> tuple[float, 
         return None
     if probed:
         # the probe's line for the bandwidth; the latency a step pays from its smallest calls
-        _, slope = _line([p for p in probed if p[2] >= 5] or probed)
-        small = ([p for p in in_steps if p[2] >= 5] or in_steps)[:1]
-        alpha = max(small[0][1] - slope * small[0][0], 1e-6) if small else _line(probed)[0]
+        probe_alpha, slope = _line([p for p in probed if p[2] >= 5] or probed)
+        alpha = max(in_steps[0][1] - slope * in_steps[0][0], probe_alpha) if in_steps else probe_alpha
         points = in_steps + probed
     else:
         points = [p for p in in_steps if p[2] >= 5] or in_steps
