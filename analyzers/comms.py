@@ -34,11 +34,16 @@ def service_ns(c: pd.DataFrame) -> pd.Series:
     if c.empty:
         return pd.Series(dtype=float, index=c.index)
     order = c.sort_values(["start_ns"], kind="stable")
-    end = order["end_ns"].astype(float)
+    known = order["end_ns"].notna().to_numpy()
+    # int64 throughout: an epoch time in float64 ns has 256 ns steps
+    floor = np.iinfo(np.int64).min
+    end = pd.Series(np.where(known, order["end_ns"].fillna(0).astype(np.int64), floor), index=order.index)
     keys = [order["rank"], order["group"].fillna("")] if "rank" in order else [order["group"].fillna("")]
-    previous = end.groupby(keys).transform(lambda e: e.cummax().shift(1))
-    begin = np.fmax(order["start_ns"].astype(float), previous.to_numpy())
-    return (end - begin).clip(lower=0).reindex(c.index)
+    previous = end.groupby(keys).cummax().groupby(keys).shift(1, fill_value=floor)
+    begin = np.maximum(order["start_ns"].astype(np.int64).to_numpy(), previous.to_numpy())
+    own = np.where(known, np.maximum(end.to_numpy() - begin, 0), 0).astype(float)
+    own[~known] = np.nan
+    return pd.Series(own, index=order.index).reindex(c.index)
 
 
 _BUCKETS = [0, 64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 62]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from perfkit.analyzers.comms import service_ns
 from perfkit.analyzers.runtables import load_tables
 from perfkit.analyzers.trace import TraceError, read_json
 
@@ -85,7 +86,21 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
             continue
         out.extend(_meta(pid, f"rank {rank}: perfkit", pid))
         out.append({"ph": "M", "pid": pid, "tid": 1, "name": "thread_name", "args": {"name": "steps"}})
-        out.append({"ph": "M", "pid": pid, "tid": 2, "name": "thread_name", "args": {"name": "collectives"}})
+        # one track per process group: calls of a group run one after another, those of two
+        # groups (TP and DP) may overlap
+        tracks: dict[str, int] = {}
+        for group, ranks in comms[["group", "group_ranks"]].drop_duplicates("group").itertuples(index=False):
+            tracks[str(group)] = 2 + len(tracks)
+            label = f"collectives, group {group}" + (f" (ranks {ranks})" if ranks == ranks and ranks else "")
+            out.append(
+                {
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": tracks[str(group)],
+                    "name": "thread_name",
+                    "args": {"name": label},
+                }
+            )
         for s in steps.to_dict("records"):  # iterrows would turn int64 ns into float64
             ts = (int(s["start_ns"]) - t0) / 1000
             out.append(
@@ -107,23 +122,29 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
                         {"ph": "X", "pid": pid, "tid": 1, "name": phase, "ts": at, "dur": float(d) * 1e6}
                     )
                     at += float(d) * 1e6
-        for c in comms.to_dict("records"):
-            end = c.get("end_ns")
-            dur = (int(end) - int(c["start_ns"])) / 1000 if end == end and end is not None else 0.0
+        own = service_ns(comms)
+        for c, own_ns in zip(comms.to_dict("records"), own, strict=True):
+            start, end = int(c["start_ns"]), c.get("end_ns")
+            args = {"bytes": c.get("bytes"), "group": c.get("group_ranks"), "source": c.get("source"),
+                    "step": c.get("step")}  # fmt: skip
+            if end == end and end is not None and own_ns == own_ns:
+                # drawn where it ran: an async call queued behind the group's previous one starts
+                # when that one ended (slices of a track must nest)
+                begin = int(end) - int(own_ns)
+                if begin > start:
+                    args["queued_ms"] = (begin - start) / 1e6
+                start, dur = begin, own_ns / 1000
+            else:
+                dur = 0.0
             out.append(
                 {
                     "ph": "X",
                     "pid": pid,
-                    "tid": 2,
+                    "tid": tracks.get(str(c.get("group")), 2),
                     "name": str(c["op"]),
-                    "ts": (int(c["start_ns"]) - t0) / 1000,
+                    "ts": (start - t0) / 1000,
                     "dur": dur,
-                    "args": {
-                        "bytes": c.get("bytes"),
-                        "group": c.get("group_ranks"),
-                        "source": c.get("source"),
-                        "step": c.get("step"),
-                    },
+                    "args": args,
                 }
             )
     return {

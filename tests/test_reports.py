@@ -96,3 +96,30 @@ def test_kernel_names_are_escaped(tmp_path: Path) -> None:
     from markupsafe import escape
 
     assert str(escape(EVIL)) in page
+
+
+def test_merged_trace_draws_queued_collectives_where_they_ran(tmp_path: Path) -> None:
+    """Async calls issued together (ZeRO-1's broadcasts) complete one after another: each slice
+    starts when the previous one of its group ended (slices of a track must nest), with the time it
+    queued; two process groups get two tracks."""
+    from perfkit.reports.perfetto import merged_trace
+
+    run = Run.create(tmp_path / "run", command=["x"], world_size=1)
+    d = run.layout.rank_dir(0)
+    d.mkdir(parents=True, exist_ok=True)
+    ms, t = 1_000_000, 1_700_000_000_000_000_123  # an epoch time in ns: float64 would round it
+    rows = [(0, "0", 0, 4), (1, "0", 1, 8), (2, "0", 2, 9), (3, "1", 2, 3)]
+    comms = [{"step": 1, "seq": seq, "op": "broadcast", "source": "python", "group": g, "group_ranks": "0",
+              "group_size": 2, "bytes": 4, "start_ns": t + a * ms, "end_ns": t + b * ms}
+             for seq, g, a, b in rows]  # fmt: skip
+    (d / "comms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in comms))
+    run.manifest.status = "complete"
+    run.save()
+    trace, _ = merged_trace(Run.open(run.path))
+    slices = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["name"] == "broadcast"]
+    by_track: dict[int, list[tuple[float, float]]] = {}
+    for e in slices:
+        by_track.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
+    assert sorted(by_track[2]) == [(0.0, 4000.0), (4000.0, 8000.0), (8000.0, 9000.0)]
+    assert by_track[3] == [(2000.0, 3000.0)]
+    assert [e["args"].get("queued_ms") for e in slices] == [None, 3.0, 6.0, None]
