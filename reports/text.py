@@ -67,9 +67,11 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
     for rank in run.ranks():
         counts = []
         for table in TABLES.values():
-            n = sum(f.read_bytes().count(b"\n") for f in run.layout.table_files(rank, table))
+            texts = [f.read_bytes() for f in run.layout.table_files(rank, table)]
+            n = sum(t.count(b"\n") for t in texts)
+            probe = sum(t.count(b'"source":"probe"') + t.count(b'"source": "probe"') for t in texts)
             if n:
-                counts.append(f"{table.name} {n}")
+                counts.append(f"{table.name} {n - probe}" + (f" (+{probe} link probe)" if probe else ""))
         trace = run.layout.trace(rank)
         if trace.exists():
             counts.append(f"{trace.name} {trace.stat().st_size / 1e6:.1f} MB")

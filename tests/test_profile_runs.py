@@ -4,6 +4,7 @@ an unmodified DDP script, a rank killed with SIGKILL, and an interrupted run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         assert (out / f"rank{rank}" / "trace.json.gz").stat().st_size > 10_000
     tables = load_tables(run)
     assert not (tables.comms["source"] == "probe").any() and len(tables.link_probe) == 2 * 36
+    assert re.search(r"rank1/  steps \d+, comms \d+ \(\+36 link probe\)", proc.stdout + proc.stderr)
 
 
 @pytest.mark.parametrize(
