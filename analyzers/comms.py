@@ -41,8 +41,7 @@ def service_ns(c: pd.DataFrame) -> pd.Series:
     keys = [order["rank"], order["group"].fillna("")] if "rank" in order else [order["group"].fillna("")]
     previous = end.groupby(keys).cummax().groupby(keys).shift(1, fill_value=floor)
     begin = np.maximum(order["start_ns"].astype(np.int64).to_numpy(), previous.to_numpy())
-    own = np.where(known, np.maximum(end.to_numpy() - begin, 0), 0).astype(float)
-    own[~known] = np.nan
+    own = np.where(known, np.maximum(end.to_numpy() - begin, 0), np.nan)
     return pd.Series(own, index=order.index).reindex(c.index)
 
 

@@ -124,13 +124,13 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
                     at += float(d) * 1e6
         own = service_ns(comms)
         for c, own_ns in zip(comms.to_dict("records"), own, strict=True):
-            start, end = int(c["start_ns"]), c.get("end_ns")
+            start = int(c["start_ns"])
             args = {"bytes": c.get("bytes"), "group": c.get("group_ranks"), "source": c.get("source"),
                     "step": c.get("step")}  # fmt: skip
-            if end == end and end is not None and own_ns == own_ns:
+            if own_ns == own_ns:  # NaN where the end is unknown
                 # drawn where it ran: an async call queued behind the group's previous one starts
                 # when that one ended (slices of a track must nest)
-                begin = int(end) - int(own_ns)
+                begin = int(c["end_ns"]) - int(own_ns)
                 if begin > start:
                     args["queued_ms"] = (begin - start) / 1e6
                 start, dur = begin, own_ns / 1000

@@ -311,6 +311,11 @@ def _size_classes(c: Any) -> list[tuple[float, float, int, Any]]:
     return sorted(points, key=lambda p: p[0])
 
 
+def _enough(points: list[tuple[float, float, int, Any]]) -> list[tuple[float, float, int, Any]]:
+    """The size classes of 5 calls or more, when there are any."""
+    return [p for p in points if p[2] >= 5] or points
+
+
 def _line(points: list[tuple[float, float, int, Any]]) -> tuple[float, float]:
     """alpha + slope x bus bytes through the size classes, least squares weighted by count."""
     if len({p[0] for p in points}) < 2:
@@ -346,25 +351,23 @@ def _fit_comms(comms: Any, steps_after: int, probe: Any = None) -> tuple[float, 
         return None
     if probed:
         # the probe's line for the bandwidth; the latency a step pays from its smallest calls
-        probe_alpha, slope = _line([p for p in probed if p[2] >= 5] or probed)
+        probe_alpha, slope = _line(_enough(probed))
         alpha = max(in_steps[0][1] - slope * in_steps[0][0], probe_alpha) if in_steps else probe_alpha
-        points = in_steps + probed
+        used = in_steps + probed
     else:
-        points = [p for p in in_steps if p[2] >= 5] or in_steps
-        alpha, slope = _line(points)
+        used = _enough(in_steps)
+        alpha, slope = _line(used)
     wait = 0.0
     if in_steps:
-        classes = [p for p in in_steps if p[2] >= 5] or in_steps
-        largest = classes[-1]
+        largest = _enough(in_steps)[-1]
         wait = max(0.0, float((largest[3] - (alpha + slope * largest[0])).median()))
-    count = sum(p[2] for p in points)
+    recorded = sum(p[2] for p in used) - sum(p[2] for p in probed)
     probe_note = f" and the link probe's {sum(p[2] for p in probed)}" if probed else ""
     return (
         alpha,
         1.0 / slope,
         wait,
-        f"fitted to {count - sum(p[2] for p in probed)} recorded collectives{probe_note}, "
-        f"{len(points)} size classes",
+        f"fitted to {recorded} recorded collectives{probe_note}, {len(used)} size classes",
     )
 
 

@@ -295,7 +295,7 @@ def _train(
                 perfkit.step(tokens=local_tokens, loss=loss)
         if ckpt:
             ckpt.wait()
-        if probe is not None and layout.world_size > 1:
+        if probe is not None:
             perfkit.probe_links()  # the link with nothing else running, for whatif and sweep predictions
     if rank == 0 and records:
         timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
