@@ -133,6 +133,25 @@ def step_metrics(t: RunTables) -> StepMetrics | None:
     return out
 
 
+def blocked_ns(c: pd.DataFrame) -> pd.Series:
+    """Per (rank, step): how long the rank waited for the last rank to arrive, from each collective's
+    ``lag_ns`` (the latest arrival less its own).
+
+    The lags of calls in flight together are one wait, not several: DDP issues its buckets
+    asynchronously, so a rank 20 ms ahead of the others is 20 ms ahead at every bucket but waits
+    those 20 ms once, at the end of backward. A chain is a run of calls each issued while an
+    earlier one of the chain was still running; it costs its largest lag. A call issued after the
+    previous ones ended starts a new chain (a blocking call realigns the ranks)."""
+    c = c.sort_values(["rank", "step", "start_ns"])
+    end = c["end_ns"].astype(float).fillna(c["start_ns"].astype(float))  # unknown end: not in flight
+    in_flight = end.groupby([c["rank"], c["step"]], sort=False).cummax()
+    in_flight = in_flight.groupby([c["rank"], c["step"]], sort=False).shift()
+    new_chain = ~(c["start_ns"].astype(float) < in_flight)
+    chain = new_chain.cumsum()
+    lags = c.assign(chain=chain.to_numpy()).groupby(["rank", "step", "chain"], sort=False)["lag_ns"].max()
+    return lags.groupby(level=["rank", "step"]).sum()
+
+
 def straggler_metrics(t: RunTables) -> Stragglers | None:
     """Per rank: median busy time and how late it arrives at collectives.
 
@@ -160,9 +179,11 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             key = matched.groupby(["step", "group", "k"])["start_ns"]
             latest, earliest = key.transform("max"), key.transform("min")
             matched = matched.assign(
-                wait_s=(latest - matched["start_ns"]) / 1e9, late_ms=(matched["start_ns"] - earliest) / 1e6
+                lag_ns=latest - matched["start_ns"], late_ms=(matched["start_ns"] - earliest) / 1e6
             )
-            wait = matched.groupby(["rank", "step"])["wait_s"].sum().reindex(index).fillna(0.0)
+            wait = (blocked_ns(matched) / 1e9).reindex(index).fillna(0.0)
+            # Never more than the step: a rank is at most waiting all of it.
+            wait = wait.clip(upper=s.set_index(["rank", "step"])["step_time_s"])
             lateness = matched.groupby("rank")["late_ms"].median()
             # How often each rank is the last to arrive: a real straggler nearly always is; on a
             # noisy machine the last one is a different rank each time.

@@ -511,3 +511,23 @@ def test_service_time_leaves_out_the_queue() -> None:
     )
     own = service_ns(c) / ms
     assert list(own[:4]) == [4.0, 4.0, 1.0, 1.0] and np.isnan(own[4])  # the end unknown: no time
+
+
+def test_a_rank_waits_once_for_calls_in_flight_together() -> None:
+    """A rank 20 ms ahead at two overlapping async buckets waits 20 ms, not 40 (summing them made a
+    clean run's fast rank look twice as fast, and a straggler of the other); two blocking calls,
+    each 10 ms late, cost 20 ms."""
+    import pandas as pd
+    from perfkit.analyzers.runtables import blocked_ns
+
+    ms = 1_000_000
+    c = pd.DataFrame(
+        {
+            "rank": [0, 0, 0, 0, 0],
+            "step": [1, 1, 2, 2, 2],
+            "start_ns": [0, 5 * ms, 100 * ms, 120 * ms, 130 * ms],
+            "end_ns": [30 * ms, 35 * ms, 111 * ms, 125 * ms, None],
+            "lag_ns": [20 * ms, 20 * ms, 10 * ms, 10 * ms, 3 * ms],
+        }
+    )
+    assert (blocked_ns(c) / ms).to_dict() == {(0, 1): 20.0, (0, 2): 23.0}
