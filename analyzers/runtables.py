@@ -141,9 +141,13 @@ def blocked_ns(c: pd.DataFrame) -> pd.Series:
     asynchronously, so a rank 20 ms ahead of the others is 20 ms ahead at every bucket but waits
     those 20 ms once, at the end of backward. A chain is a run of calls each issued while an
     earlier one of the chain was still running; it costs its largest lag. A call issued after the
-    previous ones ended starts a new chain (a blocking call realigns the ranks)."""
+    previous ones ended starts a new chain (a blocking call realigns the ranks). Where the end is
+    unknown: a CUDA (NCCL) call is queued and the host goes on, so it stays in flight to the step's
+    end; a functional collective on gloo is waited for at once, so it is not in flight."""
     c = c.sort_values(["rank", "step", "start_ns"])
-    end = c["end_ns"].astype(float).fillna(c["start_ns"].astype(float))  # unknown end: not in flight
+    end = c["end_ns"].astype(float)
+    on_gpu = c["gpu_ms"].notna() if "gpu_ms" in c else False
+    end = end.where(end.notna() | ~on_gpu, float("inf")).fillna(c["start_ns"].astype(float))
     in_flight = end.groupby([c["rank"], c["step"]], sort=False).cummax()
     in_flight = in_flight.groupby([c["rank"], c["step"]], sort=False).shift()
     new_chain = ~(c["start_ns"].astype(float) < in_flight)

@@ -528,6 +528,10 @@ def test_a_rank_waits_once_for_calls_in_flight_together() -> None:
             "start_ns": [0, 5 * ms, 100 * ms, 120 * ms, 130 * ms],
             "end_ns": [30 * ms, 35 * ms, 111 * ms, 125 * ms, None],
             "lag_ns": [20 * ms, 20 * ms, 10 * ms, 10 * ms, 3 * ms],
+            "gpu_ms": [None] * 5,
         }
     )
     assert (blocked_ns(c) / ms).to_dict() == {(0, 1): 20.0, (0, 2): 23.0}
+    # NCCL: the host queues each call and goes on; its lag at each is one wait, at the step's sync.
+    nccl = c.assign(end_ns=None, gpu_ms=1.0)
+    assert (blocked_ns(nccl) / ms).to_dict() == {(0, 1): 20.0, (0, 2): 10.0}
