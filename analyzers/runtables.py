@@ -146,8 +146,9 @@ def blocked_ns(c: pd.DataFrame) -> pd.Series:
     end; a functional collective on gloo is waited for at once, so it is not in flight."""
     c = c.sort_values(["rank", "step", "start_ns"])
     end = c["end_ns"].astype(float)
-    on_gpu = c["gpu_ms"].notna() if "gpu_ms" in c else False
-    end = end.where(end.notna() | ~on_gpu, float("inf")).fillna(c["start_ns"].astype(float))
+    if "gpu_ms" in c:
+        end = end.mask(end.isna() & c["gpu_ms"].notna(), float("inf"))
+    end = end.fillna(c["start_ns"].astype(float))
     in_flight = end.groupby([c["rank"], c["step"]], sort=False).cummax()
     in_flight = in_flight.groupby([c["rank"], c["step"]], sort=False).shift()
     new_chain = ~(c["start_ns"].astype(float) < in_flight)
