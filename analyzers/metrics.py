@@ -55,12 +55,18 @@ class StragglerRank:
     """Fastest rank's busy time over this rank's (1.0 = as fast as the fastest)."""
     arrival_late_ms: float | None
     last_to_arrive_share: float | None
+    runq_wait_ms: float | None = None
+    """Median time a step its training thread was ready to run but had no core (the cpu collector)."""
 
 
 @dataclass(kw_only=True)
 class Stragglers:
     ranks: list[StragglerRank]
     slow: list[int]
+    """Ranks the others wait for because of their own work (compute, data, a sleep)."""
+    host_bound: list[int] = field(default_factory=list)
+    """Ranks the others wait for because their host gave their cores to something else: the run-queue
+    wait explains at least half of their extra busy time."""
 
 
 @dataclass(kw_only=True)

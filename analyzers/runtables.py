@@ -210,12 +210,13 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             score=float(score[r]),
             arrival_late_ms=float(lateness[r]) if r in lateness.index else None,
             last_to_arrive_share=float(last_share.get(r, 0.0)) if last_share is not None else None,
+            runq_wait_ms=float(runq_med[r] * 1e3) if runq_med is not None and r in runq_med.index else None,
         )
         for r in busy_med.index
     ]
     # Slow: busy for longer than 4/3 of the fastest rank and, where collectives tell, the last to
     # arrive at four in five of them.
-    slow = []
+    slow, host_bound = [], []
     for x in ranks:
         share = x.last_to_arrive_share
         if (x.score or 0.0) < 0.75 and (share is None or share >= 0.8):
@@ -223,9 +224,10 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             extra = busy_med[x.rank] - busy_med[fastest]
             if runq_med is not None and {x.rank, fastest} <= set(runq_med.index):
                 if runq_med[x.rank] - runq_med[fastest] >= 0.5 * extra:
-                    continue  # the host kept it waiting
+                    host_bound.append(x.rank)  # the host kept it waiting
+                    continue
             slow.append(x.rank)
-    return Stragglers(ranks=ranks, slow=slow)
+    return Stragglers(ranks=ranks, slow=slow, host_bound=host_bound)
 
 
 def comm_metrics(t: RunTables) -> CommMetrics | None:

@@ -41,6 +41,13 @@ class Checkpointed(nn.Module):  # activation checkpointing, as a user script wri
             return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
         return self.inner(x)
 
+spinner = None
+if PLANT == "contention" and os.environ["RANK"] == "1":  # a busy neighbour on rank 1's one core
+    import subprocess, sys
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}}); "
+                                "p = os.getppid()\\nwhile os.getppid() == p: pass"])
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 # Heavy enough (~50 ms of compute a step) that scheduling noise on 2 shared cores, seen to slow
@@ -60,6 +67,8 @@ for x, y in loader:
     if PLANT == "item":
         loss.item()  # a device sync every step on GPU
 dist.destroy_process_group()
+if spinner is not None:
+    spinner.kill()
 """
 
 
@@ -132,6 +141,18 @@ def test_straggler_rank_is_named(tmp_path: Path) -> None:
     ranks = {r.rank: r for r in a.metrics.stragglers.ranks}
     assert ranks[1].score < 0.75 <= ranks[0].score
     assert top.saving_ms_per_step > 30  # it sleeps 50 ms a step
+
+
+def test_busy_neighbour_is_cpu_contention_not_a_straggler(tmp_path: Path) -> None:
+    """Rank 1 shares its one core with a spinning process: the others wait for it, but the fix is on
+    the host, so it is named as CPU contention (its run-queue wait as evidence), not a straggler."""
+    a = analyze(profile_script(tmp_path, "contention"))
+    top = a.findings[0]
+    assert top.id == "cpu_contention" and top.ranks == [1], [(f.id, f.evidence) for f in a.findings]
+    assert "straggler" not in by_id(a)
+    (slow,) = top.evidence["ranks"]
+    waited = slow["runq_wait_ms"] - top.evidence["fastest"]["runq_wait_ms"]
+    assert waited >= 0.5 * top.saving_ms_per_step, top.evidence
 
 
 def test_item_every_step(tmp_path: Path, clean) -> None:

@@ -135,6 +135,33 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
             ),
         )
     ),
+    "cpu_contention": lambda tmp: _run_rules(
+        Metrics(
+            steps=_steps(),
+            stragglers=Stragglers(
+                ranks=[
+                    StragglerRank(
+                        rank=0,
+                        busy_ms=50.0,
+                        score=1.0,
+                        arrival_late_ms=0.0,
+                        last_to_arrive_share=0.0,
+                        runq_wait_ms=2.0,
+                    ),
+                    StragglerRank(
+                        rank=1,
+                        busy_ms=95.0,
+                        score=0.53,
+                        arrival_late_ms=45.0,
+                        last_to_arrive_share=1.0,
+                        runq_wait_ms=40.0,
+                    ),
+                ],
+                slow=[],
+                host_bound=[1],
+            ),
+        )
+    ),
     # hangs and failures: what the ranks' records say, as the analysis reads them
     "hang": lambda tmp: _run_rules(Metrics(hang=_hung())),
     "desync": lambda tmp: _run_rules(Metrics(hang=_hung(rank1_op="broadcast"))),

@@ -1,8 +1,9 @@
-"""Host: the CPU stops to wait for the GPU inside the step."""
+"""Host: the CPU stops to wait for the GPU inside the step, or waits for a core of its own."""
 
 from __future__ import annotations
 
 from perfkit.analyzers.facts import TraceFacts
+from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
 
 
@@ -23,4 +24,40 @@ def host_device_sync(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         else "not estimated: the trace has no GPU time (on a CPU run .item() costs little)",
         evidence=evidence,
         remedy="avoid_sync",
+    )
+
+
+@rule("cpu_contention", reads="run")
+def cpu_contention(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    """A rank the others wait for, whose extra time its host explains: its training thread was
+    ready to run but had no core (another process, DataLoader workers or OpenMP threads beyond the
+    cores). Not a straggler to rebalance: the fix is on the host."""
+    st = m.stragglers
+    if st is None or not st.host_bound:
+        return None
+    ranks = {r.rank: r for r in st.ranks}
+    fastest = min(st.ranks, key=lambda r: r.busy_ms)
+    worst = ranks[max(st.host_bound, key=lambda k: ranks[k].busy_ms)]
+    return Diagnosis(
+        title=f"Rank {worst.rank} waits for a CPU core ({worst.runq_wait_ms or 0:.0f} ms a step ready to run "
+        "but not running); the other ranks wait for it",
+        saving_ms=worst.busy_ms - fastest.busy_ms,
+        estimate="its busy time beyond the fastest rank's, most of it waiting for a core",
+        evidence={
+            "ranks": [
+                {
+                    "rank": k,
+                    "busy_ms": round(ranks[k].busy_ms, 2),
+                    "runq_wait_ms": round(ranks[k].runq_wait_ms or 0.0, 2),
+                }
+                for k in st.host_bound
+            ],
+            "fastest": {
+                "rank": fastest.rank,
+                "busy_ms": round(fastest.busy_ms, 2),
+                "runq_wait_ms": round(fastest.runq_wait_ms or 0.0, 2),
+            },
+        },
+        remedy="cpu_contention",
+        ranks=list(st.host_bound),
     )

@@ -260,6 +260,16 @@ register(
 )
 register(
     Remedy(
+        id="cpu_contention",
+        description="Give each rank its cores: find what else runs on that host (top -H; a neighbour "
+        "job), keep OpenMP threads x ranks + DataLoader workers within the cores, and bind each rank "
+        "to its own cores.",
+        script="OMP_NUM_THREADS=<cores / ranks> torchrun ...; DataLoader(..., num_workers=<what the "
+        "cores left allow>); numactl --physcpubind or taskset per rank",
+    )
+)
+register(
+    Remedy(
         id="slow_gpu",
         description="Check that GPU: clocks and throttle reasons (nvidia-smi -q -d PERFORMANCE,CLOCK), "
         "temperature and power, ECC and row remapping; drain the node if it stays slow.",
