@@ -39,6 +39,15 @@ def _run_rules(metrics: Metrics) -> list[Finding]:
     return evaluate([], metrics)
 
 
+def _two_ranks(**kinds: list[int]) -> Stragglers:
+    """Rank 1 busy 95 ms against rank 0's 50, the last to arrive, 40 ms a step on the run queue."""
+    r0 = StragglerRank(rank=0, busy_ms=50.0, score=1.0, arrival_late_ms=0.0, last_to_arrive_share=0.0)
+    r1 = StragglerRank(
+        rank=1, busy_ms=95.0, score=0.53, arrival_late_ms=45.0, last_to_arrive_share=1.0, runq_wait_ms=40.0
+    )
+    return Stragglers(ranks=[r0, r1], slow=kinds.get("slow", []), host_bound=kinds.get("host_bound", []))
+
+
 def _trace(tmp: Path, doc: dict) -> list[Finding]:  # type: ignore[type-arg]
     path = tmp / "trace.json"
     path.write_text(json.dumps(doc))
@@ -119,49 +128,8 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
             ),
         )
     ),
-    "straggler": lambda tmp: _run_rules(
-        Metrics(
-            steps=_steps(),
-            stragglers=Stragglers(
-                ranks=[
-                    StragglerRank(
-                        rank=0, busy_ms=50.0, score=1.0, arrival_late_ms=0.0, last_to_arrive_share=0.0
-                    ),
-                    StragglerRank(
-                        rank=1, busy_ms=95.0, score=0.53, arrival_late_ms=45.0, last_to_arrive_share=1.0
-                    ),
-                ],
-                slow=[1],
-            ),
-        )
-    ),
-    "cpu_contention": lambda tmp: _run_rules(
-        Metrics(
-            steps=_steps(),
-            stragglers=Stragglers(
-                ranks=[
-                    StragglerRank(
-                        rank=0,
-                        busy_ms=50.0,
-                        score=1.0,
-                        arrival_late_ms=0.0,
-                        last_to_arrive_share=0.0,
-                        runq_wait_ms=2.0,
-                    ),
-                    StragglerRank(
-                        rank=1,
-                        busy_ms=95.0,
-                        score=0.53,
-                        arrival_late_ms=45.0,
-                        last_to_arrive_share=1.0,
-                        runq_wait_ms=40.0,
-                    ),
-                ],
-                slow=[],
-                host_bound=[1],
-            ),
-        )
-    ),
+    "straggler": lambda tmp: _run_rules(Metrics(steps=_steps(), stragglers=_two_ranks(slow=[1]))),
+    "cpu_contention": lambda tmp: _run_rules(Metrics(steps=_steps(), stragglers=_two_ranks(host_bound=[1]))),
     # hangs and failures: what the ranks' records say, as the analysis reads them
     "hang": lambda tmp: _run_rules(Metrics(hang=_hung())),
     "desync": lambda tmp: _run_rules(Metrics(hang=_hung(rank1_op="broadcast"))),
