@@ -55,7 +55,15 @@ def install(probe: Probe) -> None:
         original_optimizer(self, *args, **kwargs)
         try:
             d = getattr(self, "defaults", {}) or {}
-            note("optimizer", type=type(self).__name__, fused=d.get("fused"), foreach=d.get("foreach"))
+            note(
+                "optimizer",
+                type=type(self).__name__,
+                module=type(self).__module__,
+                fused=d.get("fused"),
+                foreach=d.get("foreach"),
+                can_fuse="fused" in d,  # the class takes fused= (torch.optim's Adam, AdamW, SGD, Adagrad)
+                can_foreach="foreach" in d,
+            )
         except Exception:
             pass
 

@@ -36,7 +36,7 @@ def fix(f: Finding, metrics: Metrics) -> Fix:
         return Fix(r.description, [f"--set {o}" for o in r.overrides()])
     site = metrics.model.get("call_sites", {}).get(r.site) if r.site else None
     if r.script and isinstance(site, dict) and site.get("at"):
-        return Fix(r.description, [f"{r.script}  -- at {site['at']}"])
+        return Fix(r.description, [f"{r.script_for(site)}  -- at {site['at']}"])
     return Fix(r.description, [r.script] if r.script else [])
 
 

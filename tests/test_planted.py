@@ -110,6 +110,9 @@ def test_clean_run_has_no_high_finding(clean) -> None:
         by_id(clean)
     )
     assert all(r.recomputed_ops_per_step == 0 for r in clean.metrics.trace.values())
+    # The script builds SGD: its fix says SGD, at the script's line.
+    (code,) = fix(by_id(clean)["unfused_optimizer"], clean.metrics).code
+    assert code.startswith("torch.optim.SGD(model.parameters(), ..., fused=True)  -- at "), code
 
 
 def test_slow_data_loader(tmp_path: Path) -> None:

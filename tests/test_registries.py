@@ -59,3 +59,28 @@ def test_a_change_is_tried_only_where_it_acts() -> None:
     assert not remedies.acts_in(["overlap.fsdp_prefetch=1"], ddp)
     assert not remedies.acts_in(["parallel.pp_schedule=gpipe"], ddp)
     assert remedies.acts_in(["kernels.attention=sdpa"], ddp)
+
+
+def test_the_fused_optimizer_fix_names_the_scripts_own_class() -> None:
+    """A script that builds SGD is told SGD(fused=True), not AdamW's; a class with no fused kernel is
+    told its foreach one, or AdamW's fused one where it has neither."""
+    fused = remedies.get("fused_optimizer")
+    at = {"at": "train.py:43 <module>"}
+    sgd = {**at, "type": "SGD", "module": "torch.optim.sgd", "can_fuse": True, "can_foreach": True}
+    assert fused.script_for(sgd) == "torch.optim.SGD(model.parameters(), ..., fused=True)"
+    rms = {**at, "type": "RMSprop", "module": "torch.optim.rmsprop", "can_fuse": False, "can_foreach": True}
+    assert fused.script_for(rms).startswith("torch.optim.RMSprop(model.parameters(), ..., foreach=True)")
+    lion = {
+        **at,
+        "type": "Lion",
+        "module": "lion_pytorch.lion_pytorch",
+        "can_fuse": False,
+        "can_foreach": False,
+    }
+    assert fused.script_for(lion).startswith("torch.optim.AdamW(model.parameters(), ..., fused=True)")
+    assert "in place of Lion" in fused.script_for(lion)
+    # a run recorded before the site said what its class takes: torch.optim's fused classes known
+    assert fused.script_for({**at, "type": "Adagrad", "module": "torch.optim.adagrad"}).endswith(
+        "fused=True)"
+    )
+    assert fused.script_for(None) == fused.script == fused.script_for(at)

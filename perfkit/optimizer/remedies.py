@@ -34,6 +34,14 @@ class Remedy:
     site: str = ""
     """The call in a user's script the change goes to (``dataloader``, ``optimizer``), when perfkit
     saw where the script makes it."""
+    script_at: Callable[[dict[str, Any]], str] | None = None
+    """``script`` worded for what perfkit saw at that call (the script's own optimizer class)."""
+
+    def script_for(self, site: dict[str, Any] | None) -> str:
+        """The script change, in the terms of the call the script makes where perfkit saw it."""
+        if site and self.script_at is not None:
+            return self.script_at(site) or self.script
+        return self.script
 
     def overrides(self) -> list[str]:
         """The trainer change as ``--set`` arguments read it: ``["kernels.compile=true"]``."""
@@ -89,6 +97,25 @@ def get(remedy_id: str) -> Remedy:
         raise ConfigError(f"unknown remedy {remedy_id!r}; known: {', '.join(sorted(REMEDIES))}") from None
 
 
+# torch.optim's classes with a fused implementation (torch 2.4 and later), for runs recorded before
+# the call site said whether the script's class takes ``fused``.
+_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}
+
+
+def _fused_optimizer(site: dict[str, Any]) -> str:
+    """The fused change for the optimizer class the script builds: its own class where it has a fused
+    (or else a foreach) implementation; AdamW's fused one where it has neither."""
+    name, module = site.get("type"), site.get("module") or "torch.optim"
+    if not name:
+        return ""
+    where = f"torch.optim.{name}" if module.startswith("torch.optim") else f"{module}.{name}"
+    if site.get("can_fuse", name in _FUSED and module.startswith("torch.optim")):
+        return f"{where}(model.parameters(), ..., fused=True)"
+    if site.get("can_foreach"):
+        return f"{where}(model.parameters(), ..., foreach=True)  (it has no fused implementation)"
+    return f"torch.optim.AdamW(model.parameters(), ..., fused=True)  (in place of {name}, which has no fused implementation)"
+
+
 # ---- tuned kernels -----------------------------------------------------------------------------
 register(
     Remedy(
@@ -129,6 +156,7 @@ register(
         alternatives=({"kernels.optimizer_impl": "foreach"},),  # foreach is the faster one on CPU
         script="torch.optim.AdamW(model.parameters(), ..., fused=True)",
         site="optimizer",
+        script_at=_fused_optimizer,
     )
 )
 register(
