@@ -84,3 +84,11 @@ def test_the_fused_optimizer_fix_names_the_scripts_own_class() -> None:
         "fused=True)"
     )
     assert fused.script_for(None) == fused.script == fused.script_for(at)
+
+
+def test_more_workers_for_a_script_that_has_some() -> None:
+    more = remedies.get("more_workers")
+    assert more.script_for({"at": "x.py:1", "num_workers": 0}) == more.script
+    assert more.script_for({"at": "x.py:1", "num_workers": 8}).startswith(
+        "DataLoader(..., num_workers=16 (it has 8)"
+    )

@@ -116,6 +116,13 @@ def _fused_optimizer(site: dict[str, Any]) -> str:
     return f"torch.optim.AdamW(model.parameters(), ..., fused=True)  (in place of {name}, which has no fused implementation)"
 
 
+def _more_workers(now: Any) -> str:
+    """A script that already runs 4 workers or more is told twice as many, not 4."""
+    if not isinstance(now, int) or now < 4:
+        return ""
+    return f"DataLoader(..., num_workers={2 * now} (it has {now}), pin_memory=True, persistent_workers=True, prefetch_factor=4)"
+
+
 # ---- tuned kernels -----------------------------------------------------------------------------
 register(
     Remedy(
@@ -258,6 +265,7 @@ register(
         ),
         script="DataLoader(..., num_workers=4, pin_memory=True, persistent_workers=True, prefetch_factor=4)",
         site="dataloader",
+        script_at=lambda site: _more_workers(site.get("num_workers")),
     )
 )
 register(
