@@ -116,8 +116,9 @@ def _fused_optimizer(site: dict[str, Any]) -> str:
     return f"torch.optim.AdamW(model.parameters(), ..., fused=True)  (in place of {name}, which has no fused implementation)"
 
 
-def _more_workers(now: Any) -> str:
+def _more_workers(site: dict[str, Any]) -> str:
     """A script that already runs 4 workers or more is told twice as many, not 4."""
+    now = site.get("num_workers")
     if not isinstance(now, int) or now < 4:
         return ""
     return f"DataLoader(..., num_workers={2 * now} (it has {now}), pin_memory=True, persistent_workers=True, prefetch_factor=4)"
@@ -265,7 +266,7 @@ register(
         ),
         script="DataLoader(..., num_workers=4, pin_memory=True, persistent_workers=True, prefetch_factor=4)",
         site="dataloader",
-        script_at=lambda site: _more_workers(site.get("num_workers")),
+        script_at=_more_workers,
     )
 )
 register(
