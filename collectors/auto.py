@@ -1,7 +1,10 @@
 """Step boundaries and phases for an unmodified script, found from hooks alone (auto mode).
 
 - a step ends after the optimizer steps (global optimizer-step hooks); with several optimizers it
-  ends at the first activity after the last of them, so all their time counts to the step;
+  ends at the first activity after every optimizer that has stepped so far in the run stepped
+  again, so all their time counts to the step, even where forward passes come between them (a
+  GAN's discriminator and generator; a critic stepping 5 times a generator step). An optimizer
+  gone (garbage) no longer counts; one left unused while another steps 8 times is dropped;
 - data wait: time inside a DataLoader iterator's ``__next__``;
 - forward: from the outermost module's forward start to its end. In the first step global module
   hooks find the outermost modules; then only those keep hooks (so later steps pay for two hooks,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -25,12 +29,17 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.data import dataloader
 
+STALE_AFTER = 8
+"""Calls of one optimizer within a step after which those that did not step are no longer awaited."""
+
 
 class AutoSteps:
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
         self.opt_start: dict[int, Any] = {}
         self.pending_end: Any = None
+        self.seen: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # stepped in the run
+        self.calls: dict[int, int] = {}  # optimizer id -> its step() calls since the step began
         self.depth = 0
         self.forward_start: Any = None
         self.in_backward = False
@@ -45,9 +54,10 @@ class AutoSteps:
         return not self.probe.manual and not self.probe._stopped
 
     def activity(self) -> None:
-        """Something of a new step happens: close the previous one if its optimizer finished."""
-        if self.pending_end is not None:
+        """Something of a new step happens: close the previous one if its optimizers finished."""
+        if self.pending_end is not None and all(id(o) in self.calls for o in self.seen):
             end, self.pending_end = self.pending_end, None
+            self.calls = {}
             loss, self.loss = self.loss, None
             self.probe.end_step(loss=loss, end_mark=end)
             if self.global_handles:  # the first step found the outermost modules
@@ -66,6 +76,12 @@ class AutoSteps:
         if self.active and id(opt) in self.opt_start:
             self.probe.add_phase("optimizer", self.opt_start.pop(id(opt)))
             self.pending_end = self.probe.mark()
+            self.seen.add(opt)
+            self.calls[id(opt)] = self.calls.get(id(opt), 0) + 1
+            if self.calls[id(opt)] > STALE_AFTER:  # the others no longer step: stop waiting for them
+                for other in list(self.seen):
+                    if id(other) not in self.calls:
+                        self.seen.discard(other)
 
     # forward
     def fwd_pre(self, module: nn.Module, args: Any) -> None:

@@ -387,3 +387,55 @@ def test_cuda_collectives_are_written_once_their_work_completed(tmp_path: Path) 
     probe.stop()
     comms, _ = read_table(tmp_path / "rank0" / "comms.jsonl", COMMS)
     assert list(comms["gpu_ms"]) == [1.5, 9.0] and comms["end_ns"].isna().all()
+
+
+@pytest.mark.parametrize("critic_steps", [1, 5])
+def test_optimizers_with_forwards_between_them_make_one_step(tmp_path: Path, critic_steps: int) -> None:
+    """A GAN steps its discriminator (critic_steps times) and then its generator, with forward passes
+    between: from the second iteration on, a step holds every optimizer's steps of one iteration
+    (it had been a step per optimizer call)."""
+    import torch
+    from perfkit.collectors.auto import install
+
+    probe = _probe(tmp_path, ["steps"]).start()
+    probe.auto = install(probe)
+    g, d = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    og, od = torch.optim.SGD(g.parameters()), torch.optim.SGD(d.parameters())
+    iterations = 6
+    try:
+        for _ in range(iterations):
+            for _ in range(critic_steps):
+                fake = g(torch.randn(16, 4))
+                od.zero_grad()
+                d(fake.detach()).mean().backward()
+                od.step()
+            og.zero_grad()
+            (-d(g(torch.randn(16, 4))).mean()).backward()
+            og.step()
+    finally:
+        probe.auto.remove_hooks()
+        probe.stop()
+    steps, _ = read_table(tmp_path / "rank0" / "steps.jsonl", STEPS)
+    # The first iteration ends a step at each call (the generator's optimizer is not known yet).
+    assert len(steps) == iterations + critic_steps, list(steps["step"])
+
+
+def test_an_optimizer_no_longer_stepping_is_no_longer_awaited(tmp_path: Path) -> None:
+    """A warm-up optimizer stepped once and kept: once the training one has stepped STALE_AFTER + 1
+    times without it, each training step is a step again."""
+    import torch
+    from perfkit.collectors.auto import STALE_AFTER, install
+
+    probe = _probe(tmp_path, ["steps"]).start()
+    probe.auto = install(probe)
+    model = torch.nn.Linear(4, 1)
+    warmup, train = torch.optim.SGD(model.parameters()), torch.optim.SGD(model.parameters())
+    try:
+        for opt in [warmup] + [train] * 20:
+            model(torch.randn(8, 4)).mean().backward()
+            opt.step()
+    finally:
+        probe.auto.remove_hooks()
+        probe.stop()
+    steps, _ = read_table(tmp_path / "rank0" / "steps.jsonl", STEPS)
+    assert len(steps) == 21 - STALE_AFTER, list(steps["step"])
