@@ -145,13 +145,12 @@ def blocked_ns(c: pd.DataFrame) -> pd.Series:
     unknown: a CUDA (NCCL) call is queued and the host goes on, so it stays in flight to the step's
     end; a functional collective on gloo is waited for at once, so it is not in flight."""
     c = c.sort_values(["rank", "step", "start_ns"])
-    end = c["end_ns"].astype(float)
+    start, end = c["start_ns"].astype(float), c["end_ns"].astype(float)
     if "gpu_ms" in c:
         end = end.mask(end.isna() & c["gpu_ms"].notna(), float("inf"))
-    end = end.fillna(c["start_ns"].astype(float))
-    in_flight = end.groupby([c["rank"], c["step"]], sort=False).cummax()
-    in_flight = in_flight.groupby([c["rank"], c["step"]], sort=False).shift()
-    new_chain = ~(c["start_ns"].astype(float) < in_flight)
+    by = [c["rank"], c["step"]]
+    in_flight = end.fillna(start).groupby(by, sort=False).cummax().groupby(by, sort=False).shift()
+    new_chain = ~(start < in_flight)
     chain = new_chain.cumsum()
     lags = c.assign(chain=chain.to_numpy()).groupby(["rank", "step", "chain"], sort=False)["lag_ns"].max()
     return lags.groupby(level=["rank", "step"]).sum()
@@ -168,8 +167,8 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
     s = steady(t.steps)
     if s.empty or t.steps["rank"].nunique() < 2:
         return None
-    index = pd.MultiIndex.from_frame(s[["rank", "step"]])
-    wait = pd.Series(0.0, index=index)
+    step_s = s.set_index(["rank", "step"])["step_time_s"]
+    wait = pd.Series(0.0, index=step_s.index)
     lateness = pd.Series(dtype=float)
     last_share: pd.Series | None = None
     c = t.comms
@@ -186,16 +185,15 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             matched = matched.assign(
                 lag_ns=latest - matched["start_ns"], late_ms=(matched["start_ns"] - earliest) / 1e6
             )
-            wait = (blocked_ns(matched) / 1e9).reindex(index).fillna(0.0)
             # Never more than the step: a rank is at most waiting all of it.
-            wait = wait.clip(upper=s.set_index(["rank", "step"])["step_time_s"])
+            wait = (blocked_ns(matched) / 1e9).reindex(step_s.index).fillna(0.0).clip(upper=step_s)
             lateness = matched.groupby("rank")["late_ms"].median()
             # How often each rank is the last to arrive: a real straggler nearly always is; on a
             # noisy machine the last one is a different rank each time.
             last = matched[(matched["start_ns"] == latest).to_numpy()]
             n_matched = max(1, len(matched) // n_ranks)
             last_share = last.groupby("rank").size() / n_matched
-    busy = s.set_index(["rank", "step"])["step_time_s"] - wait
+    busy = step_s - wait
     busy_med = busy.groupby(level="rank").median()
     # The training thread's run-queue wait (ready to run, but the host ran something else; the cpu
     # collector): where it explains most of a rank's extra busy time, the host is oversubscribed and
