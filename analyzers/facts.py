@@ -138,11 +138,20 @@ def trace_facts(trace: Trace) -> TraceFacts:
     )
 
 
-# Ops a forward pass runs and a backward pass never does (backward has its own *_backward ops).
+# Ops a forward pass runs and a backward pass never does. Backward has its own ops, and their names
+# share the forward's stem (aten::_scaled_dot_product_flash_attention_for_cpu_backward,
+# _scaled_dot_product_cudnn_attention_backward, native_layer_norm_backward): anything named for a
+# backward is never a forward op, whatever the pattern would match.
 _FORWARD_ONLY = re.compile(
     r"^aten::(native_layer_norm|layer_norm|rms_norm|_fused_rms_norm|relu|gelu|silu|_softmax|embedding"
-    r"|_scaled_dot_product_\w*attention\w*|_flash_attention_forward|_efficient_attention_forward)$"
+    r"|scaled_dot_product_attention|_scaled_dot_product_(flash|efficient|cudnn|fused)_attention(_for_cpu)?"
+    r"|_scaled_dot_product_attention_math|_(flash|efficient|cudnn)_attention(_forward)?)$"
 )
+
+
+def is_forward_op(name: str) -> bool:
+    """An op that only a forward pass runs (never one named for a backward)."""
+    return "backward" not in name and bool(_FORWARD_ONLY.match(name))
 
 
 def recomputed_ops(ev: pd.DataFrame) -> int:
@@ -154,7 +163,7 @@ def recomputed_ops(ev: pd.DataFrame) -> int:
         return 0
     names = cpu["name"]
     backward = cpu[by_name(names, lambda n: n.startswith("autograd::engine::evaluate_function"), bool)]
-    forward = cpu[by_name(names, lambda n: bool(_FORWARD_ONLY.match(n)), bool)]
+    forward = cpu[by_name(names, is_forward_op, bool)]
     return sum(
         int(_inside(forward[(forward["tid"] == tid).to_numpy()], spans).sum())
         for tid, spans in backward.groupby("tid", observed=True)

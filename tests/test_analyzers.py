@@ -535,3 +535,36 @@ def test_a_rank_waits_once_for_calls_in_flight_together() -> None:
     # NCCL: the host queues each call and goes on; its lag at each is one wait, at the step's sync.
     nccl = c.assign(end_ns=None, gpu_ms=1.0)
     assert (blocked_ns(nccl) / ms).to_dict() == {(0, 1): 20.0, (0, 2): 10.0}
+
+
+@pytest.mark.parametrize("path", [TUNED, COMPILED])
+def test_attention_backward_is_not_a_recomputed_forward(path: Path) -> None:
+    # The H100 loop runs cuDNN SDPA (aten::_scaled_dot_product_cudnn_attention_backward inside
+    # backward) and no activation checkpointing: 24 "recomputed" ops a trace before the fix.
+    from perfkit.analyzers.facts import recomputed_ops
+
+    assert recomputed_ops(load_trace(path).events) == 0
+
+
+@pytest.mark.parametrize(
+    "name, forward",
+    [
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", True),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", False),
+        ("aten::_scaled_dot_product_cudnn_attention", True),
+        ("aten::_scaled_dot_product_cudnn_attention_backward", False),
+        ("aten::_scaled_dot_product_efficient_attention_backward", False),
+        ("aten::_flash_attention_forward", True),
+        ("aten::_flash_attention_backward", False),
+        ("aten::_cudnn_attention_forward", True),
+        ("aten::_cudnn_attention_backward", False),
+        ("aten::native_layer_norm", True),
+        ("aten::native_layer_norm_backward", False),
+        ("aten::gelu_backward", False),
+        ("aten::embedding_dense_backward", False),
+    ],
+)
+def test_forward_and_backward_ops_told_apart(name: str, forward: bool) -> None:
+    from perfkit.analyzers.facts import is_forward_op
+
+    assert is_forward_op(name) is forward
