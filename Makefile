@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.perfkit-installed
 # Re-install only when the declared dependencies or pins change.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,clients]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -30,6 +30,8 @@ class RankSteps:
     steps: int
     phases_ms: dict[str, float] = field(default_factory=dict)
     """Median time per phase (data_wait, forward, backward, optimizer, checkpoint, ...)."""
+    runq_wait_ms: float | None = None
+    """Median time a step the training thread was ready to run but had no core (the cpu collector)."""
 
 
 @dataclass(kw_only=True)
@@ -124,6 +126,10 @@ class CommMetrics:
     ddp_exposed_ms: float | None = None
     """Median time a step's DDP all-reduces still ran after the last bucket was handed over (the end
     of backward): communication the step waits for."""
+    callers: list[dict[str, Any]] = field(default_factory=list)
+    """Collectives called through the Python API (the script's or its framework's own: a logging
+    gather, a loss all-reduce), by caller and op: calls_per_step, bytes, blocking, ms_per_step (the
+    host's time in them), transfer_ms_per_step (from the last rank's arrival)."""
 
 
 @dataclass(kw_only=True)

@@ -4,9 +4,10 @@ throughput and MFU."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
-from perfkit.analyzers.comms import collective_table, service_ns
+from perfkit.analyzers.comms import call_index, collective_table, transfer_ns
 from perfkit.analyzers.metrics import (
     CommMetrics,
     IoMetrics,
@@ -102,6 +103,9 @@ def step_metrics(t: RunTables) -> StepMetrics | None:
         if c in s.columns and s[c].notna().any()
     ]
     by_rank = s.groupby("rank")
+    cpu = t.frames["cpu"]
+    cpu = cpu[cpu["step"].isin(s["step"]).to_numpy()].dropna(subset=["runq_wait_s"])
+    runq = cpu.groupby("rank")["runq_wait_s"].median() * 1e3
     per_rank = [
         RankSteps(
             rank=int(rank),  # type: ignore[arg-type]
@@ -110,6 +114,7 @@ def step_metrics(t: RunTables) -> StepMetrics | None:
             phases_ms={
                 p.removesuffix("_s"): float(g[p].median() * 1e3) for p in phases if g[p].notna().any()
             },
+            runq_wait_ms=float(runq[rank]) if rank in runq.index else None,
         )
         for rank, g in by_rank
     ]
@@ -174,8 +179,7 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
     c = t.comms
     n_ranks = t.steps["rank"].nunique()
     if not c.empty:
-        c = c.sort_values("seq")
-        c = c.assign(k=c.groupby(["rank", "step", "group"]).cumcount())
+        c = c.assign(k=call_index(c)).sort_values("seq")
         key = c.groupby(["step", "group", "k"])["start_ns"]
         complete = key.transform("size") == n_ranks
         matched = c[complete.to_numpy()]
@@ -232,10 +236,11 @@ def comm_metrics(t: RunTables) -> CommMetrics | None:
     c = t.comms
     if c.empty:
         return None
-    # Host-side durations where the end is known (gloo, synchronous calls), less the time queued
-    # behind the group's previous collective; the GPU's own duration for NCCL collectives, whose
+    # Host-side durations where the end is known (gloo, synchronous calls), from the later of the
+    # last rank's arrival and the end of the group's previous collective (the queue and the wait for
+    # other ranks are not the link's time); the GPU's own duration for NCCL collectives, whose
     # host-side end is only when they were queued.
-    host_ns = service_ns(c)
+    host_ns = transfer_ns(c)
     gpu_ns = c["gpu_ms"].astype(float) * 1e6 if "gpu_ms" in c else host_ns * float("nan")
     c = c.assign(duration_ns=gpu_ns.where(gpu_ns.notna(), host_ns))
     per_step = (
@@ -246,6 +251,7 @@ def comm_metrics(t: RunTables) -> CommMetrics | None:
         collectives_per_step=float(per_step["n"].median()) if not per_step.empty else 0.0,
         bytes_per_step=float(per_step["bytes"].median()) if not per_step.empty else 0.0,
     )
+    out.callers = caller_table(c, steady(t.steps))
     ddp = c[c["source"] == "ddp"]
     if not ddp.empty:
         b = (
@@ -263,6 +269,37 @@ def comm_metrics(t: RunTables) -> CommMetrics | None:
         if not tail.empty:
             out.ddp_exposed_ms = float(tail.median() / 1e6)
     return out
+
+
+def caller_table(c: pd.DataFrame, steps: pd.DataFrame) -> list[dict[str, Any]]:
+    """The collectives a script or its framework calls itself (the Python API, not DDP's buckets,
+    DTensor or FSDP's own), by caller and op: calls, time and transfer a step (averaged over every
+    rank's steady steps, so a call made every 10 steps costs a tenth), message size, and whether the
+    host blocked in them. ``c`` carries ``duration_ns`` (the transfer)."""
+    if "caller" not in c or c["caller"].isna().all() or steps.empty:
+        return []
+    rank_steps = max(1, len(steps))
+    mine = c[c["caller"].notna().to_numpy() & c["step"].isin(steps["step"]).to_numpy()]
+    if mine.empty:
+        return []
+    mine = mine.assign(
+        host_ns=(mine["end_ns"].astype(float) - mine["start_ns"].astype(float)),
+        blocking=mine["blocking"].fillna(False).astype(bool) if "blocking" in mine else False,
+    )
+    rows = []
+    for (caller, op), g in mine.groupby(["caller", "op"], sort=False):
+        rows.append(
+            {
+                "caller": str(caller),
+                "op": str(op),
+                "calls_per_step": len(g) / rank_steps,
+                "bytes": float(g["bytes"].median()),
+                "blocking": bool(g["blocking"].all()),
+                "ms_per_step": float(g["host_ns"].sum() / rank_steps / 1e6),
+                "transfer_ms_per_step": float(g["duration_ns"].sum() / rank_steps / 1e6),
+            }
+        )
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
 def io_metrics(t: RunTables) -> IoMetrics:

@@ -9,9 +9,14 @@
 - forward: from the outermost module's forward start to its end. In the first step global module
   hooks find the outermost modules; then only those keep hooks (so later steps pay for two hooks,
   not one per module);
-- backward: time inside ``Tensor.backward`` / ``torch.autograd.backward``; the scalar it starts
-  from is taken as the step's loss;
-- tokens: the element count of an integer 2-D first argument of the outermost module.
+- backward: time inside ``Tensor.backward`` / ``torch.autograd.backward``; the scalars it starts
+  from, summed over the step's backward calls, are the step's loss: with gradient accumulation each
+  micro-batch's loss is scaled by 1/k before its backward (Hugging Face, Accelerate, Lightning,
+  nanoGPT), so the sum is the mean loss the framework logs, not the last micro-batch's share;
+- tokens: the element count of the outermost module's token ids: an integer 2-D first argument, the
+  keyword ``input_ids`` (Hugging Face models are called with keywords) or the first tensor of a batch
+  passed whole (Lightning), summed over the step's forward passes with gradients on (an evaluation
+  pass under ``no_grad`` trains no token).
 
 All hooks go quiet when the script marks steps itself (``perfkit.step()``: manual mode).
 """
@@ -43,7 +48,7 @@ class AutoSteps:
         self.depth = 0
         self.forward_start: Any = None
         self.in_backward = False
-        self.loss: Any = None
+        self.losses: list[Any] = []
         self.roots: set[int] = set()
         self.root_modules: list[nn.Module] = []
         self.global_handles: list[Any] = []
@@ -58,11 +63,17 @@ class AutoSteps:
         if self.pending_end is not None and all(id(o) in self.calls for o in self.seen):
             end, self.pending_end = self.pending_end, None
             self.calls = {}
-            loss, self.loss = self.loss, None
-            self.probe.end_step(loss=loss, end_mark=end)
+            self.probe.end_step(loss=self._take_loss(), end_mark=end)
             if self.global_handles:  # the first step found the outermost modules
                 self._narrow_forward_hooks()
         self.probe.begin_step()
+
+    def _take_loss(self) -> Any:
+        losses, self.losses = self.losses, []
+        if len(losses) <= 1:
+            return losses[0] if losses else None
+        with torch.no_grad():
+            return torch.stack([x.float().reshape(()) for x in losses]).sum()
 
     # optimizer
     def opt_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -84,7 +95,7 @@ class AutoSteps:
                         self.seen.discard(other)
 
     # forward
-    def fwd_pre(self, module: nn.Module, args: Any) -> None:
+    def fwd_pre(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         if not self.active or self.in_backward:
             return
         if self.depth == 0:
@@ -94,10 +105,14 @@ class AutoSteps:
                 if id(module) not in self.roots:
                     self.roots.add(id(module))
                     self.root_modules.append(module)
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point():
-                self.probe.add_tokens(x.numel())
+            if torch.is_grad_enabled():
+                n = _token_count(args, kwargs)
+                if n:
+                    self.probe.add_tokens(n)
         self.depth += 1
+
+    def fwd_pre_kw(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.fwd_pre(module, args, kwargs)
 
     def fwd_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self.active or self.in_backward:
@@ -112,7 +127,8 @@ class AutoSteps:
             h.remove()
         self.global_handles = []
         for m in self.root_modules:
-            self.handles.append(m.register_forward_pre_hook(self.fwd_pre))
+            # with kwargs: a model called as model(input_ids=..., labels=...) shows its tokens
+            self.handles.append(m.register_forward_pre_hook(self.fwd_pre_kw, with_kwargs=True))
             self.handles.append(m.register_forward_hook(self.fwd_post))
 
     def remove_hooks(self) -> None:
@@ -155,7 +171,7 @@ class AutoSteps:
                 auto.activity()
                 first = args[0] if args else kwargs.get("tensors")
                 if isinstance(first, torch.Tensor) and first.numel() == 1:
-                    auto.loss = first.detach()
+                    auto.losses.append(first.detach())
                 auto.in_backward = True
                 start = auto.probe.mark()
                 try:
@@ -172,7 +188,23 @@ class AutoSteps:
     def finish(self) -> None:
         if self.pending_end is not None and not self.probe._stopped:
             end, self.pending_end = self.pending_end, None
-            self.probe.end_step(loss=self.loss, end_mark=end)
+            self.probe.end_step(loss=self._take_loss(), end_mark=end)
+
+
+def _token_count(args: Any, kwargs: Any) -> int:
+    """Token ids in a forward call: an integer 2-D first argument, ``input_ids=``, or the first such
+    tensor inside a batch passed whole (a tuple ``(x, y)`` or a dict with ``input_ids``, as Lightning
+    hands its module the batch)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) and kwargs:
+        x = kwargs.get("input_ids", x)
+    if isinstance(x, dict):
+        x = x.get("input_ids", next(iter(x.values()), None))
+    elif isinstance(x, list | tuple) and x:
+        x = x[0]
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and x.dtype != torch.bool:
+        return x.numel()
+    return 0
 
 
 def install(probe: Probe) -> AutoSteps:

@@ -33,6 +33,7 @@ def activate() -> None:
     probe = probe_from_env()
     if probe is None:
         return
+    probe.install_excepthook()  # before the script's own start-up, which may fail
     if "comms" in probe.options.collect:
         from perfkit.collectors.signals.comms import patch_all
 

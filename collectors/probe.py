@@ -91,6 +91,10 @@ class Probe:
         running at all."""
         self.auto: Any = None  # AutoSteps, when hooks find the steps
         self._collectives_at_stop: dict[str, Any] | None = None
+        self._excepthook = False
+        self.at_stop: list[Any] = []
+        """Called (guarded) as the probe stops, before its report is written: what hooks gathered
+        over the run goes into ``describe`` there."""
 
     # ---- life cycle -------------------------------------------------------------------------
     def start(self) -> Probe:
@@ -116,7 +120,7 @@ class Probe:
         atexit.register(self.stop)
         if threading.current_thread() is threading.main_thread():
             self._install_signal_handlers()
-        self._install_excepthook()
+        self.install_excepthook()
         return self
 
     def _collectives_state(self) -> dict[str, Any] | None:
@@ -129,9 +133,13 @@ class Probe:
         except Exception:
             return None
 
-    def _install_excepthook(self) -> None:
+    def install_excepthook(self) -> None:
         """An exception that ends this rank is written down (failure.json) before it is printed: the
-        analysis names the rank that failed first, and where."""
+        analysis names the rank that failed first, and where. Installed when perfkit attaches, so a
+        script that fails before its first step (a bad argument, an import) leaves its record too."""
+        if self._excepthook:
+            return
+        self._excepthook = True
         previous = sys.excepthook
 
         def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
@@ -144,6 +152,7 @@ class Probe:
                     self.layout.failure_record(self.rank),
                     {
                         "rank": self.rank,
+                        "world_size": self.world_size,
                         "time": time.time(),
                         "exception": kind.__name__,
                         "message": str(value)[:2000],
@@ -161,6 +170,9 @@ class Probe:
             return
         if self.auto is not None:
             self.auto.finish()
+        for fn in self.at_stop:
+            with contextlib.suppress(Exception):
+                fn()
         self._stopped = True
         if outcome:
             self._outcome = outcome
@@ -404,7 +416,12 @@ def torch_environment() -> dict[str, Any]:
     """Versions and device of this rank, for the manifest."""
     from perfkit.hardware import gpu_peak_tflops, nvlink_gbps
 
-    env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),  # intra-op (OpenMP) threads of a rank
+        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    }
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         env.update(

@@ -1,16 +1,22 @@
 """Where an unmodified script builds its DataLoader and its optimizer (file and line), with the
 settings a remedy would change: so a fix for that script says where to make it. Recorded into the
-run's manifest (``model.call_sites``) through ``Probe.describe``; the first of each kind counts."""
+run's manifest (``model.call_sites``) through ``Probe.describe``; the first of each kind counts.
+
+Also: the framework that drives the loop (from the first optimizer step's stack), and who reads
+tensors back to the host inside the steps (``.item()``, ``.tolist()``, ``int()``/``float()``/
+``bool()`` of a tensor, a tensor used as an index): counted by caller, so the fix for per-step syncs
+goes to the line (or the library setting) that makes them, not to a loss print that may not exist."""
 
 from __future__ import annotations
 
 import functools
+import sys
 import traceback
 from typing import Any
 
 from perfkit.collectors.probe import Probe
 
-from perfkit.frames import user_frame
+from perfkit.frames import caller_chain, framework_of, live_frames, package_of, user_frame
 
 _patched = False
 
@@ -69,3 +75,98 @@ def install(probe: Probe) -> None:
 
     DataLoader.__init__ = loader_init  # type: ignore[method-assign]
     torch.optim.Optimizer.__init__ = optimizer_init  # type: ignore[method-assign]
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    def first_step(opt: Any, args: Any, kwargs: Any) -> None:
+        """The training framework that drives the loop, from the first optimizer step's stack: its
+        fixes are worded in its own terms (TrainingArguments fields, Trainer arguments)."""
+        if done:  # (removing the hook here would change torch's hook dict while it iterates it)
+            return
+        done.append(True)
+        try:
+            frames = [{"file": f.filename} for f in traceback.extract_stack()[:-1]]
+            name = framework_of(frames)
+            if name:
+                probe.describe(framework={"name": name, "version": _version(name), "at": _site()})
+        except Exception:
+            pass
+
+    done: list[bool] = []
+    register_optimizer_step_pre_hook(first_step)
+    _count_syncs(probe, torch, sites)
+
+
+_SYNCS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+"""Tensor methods that read a value back to the host (on a GPU: wait for it)."""
+
+
+def _count_syncs(probe: Probe, torch: Any, sites: dict[str, dict[str, Any]]) -> None:
+    """Count host reads of tensors inside the steps by the line that made them (the caller chain is
+    worked out once per line). The optimizer's own reads (its step counters) are its business, as in
+    the trace's count."""
+    counts: dict[str, int] = {}
+    library: dict[str, str] = {}
+    user: dict[str, str] = {}
+    chains: dict[tuple[Any, int], str | None] = {}
+
+    def chain_of(frame: Any) -> str | None:
+        frames = live_frames(frame)
+        if "/torch/optim/" in frames[0]["file"] or package_of(frames[0]["file"]) == "perfkit":
+            return None
+        chain = caller_chain(reversed(frames), depth=2)
+        if chain:
+            # the package of the innermost frame outside torch ('' for the user's own code), and the
+            # user's own line the call came through
+            library[chain] = next(
+                (p for p in (package_of(x["file"]) for x in frames) if p not in ("torch", "perfkit")), ""
+            )
+            user[chain] = user_frame(reversed(frames))
+        return chain or None
+
+    def counted(original: Any) -> Any:
+        @functools.wraps(original)
+        def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if probe._in_step and not probe._stopped:
+                try:
+                    frame = sys._getframe(1)
+                    key = (frame.f_code, frame.f_lineno)
+                    if key not in chains:
+                        chains[key] = chain_of(frame)
+                    where = chains[key]
+                    if where:
+                        counts[where] = counts.get(where, 0) + 1
+                except Exception:
+                    pass
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in _SYNCS:
+        original = getattr(torch.Tensor, name, None)
+        if original is not None:
+            setattr(torch.Tensor, name, counted(original))
+
+    def report() -> None:
+        if counts and probe.step:
+            top = [
+                {
+                    "at": where,
+                    "per_step": round(n / probe.step, 2),
+                    "library": library.get(where, ""),
+                    "user_at": user.get(where, ""),
+                }
+                for where, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+            ]
+            sites["sync"] = top[0]  # the fix goes to the line that reads the most
+            probe.describe(call_sites=dict(sites), host_syncs=top)
+
+    probe.at_stop.append(report)
+
+
+def _version(framework: str) -> str | None:
+    for module in {"lightning": ("pytorch_lightning", "lightning")}.get(framework, (framework,)):
+        version = getattr(sys.modules.get(module), "__version__", None)
+        if version:
+            return str(version)
+    return None

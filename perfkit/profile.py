@@ -51,7 +51,11 @@ class ProfileRequest:
 
 
 def child_env(req: ProfileRequest) -> dict[str, str]:
-    env = {**trainer_env(req.world_size), **req.options.to_env()}  # the cores shared by the ranks
+    # The bundled trainer's ranks share the cores; a user's command gets the environment it would
+    # have without perfkit (torchrun's own thread default): setting OMP_NUM_THREADS for a world size
+    # perfkit does not know had put 2 ranks x 2 threads on 2 cores, half of each step waiting for one.
+    base = trainer_env(req.world_size) if req.config else dict(os.environ)
+    env = {**base, **req.options.to_env()}
     env["PERFKIT_RUN_DIR"] = str(req.out.resolve())
     # NCCL collectives' GPU durations (CUDA events on the NCCL stream; read by the comms collector
     # once each work completed). No effect on gloo.

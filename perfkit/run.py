@@ -430,10 +430,13 @@ class Run:
         the manifest: a collector failed on any rank is failed (naming the rank), disabled on all is
         disabled, else ok."""
         reports = self.rank_reports()
-        if not reports:
-            return
         m = self.manifest
-        m.world_size = max([m.world_size, *(r.get("world_size", 1) for r in reports.values())])
+        # A rank that failed before its first step wrote no report, only its failure record.
+        failed_sizes = [_world_size_of(self.layout.failure_record(rank)) for rank in self.ranks()]
+        m.world_size = max([m.world_size, *(r.get("world_size", 1) for r in reports.values()), *failed_sizes])
+        if not reports:
+            self.save()
+            return
         first = reports.get(0) or reports[min(reports)]
         if first.get("env"):
             m.env.update(first["env"])
@@ -454,6 +457,15 @@ class Run:
             else:
                 m.collectors[name] = CollectorState(status="ok")
         self.save()
+
+
+def _world_size_of(record: Path) -> int:
+    """The world size a rank's failure record names (1 when it has none or cannot be read)."""
+    try:
+        size = json.loads(record.read_text()).get("world_size", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+    return size if isinstance(size, int) and 0 < size < 1 << 20 else 1
 
 
 def default_run_path(name: str, root: Path | str = "runs") -> Path:

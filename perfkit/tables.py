@@ -66,6 +66,8 @@ COMMS = Table(
         "start_ns": "int",
         "end_ns": "int",
         "gpu_ms": "float",
+        "caller": "str",
+        "blocking": "bool",
     },
     required=("step", "seq", "op", "bytes", "start_ns"),
 )

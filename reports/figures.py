@@ -94,6 +94,7 @@ def step_breakdown(metrics: Metrics) -> go.Figure | None:
             series[p.replace("_", " ")] = frame[col]
             accounted += frame[col].fillna(0)
     series["other"] = (frame["step_ms"] - accounted).clip(lower=0)
+    _waits_apart(metrics, frame, series)
     fig = go.Figure()
     if len(frame) > MANY:
         _boxes(
@@ -116,6 +117,39 @@ def step_breakdown(metrics: Metrics) -> go.Figure | None:
         **_LAYOUT,
     )
     return fig
+
+
+def _waits_apart(metrics: Metrics, frame: pd.DataFrame, series: dict[str, pd.Series]) -> None:
+    """Take waiting out of the phases it happened in, as bars of its own: the wait for other ranks at
+    collectives (step time less busy time; it falls in backward, where DDP waits for its buckets, and
+    in the time outside the marked phases, where blocking calls wait) and the wait for a CPU core (the
+    training thread's run-queue time, spread over the phases in proportion to their length)."""
+    st = metrics.stragglers
+    if st is None:
+        return
+    by_rank = {r.rank: r for r in st.ranks}
+    ranks = frame["rank"].tolist()
+    rank_wait = pd.Series(
+        [max(0.0, s - by_rank[r].busy_ms) if r in by_rank else 0.0 for r, s in zip(ranks, frame["step_ms"])],
+        index=frame.index,
+    )
+    core_wait = pd.Series(
+        [(by_rank[r].runq_wait_ms or 0.0) if r in by_rank else 0.0 for r in ranks], index=frame.index
+    )
+    left = rank_wait.copy()
+    for name in ("backward", "other", "forward backward"):
+        if name in series:
+            taken = pd.concat([left, series[name]], axis=1).min(axis=1).clip(lower=0)
+            series[name] = series[name] - taken
+            left = left - taken
+    total = sum(series.values(), pd.Series(0.0, index=frame.index))
+    share = (core_wait / total.where(total > 0)).fillna(0.0).clip(upper=1.0)
+    for name in list(series):
+        series[name] = series[name] * (1 - share)
+    if rank_wait.sum() > 0:
+        series["waiting for other ranks"] = rank_wait - left
+    if core_wait.sum() > 0:
+        series["waiting for a CPU core"] = total * share
 
 
 def per_step(

@@ -3,6 +3,7 @@ only; every number comes from the run's tables or the analysis."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from perfkit.analyzers.hangs import RankState
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Finding
 
+from perfkit.frames import user_frame
 from perfkit.optimizer import remedies
 from perfkit.run import Run, RunLayout
 from perfkit.tables import STEPS, TABLES, read_table
@@ -31,10 +33,22 @@ class Fix:
 
 
 def fix(f: Finding, metrics: Metrics) -> Fix:
+    """The remedy in the run's dialect: the bundled trainer's ``--set``, the training framework's own
+    arguments (where perfkit saw one drive the loop; at the user's line that called it), or the code
+    change at the call perfkit saw the script make."""
     r = remedies.get(f.remedy)
     if metrics.is_bundled_trainer and r.trainer:
         return Fix(r.description, [f"--set {o}" for o in r.overrides()])
+    framework = metrics.model.get("framework")
+    name = framework.get("name") if isinstance(framework, dict) else None
     site = metrics.model.get("call_sites", {}).get(r.site) if r.site else None
+    in_user_code = isinstance(site, dict) and site.get("library") == ""  # a line of the user's own
+    if name in r.frameworks and not in_user_code and (not site or site.get("library") in (None, name)):
+        at = framework.get("at") if isinstance(framework, dict) else None
+        seen = f"  -- {name}, at {site['at']}" if isinstance(site, dict) and site.get("at") else ""
+        return Fix(
+            r.description, [r.frameworks[name] + (seen or (f"  -- {name}, called at {at}" if at else ""))]
+        )
     if r.script and isinstance(site, dict) and site.get("at"):
         return Fix(r.description, [f"{r.script_for(site)}  -- at {site['at']}"])
     return Fix(r.description, [r.script] if r.script else [])
@@ -76,6 +90,9 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
         if trace.exists():
             counts.append(f"{trace.name} {trace.stat().st_size / 1e6:.1f} MB")
         lines.append(f"  {run.layout.rank_dir(rank).name}/  " + (", ".join(counts) or "no data"))
+        failure = _failure_line(run.layout.failure_record(rank))
+        if failure:
+            lines.append(f"    failed: {failure}")
         for path in run.layout.table_files(rank, STEPS)[:1]:
             steps, _ = read_table(path, STEPS)
             if "perfkit_s" in steps and steps["perfkit_s"].notna().any():
@@ -90,6 +107,19 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
     if next_step:
         lines.append(f"next: {command_line(['perfkit', 'analyze', str(run.path)])}")
     return "\n".join(lines)
+
+
+def _failure_line(record: Path) -> str:
+    """``FileNotFoundError: no such config at train.py:12 main`` from a rank's failure record."""
+    if not record.is_file():
+        return ""
+    try:
+        r = json.loads(record.read_text())
+        frames = [f for f in r.get("frames", []) if isinstance(f, dict)]
+    except (OSError, ValueError, AttributeError):
+        return "(its failure record cannot be read)"
+    where = user_frame(frames)
+    return f"{r.get('exception', '?')}: {str(r.get('message', ''))[:160]}" + (f" at {where}" if where else "")
 
 
 def rank_in(state: RankState) -> str:

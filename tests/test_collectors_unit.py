@@ -379,7 +379,7 @@ def test_cuda_collectives_are_written_once_their_work_completed(tmp_path: Path) 
     probe = _probe(tmp_path, ["steps"]).start()
     rec = _Recorder(probe, CommsCollector())
     fast, slow = FakeWork(True, 1.5), FakeWork(False, 9.0)
-    rec.on_gpu = [(w, ("all_reduce", "ddp", None, None, 100, None, 1)) for w in (fast, slow)]
+    rec.on_gpu = [(w, ("all_reduce", "ddp", None, None, 100, None, 1, None, False)) for w in (fast, slow)]
     rec.resolve_gpu()
     assert len(rec.on_gpu) == 1 and rec.on_gpu[0][0] is slow
     slow.done = True

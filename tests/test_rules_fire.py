@@ -17,6 +17,7 @@ from perfkit.analyzers.metrics import (
     IoMetrics,
     MemoryMetrics,
     Metrics,
+    RankSteps,
     RunInfo,
     StepMetrics,
     StragglerRank,
@@ -128,6 +129,13 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
             ),
         )
     ),
+    "small_blocking_collectives": lambda tmp: _run_rules(
+        Metrics(steps=_steps(), comms=_gathers(blocking=True))
+    ),
+    "ddp_find_unused_parameters": lambda tmp: _run_rules(Metrics(steps=_steps(), model={"ddp": _ddp()})),
+    "host_oversubscribed": lambda tmp: _run_rules(
+        Metrics(steps=_oversubscribed(40.0, 55.0), run=_run_info(cpu_count=2, threads=4))
+    ),
     "straggler": lambda tmp: _run_rules(Metrics(steps=_steps(), stragglers=_two_ranks(slow=[1]))),
     "cpu_contention": lambda tmp: _run_rules(Metrics(steps=_steps(), stragglers=_two_ranks(host_bound=[1]))),
     # hangs and failures: what the ranks' records say, as the analysis reads them
@@ -153,6 +161,76 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
     "allocator_cache_flushes": lambda tmp: _snapshot_alone(tmp, split=2**20, flushes=3),
     "memory_headroom": _headroom,
 }
+
+
+def _gathers(blocking: bool, ms: float = 6.0) -> CommMetrics:
+    """Two small all_gathers a step from a framework's logging, ``ms`` each on the host."""
+    caller = "transformers/trainer_pt_utils.py:207 distributed_concat < train.py:33 main"
+    row = {"caller": caller, "op": "all_gather", "calls_per_step": 1.0, "bytes": 8.0, "blocking": blocking}
+    return CommMetrics(
+        table=[],
+        collectives_per_step=2.0,
+        bytes_per_step=16.0,
+        callers=[{**row, "ms_per_step": ms, "transfer_ms_per_step": 1.0}] * 2,
+    )
+
+
+def _ddp(**over: object) -> dict[str, object]:
+    return {"find_unused_parameters": True, "static_graph": False, "unused_parameters": 0, "parameters": 28,
+            "unused_search_ms": 2.0, "unused_search_calls": 40, **over}  # fmt: skip
+
+
+def _run_info(**env: object) -> RunInfo:
+    return RunInfo(name="r", status="complete", world_size=2, command=[], env=dict(env), collectors={})
+
+
+def _oversubscribed(*runq_ms: float) -> StepMetrics:
+    steps = _steps()
+    steps.per_rank = [
+        RankSteps(rank=r, step_ms=100.0, steps=20, runq_wait_ms=w) for r, w in enumerate(runq_ms)
+    ]
+    return steps
+
+
+def test_small_blocking_collectives_saving_and_absence() -> None:
+    m = Metrics(steps=_steps(), comms=_gathers(blocking=True))
+    (f,) = [f for f in _run_rules(m) if f.id == "small_blocking_collectives"]
+    # 12 ms blocked, 2 ms of it transfer: the transfer and half the wait for the last rank
+    assert f.saving_ms_per_step == pytest.approx(2 + 0.5 * 10)
+    assert f.evidence["callers"][0]["caller"].startswith("transformers/")
+    for comms in (_gathers(blocking=False), _gathers(blocking=True, ms=1.0)):  # async, or 2% of the step
+        assert not [
+            f
+            for f in _run_rules(Metrics(steps=_steps(), comms=comms))
+            if f.id == "small_blocking_collectives"
+        ]
+
+
+def test_find_unused_parameters_only_when_nothing_is_unused() -> None:
+    (f,) = [
+        f
+        for f in _run_rules(Metrics(steps=_steps(), model={"ddp": _ddp()}))
+        if f.id == "ddp_find_unused_parameters"
+    ]
+    assert f.saving_ms_per_step == pytest.approx(2.0 * 2)  # 40 searches over 20 steps
+    for ddp in (_ddp(unused_parameters=3), _ddp(find_unused_parameters=False), _ddp(static_graph=True)):
+        assert not [
+            f
+            for f in _run_rules(Metrics(steps=_steps(), model={"ddp": ddp}))
+            if f.id == "ddp_find_unused_parameters"
+        ]
+
+
+def test_oversubscription_needs_every_rank_waiting() -> None:
+    (f,) = [
+        f
+        for f in _run_rules(Metrics(steps=_oversubscribed(40.0, 55.0), run=_run_info(cpu_count=2, threads=4)))
+        if f.id == "host_oversubscribed"
+    ]
+    assert f.saving_ms_per_step == pytest.approx(40.0)
+    assert "2 ranks x 4 threads on 2 cores" in f.title
+    one_slow = Metrics(steps=_oversubscribed(2.0, 55.0), run=_run_info(cpu_count=2, threads=1))
+    assert not [f for f in _run_rules(one_slow) if f.id == "host_oversubscribed"]  # cpu_contention's case
 
 
 def _hung(rank1_op: str | None = None) -> HangMetrics:

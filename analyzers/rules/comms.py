@@ -179,3 +179,71 @@ def slow_link(m: Metrics, t: Thresholds) -> Diagnosis | None:
         remedy="slow_link",
         ranks=sp.slow_link or sorted({r for g in sp.slow_groups for r in g.ranks or []}),
     )
+
+
+@rule("small_blocking_collectives", reads="run", max_bytes=64 << 10, min_share=0.03)
+def small_blocking_collectives(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    """Small collectives the host blocks in every step, outside the gradient reduction: a framework's
+    logging gathers, a loss or token-count all-reduce. Each one holds every rank until the last
+    arrives; their time is the step's."""
+    if m.comms is None or m.steps is None:
+        return None
+    small = [c for c in m.comms.callers if c["blocking"] and c["bytes"] <= t["max_bytes"]]
+    blocked = sum(c["ms_per_step"] for c in small)
+    if not small or blocked < t["min_share"] * m.steps.step_time_ms:
+        return None
+    transfer = sum(c["transfer_ms_per_step"] for c in small)
+    return Diagnosis(
+        title=f"{sum(c['calls_per_step'] for c in small):.0f} small blocking collective(s) a step outside the "
+        f"gradient reduction hold the host {blocked:.1f} ms a step",
+        # Without the calls, a rank ahead of the others no longer waits for them there; it may still
+        # wait at the next collective (the gradient all-reduce). The saving counts the transfer
+        # (from the last rank's arrival) and half the wait.
+        saving_ms=transfer + 0.5 * (blocked - transfer),
+        estimate="the calls' transfer time and half their wait for the last rank (the rest may move to "
+        "the next collective)",
+        evidence={
+            "blocked_ms_per_step": round(blocked, 2),
+            "transfer_ms_per_step": round(transfer, 2),
+            "callers": [
+                {
+                    "caller": c["caller"],
+                    "op": c["op"],
+                    "calls_per_step": round(c["calls_per_step"], 2),
+                    "bytes": int(c["bytes"]),
+                    "ms_per_step": round(c["ms_per_step"], 2),
+                }
+                for c in small
+            ],
+            "told_by": "the collectives perfkit recorded, by the caller that made them",
+        },
+        remedy="fewer_small_collectives",
+    )
+
+
+@rule("ddp_find_unused_parameters", reads="run", needs_steps=False)
+def ddp_find_unused_parameters(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    """DDP built with find_unused_parameters=True walks the autograd graph after every forward, and
+    every parameter was used: the walk finds nothing."""
+    ddp = m.model.get("ddp") if isinstance(m.model, dict) else None
+    if not isinstance(ddp, dict) or not ddp.get("find_unused_parameters") or ddp.get("static_graph"):
+        return None
+    if ddp.get("unused_parameters") not in (0, None):
+        return None  # some are unused: the flag is needed (static_graph=True is the other way)
+    search_ms = float(ddp.get("unused_search_ms") or 0.0)
+    steps = m.steps.steps if m.steps is not None else 0
+    forwards = (ddp.get("unused_search_calls") or 0) / steps if steps else 1.0
+    return Diagnosis(
+        title="DDP searches the autograd graph for unused parameters every forward, and finds none",
+        saving_ms=search_ms * max(1.0, forwards),
+        estimate="the time DDP's graph search took after each forward (timed by perfkit), times the "
+        "forwards a step",
+        evidence={
+            "find_unused_parameters": True,
+            "unused_parameters": ddp.get("unused_parameters"),
+            "parameters": ddp.get("parameters"),
+            "search_ms_per_forward": round(search_ms, 3),
+            "told_by": "the DDP constructor's flags and a walk of the first forwards' autograd graph",
+        },
+        remedy="no_find_unused_parameters",
+    )

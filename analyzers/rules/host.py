@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from perfkit.analyzers.facts import TraceFacts
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
@@ -60,4 +62,42 @@ def cpu_contention(m: Metrics, t: Thresholds) -> Diagnosis | None:
         },
         remedy="cpu_contention",
         ranks=list(st.host_bound),
+    )
+
+
+@rule("host_oversubscribed", reads="run", min_share=0.15)
+def host_oversubscribed(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    """Every rank's training thread spends a good part of its step ready to run with no core to run
+    on: the host runs more threads than it has cores (OpenMP threads x ranks, DataLoader workers, a
+    neighbour). No rank stands out, so no straggler is named; the whole job is slowed."""
+    if m.steps is None:
+        return None
+    waits = [(r.rank, r.runq_wait_ms, r.step_ms) for r in m.steps.per_rank if r.runq_wait_ms is not None]
+    if not waits or len(waits) < len(m.steps.per_rank):
+        return None
+    shares = {rank: w / s for rank, w, s in waits if s > 0}
+    if not shares or min(shares.values()) < t["min_share"]:
+        return None
+    env = m.run.env if m.run is not None else {}
+    cores, threads = env.get("cpu_count"), env.get("threads")
+    ranks_here = env.get("local_world_size") or (m.run.world_size if m.run is not None else len(waits))
+    evidence: dict[str, Any] = {
+        "runq_wait_ms": {rank: round(w, 1) for rank, w, _ in waits},
+        "share_of_step": {rank: round(x, 2) for rank, x in shares.items()},
+    }
+    if cores:
+        evidence["cores"] = cores
+    if threads:
+        evidence["threads_per_rank"] = threads
+    evidence["ranks_on_host"] = ranks_here
+    fit = f"; {ranks_here} ranks x {threads} threads on {cores} cores" if cores and threads else ""
+    return Diagnosis(
+        title=f"Every rank waits for a CPU core {100 * min(shares.values()):.0f}% of its step or more: the "
+        f"host is oversubscribed{fit}",
+        # Each rank waits at least this long for a core every step; with threads within the cores most of
+        # it goes (an upper bound: the ranks still share the host).
+        saving_ms=min(w for _, w, _ in waits),
+        estimate="the least run-queue wait of any rank a step (its training thread ready, no core free)",
+        evidence=evidence,
+        remedy="host_oversubscribed",
     )

@@ -9,14 +9,18 @@ On gloo the profiler trace carries no collective metadata and DDP issues its all
 - functional collectives (``torch.distributed._functional_collectives``, used by DTensor / TP).
 
 Per op: op, source, group name and ranks, bytes (the message: all-gather's output, reduce-scatter's
-input), dtype, start and end (wall-clock ns). An async op's end is when its Work completed; a
+input), dtype, start and end (wall-clock ns); for calls through the Python API, who made the call
+(the innermost frame of each package on the stack up to the user's code: a framework's logging
+gather is told from the user's own) and whether the host blocked in it (no ``async_op``). An async op's end is when its Work completed; a
 functional collective's end is unknown (null): it completes at a later wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import sys
 import threading
 import time
 from typing import Any
@@ -27,6 +31,7 @@ import torch.distributed.distributed_c10d as c10d
 from perfkit.collectors.base import Collector, register
 from perfkit.collectors.probe import Probe
 
+from perfkit.frames import caller_chain, live_frames
 from perfkit.tables import COMMS
 
 # function -> index of the tensor that is "the message" (all-gather's output, reduce-scatter's
@@ -169,6 +174,7 @@ class _Recorder:
         step: int,
         end_known: bool = True,
         key: int | None = None,
+        caller: str | None = None,
     ) -> None:
         """Record an op now (synchronous) or when its Work completes; never raise into the caller.
 
@@ -181,7 +187,7 @@ class _Recorder:
             if isinstance(work, dist.Work) and isinstance(tensor, torch.Tensor) and tensor.is_cuda:
                 self.leave(key)  # queued on the GPU; its GPU time comes later
                 with self.lock:
-                    self.on_gpu.append((work, (op, source, group, tensor, start, None, step)))
+                    self.on_gpu.append((work, (op, source, group, tensor, start, None, step, caller, False)))
                 return
             if isinstance(work, dist.Work):
                 try:
@@ -191,13 +197,15 @@ class _Recorder:
             if fut is not None:
                 fut.then(
                     lambda _f: self.safe_add(
-                        op, source, group, tensor, start, time.time_ns(), step, None, key
+                        op, source, group, tensor, start, time.time_ns(), step, caller, False, None, key
                     )
                 )
             else:
+                blocking = work is None and end_known  # the call returned when the op was done
                 self.add(
-                    op, source, group, tensor, start, time.time_ns() if end_known else None, step, None, key
-                )
+                    op, source, group, tensor, start, time.time_ns() if end_known else None, step,
+                    caller, blocking, None, key,
+                )  # fmt: skip
         except Exception as e:
             self.probe.disable(self.collector, f"recording {op} failed: {type(e).__name__}: {e}")
 
@@ -240,6 +248,8 @@ class _Recorder:
         start_ns: int,
         end_ns: int | None,
         step: int,
+        caller: str | None = None,
+        blocking: bool | None = None,
         gpu_ms: float | None = None,
         key: int | None = None,
     ) -> None:
@@ -264,6 +274,8 @@ class _Recorder:
                     "start_ns": start_ns,
                     "end_ns": end_ns,
                     "gpu_ms": gpu_ms,
+                    "caller": caller,
+                    "blocking": blocking,
                 }
             )
             self.probe.self_time_s += time.thread_time() - t0
@@ -275,6 +287,12 @@ def _message(t: Any) -> tuple[int, str]:
     if isinstance(t, list | tuple) and t and isinstance(t[0], torch.Tensor):
         return sum(x.numel() * x.element_size() for x in t), str(t[0].dtype).removeprefix("torch.")
     return 0, ""
+
+
+def _caller() -> str:
+    """Who called the collective (see ``perfkit.frames.caller_chain``), from the live frames: no
+    traceback objects, a few microseconds a call."""
+    return caller_chain(reversed(live_frames(sys._getframe(2))))
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str | None) -> Any:
@@ -315,6 +333,8 @@ def _wrap_op(
         group = _arg(args, kwargs, group_idx, "group")
         tensor = _arg(args, kwargs, tensor_idx, tensor_name) if tensor_idx >= 0 else None
         key = None if functional else rec.enter(name, group, tensor, start, step)
+        source = getattr(_state, "source", None) or "python"
+        caller = _caller() if source == "python" and not functional else None
         try:
             result = fn(*args, **kwargs)
         except BaseException:
@@ -331,9 +351,7 @@ def _wrap_op(
                     pass
             rec.finish(None, name, "funcol", group, tensor, start, step, end_known=False)
         else:
-            rec.finish(
-                result, name, getattr(_state, "source", None) or "python", group, tensor, start, step, key=key
-            )
+            rec.finish(result, name, source, group, tensor, start, step, key=key, caller=caller)
         return result
 
     wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
@@ -351,6 +369,7 @@ def _wrap_batch(fn: Any, recorder_ref: list[_Recorder | None]) -> Any:
             "send" if getattr(p2p.op, "__name__", "") in ("isend", "send") else "recv" for p2p in p2p_op_list
         ]
         keys = [rec.enter(op, p2p.group, p2p.tensor, start, step) for op, p2p in zip(ops, p2p_op_list)]
+        caller = _caller()
         _state.inside = True
         try:
             works = fn(p2p_op_list, *args, **kwargs)
@@ -361,7 +380,7 @@ def _wrap_batch(fn: Any, recorder_ref: list[_Recorder | None]) -> Any:
         finally:
             _state.inside = False
         for p2p, work, op, key in zip(p2p_op_list, works or [], ops, keys):
-            rec.finish(work, op, "python", p2p.group, p2p.tensor, start, step, key=key)
+            rec.finish(work, op, "python", p2p.group, p2p.tensor, start, step, key=key, caller=caller)
         return works
 
     wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]
@@ -415,6 +434,7 @@ def _patch_ddp() -> None:
     original_register = DDP.register_comm_hook
     original_builtin = DDP._register_builtin_comm_hook
     original_forward = DDP.forward
+    original_post_forward = DDP._post_forward
 
     def register_comm_hook(self: DDP, state: object, hook: Any) -> None:
         setattr(self, "_perfkit_hooked", True)  # noqa: B010 - nn.Module typing refuses a new attribute
@@ -430,11 +450,79 @@ def _patch_ddp() -> None:
             # torch's default all-reduce hook: the same math as DDP's C++ default, through the
             # Python API that this collector records.
             register_comm_hook(self, self.process_group, default_hooks.allreduce_hook)
+            _ddp_seen(rec, self)
         return original_forward(self, *args, **kwargs)
+
+    def post_forward(self: DDP, output: Any) -> Any:
+        """With find_unused_parameters, DDP walks the autograd graph after every forward: timed here
+        (its cost), and in the first graded forwards perfkit walks it too, to count what is unused."""
+        if not self.find_unused_parameters or self.static_graph or not torch.is_grad_enabled():
+            return original_post_forward(self, output)
+        t0 = time.perf_counter()
+        try:
+            return original_post_forward(self, output)
+        finally:
+            _ddp_stats["search_s"].append(time.perf_counter() - t0)
+            if len(_ddp_stats["search_s"]) in (2, 3):  # the first may differ (static graph, warm-up)
+                with contextlib.suppress(Exception):
+                    _ddp_stats["unused"] = max(_ddp_stats.get("unused", 0), _unused_parameters(self, output))
 
     DDP.register_comm_hook = register_comm_hook  # type: ignore[method-assign]
     DDP._register_builtin_comm_hook = register_builtin  # type: ignore[method-assign]
     DDP.forward = forward  # type: ignore[method-assign]
+    DDP._post_forward = post_forward  # type: ignore[method-assign]
+
+
+_ddp_stats: dict[str, Any] = {"search_s": []}
+"""find_unused_parameters' graph search: each forward's time in DDP._post_forward, and the most
+parameters found unused in an early forward."""
+
+
+def _ddp_seen(rec: _Recorder, ddp: Any) -> None:
+    """Record the first DDP module's constructor flags (what a fix would change)."""
+    if rec.probe.description.get("ddp"):
+        return
+    with contextlib.suppress(Exception):
+        rec.probe.describe(
+            ddp={
+                "find_unused_parameters": bool(ddp.find_unused_parameters),
+                "static_graph": bool(ddp.static_graph),
+                "gradient_as_bucket_view": bool(ddp.gradient_as_bucket_view),
+                "bucket_cap_mb": round(ddp.bucket_bytes_cap / 2**20, 2),
+                "parameters": sum(1 for p in ddp.module.parameters() if p.requires_grad),
+            }
+        )
+
+
+def _unused_parameters(ddp: Any, output: Any) -> int:
+    """Parameters of ``ddp``'s module that the autograd graph of ``output`` does not reach."""
+    from torch.nn.parallel.distributed import _find_tensors
+
+    stack = [t.grad_fn for t in _find_tensors(output) if t.grad_fn is not None]
+    seen: set[Any] = set()
+    used: set[int] = set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            used.add(id(variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return sum(1 for p in ddp.module.parameters() if p.requires_grad and id(p) not in used)
+
+
+def ddp_summary() -> dict[str, Any]:
+    """What the find_unused_parameters search cost (median ms a forward) and found."""
+    times = sorted(_ddp_stats["search_s"])
+    if not times:
+        return {}
+    return {
+        "unused_search_ms": 1e3 * times[len(times) // 2],
+        "unused_search_calls": len(times),
+        "unused_parameters": _ddp_stats.get("unused"),
+    }
 
 
 PROBE_SIZES = (4 << 10, 256 << 10, 4 << 20, 32 << 20)
@@ -491,3 +579,6 @@ class CommsCollector(Collector):
         if rec is not None:
             rec.resolve_gpu(force=True)
         _recorder[0] = None
+        found = ddp_summary()
+        if found and isinstance(probe.description.get("ddp"), dict):
+            probe.describe(ddp={**probe.description["ddp"], **found})

@@ -5,6 +5,9 @@
   the trainer's configuration tree and that its value validates.
 - ``script``: the same fix for any other training script, as the code or environment change to
   make (``DataLoader(num_workers=...)``, ``AdamW(fused=True)``, ...).
+- ``frameworks``: the same fix in the terms of a training framework that drives the loop (perfkit
+  saw it on the optimizer step's stack): Hugging Face ``TrainingArguments`` fields, Lightning
+  ``Trainer`` arguments, Accelerate's ``Accelerator``. A framework not named here gets ``script``.
 
 A finding names its remedy's id and nothing else; the CLI summary, the report and the optimizer read
 the change from here, in the dialect that fits the run. Torch- and trainer-free: the report imports
@@ -36,6 +39,9 @@ class Remedy:
     saw where the script makes it."""
     script_at: Callable[[dict[str, Any]], str] | None = None
     """``script`` worded for what perfkit saw at that call (the script's own optimizer class)."""
+    frameworks: dict[str, str] = field(default_factory=dict)
+    """The change in a framework's own terms, by framework (``transformers``, ``lightning``,
+    ``accelerate``; ``perfkit.frames.FRAMEWORKS``)."""
 
     def script_for(self, site: dict[str, Any] | None) -> str:
         """The script change, in the terms of the call the script makes where perfkit saw it."""
@@ -124,6 +130,26 @@ def _more_workers(site: dict[str, Any]) -> str:
     return f"DataLoader(..., num_workers={2 * now} (it has {now}), pin_memory=True, persistent_workers=True, prefetch_factor=4)"
 
 
+_BUCKETS = {
+    "transformers": "TrainingArguments(..., ddp_bucket_cap_mb=25)",
+    "lightning": "Trainer(..., strategy=DDPStrategy(bucket_cap_mb=25))",
+    "accelerate": "Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=25)])",
+}
+
+
+def _aimed_sync(site: dict[str, Any]) -> str:
+    """The sync fix aimed at the line that reads tensors back most often (perfkit counted them)."""
+    n, lib, user = site.get("per_step"), site.get("library"), site.get("user_at")
+    if lib and user:  # a library handed tensors where it wants Python numbers (numpy indexing)
+        return (
+            f"{n:g} host reads a step where {lib} is handed tensors that it turns into Python numbers, "
+            f"at {user}: convert them once (idx.tolist()) or make them on the host (numpy, random)"
+        )
+    if lib:
+        return f"{n:g} host reads a step inside {lib}: the setting of {lib} that reads every step (logging, metrics)"
+    return f"read it every N steps (if step % 10 == 0: print(loss.item())): {n:g} host reads a step there"
+
+
 # ---- tuned kernels -----------------------------------------------------------------------------
 register(
     Remedy(
@@ -137,6 +163,11 @@ register(
         ),
         script="model = torch.compile(model)  (mode='reduce-overhead' adds CUDA graphs; or capture the "
         "step in CUDA graphs)",
+        frameworks={
+            "transformers": "TrainingArguments(..., torch_compile=True)  (--torch_compile)",
+            "lightning": "trainer.fit(torch.compile(model), ...)  (compile the LightningModule before fit)",
+            "accelerate": "Accelerator(dynamo_backend='inductor')  (or accelerate launch --dynamo_backend inductor)",
+        },
     )
 )
 register(
@@ -146,6 +177,11 @@ register(
         trainer={"kernels.precision": "bf16"},
         script="with torch.autocast('cuda', dtype=torch.bfloat16): loss = model(batch)  "
         "(or torch.backends.cuda.matmul.allow_tf32 = True)",
+        frameworks={
+            "transformers": "TrainingArguments(..., bf16=True)  (--bf16; or tf32=True)",
+            "lightning": "Trainer(..., precision='bf16-mixed')",
+            "accelerate": "Accelerator(mixed_precision='bf16')",
+        },
     )
 )
 register(
@@ -154,6 +190,9 @@ register(
         description="Use scaled_dot_product_attention (flash / memory-efficient kernels).",
         trainer={"kernels.attention": "sdpa"},
         script="y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)",
+        frameworks={
+            "transformers": "from_pretrained(..., attn_implementation='sdpa')  (or 'flash_attention_2')"
+        },
     )
 )
 register(
@@ -165,6 +204,9 @@ register(
         script="torch.optim.AdamW(model.parameters(), ..., fused=True)",
         site="optimizer",
         script_at=_fused_optimizer,
+        frameworks={
+            "transformers": "TrainingArguments(..., optim='adamw_torch_fused')  (--optim adamw_torch_fused)"
+        },
     )
 )
 register(
@@ -175,6 +217,7 @@ register(
         trainer={"kernels.activation_checkpointing": True},
         script="torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) around each block; "
         "or PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        frameworks={"transformers": "TrainingArguments(..., gradient_checkpointing=True)"},
     )
 )
 register(
@@ -183,6 +226,7 @@ register(
         description="Keep activations instead of recomputing them in backward: memory allows it.",
         trainer={"kernels.activation_checkpointing": False},
         script="call the blocks directly, without torch.utils.checkpoint.checkpoint (or checkpoint fewer of them)",
+        frameworks={"transformers": "TrainingArguments(..., gradient_checkpointing=False)"},
     )
 )
 register(
@@ -225,6 +269,16 @@ register(
         description="Avoid .item()/.cpu()/print of tensors every step; read the loss every N steps.",
         trainer={"log_every": 10},
         script="if step % 10 == 0: print(loss.item())  (no .item(), .cpu() or tensor printing on other steps)",
+        site="sync",
+        script_at=_aimed_sync,
+        frameworks={
+            "transformers": "TrainingArguments(..., logging_nan_inf_filter=False, logging_steps=50)  (the "
+            "Trainer reads each micro-batch's loss back to check it for nan/inf, and the loss at each logging "
+            "step)",
+            "lightning": "Trainer(..., log_every_n_steps=50) and self.log(..., prog_bar=False) for per-step "
+            "values (the progress bar reads them every step)",
+            "accelerate": "if accelerator.sync_gradients and step % 10 == 0: accelerator.print(loss.item())",
+        },
     )
 )
 
@@ -242,6 +296,7 @@ register(
             {"parallel.zero": 2},  # FSDP2: keep the gathered parameters from forward to backward
         ),
         script="DDP(model, bucket_cap_mb=25); with FSDP2, model.set_modules_to_forward_prefetch(...)",
+        frameworks=dict(_BUCKETS),
     )
 )
 register(
@@ -251,6 +306,40 @@ register(
         trainer={"overlap.bucket_cap_mb": 25},
         alternatives=({"overlap.bucket_cap_mb": 50}, {"overlap.bucket_cap_mb": 100}),
         script="DDP(model, bucket_cap_mb=25)",
+        frameworks=dict(_BUCKETS),
+    )
+)
+
+register(
+    Remedy(
+        id="fewer_small_collectives",
+        description="Call these small collectives less often, or all at once: gather logged values every "
+        "N steps, or pack them into one tensor and reduce it in one call.",
+        script="if step % 50 == 0: dist.all_reduce(torch.stack([loss, tokens, ...]))  (one call every N "
+        "steps, not one a value every step)",
+        frameworks={
+            "transformers": "TrainingArguments(..., logging_steps=50)  (each logging step gathers the loss "
+            "and more); average_tokens_across_devices=False drops the per-step token-count gather (the "
+            "loss is then averaged per device)",
+            "lightning": "self.log(..., sync_dist=False) for per-step values (sync_dist=True with "
+            "on_epoch=True only), Trainer(..., log_every_n_steps=50)",
+            "accelerate": "accelerator.gather / accelerator.reduce every N steps (if step % 50 == 0), not "
+            "every step",
+        },
+    )
+)
+register(
+    Remedy(
+        id="no_find_unused_parameters",
+        description="Build DDP without the unused-parameter search: every parameter gets a gradient, so "
+        "it finds nothing (static_graph=True where some are unused on every step alike).",
+        script="DistributedDataParallel(model, ..., find_unused_parameters=False)",
+        frameworks={
+            "transformers": "TrainingArguments(..., ddp_find_unused_parameters=False)  "
+            "(--ddp_find_unused_parameters false)",
+            "lightning": "Trainer(..., strategy='ddp')  (not 'ddp_find_unused_parameters_true')",
+            "accelerate": "Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])",
+        },
     )
 )
 
@@ -267,6 +356,10 @@ register(
         script="DataLoader(..., num_workers=4, pin_memory=True, persistent_workers=True, prefetch_factor=4)",
         site="dataloader",
         script_at=_more_workers,
+        frameworks={
+            "transformers": "TrainingArguments(..., dataloader_num_workers=4, dataloader_pin_memory=True, "
+            "dataloader_persistent_workers=True, dataloader_prefetch_factor=4)"
+        },
     )
 )
 register(
@@ -276,6 +369,7 @@ register(
         trainer={"data.pin_memory": True},
         script="DataLoader(..., pin_memory=True) and batch.to(device, non_blocking=True)",
         site="dataloader",
+        frameworks={"transformers": "TrainingArguments(..., dataloader_pin_memory=True)"},
     )
 )
 register(
@@ -303,6 +397,21 @@ register(
         "to its own cores.",
         script="OMP_NUM_THREADS=<cores / ranks> torchrun ...; DataLoader(..., num_workers=<what the "
         "cores left allow>); numactl --physcpubind or taskset per rank",
+    )
+)
+register(
+    Remedy(
+        id="host_oversubscribed",
+        description="Run no more threads than the host has cores: OpenMP threads x ranks on the host + "
+        "DataLoader workers within the cores, or fewer ranks on this host.",
+        script="OMP_NUM_THREADS=<cores / ranks on the host> torchrun ... (or torch.set_num_threads(n) in the "
+        "script); DataLoader(..., num_workers=<what the cores left allow>)",
+        frameworks={
+            "transformers": "OMP_NUM_THREADS=<cores / ranks> torchrun ...; TrainingArguments(..., "
+            "dataloader_num_workers=<what the cores left allow>)",
+            "lightning": "OMP_NUM_THREADS=<cores / ranks> torchrun ...; DataLoader(..., num_workers=<what "
+            "the cores left allow>); Trainer(devices=<fewer>) on a small host",
+        },
     )
 )
 register(
