@@ -58,6 +58,11 @@ class StragglerRank:
     arrival_late_ms: float | None
     last_to_arrive_share: float | None
     runq_wait_ms: float | None = None
+    slowest_share: float | None = None
+    """Share of the steps in which this rank was the busiest: a straggler nearly always is; under
+    host noise each rank is, by turns."""
+    extra_ms: float | None = None
+    """Median over steps of its busy time beyond that step's fastest rank (0 in steps it led)."""
     """Median time a step its training thread was ready to run but had no core (the cpu collector)."""
 
 
@@ -66,6 +71,8 @@ class Stragglers:
     ranks: list[StragglerRank]
     slow: list[int]
     """Ranks the others wait for because of their own work (compute, data, a sleep)."""
+    host_busy: float | None = None
+    """Median share of the host's cores busy during the steps (all processes; the cpu collector)."""
     host_bound: list[int] = field(default_factory=list)
     """Ranks the others wait for because their host gave their cores to something else: the run-queue
     wait explains at least half of their extra busy time."""

@@ -305,6 +305,20 @@ def render(analysis: Analysis) -> str:
                 )
                 if t.get("trace_collectives") is not None and not t["trace_collectives"].empty
                 else None,
+                _table(
+                    pd.DataFrame(m.comms.callers),
+                    {
+                        "caller": "called by (innermost first)",
+                        "op": "op",
+                        "calls_per_step": "calls a step",
+                        "bytes": "bytes",
+                        "blocking": "host blocked",
+                        "ms_per_step": "ms a step",
+                        "transfer_ms_per_step": "transfer ms a step",
+                    },
+                )
+                if m.comms is not None and m.comms.callers
+                else None,
             ),
             _collector_reason(m, "comms"),
         ),

@@ -108,10 +108,19 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
         estimate="its busy time beyond the fastest rank's",
         evidence={
             "ranks": [
-                {"rank": k, "busy_ms": round(ranks[k].busy_ms, 2), "score": round(ranks[k].score, 3)}
+                {
+                    "rank": k,
+                    "busy_ms": round(ranks[k].busy_ms, 2),
+                    "score": round(ranks[k].score, 3),
+                    "busiest_in_share_of_steps": round(ranks[k].slowest_share or 0.0, 2),
+                    "extra_ms": round(ranks[k].extra_ms or 0.0, 2),
+                    **({"runq_wait_ms": round(ranks[k].runq_wait_ms, 2)} if ranks[k].runq_wait_ms else {}),
+                }
                 for k in st.slow
             ],
             "fastest_busy_ms": round(fastest, 2),
+            # how busy the host was: a straggler named on a loaded host is read with that in mind
+            **({"host_busy_share": round(st.host_busy, 2)} if st.host_busy is not None else {}),
         },
         remedy="straggler",
         ranks=list(st.slow),

@@ -403,7 +403,8 @@ register(
     Remedy(
         id="host_oversubscribed",
         description="Run no more threads than the host has cores: OpenMP threads x ranks on the host + "
-        "DataLoader workers within the cores, or fewer ranks on this host.",
+        "DataLoader workers within the cores, or fewer ranks on this host; and see what else runs there "
+        "(top -H: another job, a runaway process).",
         script="OMP_NUM_THREADS=<cores / ranks on the host> torchrun ... (or torch.set_num_threads(n) in the "
         "script); DataLoader(..., num_workers=<what the cores left allow>)",
         frameworks={
