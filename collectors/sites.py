@@ -105,6 +105,7 @@ def _count_syncs(probe: Probe, torch: Any, sites: dict[str, dict[str, Any]]) -> 
     """Count host reads of tensors inside the steps by the line that made them (the caller chain is
     worked out once per line). The optimizer's own reads (its step counters) are its business, as in
     the trace's count."""
+    is_compiling = torch.compiler.is_compiling
     counts: dict[str, int] = {}
     library: dict[str, str] = {}
     user: dict[str, str] = {}
@@ -127,7 +128,8 @@ def _count_syncs(probe: Probe, torch: Any, sites: dict[str, dict[str, Any]]) -> 
     def counted(original: Any) -> Any:
         @functools.wraps(original)
         def read(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if probe._in_step and not probe._stopped:
+            # (under torch.compile's tracing the frame walk would break the graph: leave it alone)
+            if probe._in_step and not probe._stopped and not is_compiling():
                 try:
                     frame = sys._getframe(1)
                     key = (frame.f_code, frame.f_lineno)

@@ -114,7 +114,11 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
                     "score": round(ranks[k].score, 3),
                     "busiest_in_share_of_steps": round(ranks[k].slowest_share or 0.0, 2),
                     "extra_ms": round(ranks[k].extra_ms or 0.0, 2),
-                    **({"runq_wait_ms": round(ranks[k].runq_wait_ms, 2)} if ranks[k].runq_wait_ms else {}),
+                    **(
+                        {"runq_wait_ms": round(ranks[k].runq_wait_ms or 0.0, 2)}
+                        if ranks[k].runq_wait_ms
+                        else {}
+                    ),
                 }
                 for k in st.slow
             ],

@@ -289,6 +289,9 @@ def _message(t: Any) -> tuple[int, str]:
     return 0, ""
 
 
+_compiling = torch.compiler.is_compiling
+
+
 def _caller() -> str:
     """Who called the collective (see ``perfkit.frames.caller_chain``), from the live frames: no
     traceback objects, a few microseconds a call."""
@@ -334,7 +337,7 @@ def _wrap_op(
         tensor = _arg(args, kwargs, tensor_idx, tensor_name) if tensor_idx >= 0 else None
         key = None if functional else rec.enter(name, group, tensor, start, step)
         source = getattr(_state, "source", None) or "python"
-        caller = _caller() if source == "python" and not functional else None
+        caller = _caller() if source == "python" and not functional and not _compiling() else None
         try:
             result = fn(*args, **kwargs)
         except BaseException:
