@@ -23,6 +23,7 @@ All hooks go quiet when the script marks steps itself (``perfkit.step()``: manua
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import weakref
@@ -49,6 +50,7 @@ class AutoSteps:
         self.forward_start: Any = None
         self.in_backward = False
         self.losses: list[Any] = []
+        self.scaled: tuple[Any, Any] | None = None  # (weakref to GradScaler.scale's output, its input)
         self.roots: set[int] = set()
         self.root_modules: list[nn.Module] = []
         self.global_handles: list[Any] = []
@@ -95,7 +97,7 @@ class AutoSteps:
                         self.seen.discard(other)
 
     # forward
-    def fwd_pre(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+    def fwd_pre(self, module: nn.Module, args: Any) -> None:
         if not self.active or self.in_backward:
             return
         if self.depth == 0:
@@ -105,31 +107,29 @@ class AutoSteps:
                 if id(module) not in self.roots:
                     self.roots.add(id(module))
                     self.root_modules.append(module)
-            if torch.is_grad_enabled():
-                n = _token_count(args, kwargs)
-                if n:
-                    self.probe.add_tokens(n)
         self.depth += 1
 
-    def fwd_pre_kw(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        self.fwd_pre(module, args, kwargs)
-
-    def fwd_post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def fwd_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """(Tokens are read here: only post hooks see keyword arguments when registered globally.)"""
         if not self.active or self.in_backward:
             return
         self.depth = max(0, self.depth - 1)
         if self.depth == 0 and self.forward_start is not None:
             self.probe.add_phase("forward", self.forward_start)
             self.forward_start = None
+            if torch.is_grad_enabled():
+                n = _token_count(args, kwargs)
+                if n:
+                    self.probe.add_tokens(n)
 
     def _narrow_forward_hooks(self) -> None:
         for h in self.global_handles:
             h.remove()
         self.global_handles = []
         for m in self.root_modules:
+            self.handles.append(m.register_forward_pre_hook(self.fwd_pre))
             # with kwargs: a model called as model(input_ids=..., labels=...) shows its tokens
-            self.handles.append(m.register_forward_pre_hook(self.fwd_pre_kw, with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self.fwd_post))
+            self.handles.append(m.register_forward_hook(self.fwd_post, with_kwargs=True))
 
     def remove_hooks(self) -> None:
         """Take the optimizer and module hooks off (manual mode needs none of them)."""
@@ -144,7 +144,7 @@ class AutoSteps:
         ]
         self.global_handles = [
             nn.modules.module.register_module_forward_pre_hook(self.fwd_pre),
-            nn.modules.module.register_module_forward_hook(self.fwd_post),
+            nn.modules.module.register_module_forward_hook(self.fwd_post, with_kwargs=True),
         ]
         auto = self
 
@@ -171,6 +171,9 @@ class AutoSteps:
                 auto.activity()
                 first = args[0] if args else kwargs.get("tensors")
                 if isinstance(first, torch.Tensor) and first.numel() == 1:
+                    scaled = auto.scaled
+                    if scaled is not None and scaled[0]() is first:  # GradScaler's loss x scale
+                        first = scaled[1]
                     auto.losses.append(first.detach())
                 auto.in_backward = True
                 start = auto.probe.mark()
@@ -182,6 +185,24 @@ class AutoSteps:
 
             return wrapper
 
+        original_scale = torch.amp.GradScaler.scale
+
+        @functools.wraps(original_scale)
+        def scale(self: Any, outputs: Any) -> Any:
+            """Mixed precision's scaled loss (loss x 65536 in fp16) is what backward starts from: the
+            step's loss is the one before the scale."""
+            out = original_scale(self, outputs)
+            if (
+                auto.active
+                and isinstance(outputs, torch.Tensor)
+                and outputs.numel() == 1
+                and out is not outputs
+            ):
+                with contextlib.suppress(TypeError):
+                    auto.scaled = (weakref.ref(out), outputs.detach())
+            return out
+
+        torch.amp.GradScaler.scale = scale  # type: ignore[method-assign]
         torch.Tensor.backward = timed_backward(torch.Tensor.backward)  # type: ignore[method-assign]
         torch.autograd.backward = timed_backward(torch.autograd.backward)
 

@@ -108,13 +108,15 @@ def step_breakdown(metrics: Metrics) -> go.Figure | None:
         return fig
     for name, values in series.items():
         fig.add_bar(name=name, x=frame["rank"].astype(str), y=values)
+    # Up to nine parts (phases, other, the two waits): the legend goes to the right, clear of the title.
+    layout = {**_LAYOUT, "legend": dict(orientation="v", x=1.02, y=1)}
     fig.update_layout(
         barmode="stack",
         title="Median step time by phase, per rank",
         xaxis_title="rank",
         xaxis=_rank_axis(frame["rank"]),
         yaxis_title="ms",
-        **_LAYOUT,
+        **layout,
     )
     return fig
 

@@ -439,3 +439,45 @@ def test_an_optimizer_no_longer_stepping_is_no_longer_awaited(tmp_path: Path) ->
         probe.stop()
     steps, _ = read_table(tmp_path / "rank0" / "steps.jsonl", STEPS)
     assert len(steps) == 21 - STALE_AFTER, list(steps["step"])
+
+
+def test_auto_steps_read_tokens_and_loss_as_frameworks_pass_them(tmp_path: Path) -> None:
+    """Gradient accumulation of 2 with each micro-batch's loss scaled by 1/2 and by a GradScaler, the
+    model called with input_ids=, an evaluation pass under no_grad: a step's loss is the mean of its
+    micro-batches' losses (what Hugging Face logs), its tokens the trained ones only."""
+    import torch
+    from perfkit.collectors.auto import install
+
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(32, 8), torch.nn.Linear(8, 32)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(input_ids))
+
+    probe = _probe(tmp_path, ["steps"]).start()
+    probe.auto = install(probe)
+    model, scaler = LM(), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    losses = []
+    try:
+        for _ in range(4):
+            micro = []
+            for _ in range(2):
+                ids = torch.randint(0, 32, (4, 6))
+                loss = torch.nn.functional.cross_entropy(model(input_ids=ids).flatten(0, 1), ids.flatten())
+                micro.append(loss.item())
+                scaler.scale(loss / 2).backward()
+            with torch.no_grad():
+                model(input_ids=torch.randint(0, 32, (4, 6)))  # evaluation: no tokens trained
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            losses.append(sum(micro) / 2)
+    finally:
+        probe.auto.remove_hooks()
+        probe.stop()
+    steps, _ = read_table(tmp_path / "rank0" / "steps.jsonl", STEPS)
+    assert list(steps["loss"]) == pytest.approx(losses, rel=1e-5)
+    assert list(steps["tokens"]) == [2 * 4 * 6] * 4
