@@ -142,7 +142,7 @@ def test_straggler_rank_is_named(tmp_path: Path) -> None:
     assert top.id == "straggler" and top.ranks == [1], [(f.id, f.evidence) for f in a.findings]
     assert a.metrics.stragglers is not None
     ranks = {r.rank: r for r in a.metrics.stragglers.ranks}
-    assert ranks[1].busy_ms > ranks[0].busy_ms and ranks[1].slowest_share >= 0.8  # type: ignore[operator]
+    assert ranks[1].busy_ms > ranks[0].busy_ms and ranks[1].slowest_share >= 0.85  # type: ignore[operator]
     assert top.saving_ms_per_step > 30  # it sleeps 50 ms a step
 
 
@@ -161,8 +161,8 @@ def hog():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("plant", ["straggler", ""])
 def test_stragglers_on_a_busy_host(tmp_path: Path, hog, plant: str) -> None:  # type: ignore[no-untyped-def]
     """Beside a CPU hog every rank is slower, so the busy-time ratio of a rank sleeping 50 ms a step
-    falls under the bar (5 of 11 runs missed it); the step-by-step test (the busiest rank in four
-    steps of five, by 15% of the step) names it, and a clean run beside the same hog gets none.
+    falls under the bar (5 of 11 runs missed it); the step-by-step test (the busiest rank in 85% of
+    the steps, by 15% of the step) names it, and a clean run beside the same hog gets none.
     bench/straggler_under_load.py runs it 20 times each."""
     a = analyze(profile_script(tmp_path, plant))
     found = by_id(a)
