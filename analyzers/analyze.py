@@ -19,7 +19,7 @@ import pandas as pd
 from perfkit.analyzers import rules
 from perfkit.analyzers.comms import collective_table, trace_collectives
 from perfkit.analyzers.facts import TraceFacts, trace_facts
-from perfkit.analyzers.flight import dumps_hang_metrics, looks_like_dump
+from perfkit.analyzers.flight import dumps_hang_metrics, load_dump, looks_like_dump
 from perfkit.analyzers.hangs import hang_metrics
 from perfkit.analyzers.kernels import kernel_table
 from perfkit.analyzers.memory import summarize
@@ -329,9 +329,25 @@ def analyze(
     )
 
 
+def _first_byte(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1)
+    except OSError:
+        return b""
+
+
 def _flight_recorder(path: Path, dumps: list[Path]) -> Analysis:
     """A folder of PyTorch flight-recorder dumps: who waits for whom, as from perfkit's own records."""
     problems: list[str] = []
+    for other in sorted(
+        set(path.iterdir()) - set(dumps)
+    ):  # a pickle beside the dumps: say why it is left out
+        if other.is_file() and other.suffix not in (".json", ".gz") and _first_byte(other) == b"\x80":
+            try:
+                load_dump(other)
+            except TraceError as e:
+                problems.append(f"{e}; left out")
     metrics = Metrics(hang=dumps_hang_metrics(dumps, problems))
     return Analysis(
         source=path,

@@ -8,15 +8,19 @@ Layout, as torch 2.13 writes it: ``version``, ``pg_config``, ``pg_status`` (per 
 ``last_enqueued_collective``, ``last_completed_collective``), ``entries`` (``collective_seq_id``,
 ``process_group`` (name, description), ``profiling_name`` ("nccl:all_reduce"), ``input_sizes``,
 ``input_dtypes``, ``state``, ``frames`` innermost first). On gloo the entries stay "scheduled":
-``pg_status`` says what completed.
+``pg_status`` says what completed. Its JSON dumps (``_dump_fr_trace_json``) sort the keys and write
+the sequence numbers of ``pg_status`` as strings (``"3"``); pickles of any protocol and gzipped
+files are read alike.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +35,54 @@ _ELEMENT = {"Float": 4, "Half": 2, "BFloat16": 2, "Double": 8, "Long": 8, "Int":
 _TRAILING_DIGITS = re.compile(r"(\d+)(?:\.\w+)?$")
 
 
+# Words a dump's first 4 KB hold, whatever the order of its keys (torch's JSON sorts them, so
+# pg_status comes after a long entries list; its pickles keep version, pg_config, pg_status, entries).
+_DUMP_WORDS = (b"entries", b"pg_status", b"pg_config", b"collective_seq_id", b"profiling_name")
+_SNAPSHOT_WORDS = (b"segments", b"device_traces")  # a CUDA allocator snapshot, not a dump
+
+
+def _head(path: Path, n: int = 4096) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(n)
+    if head[:2] == b"\x1f\x8b":  # gzipped
+        with gzip.open(path, "rb") as g:
+            head = g.read(n)
+    return head
+
+
 def looks_like_dump(path: Path) -> bool:
-    """A pickle (protocol 2+) or a JSON object that holds flight-recorder entries."""
+    """A pickle (any protocol) or a JSON object, gzipped or not, that holds flight-recorder entries."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
+        head = _head(path)
+    except (OSError, EOFError, zlib.error):
         return False
-    return head[:1] == b"\x80" or (head[:1] == b"{" and b'"entries"' in head and b'"pg_status"' in head)
+    words = sum(w in head for w in _DUMP_WORDS)
+    if head[:1] == b"{":
+        return b'"entries"' in head and words >= 2
+    pickled = head[:1] == b"\x80" or head[:1] in (b"(", b"}")  # protocol 2+, or 0/1 (a dict: "(dp0", "}q")
+    return pickled and words >= 1 and not any(w in head for w in _SNAPSHOT_WORDS)
 
 
 def load_dump(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
         data = json.loads(raw) if raw[:1] == b"{" else _PlainData(io.BytesIO(raw)).load()
     except Exception as e:  # a damaged dump is that file's problem, in one line
         raise TraceError(f"{path}: not a readable flight-recorder dump ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         raise TraceError(f"{path}: not a flight-recorder dump (no entries list)")
     return data
+
+
+def _int(value: Any) -> int | None:
+    """An int, or the decimal string torch's JSON dumps write for one (``"3"``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
 
 
 def _bytes(entry: dict[str, Any]) -> int:
@@ -74,8 +107,8 @@ def _state(rank: int, data: dict[str, Any]) -> RankState:
         seq = e["collective_seq_id"]
         entered[group] = max(entered.get(group, 0), seq)
         pg_state = status.get(str(e.get("pg_id")), {}) if isinstance(status, dict) else {}
-        done = pg_state.get("last_completed_collective")
-        completed = seq <= done if isinstance(done, int) else e.get("state") == "completed"
+        done = _int(pg_state.get("last_completed_collective")) if isinstance(pg_state, dict) else None
+        completed = seq <= done if done is not None else e.get("state") == "completed"
         if completed:
             continue
         in_flight.append(
@@ -105,18 +138,42 @@ def _state(rank: int, data: dict[str, Any]) -> RankState:
     )
 
 
+MAX_RANK = 1 << 20
+"""No job has more ranks: digits past this in a file name are something else (a date, a pid)."""
+
+
+def _rank(data: dict[str, Any], path: Path, index: int, count: int) -> int:
+    """The dump's rank: its own ``rank`` field, else the file name's trailing digits (torch names
+    dumps ``<prefix><rank>``), else its place among the files. Digits that cannot be a rank (a date
+    in ``fr_trace_20240601.pickle``) are not taken for one."""
+    own = _int(data.get("rank"))
+    if own is not None and 0 <= own < MAX_RANK:
+        return own
+    m = _TRAILING_DIGITS.search(path.name)
+    if m and int(m.group(1)) < max(MAX_RANK // 16, count):
+        return int(m.group(1))
+    return index
+
+
 def dumps_hang_metrics(paths: list[Path], problems: list[str]) -> HangMetrics:
     """The ranks' states from their dumps (rank from the file name's trailing digits, else its
     order), matched by (group, sequence number)."""
-    states = []
+    states: list[RankState] = []
+    claimed: dict[int, Path] = {}
     for i, path in enumerate(sorted(paths)):
         try:
             data = load_dump(path)
         except TraceError as e:
             problems.append(str(e))
             continue
-        m = _TRAILING_DIGITS.search(path.name)
-        rank = int(data["rank"]) if isinstance(data.get("rank"), int) else int(m.group(1)) if m else i
+        rank = _rank(data, path, i, len(paths))
+        if rank in claimed:
+            problems.append(
+                f"{path}: claims rank {rank}, as {claimed[rank].name} does; left out (one dump a rank: name "
+                "them by rank, as torch does, <prefix><rank>)"
+            )
+            continue
+        claimed[rank] = path
         states.append(_state(rank, data))
     if not states:
         raise TraceError(problems[0] if problems else "no flight-recorder dump could be read")

@@ -139,9 +139,8 @@ def hang_lines(m: Metrics) -> list[str]:
     h = m.hang
     if h is None:
         return []
-    lines = [
-        f"  {'HUNG' if h.hung else 'FAILED'}: what each rank was in (from its {h.ranks[0].told_by if h.ranks else 'records'})"
-    ]
+    state = "HUNG" if h.hung else "FAILED" if h.first_failure else "NO HANG (every collective completed)"
+    lines = [f"  {state}: what each rank was in (from its {h.ranks[0].told_by if h.ranks else 'records'})"]
     stuck = {r for w in h.waits for r in w.missing}
     for s in h.ranks:
         mark = "  <- the others wait for it" if s.rank in stuck else ""

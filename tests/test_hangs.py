@@ -15,6 +15,8 @@ from perfkit.analyzers.analyze import analyze
 from perfkit.cli import cli
 from perfkit.run import Run
 
+DATA = Path(__file__).parent / "data"
+
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
@@ -193,3 +195,65 @@ def test_a_damaged_dump_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["analyze", str(tmp_path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "Traceback" not in result.output
     assert sum("not a readable flight-recorder dump" in line for line in result.output.splitlines()) == 1
+
+
+def _json_dump(n: int, last_completed: int) -> bytes:
+    """A JSON dump as torch 2.13's _dump_fr_trace_json writes it: keys sorted, pg_status's sequence
+    numbers as strings, no rank field (checked against a real one on gloo)."""
+    entries = [
+        {"collective_seq_id": k, "input_dtypes": ["Float"], "input_sizes": [[4]], "is_p2p": False, "op_id": k,
+         "output_dtypes": ["Float"], "output_sizes": [[4]], "p2p_seq_id": 0, "pg_id": 0,
+         "process_group": ["0", "default_pg"], "profiling_name": "gloo:all_reduce", "record_id": k - 1,
+         "retired": True, "state": "scheduled", "thread_id": "1", "thread_name": "python",
+         "time_created_ns": k, "time_discovered_completed_ns": 0, "time_discovered_started_ns": 0,
+         "timeout_ms": 1800000}
+        for k in range(1, n + 1)
+    ]  # fmt: skip
+    doc = {
+        "comm_lib_version": "",
+        "entries": entries,
+        "nccl_comm_state": {},
+        "pg_config": {"0": {"desc": "default_pg", "name": "0", "ranks": "[0, 1]"}},
+        "pg_status": {"0": {"last_completed_collective": str(last_completed), "last_enqueued_collective": str(n),
+                            "last_started_collective": "-1"}},
+        "version": "2.10",
+    }  # fmt: skip
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_a_json_dump_as_torch_writes_it_is_healthy(tmp_path: Path, n: int) -> None:
+    """Completed counts written as strings ("3") had read as never completed: [critical] The job
+    hung; 40 entries put pg_status past the 4 KB the sniffer read: "not a Kineto trace"."""
+    for rank in (0, 1):
+        (tmp_path / f"fr_rank_{rank}.json").write_bytes(_json_dump(n, n))
+    a = analyze(tmp_path)
+    assert a.ranks == [0, 1] and not a.findings, [(f.id, f.title) for f in a.findings]
+    result = CliRunner().invoke(cli, ["analyze", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "FAILED" not in result.output and "NO HANG" in result.output
+
+
+def test_dumps_pickled_otherwise_and_named_oddly(tmp_path: Path) -> None:
+    """Protocol 0 and gzipped pickles are read; a date in a file name is no rank; two dumps claiming
+    one rank are one problem, not a rank that 'never entered'."""
+    import gzip
+    import pickle
+
+    entries = [_entry(4, "all_reduce", 20)]
+    (tmp_path / "fr_trace_20240601_0").write_bytes(
+        pickle.dumps(pickle.loads(_dump(0, entries, 4)), protocol=0)
+    )
+    (tmp_path / "fr_trace_20240601_1.gz").write_bytes(gzip.compress(_dump(1, entries, 4)))
+    a = analyze(tmp_path)
+    assert a.ranks == [0, 1] and not a.findings, (a.ranks, a.problems)
+    (tmp_path / "fr_trace_20240601.pickle").write_bytes(_dump(1, entries, 4))  # rank by order: 0 again
+    (tmp_path / "fr_trace_20240601_1.gz").unlink()
+    a = analyze(tmp_path)
+    assert a.ranks == [0] and not a.findings
+    assert any("claims rank 0" in p for p in a.problems), a.problems
+
+
+def test_an_allocator_snapshot_is_not_a_dump() -> None:
+    from perfkit.analyzers.flight import looks_like_dump
+
+    assert not looks_like_dump(DATA / "h100" / "tuned_memory_snapshot.pickle.gz")
