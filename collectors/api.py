@@ -83,7 +83,12 @@ def profile(out: str | Path | None = None, *, start_step: int = 0, **options: An
                 f"perfkit.profile(): {e}; the options are {', '.join(CollectOptions.__annotations__)}"
             ) from None
         if rank == 0:
-            run = Run.create(out, command=list(getattr(sys, "orig_argv", sys.argv)), world_size=world)
+            run = Run.create(
+                out,
+                command=list(getattr(sys, "orig_argv", sys.argv)),
+                world_size=world,
+                rank_folders_ok=world > 1,
+            )
         _patch_comms(opts)
         probe = Probe(Path(out), rank, world, local, opts)
     with _session(probe, start_step, run):

@@ -39,7 +39,7 @@ PROBE_NAME = "probe.json"
 SNAPSHOT_NAMES = ("memory_snapshot.pickle", "oom_snapshot.pickle")
 Status = Literal["running", "complete", "failed", "interrupted", "hung"]
 STATUSES: tuple[str, ...] = ("running", "complete", "failed", "interrupted", "hung")
-_RANK_DIR = re.compile(r"^rank(\d+)$")
+_RANK_DIR = re.compile(r"^rank(0|[1-9]\d*)$")  # rank01 is not rank 1 a second time
 
 
 class HasName(Protocol):
@@ -189,8 +189,8 @@ def write_atomic(path: Path, data: bytes) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    return write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
 def _umask() -> int:
@@ -317,14 +317,25 @@ class Run:
         config: dict[str, Any] | None = None,
         env: dict[str, Any] | None = None,
         name: str | None = None,
+        rank_folders_ok: bool = False,
     ) -> Run:
         """Make a new run directory and write its manifest with status ``running``.
 
-        Refuses a folder that already holds a run, so no collected data is ever overwritten.
+        Refuses a folder that already holds a run, so no collected data is ever overwritten, and one
+        that holds an earlier run's rank folders (``rank_folders_ok``: the other ranks of this very
+        run may have made theirs first, as under ``perfkit.profile(out=...)`` on several ranks).
         """
         path = Path(path)
-        if RunLayout(path).is_run():
+        layout = RunLayout(path)
+        if layout.is_run():
             raise RunDirError(f"{path} already holds a run; choose another --out or remove it first")
+        if layout.ranks() and not rank_folders_ok:
+            # An earlier run's rank folders without its manifest (interrupted, or the manifest
+            # removed): a new run there would read their hang records and add their rows to its own.
+            raise RunDirError(
+                f"{path} holds rank folders of an earlier run (rank{layout.ranks()[0]}/, no manifest.json); "
+                "choose another --out or remove them first"
+            )
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / f".perfkit-write-test-{os.getpid()}"
@@ -344,7 +355,21 @@ class Run:
             host=socket.gethostname(),
         )
         run = cls(path, manifest)
-        run.save()
+        # Claimed atomically: a hard link fails where the manifest exists, so of two runs started
+        # into one folder at once exactly one gets it (a check, then a write, let both through).
+        tmp = write_json_atomic(path / f".{MANIFEST_NAME}.{os.getpid()}.new", manifest.to_json())
+        try:
+            os.link(tmp, run.manifest_path)
+        except FileExistsError:
+            raise RunDirError(
+                f"{path} already holds a run; choose another --out or remove it first"
+            ) from None
+        except OSError as e:
+            raise RunDirError(
+                f"cannot write the run directory {path} ({e.strerror}); choose a writable place with --out"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
         return run
 
     def trainer_config(self, use: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ def test_create_open_roundtrip(tmp_path: Path) -> None:
     run.layout.rank_dir(0).mkdir()
     (run.path / "rank10").mkdir()
     (run.path / "rankX").mkdir()
+    (run.path / "rank01").mkdir()  # not rank 1 a second time
     run.set_collector("nvml", "disabled", "no NVIDIA driver")
     run.finish("complete", 0)
     again = Run.open(tmp_path / "r")
@@ -28,6 +29,41 @@ def test_create_refuses_existing_run(tmp_path: Path) -> None:
     Run.create(tmp_path, command=["x"], world_size=1)
     with pytest.raises(RunDirError, match="already holds a run"):
         Run.create(tmp_path, command=["y"], world_size=1)
+
+
+def test_create_refuses_an_earlier_runs_rank_folders(tmp_path: Path) -> None:
+    """Rank folders left without a manifest: an old hang.json there had stopped a healthy job as hung,
+    and old tables added to the new run's steps."""
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank0" / "hang.json").write_text("{}")
+    with pytest.raises(RunDirError, match="holds rank folders of an earlier run"):
+        Run.create(tmp_path, command=["x"], world_size=1)
+
+
+def test_runs_started_together_into_one_folder_get_it_once(tmp_path: Path) -> None:
+    """Two processes creating a run in one folder at once: exactly one gets it (check-then-write had
+    let both through in 18 of 20 trials)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\nfrom perfkit.run import Run\nfrom perfkit.errors import RunDirError\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "try:\n    Run.create(sys.argv[1], command=['x'], world_size=1); print('won')\n"
+        "except RunDirError:\n    print('refused')\n"
+    )
+    for trial in range(5):
+        out = tmp_path / f"t{trial}"
+        import time
+
+        at = str(time.time() + 1.5)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, str(out), at], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        said = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert said == ["refused", "won"], said
+        assert [p.name for p in out.iterdir()] == [MANIFEST_NAME]  # no claim files left
 
 
 def test_manifest_write_is_atomic(tmp_path: Path) -> None:
