@@ -1,4 +1,4 @@
-# Two commands do all the set-up on a fresh machine (Python 3.10+ with venv):
+# Two commands do all the set-up on a fresh machine (Python 3.11+ with venv):
 #   make demo   profile the bundled trainer on its default and print where the output is
 #   make test   lint, type-check and run the test suite
 PYTHON ?= python3

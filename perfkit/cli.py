@@ -12,13 +12,16 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from perfkit import __version__
 from perfkit.errors import PerfkitError
 from perfkit.progress import Progress
+
+if TYPE_CHECKING:
+    from perfkit.analyzers.analyze import Analysis
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -362,6 +365,9 @@ def compare(run_a: Path, run_b: Path, out: Path | None, fail_above: float | None
         click.echo("no page written for traces: pass --out FILE.html to write the comparison page")
     change = c.step_change
     if fail_above is not None:
+        broken = _not_comparable(c.a, "A") or _not_comparable(c.b, "B")
+        if broken:  # a gate must not pass a run that failed or lost ranks: its steps say nothing
+            raise click.ClickException(broken)
         if change is None:
             raise click.ClickException(
                 "no step times to compare (run perfkit profile with the steps collector)"
@@ -370,6 +376,19 @@ def compare(run_a: Path, run_b: Path, out: Path | None, fail_above: float | None
             raise click.ClickException(
                 f"step time regressed {change:+.1%} (B vs A), more than --fail-above {fail_above:g}%"
             )
+
+
+def _not_comparable(a: Analysis, which: str) -> str:
+    """Why a run cannot pass a CI gate ('' when it can): it did not complete, or ranks are missing."""
+    run = a.metrics.run
+    if run is not None and run.status != "complete":
+        return f"run {which} ({a.source}) is {run.status}, not complete: its step times gate nothing"
+    if run is not None and run.world_size and len(a.ranks) < run.world_size:
+        return (
+            f"run {which} ({a.source}) has {len(a.ranks)} of its {run.world_size} ranks: its step times gate "
+            "nothing"
+        )
+    return ""
 
 
 @cli.command("export-trace", context_settings=CONTEXT)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +71,22 @@ def evidence_text(evidence: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {short(v)}" for k, v in evidence.items())
 
 
+def perfkit_command() -> str:
+    """How to run perfkit again from this shell: ``perfkit`` where it is on PATH, else the path of
+    this installation's script (after ``make demo`` the virtual environment is not active, and a bare
+    ``perfkit`` is "command not found")."""
+    script = Path(sys.executable).parent / "perfkit"
+    found = shutil.which("perfkit")
+    if found and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "perfkit"
+    if script.exists():
+        try:
+            return str(script.relative_to(Path.cwd()))
+        except ValueError:
+            return str(script)
+    return f"{sys.executable} -m perfkit"
+
+
 def command_line(argv: list[str]) -> str:
     """argv as a line that pastes into a shell (paths with spaces quoted)."""
     return shlex.join(str(a) for a in argv)
@@ -105,7 +123,7 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
         if state.status != "ok":
             lines.append(f"  collector {cname}: {state.status} ({state.reason})")
     if next_step:
-        lines.append(f"next: {command_line(['perfkit', 'analyze', str(run.path)])}")
+        lines.append(f"next: {command_line([perfkit_command(), 'analyze', str(run.path)])}")
     return "\n".join(lines)
 
 
@@ -224,7 +242,7 @@ def analysis_summary(result: Analysis, target: Path) -> str:
     lines.append(f"wrote {target}")
     if m.is_bundled_trainer and any(remedies.get(f.remedy).trainer for f in result.findings):
         lines.append(
-            f"next: {command_line(['perfkit', 'optimize', str(result.source)])}"
+            f"next: {command_line([perfkit_command(), 'optimize', str(result.source)])}"
             "  (tries these fixes, keeps what measurably helps)"
         )
     return "\n".join(lines)
@@ -313,7 +331,7 @@ def optimize_summary(opt: Optimization) -> str:
         speed = f"{opt.speedup:.2f}x the throughput of the original" if opt.speedup else "not measured"
         lines.append(f"kept: {' '.join('--set ' + k for k in opt.kept)}  ({speed}, side by side)")
         final = {o.split("=", 1)[0]: o for o in [*opt.base_overrides, *opt.kept]}  # a key's last value wins
-        argv = ["perfkit", "train", "--config", opt.config, "--nproc", str(opt.nproc)]
+        argv = [perfkit_command(), "train", "--config", opt.config, "--nproc", str(opt.nproc)]
         for o in final.values():
             argv += ["--set", o]
         lines.append(f"train with: {command_line(argv)}")

@@ -59,3 +59,21 @@ def test_compare_improvement_lists_what_went_away(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "went away: [high] Training waits for the input pipeline" in result.output
     assert "-20.0%" in result.output
+
+
+def test_the_gate_refuses_a_failed_run_or_one_short_of_ranks(tmp_path: Path) -> None:
+    """--fail-above had exited 0 for a B that failed or lost a rank: its steps gate nothing."""
+    a = make_run(tmp_path / "a", 100.0, 5.0)
+    failed = make_run(tmp_path / "failed", 90.0, 5.0)
+    Run.open(failed).finish("failed", 1)
+    short = make_run(tmp_path / "short", 90.0, 5.0, ranks=1)
+    m = json.loads((short / "manifest.json").read_text())
+    m["world_size"] = 2
+    (short / "manifest.json").write_text(json.dumps(m))
+    for b, said in ((failed, "is failed, not complete"), (short, "has 1 of its 2 ranks")):
+        result = CliRunner().invoke(cli, ["compare", str(a), str(b), "--fail-above", "5"])
+        assert result.exit_code == 1 and said in result.output, result.output
+    ok = CliRunner().invoke(
+        cli, ["compare", str(a), str(make_run(tmp_path / "ok", 101.0, 5.0)), "--fail-above", "5"]
+    )
+    assert ok.exit_code == 0, ok.output
