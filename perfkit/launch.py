@@ -6,12 +6,16 @@ process starts, so a bad configuration costs no torch import and no rank start-u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perfkit.errors import ConfigError
 from perfkit.trainer.config import TrainConfig
@@ -120,3 +124,68 @@ def run_command(argv: list[str], nproc: int) -> int:
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         return exit_code(proc.wait())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): torchrun may start its ranks in sessions of their
+    own, out of reach of a signal to its process group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_job(proc: subprocess.Popen[Any], to_job: Callable[[int], None], grace: float = 10.0) -> int:
+    """SIGTERM to the job (its process group and every process below it), SIGKILL to whatever is
+    left after ``grace`` seconds: a rank blocked inside a collective never runs its Python signal
+    handler. No rank is left behind."""
+    below = descendants(proc.pid)
+    to_job(signal.SIGTERM)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        to_job(signal.SIGKILL)
+        rc = proc.wait()
+    deadline = time.monotonic() + grace
+    for pid in below:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 5
+    while time.monotonic() < end and any(_alive(pid) for pid in below):
+        time.sleep(0.05)
+    return rc
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead and waiting to be reaped, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when perfkit's process ends (Linux), so a killed
+    perfkit leaves no training job behind; torchrun passes SIGTERM on to its ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

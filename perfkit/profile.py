@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from perfkit.collectors.options import CollectOptions
 from perfkit.envinfo import environment
 from perfkit.errors import ConfigError
-from perfkit.launch import Nodes, exit_code, trainer_env
+from perfkit.launch import Nodes, die_with_parent, exit_code, stop_job, trainer_env
 from perfkit.run import Run, RunLayout, Status
 from perfkit.tables import STEPS
 
@@ -166,7 +166,7 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
         # The job runs in its own process group, so that a signal reaches all of it (torchrun and
         # every rank) when perfkit passes it on; and it gets SIGTERM if perfkit itself dies.
         proc = subprocess.Popen(
-            req.command, env=child_env(req), start_new_session=True, preexec_fn=_die_with_parent
+            req.command, env=child_env(req), start_new_session=True, preexec_fn=die_with_parent
         )
     except OSError as e:
         run.finish("failed", 127)
@@ -196,7 +196,7 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
                     if hang is not None and hang.should_stop():
                         status = "hung"
                         stream.write(f"\nperfkit: the job hung; stopping it ({hang.said()})\n")
-                        rc = _stop_job(proc, to_job)
+                        rc = stop_job(proc, to_job)
                         break
                 except KeyboardInterrupt:  # passed on; the ranks flush and stop. Again: harder.
                     status = "interrupted"
@@ -242,68 +242,3 @@ class HangWatch:
     def said(self) -> str:
         ranks = [int(p.parent.name.removeprefix("rank")) for p in self.run.layout.hang_records()]
         return f"hang records from rank(s) {', '.join(map(str, sorted(ranks)))}"
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc): torchrun may start its ranks in sessions of their
-    own, out of reach of a signal to its process group."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _stop_job(proc: subprocess.Popen[bytes], to_job: Callable[[int], None], grace: float = 10.0) -> int:
-    """SIGTERM to the job (its process group and every process below it), SIGKILL to whatever is
-    left after ``grace`` seconds: a rank blocked inside a collective never runs its Python signal
-    handler. No rank is left behind."""
-    below = descendants(proc.pid)
-    to_job(signal.SIGTERM)
-    for pid in below:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        to_job(signal.SIGKILL)
-        rc = proc.wait()
-    deadline = time.monotonic() + grace
-    for pid in below:
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-    end = time.monotonic() + 5
-    while time.monotonic() < end and any(_alive(pid) for pid in below):
-        time.sleep(0.05)
-    return rc
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, dead and waiting to be reaped, is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: receive SIGTERM when perfkit's process ends (Linux), so a killed
-    perfkit leaves no training job behind; torchrun passes SIGTERM on to its ranks."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass

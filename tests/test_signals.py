@@ -130,3 +130,40 @@ def test_an_abandoned_run_is_analyzed_as_failed(tmp_path: Path) -> None:
     a = analyze(run.path)
     assert a.metrics.run is not None and a.metrics.run.status == "failed"
     assert any("was killed before it finished" in p for p in a.problems), a.problems
+
+
+def _with(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_a_trial_leaves_no_trainer_behind(tmp_path: Path, signum: int) -> None:
+    """sweep and optimize measure trials with the bundled trainer under torchrun: a signal to perfkit
+    alone had left torchrun and both ranks training on, reparented to init."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom perfkit.optimizer.trials import measure\n"
+        "measure('tiny-cpu', 2, ['steps=100000'], Path(sys.argv[1]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=user_env())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(set(_with(str(tmp_path))) - {proc.pid}) < 3:
+        time.sleep(0.2)  # torchrun and its two ranks
+    assert len(set(_with(str(tmp_path))) - {proc.pid}) >= 3, "the trial did not start"
+    time.sleep(3)  # the ranks in their steps
+    proc.send_signal(signum)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _with(str(tmp_path)):
+        time.sleep(0.2)
+    left = _with(str(tmp_path))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"left behind: {left}"

@@ -9,8 +9,10 @@ start-up). Torch-free: the configurations are checked before any process starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -23,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from perfkit.errors import ConfigError, PerfkitError
-from perfkit.launch import ONE_NODE, Nodes, check_devices, trainer_command, trainer_env
+from perfkit.launch import (
+    ONE_NODE,
+    Nodes,
+    check_devices,
+    die_with_parent,
+    stop_job,
+    trainer_command,
+    trainer_env,
+)
 from perfkit.progress import Reporter, quiet
 from perfkit.trainer.config import load_config, resolve_layout
 
@@ -164,6 +174,11 @@ def _last_error(text: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
+def _to_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
 def measure(
     config: str,
     nproc: int,
@@ -179,13 +194,26 @@ def measure(
     env.pop("PERFKIT_RUN_DIR", None)  # never profiled, even when perfkit itself is
     argv = trainer_command(nproc, config, list(overrides), log, nodes, run_id or uuid.uuid4().hex)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        # Its own session, and SIGTERM when perfkit dies: a signal to perfkit alone (or Ctrl-C) leaves
+        # no torchrun and no rank training on after it (they had been reparented to init).
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     except OSError as e:
         return Measurement(ok=False, error=f"could not start the trainer: {e}")
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler: stop all of it first
+        stop_job(proc, lambda signum: _to_group(proc.pid, signum), grace=5.0)
+        raise
     if proc.returncode != 0:
-        return Measurement(
-            ok=False, error=f"exit code {proc.returncode}: {_last_error(proc.stderr + proc.stdout)}"
-        )
+        return Measurement(ok=False, error=f"exit code {proc.returncode}: {_last_error(stderr + stdout)}")
     if not nodes.single and not log.exists():
         return Measurement(
             ok=True, error="", steps=None
