@@ -99,7 +99,7 @@ def _state(rank: int, data: dict[str, Any]) -> RankState:
     entered: dict[str, int] = {}
     in_flight = []
     stuck_frames: list[dict[str, Any]] = []
-    for e in data["entries"]:
+    for e in data["entries"][-MAX_ENTRIES:]:
         if not isinstance(e, dict) or e.get("is_p2p") or not isinstance(e.get("collective_seq_id"), int):
             continue
         pg = e.get("process_group")
@@ -138,6 +138,11 @@ def _state(rank: int, data: dict[str, Any]) -> RankState:
     )
 
 
+MAX_ENTRIES = 100_000
+"""A flight recorder keeps its last N collectives (TORCH_FR_BUFFER_SIZE, 2000 by default); more in a
+dump is damage or a crafted file (one entry repeated 2 million times had taken 3.5 GB): the last
+ones are read, and the cut is said."""
+
 MAX_RANK = 1 << 20
 """No job has more ranks: digits past this in a file name are something else (a date, a pid)."""
 
@@ -174,6 +179,11 @@ def dumps_hang_metrics(paths: list[Path], problems: list[str]) -> HangMetrics:
             )
             continue
         claimed[rank] = path
+        if len(data["entries"]) > MAX_ENTRIES:
+            problems.append(
+                f"{path}: {len(data['entries']):,} entries, more than a flight recorder keeps; the last "
+                f"{MAX_ENTRIES:,} read"
+            )
         states.append(_state(rank, data))
     if not states:
         raise TraceError(problems[0] if problems else "no flight-recorder dump could be read")

@@ -263,7 +263,9 @@ class Manifest:
             value = kwargs.get(key)
             if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
                 raise RunDirError(f"{source}: {key} is {value!r}; the manifest is damaged")
-        if kwargs["world_size"] < 1 or not all(isinstance(a, str) for a in kwargs["command"]):
+        if not 1 <= kwargs["world_size"] <= MAX_WORLD or not all(
+            isinstance(a, str) for a in kwargs["command"]
+        ):
             raise RunDirError(f"{source}: world_size or command is impossible; the manifest is damaged")
         if not all(isinstance(s, dict) for s in (kwargs.get("collectors") or {}).values()):
             raise RunDirError(f"{source}: collectors is not a table of states; the manifest is damaged")
@@ -277,6 +279,10 @@ class Manifest:
         }
         return cls(**kwargs)
 
+
+MAX_WORLD = 1 << 20
+"""More ranks than any job runs: a larger world size in a file is damage (a manifest's 10^12 had
+grown the analysis to 11 GB building the set of expected ranks)."""
 
 _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str,
@@ -490,7 +496,7 @@ def _world_size_of(record: Path) -> int:
         size = json.loads(record.read_text()).get("world_size", 1)
     except (OSError, ValueError, AttributeError):
         return 1
-    return size if isinstance(size, int) and 0 < size < 1 << 20 else 1
+    return size if isinstance(size, int) and 0 < size <= MAX_WORLD else 1
 
 
 def default_run_path(name: str, root: Path | str = "runs") -> Path:

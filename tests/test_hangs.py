@@ -257,3 +257,17 @@ def test_an_allocator_snapshot_is_not_a_dump() -> None:
     from perfkit.analyzers.flight import looks_like_dump
 
     assert not looks_like_dump(DATA / "h100" / "tuned_memory_snapshot.pickle.gz")
+
+
+def test_a_dump_of_millions_of_entries_is_cut_and_said(tmp_path: Path) -> None:
+    """One entry repeated 2 million times in a small pickle (memo references) had taken 3.5 GB."""
+    import pickle
+
+    from perfkit.analyzers.flight import MAX_ENTRIES
+
+    entry = _entry(4, "all_reduce", 20)
+    doc = pickle.loads(_dump(0, [entry], 4))
+    doc["entries"] = [entry] * (MAX_ENTRIES * 3)
+    (tmp_path / "fr_rank_0").write_bytes(pickle.dumps(doc))
+    a = analyze(tmp_path)
+    assert a.ranks == [0] and any("more than a flight recorder keeps" in p for p in a.problems)

@@ -109,3 +109,13 @@ def test_default_run_path_is_unique(tmp_path: Path) -> None:
     first.mkdir()
     second = default_run_path("demo", tmp_path)
     assert second != first and second.name.startswith(first.name)
+
+
+def test_an_impossible_world_size_is_damage_not_memory(tmp_path: Path) -> None:
+    """A manifest's world_size of 10^12 had grown the analysis to 11 GB (the set of expected ranks)."""
+    Run.create(tmp_path, command=["x"], world_size=1)
+    m = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    m["world_size"] = 10**12
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(RunDirError, match="world_size or command is impossible"):
+        Run.open(tmp_path)
