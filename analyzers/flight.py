@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import math
 import re
 import zlib
@@ -29,6 +28,7 @@ from perfkit.analyzers.memory import _PlainData
 from perfkit.analyzers.trace import TraceError
 
 from perfkit.frames import user_frame
+from perfkit.tables import loads
 
 _ELEMENT = {"Float": 4, "Half": 2, "BFloat16": 2, "Double": 8, "Long": 8, "Int": 4, "Short": 2, "Byte": 1,
             "Char": 1, "Bool": 1, "Float8_e4m3fn": 1, "Float8_e5m2": 1}  # fmt: skip
@@ -68,7 +68,7 @@ def load_dump(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-        data = json.loads(raw) if raw[:1] == b"{" else _PlainData(io.BytesIO(raw)).load()
+        data = loads(raw) if raw[:1] == b"{" else _PlainData(io.BytesIO(raw)).load()
     except Exception as e:  # a damaged dump is that file's problem, in one line
         raise TraceError(f"{path}: not a readable flight-recorder dump ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):

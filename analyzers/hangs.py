@@ -17,6 +17,7 @@ from typing import Any
 
 from perfkit.frames import user_frame
 from perfkit.run import Run
+from perfkit.tables import loads
 
 _WORLD_GROUPS = ("0", "default")
 
@@ -56,7 +57,7 @@ class HangMetrics:
 
 def _read(path: Path, problems: list[str]) -> dict[str, Any] | None:
     try:
-        data = json.loads(path.read_text())
+        data = loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         problems.append(f"{path}: cannot be read ({type(e).__name__}); the rank's record is damaged")
         return None
@@ -75,9 +76,12 @@ def _state(rank: int, record: dict[str, Any], told_by: str) -> RankState:
     frames = [f for f in frames if isinstance(f, dict)]
     raw_in_flight, raw_entered = coll.get("in_flight"), coll.get("entered")
     in_flight = [
-        e
+        {**e, "group": str(e["group"]), "op": str(e.get("op") or "?")}  # a damaged entry may lack its op
         for e in (raw_in_flight if isinstance(raw_in_flight, list) else [])
-        if isinstance(e, dict) and "group" in e and isinstance(e.get("seq"), int)
+        if isinstance(e, dict)
+        and "group" in e
+        and isinstance(e.get("seq"), int)
+        and not isinstance(e["seq"], bool)
     ]
     entered = {
         str(k): int(v)

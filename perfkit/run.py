@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 from perfkit import __version__
 from perfkit.errors import ConfigError, RunDirError
+from perfkit.tables import loads
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -397,7 +398,7 @@ class Run:
         if not manifest_path.is_file():
             raise RunDirError(f"{manifest_path} is missing: {path} is not a perfkit run directory")
         try:
-            data = json.loads(manifest_path.read_text())
+            data = loads(manifest_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RunDirError(f"{manifest_path} cannot be read ({e}); the file is damaged") from None
         if not isinstance(data, dict):
@@ -449,7 +450,7 @@ class Run:
         reports = {}
         for rank in self.ranks():
             try:
-                data = json.loads(self.layout.probe(rank).read_text())
+                data = loads(self.layout.probe(rank).read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(data, dict):
@@ -493,7 +494,7 @@ class Run:
 def _world_size_of(record: Path) -> int:
     """The world size a rank's failure record names (1 when it has none or cannot be read)."""
     try:
-        size = json.loads(record.read_text()).get("world_size", 1)
+        size = loads(record.read_text()).get("world_size", 1)
     except (OSError, ValueError, AttributeError):
         return 1
     return size if isinstance(size, int) and 0 < size <= MAX_WORLD else 1

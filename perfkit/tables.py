@@ -22,6 +22,17 @@ from perfkit.errors import RunDirError
 if TYPE_CHECKING:
     import pandas as pd
 
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` that reads nesting too deep for the parser as the damage it is: a
+    ``json.JSONDecodeError`` (so every reader's handler for a damaged file applies), never a
+    RecursionError traceback (100,000 nested brackets in a record or a table row)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+
+
 _KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
@@ -187,7 +198,7 @@ def read_table(path: Path, table: Table, drop_bad_rows: bool = False) -> tuple[p
 def _check_row(line: str, table: Table, where: str, half_written: bool) -> dict[str, Any] | None:
     """One row, checked against the table's schema; None for a half-written last line."""
     try:
-        row = json.loads(line)
+        row = loads(line)
     except json.JSONDecodeError:
         if half_written:  # no newline after it: the writer was killed mid-line
             return None

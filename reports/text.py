@@ -3,7 +3,6 @@ only; every number comes from the run's tables or the analysis."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import sys
@@ -19,7 +18,7 @@ from perfkit.analyzers.rules import Finding
 from perfkit.frames import user_frame
 from perfkit.optimizer import remedies
 from perfkit.run import Run, RunLayout
-from perfkit.tables import STEPS, TABLES, read_table
+from perfkit.tables import STEPS, TABLES, loads, read_table
 
 if TYPE_CHECKING:
     from perfkit.optimizer.optimize import Optimization
@@ -132,7 +131,7 @@ def _failure_line(record: Path) -> str:
     if not record.is_file():
         return ""
     try:
-        r = json.loads(record.read_text())
+        r = loads(record.read_text())
         frames = [f for f in r.get("frames", []) if isinstance(f, dict)]
     except (OSError, ValueError, AttributeError):
         return "(its failure record cannot be read)"

@@ -184,3 +184,37 @@ def test_impossible_metrics_are_left_out_and_said() -> None:
     problems = check_sanity(m)
     assert len(problems) == 3 and m.trace[0].temporal_breakdown == {} and m.steps is None
     assert m.throughput is not None and m.throughput.mfu is None and "MFU 350%" in problems[2]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("record", "text"),
+    [
+        ("hang.json", DEEP),
+        ("failure.json", DEEP),
+        ("probe.json", DEEP),
+        ("steps.jsonl", '{"step": 1, "start_ns": 1, "step_time_s": 0.1, "x": ' + DEEP + "}\n"),
+        ("hang.json", json.dumps({"rank": 1, "collectives": {"in_flight": [{"group": "0", "seq": 3}]}})),
+        (
+            "failure.json",
+            json.dumps({"rank": 1, "time": 1.0, "exception": 5, "frames": [1, "a", {"file": 3}]}),
+        ),
+    ],
+)
+def test_a_damaged_rank_record_is_never_a_traceback(tmp_path: Path, record: str, text: str) -> None:
+    """100,000 nested brackets had been a RecursionError traceback in analyze and report; an
+    in-flight entry without its op a KeyError."""
+    from perfkit.run import Run
+
+    run = Run.create(tmp_path / "run", command=["x"], world_size=2)
+    for rank in (0, 1):
+        run.layout.rank_dir(rank).mkdir()
+        rows = (json.dumps({"step": s, "start_ns": s * 10**8, "step_time_s": 0.05}) for s in range(1, 6))
+        (run.layout.rank_dir(rank) / "steps.jsonl").write_text("\n".join(rows) + "\n")
+    (run.layout.rank_dir(1) / record).write_text(text)
+    run.finish("failed", 1)
+    for command in ("analyze", "report"):
+        result = CliRunner().invoke(cli, [command, str(run.path)])
+        assert result.exit_code == 0 and result.exception is None, result.output

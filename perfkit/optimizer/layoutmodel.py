@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from perfkit.analyzers.comms import bus_factor, pipeline_fill, service_ns
 from perfkit.errors import RunDirError
+from perfkit.tables import loads
 from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
 
 WARMUP = 3
@@ -463,11 +464,10 @@ def basis_from_run(run_path: Path) -> Basis:
 def _logged_peak(train_log: Path) -> float | None:
     """The busiest rank's peak as the trainer logs it with its last step (CUDA's max allocated, or
     the peak RSS on CPU): what a sweep's runs report, so predictions compare like with like."""
-    import json
 
     try:
         lines = [ln for ln in train_log.read_text().splitlines() if ln.strip()]
-        value = json.loads(lines[-1]).get("peak_memory_bytes") if lines else None
+        value = loads(lines[-1]).get("peak_memory_bytes") if lines else None
     except (OSError, ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, int | float) and value > 0 else None

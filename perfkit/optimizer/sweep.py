@@ -19,7 +19,6 @@ measures nothing twice, and a Ctrl-C keeps every finished run.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ from perfkit.optimizer.layoutmodel import Basis, basis_from_run, describe, predi
 from perfkit.optimizer.trials import WARMUP, Candidate, Measurement, check, measure
 from perfkit.progress import Reporter, quiet
 from perfkit.run import StudyLayout, write_json_atomic
+from perfkit.tables import loads
 from perfkit.trainer.config import load_config, resolve_layout
 
 SCHEMA_VERSION = 2
@@ -224,9 +224,13 @@ def _ledger(out: Path, sweep: Sweep) -> dict[tuple[str, ...], list[Measurement]]
     if not path.exists():
         return {}
     try:
-        old = json.loads(path.read_text())
+        old = loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RunDirError(f"{path} cannot be read ({e}); move it away or use another --out") from None
+    if not isinstance(old, dict):
+        raise RunDirError(
+            f"{path} is not a sweep ledger (not a JSON object); move it away or use another --out"
+        )
     same = (old.get("config"), old.get("nproc"), old.get("nodes", 1), old.get("overrides")) == (
         sweep.config,
         sweep.nproc,

@@ -35,6 +35,7 @@ from perfkit.launch import (
     trainer_env,
 )
 from perfkit.progress import Reporter, quiet
+from perfkit.tables import loads
 from perfkit.trainer.config import load_config, resolve_layout
 
 WARMUP = 3
@@ -219,7 +220,7 @@ def measure(
             ok=True, error="", steps=None
         )  # global rank 0 ran on another node: its log is there
     try:
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        records = [loads(line) for line in log.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:
         return Measurement(ok=False, error=f"the trainer's log could not be read: {e}")
     finally:
