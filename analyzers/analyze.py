@@ -10,6 +10,7 @@ with the others (``partial``).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,24 @@ DASK_CONNECT_S = 10.0
 """How long to try reaching a Dask scheduler before saying so."""
 
 
+def _check_scheduler_address(address: str) -> None:
+    """``tcp://HOST:PORT`` (or ``HOST:PORT``), before any Client exists: a Client made for a malformed,
+    TLS or UCX address (which need a security or transport set-up perfkit does not make) fails, and
+    then prints a traceback of its own as it is collected, 20 s later."""
+    scheme, _, rest = address.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme not in ("", "tcp"):
+        raise RunDirError(
+            f"--scheduler {address}: perfkit connects to Dask over tcp:// only (a {scheme}:// scheduler needs "
+            "a security or transport configuration); give tcp://HOST:PORT"
+        )
+    bracketed = host.startswith("[") and host.endswith("]")  # an IPv6 address
+    if not host or (":" in host and not bracketed) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RunDirError(
+            f"--scheduler {address}: not an address; give tcp://HOST:PORT (e.g. tcp://10.0.0.5:8786)"
+        )
+
+
 def _parse_on_dask(paths: list[Path], scheduler: str) -> list[dict[str, Any]]:
     """The per-rank work on a Dask distributed cluster (its workers read the traces from a shared
     filesystem and need perfkit installed); the results come back in path order."""
@@ -172,13 +191,32 @@ def _parse_on_dask(paths: list[Path], scheduler: str) -> list[dict[str, Any]]:
             "--scheduler needs dask's distributed package: pip install 'perfkit[dask]' (or leave out "
             "--scheduler to use this machine's cores)"
         ) from None
-    try:
-        client = Client(scheduler, timeout=DASK_CONNECT_S, set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as e:
+    _check_scheduler_address(scheduler)
+    # Client's own timeout does not bound everything: a port that accepts and never answers held it
+    # for 10 minutes and more. It connects in a thread of its own, waited for a bounded time.
+    made: list[Any] = []
+    failed: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            made.append(Client(scheduler, timeout=DASK_CONNECT_S, set_as_default=False))
+        except BaseException as e:  # reported below, in this thread
+            failed.append(e)
+
+    thread = threading.Thread(target=connect, daemon=True, name="perfkit-dask-connect")
+    thread.start()
+    thread.join(DASK_CONNECT_S + 5)
+    if not made:
+        why = (
+            f"{type(failed[0]).__name__}: {failed[0]}"
+            if failed
+            else f"no answer in {DASK_CONNECT_S + 5:.0f} s: something listens there, but not a Dask scheduler"
+        )
         raise RunDirError(
-            f"cannot reach the Dask scheduler at {scheduler} ({e}); start one (dask scheduler) or leave "
+            f"cannot reach the Dask scheduler at {scheduler} ({why}); start one (dask scheduler) or leave "
             "out --scheduler"
-        ) from None
+        )
+    client = made[0]
     with client:
         futures = client.map(_trace_job, [p.resolve() for p in paths], pure=False)
         return list(client.gather(futures))

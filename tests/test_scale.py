@@ -9,7 +9,8 @@ import pytest
 from helpers import synth_ranks
 from perfkit.analyzers.analyze import analyze
 
-SOURCE = Path(__file__).parent / "data" / "hta" / "trace_filter" / "sampled_rank-0.json.gz"
+DATA = Path(__file__).parent / "data"
+SOURCE = DATA / "hta" / "trace_filter" / "sampled_rank-0.json.gz"
 CROSS_RANK = {"slow_gpu", "late_rank", "slow_link", "straggler"}
 
 
@@ -140,3 +141,46 @@ def test_pipeline_stages_are_compared_with_their_peers_only() -> None:
     spread = rank_spread(stages)  # type: ignore[arg-type]
     assert spread is not None and spread.slow_gpu == [12]
     assert spread.ranks[12].peer_compute_ms == pytest.approx(141.5)  # ranks 8-15, 12 among them
+
+
+@pytest.mark.parametrize(
+    ("address", "said"),
+    [
+        ("tls://127.0.0.1:8786", "over tcp:// only"),
+        ("ucx://127.0.0.1:8786", "over tcp:// only"),
+        ("tcp://bad:::x", "not an address"),
+        ("tcp://host:99999", "not an address"),
+    ],
+)
+def test_a_scheduler_address_perfkit_cannot_use_is_one_line_at_once(
+    tmp_path: Path, address: str, said: str
+) -> None:
+    """Such addresses had given a full traceback, or the one line and then a Client.__del__ traceback
+    20 s later."""
+    pytest.importorskip("distributed")
+    from perfkit.errors import RunDirError
+
+    with pytest.raises(RunDirError, match=said):
+        analyze(DATA / "h100" / "compiled_trace.json.gz", scheduler=address)
+
+
+def test_a_port_that_never_answers_is_a_bounded_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something listening that is not a Dask scheduler (it accepts, never answers) had held analyze
+    for 10 minutes and more, printing nothing."""
+    import socket
+    import time
+
+    pytest.importorskip("distributed")
+    from perfkit.analyzers import analyze as module
+
+    from perfkit.errors import RunDirError
+
+    monkeypatch.setattr(module, "DASK_CONNECT_S", 1.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(RunDirError, match="cannot reach the Dask scheduler"):
+            analyze(DATA / "h100" / "compiled_trace.json.gz", scheduler=f"tcp://127.0.0.1:{port}")
+        assert time.monotonic() - t0 < 30
