@@ -178,9 +178,12 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signum)
 
+    received: list[int] = []  # the signals perfkit itself got and passed on
+
     def forward(signum: int, frame: object) -> None:
         nonlocal status
         status = "interrupted"
+        received.append(signum)
         to_job(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
@@ -200,11 +203,16 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
                         break
                 except KeyboardInterrupt:  # passed on; the ranks flush and stop. Again: harder.
                     status = "interrupted"
+                    received.append(signal.SIGINT)
                     to_job((signal.SIGINT, signal.SIGTERM, signal.SIGKILL)[min(interrupts, 2)])
                     interrupts += 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     rc = HUNG_EXIT if status == "hung" else exit_code(rc)
+    if received and rc != 0 and status != "hung":
+        # As a shell reports a command stopped by that signal (130, 143): torchrun itself exits 1
+        # once its ranks stopped, which would read as a failure of the job.
+        rc = 128 + received[0]
     if rc == 0:
         status = "complete"
     elif status == "hung":

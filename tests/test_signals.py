@@ -167,3 +167,22 @@ def test_a_signal_to_a_trial_leaves_no_trainer_behind(tmp_path: Path, signum: in
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_perfkit_over_torchrun_exits_like_the_shell(
+    tmp_path: Path, signum: int, code: int
+) -> None:
+    """torchrun exits 1 once its ranks stopped: perfkit's exit had read as the job's failure."""
+    script, pidfile, out = tmp_path / "loop.py", tmp_path / "job.pid", tmp_path / "run"
+    script.write_text(LOOP)
+    argv = [sys.executable, "-m", "perfkit", "profile", "--out", str(out), "--"]
+    argv += ["torchrun", "--nproc_per_node", "1", str(script), str(pidfile)]
+    proc = subprocess.Popen(argv, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (pidfile.exists() and pidfile.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    proc.communicate(timeout=60)
+    assert proc.returncode == code and _gone(int(pidfile.read_text()), 10)
+    assert Run.open(out).manifest.status == "interrupted"
