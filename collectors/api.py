@@ -112,6 +112,12 @@ def step(tokens: int | None = None, loss: Any = None) -> None:
     probe = Probe.current
     if probe is not None and not probe._stopped:
         probe.set_manual()
+        if probe.step == 0 and not probe._in_step:
+            # Nothing began a step before (no perfkit.profile() or attach(), no hook fired): this
+            # call has no start to measure from, so it begins the first step instead of recording
+            # a step of no length.
+            probe.begin_step()
+            return
         probe.end_step(tokens=tokens, loss=loss)
         probe.begin_step()
 

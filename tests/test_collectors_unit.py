@@ -481,3 +481,19 @@ def test_auto_steps_read_tokens_and_loss_as_frameworks_pass_them(tmp_path: Path)
     steps, _ = read_table(tmp_path / "rank0" / "steps.jsonl", STEPS)
     assert list(steps["loss"]) == pytest.approx(losses, rel=1e-5)
     assert list(steps["tokens"]) == [2 * 4 * 6] * 4
+
+
+def test_bare_step_calls_under_perfkit_profile_record_whole_steps(tmp_path: Path) -> None:
+    """A script calling perfkit.step() with no perfkit.profile() or attach(), under perfkit profile:
+    the first call had recorded a step of no length (and a 465% 'own time'); it now begins the
+    first step, and every recorded step is one iteration."""
+    from helpers import run_perfkit
+
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "import time\nimport perfkit\nfor _ in range(4):\n    time.sleep(0.05)\n    perfkit.step()\n"
+    )
+    proc = run_perfkit("profile", "--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert proc.returncode == 0, proc.stderr
+    steps, _ = read_table(tmp_path / "run" / "rank0" / "steps.jsonl", STEPS)
+    assert len(steps) == 3 and (steps["step_time_s"] > 0.045).all(), list(steps["step_time_s"])
