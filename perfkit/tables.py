@@ -33,6 +33,9 @@ def loads(text: str | bytes) -> Any:
         raise json.JSONDecodeError("nested too deeply", "", 0) from None
 
 
+_LONGEST_S = 30 * 86400.0
+"""No duration in a table is longer than a month, nor negative."""
+
 _KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
@@ -209,8 +212,18 @@ def _check_row(line: str, table: Table, where: str, half_written: bool) -> dict[
         if row.get(col) is None:
             raise RunDirError(f"{where}: missing required column {col!r} of table {table.name}")
     for col, value in row.items():
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if (
+            number
+            and col.endswith(("_s", "_ms"))
+            and not 0 <= value <= _LONGEST_S * (1000 if col.endswith("_ms") else 1)
+        ):
+            # a step of -5 s or 1e308 s had given phase shares of -16.7% and a whatif of -70 ms
+            raise RunDirError(f"{where}: column {col!r} is {value!r}, not a possible duration")
         kind = table.columns.get(col)
-        if kind is None or value is None:
+        if kind is None:
             continue
         if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
             raise RunDirError(f"{where}: column {col!r} should be {kind}, got {value!r}")

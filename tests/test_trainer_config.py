@@ -59,6 +59,9 @@ def test_layout_resolution(world: int, sets: list[str], dp: int, microbatches: i
 
 
 INVALID = [
+    (2, ["overlap.bucket_cap_mb=nan"], "overlap.bucket_cap_mb='nan' is not a finite number"),
+    (2, ["overlap.bucket_cap_mb=inf"], "overlap.bucket_cap_mb='inf' is not a finite number"),
+    (2, ["overlap.bucket_cap_mb=-1"], "overlap.bucket_cap_mb=-1.0 must be above 0"),
     (2, ["parallel.tp=3"], "parallel.tp=3 does not divide model.n_heads=4; choose 1, 2 or 4"),
     (
         4,

@@ -7,6 +7,7 @@ before any process starts.
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -299,13 +300,18 @@ def _coerce(key: str, typ: Any, value: Any, from_text: bool = False) -> Any:
                 pass
         raise ConfigError(f"{key}={value!r} is not an integer")
     if typ is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_text:
+            number = float(value)
+        elif from_text:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:  # nan, inf: every rank had crashed on them, whatif had been a traceback
+            raise ConfigError(f"{key}={value!r} is not a finite number")
         raise ConfigError(f"{key}={value!r} is not a number")
     if typ is str:
         if isinstance(value, str):
@@ -368,6 +374,10 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
     ):
         if value < low:
             raise ConfigError(f"{name}={value} must be at least {low}")
+    if not cfg.overlap.bucket_cap_mb > 0:
+        raise ConfigError(
+            f"overlap.bucket_cap_mb={cfg.overlap.bucket_cap_mb} must be above 0 (25 is DDP's default)"
+        )
     if world_size < 1:
         raise ConfigError(f"--nproc {world_size} must be at least 1")
     if m.vocab_size > 65536:
