@@ -97,6 +97,7 @@ def by_name(column: pd.Series, fn: Callable[[str], Any], dtype: Any = object) ->
 
 
 _RANK_IN_NAME = re.compile(r"rank[-_]?(\d+)", re.IGNORECASE)
+_RANK_FOLDER = re.compile(r"^rank(0|[1-9]\d*)$")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -491,7 +492,9 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
     if rank is None:
         rank = info.get("rank") if isinstance(info.get("rank"), int) else None
     if rank is None:
-        m = _RANK_IN_NAME.search(path.name)
+        # the file's name (rank3.json), else its folder's as a run directory lays it out
+        # (rank1/trace.json.gz: taken for rank 0 it had been "also rank 0" and dropped)
+        m = _RANK_IN_NAME.search(path.name) or _RANK_FOLDER.match(path.parent.name)
         rank = int(m.group(1)) if m else 0
     if not len(cols["name"]):
         raise TraceError(f"{path}: holds no complete events; nothing to analyze")

@@ -46,9 +46,15 @@ def test_table_roundtrip_and_half_written_line(tmp_path: Path) -> None:
         ('{"step": "one", "start_ns": 1, "end_ns": 2, "step_time_s": 1.0}\n', "column 'step' should be int"),
         ("[1]\n", "a row must be a JSON object"),
         ("{bad\n{}\n", "not valid JSON"),
-        ('{"step": 1, "start_ns": 1, "end_ns": 2, "step_time_s": -5.0}\n', "is -5.0, not a possible duration"),
+        (
+            '{"step": 1, "start_ns": 1, "end_ns": 2, "step_time_s": -5.0}\n',
+            "is -5.0, not a possible duration",
+        ),
         ('{"step": 1, "start_ns": 1, "end_ns": 2, "step_time_s": 1e308}\n', "not a possible duration"),
-        ('{"step": 1, "start_ns": 1, "end_ns": 2, "step_time_s": 0.1, "checkpoint_s": -1}\n', "not a possible"),
+        (
+            '{"step": 1, "start_ns": 1, "end_ns": 2, "step_time_s": 0.1, "checkpoint_s": -1}\n',
+            "not a possible",
+        ),
     ],
 )
 def test_table_schema_is_checked(tmp_path: Path, line: str, message: str) -> None:

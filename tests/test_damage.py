@@ -218,3 +218,18 @@ def test_a_damaged_rank_record_is_never_a_traceback(tmp_path: Path, record: str,
     for command in ("analyze", "report"):
         result = CliRunner().invoke(cli, [command, str(run.path)])
         assert result.exit_code == 0 and result.exception is None, result.output
+
+
+def test_a_runs_trace_without_distributed_info_takes_its_folders_rank(tmp_path: Path) -> None:
+    """rank1/trace.json.gz without distributedInfo had been read as rank 0 a second time, and dropped."""
+    from perfkit.run import Run
+
+    doc = json.loads(gzip.decompress((DATA / "h100" / "compiled_trace.json.gz").read_bytes()))
+    doc.pop("distributedInfo", None)
+    run = Run.create(tmp_path / "run", command=["x"], world_size=2)
+    for rank in (0, 1):
+        run.layout.rank_dir(rank).mkdir()
+        run.layout.trace(rank).write_bytes(gzip.compress(json.dumps(doc).encode()))
+    run.finish("complete", 0)
+    a = analyze(run.path)
+    assert sorted(a.metrics.trace) == [0, 1] and not any("rank 0" in p for p in a.problems), a.problems
