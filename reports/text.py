@@ -335,7 +335,17 @@ def optimize_summary(opt: Optimization) -> str:
             argv += ["--set", o]
         lines.append(f"train with: {command_line(argv)}")
     else:
-        lines.append("nothing measurably helped; the configuration stays as it was")
+        tried = [t for t in data["trials"] if not t["skipped"]]
+        undecided = [
+            t for t in tried if any("undecided" in str(a.get("reason", "")) for a in t["alternatives"] or [t])
+        ]
+        if undecided:  # not "nothing helped": the runs could not tell
+            lines.append(
+                f"nothing kept, but {len(undecided)} of {len(tried)} change(s) undecided: their interval straddled "
+                "the bar; more --repeats (or --steps) may tell; the configuration stays as it was"
+            )
+        else:
+            lines.append("nothing measurably helped; the configuration stays as it was")
     if opt.comparison is not None and opt.final_run is not None:
         gone = [f.title for f in opt.comparison.resolved]
         lines.append(f"findings gone after: {'; '.join(gone) if gone else 'none'}")
