@@ -228,7 +228,11 @@ def bus_bandwidth(table: pd.DataFrame | None) -> go.Figure | None:
         return None
     t = table.dropna(subset=["busbw_gbps"])
     fig = go.Figure(go.Bar(x=t["op"] + " " + t["size"], y=t["busbw_gbps"]))
-    fig.update_layout(title="Bus bandwidth by collective and message size", yaxis_title="GB/s", **_LAYOUT)
+    # log scale: small messages' bandwidth is thousands of times below the large ones' (a linear axis
+    # showed no bar at all for <64KiB)
+    fig.update_layout(
+        title="Bus bandwidth by collective and message size", yaxis_title="GB/s", yaxis_type="log", **_LAYOUT
+    )
     return fig
 
 

@@ -384,6 +384,8 @@ def render(analysis: Analysis) -> str:
             "a bare trace carries no run configuration",
         ),
     ]
+    if m.hang is None or not m.hang.ranks:  # nothing hung or failed: its section goes last, not second
+        sections.append(sections.pop(0))
     template = page_template("report.html")
     return template.render(
         name=name,
