@@ -369,3 +369,43 @@ def test_the_loop_profiles_again_and_stops_when_a_round_keeps_nothing(
     assert data["schema_version"] == 2 and [t["round"] for t in data["trials"] if not t["skipped"]][:1] == [1]
     more_workers = next(t for t in data["trials"] if t["remedy"] == "more_workers")
     assert not more_workers["kept"]  # no gain planted: dropped, whatever its alternatives
+
+
+def test_a_sweep_never_drops_what_an_earlier_start_measured(tmp_path: Path) -> None:
+    """Rerunning a sweep with fewer layouts into the same --out had rewritten its ledger without the
+    layouts left out, measured runs and all."""
+    from perfkit.optimizer.sweep import Sweep, _ledger
+
+    def sweep(*layouts: str) -> Sweep:
+        s = Sweep("tiny-cpu", 2, [], 1)
+        s.candidates = [Candidate(x, [x]) for x in layouts]
+        return s
+
+    ledger = {"config": "tiny-cpu", "nproc": 2, "nodes": 1, "overrides": [], "candidates": [
+        {"overrides": ["parallel.tp=2"], "runs": [{"ok": True, "step_ms": 40.0}]},
+        {"overrides": ["parallel.pp=2"], "runs": [{"ok": True, "step_ms": 30.0}]},
+    ]}  # fmt: skip
+    (tmp_path / "sweep.json").write_text(json.dumps(ledger))
+    assert _ledger(tmp_path, sweep("parallel.tp=2", "parallel.pp=2", "parallel.zero=1"))[("parallel.pp=2",)]
+    with pytest.raises(ConfigError, match=r"measured layouts this one leaves out \(parallel.pp=2\)"):
+        _ledger(tmp_path, sweep("parallel.tp=2"))
+
+
+def test_one_sweep_at_a_time_in_a_folder(tmp_path: Path) -> None:
+    """Two sweeps in one --out at once: the second had renamed the first's basis and both measured on
+    the same cores. A claim left by a killed sweep is taken over."""
+    import os
+    import socket
+
+    from perfkit.optimizer.sweep import _claimed
+
+    lock = tmp_path / ".sweep.lock"
+    with _claimed(tmp_path):
+        assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}"
+        with pytest.raises(ConfigError, match=f"another perfkit sweep \\(pid {os.getpid()}\\) is running"):
+            with _claimed(tmp_path):
+                pass
+    assert not lock.exists()
+    lock.write_text(f"999999999 {socket.gethostname()}")  # no such process: a killed sweep's claim
+    with _claimed(tmp_path):
+        assert lock.read_text().startswith(str(os.getpid()))

@@ -18,12 +18,15 @@ measures nothing twice, and a Ctrl-C keeps every finished run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,10 +245,62 @@ def _ledger(out: Path, sweep: Sweep) -> dict[tuple[str, ...], list[Measurement]]
             f"{out} holds a different sweep ({old.get('config')} on {old.get('nproc')} rank(s), "
             f"overrides {' '.join(old.get('overrides') or []) or 'none'}); use another --out to start a new one"
         )
-    return {
+    measured = {
         tuple(c["overrides"]): [Measurement.from_json(r) for r in c.get("runs", [])]
         for c in old.get("candidates", [])
+        if isinstance(c, dict) and isinstance(c.get("overrides"), list)
     }
+    wanted = [list(c.overrides) for c in sweep.candidates]
+    dropped = [" ".join(k) for k, runs in measured.items() if runs and list(k) not in wanted]
+    if dropped:  # rewriting the ledger without them would lose what was measured
+        raise ConfigError(
+            f"{out} holds a sweep that measured layouts this one leaves out ({'; '.join(dropped[:3])}"
+            f"{', ...' if len(dropped) > 3 else ''}); name them too (--layout), or use another --out"
+        )
+    return measured
+
+
+@contextlib.contextmanager
+def _claimed(out: Path) -> Iterator[None]:
+    """One sweep at a time in ``out``: a second one started there would rename the first's basis,
+    measure on the same cores, and the last writer's ledger would win. A claim whose process is gone
+    (a killed sweep) is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    claim = out / ".sweep.lock"
+    mine = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, host = claim.read_text().split()
+            except (OSError, ValueError):
+                pid, host = "0", ""
+            if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+                raise ConfigError(
+                    f"another perfkit sweep (pid {pid}) is running in {out}; wait for it or use another --out"
+                ) from None
+            claim.unlink(missing_ok=True)  # its sweep was killed: take the folder over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if claim.read_text() == mine:
+                claim.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _basis(sweep: Sweep, basis_run: Path | None, out: Path, nodes: Nodes, progress: Reporter) -> Basis:
@@ -305,6 +360,28 @@ def run_sweep(
     nodes: Nodes = ONE_NODE,
     predict: bool = True,
 ) -> Sweep:
+    with contextlib.ExitStack() as held:  # the folder is claimed once the request has been checked
+        return _run_sweep(
+            config, nproc, overrides, layouts, repeats, out, progress, basis_run, top, memory_limit, nodes, predict,
+            claim=lambda: held.enter_context(_claimed(out)),
+        )  # fmt: skip
+
+
+def _run_sweep(
+    config: str,
+    nproc: int,
+    overrides: Sequence[str],
+    layouts: Sequence[str],
+    repeats: int,
+    out: Path,
+    progress: Reporter,
+    basis_run: Path | None,
+    top: int | None,
+    memory_limit: float | None,
+    nodes: Nodes,
+    predict: bool,
+    claim: Callable[[], None],
+) -> Sweep:
     problem = check(config, 1, [o for o in overrides if not o.startswith("parallel.")])
     if problem:
         raise ConfigError(problem)
@@ -331,6 +408,7 @@ def run_sweep(
             f"none of the layouts can run with {world} rank(s): "
             + "; ".join(f"{c.label}: {c.skipped}" for c in sweep.candidates)
         )
+    claim()
     earlier = _ledger(out, sweep)
     for c in sweep.candidates:
         c.runs = earlier.get(tuple(c.overrides), [])
