@@ -208,11 +208,17 @@ class CollectOptions:
         return cls(**kwargs)
 
 
-def cli_fields() -> list[tuple[str, str, str, str]]:
-    """(field name, flag, help, default as text) for each option, for the CLI to make its options from."""
+_METAVARS = {"int": "INTEGER", "float": "NUMBER"}
+"""How --help names an option's value by the field's type (the rest are text: lists, ranges, none)."""
+
+
+def cli_fields() -> list[tuple[str, str, str, str, str]]:
+    """(field name, flag, help, default as text, metavar) for each option, for the CLI to make its
+    options from."""
     out = []
     defaults = CollectOptions()
     for f in dataclasses.fields(CollectOptions):
         default = "all" if f.name == "collect" else f.metadata["format"](getattr(defaults, f.name))
-        out.append((f.name, f.metadata["flag"], f.metadata["help"], default))
+        metavar = _METAVARS.get(str(f.type).split("|")[0].strip(), "TEXT")
+        out.append((f.name, f.metadata["flag"], f.metadata["help"], default, metavar))
     return out

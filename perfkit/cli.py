@@ -129,8 +129,8 @@ def collect_options() -> Any:
     from perfkit.collectors.options import cli_fields
 
     def decorate(f: Any) -> Any:
-        for name, flag, help, default in reversed(cli_fields()):
-            f = click.option(flag, name, default=None, metavar="TEXT", help=f"{help}  [default: {default}]")(
+        for name, flag, help, default, metavar in reversed(cli_fields()):
+            f = click.option(flag, name, default=None, metavar=metavar, help=f"{help}  [default: {default}]")(
                 f
             )
         return f

@@ -101,3 +101,14 @@ def test_sizes_parse_and_bad_ones_say_how(runner: CliRunner) -> None:
     assert result.exit_code == 2 and "write e.g. 40GiB" in result.output
     result = runner.invoke(cli, ["sweep", "--nnodes", "2"])
     assert result.exit_code == 2 and "--rdzv-endpoint" in result.output
+
+
+def test_numeric_collector_options_say_so_in_help() -> None:
+    """--nvml-hz, --hang-timeout and --memory-history-entries had been typed TEXT."""
+    from click.testing import CliRunner
+
+    from perfkit.cli import cli
+
+    out = CliRunner().invoke(cli, ["profile", "--help"]).output
+    assert "--nvml-hz NUMBER" in out and "--hang-timeout NUMBER" in out
+    assert "--memory-history-entries INTEGER" in out and "--trace-ranks TEXT" in out
