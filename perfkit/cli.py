@@ -165,6 +165,7 @@ _PROFILE_HELP = """Run a training command with collectors attached; write a run 
 COMMAND is the bundled trainer or any command, after --:
   perfkit profile                                   the trainer, tiny-cpu, 2 ranks
   perfkit profile --nproc 4 -- reference --config tiny-cpu --set parallel.tp=2
+  perfkit profile --set parallel.tp=2          (the same: the bundled trainer, changed)
   perfkit profile -- python train.py --lr 3e-4
   perfkit profile -- torchrun --nproc_per_node 4 train.py
 
@@ -203,6 +204,13 @@ def profile(
     from perfkit.run import default_run_path
 
     argv = list(command) or ["reference"]
+    if argv[0] in ("--set", "--config") or argv[0].startswith(("--set=", "--config=")):
+        argv = ["reference", *argv]  # perfkit profile --set parallel.tp=2: the bundled trainer, changed
+    elif argv[0].startswith("-"):
+        raise click.UsageError(
+            f"no such option: {argv[0]}; the command to profile goes after -- (perfkit profile -- python "
+            "train.py), the bundled trainer's --config and --set may go right here"
+        )
     options = CollectOptions.from_text(collect)
     if argv[0] == "reference":
         config_name, overrides = _reference_args(argv[1:])

@@ -268,3 +268,13 @@ def test_trace_ranks_traces_only_those_ranks(tmp_path: Path) -> None:
     summary = run_perfkit("analyze", str(out))
     assert summary.returncode == 0, summary.stderr
     assert "kernel traces from rank(s) 1 of 2" in summary.stdout
+
+
+def test_set_right_after_profile_changes_the_bundled_trainer(tmp_path: Path) -> None:
+    """perfkit profile --set parallel.tp=2 had failed: "command '--set' not found"."""
+    out = tmp_path / "tp"
+    proc = profile(out, "--profile-steps", "none", "--set", "steps=3", "--set", "parallel.tp=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert Run.open(out).manifest.config["parallel"]["tp"] == 2
+    bad = profile(tmp_path / "bad", "--bogus")
+    assert bad.returncode == 2 and "the command to profile goes after --" in bad.stderr
