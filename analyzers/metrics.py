@@ -307,11 +307,16 @@ def _comparable(m: Metrics) -> dict[str, tuple[float | None, str, bool]]:
         "step time (p90)": (s.step_time_p90_ms if s else None, "ms", True),
         "tokens/s": (s.tokens_per_s if s else None, "", False),
         "MFU": (m.throughput.mfu if m.throughput else None, "", False),
-        "data wait share": (io.data_wait_share if io else None, "", True),
+        "data wait": (
+            100 * io.data_wait_share if io and io.data_wait_share is not None else None,
+            "% of step",
+            True,
+        ),
         "collectives per step": (comms.collectives_per_step if comms else None, "", True),
     }
     for phase, share in (s.phase_share if s else {}).items():
-        out[f"{phase} share"] = (share, "", True)
+        if phase != "data_wait":  # (the row above: it was listed twice)
+            out[phase.replace("_", " ")] = (100 * share, "% of step", True)
     for rank, r in sorted(m.trace.items()):
         if r.temporal_breakdown:
             out[f"rank {rank} GPU idle"] = (r.temporal_breakdown["idle_pct"], "%", True)

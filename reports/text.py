@@ -3,6 +3,7 @@ only; every number comes from the run's tables or the analysis."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import sys
@@ -247,16 +248,37 @@ def analysis_summary(result: Analysis, target: Path) -> str:
     return "\n".join(lines)
 
 
+def _number(v: float | None) -> str:
+    """One format for a comparison's numbers: thousands separated, at most 2 decimals."""
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
+
+
+def _workload(a: Analysis) -> str:
+    """What a run trained, for telling two runs of different workloads apart: the bundled trainer's
+    config, else the script it ran."""
+    m = a.metrics
+    if m.config:
+        return json.dumps(m.config, sort_keys=True)
+    command = m.run.command if m.run else []
+    return next((x for x in command if x.endswith(".py")), " ".join(command[:1]))
+
+
 def comparison_summary(c: Comparison) -> str:
-    lines = []
+    lines = [f"  A: {c.a.source}", f"  B: {c.b.source}"]
+    if _workload(c.a) != _workload(c.b):
+        lines.append(
+            "  note: A and B ran different workloads (config or script); the deltas compare unlike runs"
+        )
+    lines.append(f"  {'':<34} {'A':>12}    {'B':>12} {'B vs A':>8}")
     for r in c.rows:
         if r.a is None and r.b is None:
             continue
         delta = f"{100 * r.delta:+.1f}%" if r.delta is not None else ""
         flag = "  worse" if r.worse else ""
-        a = "-" if r.a is None else f"{r.a:,.4g}"
-        b = "-" if r.b is None else f"{r.b:,.4g}"
-        lines.append(f"  {r.name:<28} {a:>12} -> {b:>12} {delta:>8}{flag}")
+        name = f"{r.name} ({r.unit})" if r.unit else r.name
+        lines.append(f"  {name:<34} {_number(r.a):>12} -> {_number(r.b):>12} {delta:>8}{flag}")
     lines += [f"  appeared: [{f.severity}] {f.title}" for f in c.appeared]
     lines += [f"  went away: [{f.severity}] {f.title}" for f in c.resolved]
     return "\n".join(lines)

@@ -77,3 +77,18 @@ def test_the_gate_refuses_a_failed_run_or_one_short_of_ranks(tmp_path: Path) -> 
         cli, ["compare", str(a), str(make_run(tmp_path / "ok", 101.0, 5.0)), "--fail-above", "5"]
     )
     assert ok.exit_code == 0, ok.output
+
+
+def test_the_comparison_reads_plainly(tmp_path: Path) -> None:
+    """It had printed 'data wait share' and 'data_wait share' both, numbers as 2.06e+04 beside 8,835,
+    no units or A/B header, and no word when the two runs trained different things."""
+    a, b = make_run(tmp_path / "a", 100.0, 5.0), make_run(tmp_path / "b", 120.0, 5.0)
+    out = CliRunner().invoke(cli, ["compare", str(a), str(b)]).output
+    assert f"A: {a}" in out and f"B: {b}" in out and "B vs A" in out
+    assert out.count("data wait") == 1 and "data_wait" not in out and "e+" not in out
+    assert "step time (median) (ms)" in out and "(% of step)" in out
+    assert "different workloads" not in out
+    m = json.loads((b / "manifest.json").read_text())
+    m["command"] = ["python", "other.py"]
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert "different workloads" in CliRunner().invoke(cli, ["compare", str(a), str(b)]).output
