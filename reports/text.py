@@ -158,7 +158,9 @@ def hang_lines(m: Metrics) -> list[str]:
     if h is None:
         return []
     state = "HUNG" if h.hung else "FAILED" if h.first_failure else "NO HANG (every collective completed)"
-    lines = [f"  {state}: what each rank was in (from its {h.ranks[0].told_by if h.ranks else 'records'})"]
+    told_by = h.ranks[0].told_by if h.ranks else "records"
+    told_by = told_by if told_by.startswith("its ") else f"its {told_by}"  # ("from its its stop")
+    lines = [f"  {state}: what each rank was in (from {told_by})"]
     stuck = {r for w in h.waits for r in w.missing}
     for s in h.ranks:
         mark = "  <- the others wait for it" if s.rank in stuck else ""

@@ -271,3 +271,15 @@ def test_a_dump_of_millions_of_entries_is_cut_and_said(tmp_path: Path) -> None:
     (tmp_path / "fr_rank_0").write_bytes(pickle.dumps(doc))
     a = analyze(tmp_path)
     assert a.ranks == [0] and any("more than a flight recorder keeps" in p for p in a.problems)
+
+
+def test_the_summary_says_where_a_state_came_from_once() -> None:
+    from perfkit.analyzers.hangs import HangMetrics, RankState
+    from perfkit.analyzers.metrics import Metrics
+    from perfkit.reports.text import hang_lines
+
+    h = HangMetrics(hung=True, ranks=[RankState(rank=0, told_by="its stop", in_flight=[], entered={})])
+    (head, *_) = hang_lines(Metrics(hang=h))
+    assert "(from its stop)" in head and "its its" not in head
+    h.ranks[0].told_by = "hang record"
+    assert "(from its hang record)" in hang_lines(Metrics(hang=h))[0]
