@@ -440,6 +440,12 @@ def completeness(run: Run, t: Any, reports: dict[int, dict[str, Any]]) -> list[s
     if m.status in ("failed", "interrupted", "hung"):
         code = f" (exit code {m.exit_code})" if m.exit_code is not None else ""
         out.append(f"{run.path}: the run {m.status}{code}; its last steps may be missing")
+    for rank in sorted(present - set(reports)):
+        path = run.layout.probe(rank)
+        if path.exists():  # there, but unreadable or not a JSON object: said, not skipped in silence
+            out.append(
+                f"{path}: cannot be read (damaged); rank {rank}'s collector states and status are unknown"
+            )
     for rank, report in sorted(reports.items()):
         status = report.get("status")
         if status not in ("complete", None) and not (status == "running" and m.status == "running"):

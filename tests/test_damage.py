@@ -233,3 +233,17 @@ def test_a_runs_trace_without_distributed_info_takes_its_folders_rank(tmp_path: 
     run.finish("complete", 0)
     a = analyze(run.path)
     assert sorted(a.metrics.trace) == [0, 1] and not any("rank 0" in p for p in a.problems), a.problems
+
+
+def test_an_unreadable_probe_record_is_said(tmp_path: Path) -> None:
+    """A rank's probe.json that cannot be read had been skipped without a word."""
+    from perfkit.run import Run
+
+    run = Run.create(tmp_path / "run", command=["x"], world_size=1)
+    run.layout.rank_dir(0).mkdir()
+    rows = (json.dumps({"step": s, "start_ns": s * 10**8, "step_time_s": 0.05}) for s in range(1, 6))
+    (run.layout.rank_dir(0) / "steps.jsonl").write_text("\n".join(rows) + "\n")
+    run.layout.probe(0).write_text("{not json")
+    run.finish("complete", 0)
+    a = analyze(run.path)
+    assert any("probe.json: cannot be read" in p for p in a.problems), a.problems
