@@ -9,10 +9,8 @@ start-up). Torch-free: the configurations are checked before any process starts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -175,11 +173,6 @@ def _last_error(text: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
-def _to_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
 def measure(
     config: str,
     nproc: int,
@@ -195,15 +188,15 @@ def measure(
     env.pop("PERFKIT_RUN_DIR", None)  # never profiled, even when perfkit itself is
     argv = trainer_command(nproc, config, list(overrides), log, nodes, run_id or uuid.uuid4().hex)
     try:
-        # Its own session, and SIGTERM when perfkit dies: a signal to perfkit alone (or Ctrl-C) leaves
-        # no torchrun and no rank training on after it (they had been reparented to init).
+        # In perfkit's process group (a Ctrl-C at the terminal reaches it too) with SIGTERM when perfkit
+        # dies: a signal to perfkit alone leaves no torchrun and no rank training on after it (they had
+        # been reparented to init).
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-            start_new_session=True,
             preexec_fn=die_with_parent,
         )
     except OSError as e:
@@ -211,7 +204,7 @@ def measure(
     try:
         stdout, stderr = proc.communicate()
     except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler: stop all of it first
-        stop_job(proc, lambda signum: _to_group(proc.pid, signum), grace=5.0)
+        stop_job(proc, proc.send_signal, grace=5.0)  # torchrun, and every process below it
         raise
     if proc.returncode != 0:
         return Measurement(ok=False, error=f"exit code {proc.returncode}: {_last_error(stderr + stdout)}")
