@@ -23,15 +23,7 @@ from typing import Any
 import numpy as np
 
 from perfkit.errors import ConfigError, PerfkitError
-from perfkit.launch import (
-    ONE_NODE,
-    Nodes,
-    check_devices,
-    die_with_parent,
-    stop_job,
-    trainer_command,
-    trainer_env,
-)
+from perfkit.launch import ONE_NODE, Nodes, check_devices, trainer_command, trainer_env
 from perfkit.progress import Reporter, quiet
 from perfkit.tables import loads
 from perfkit.trainer.config import load_config, resolve_layout
@@ -188,24 +180,13 @@ def measure(
     env.pop("PERFKIT_RUN_DIR", None)  # never profiled, even when perfkit itself is
     argv = trainer_command(nproc, config, list(overrides), log, nodes, run_id or uuid.uuid4().hex)
     try:
-        # In perfkit's process group (a Ctrl-C at the terminal reaches it too) with SIGTERM when perfkit
-        # dies: a signal to perfkit alone leaves no torchrun and no rank training on after it (they had
-        # been reparented to init).
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            preexec_fn=die_with_parent,
-        )
+        # No preexec_fn (a parent-death signal): with one, Python runs its at-fork handlers in perfkit,
+        # and a Ctrl-C landing in one is ignored; the suite caught a sweep that then ran on to its end.
+        # A signal to perfkit alone reaches the trainer through its closed output pipes.
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     except OSError as e:
         return Measurement(ok=False, error=f"could not start the trainer: {e}")
-    try:
-        stdout, stderr = proc.communicate()
-    except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler: stop all of it first
-        stop_job(proc, proc.send_signal, grace=5.0)  # torchrun, and every process below it
-        raise
+    stdout, stderr = proc.stdout, proc.stderr
     if proc.returncode != 0:
         return Measurement(ok=False, error=f"exit code {proc.returncode}: {_last_error(stderr + stdout)}")
     if not nodes.single and not log.exists():
