@@ -26,7 +26,7 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,28 +360,6 @@ def run_sweep(
     nodes: Nodes = ONE_NODE,
     predict: bool = True,
 ) -> Sweep:
-    with contextlib.ExitStack() as held:  # the folder is claimed once the request has been checked
-        return _run_sweep(
-            config, nproc, overrides, layouts, repeats, out, progress, basis_run, top, memory_limit, nodes, predict,
-            claim=lambda: held.enter_context(_claimed(out)),
-        )  # fmt: skip
-
-
-def _run_sweep(
-    config: str,
-    nproc: int,
-    overrides: Sequence[str],
-    layouts: Sequence[str],
-    repeats: int,
-    out: Path,
-    progress: Reporter,
-    basis_run: Path | None,
-    top: int | None,
-    memory_limit: float | None,
-    nodes: Nodes,
-    predict: bool,
-    claim: Callable[[], None],
-) -> Sweep:
     problem = check(config, 1, [o for o in overrides if not o.startswith("parallel.")])
     if problem:
         raise ConfigError(problem)
@@ -408,45 +386,44 @@ def _run_sweep(
             f"none of the layouts can run with {world} rank(s): "
             + "; ".join(f"{c.label}: {c.skipped}" for c in sweep.candidates)
         )
-    claim()
-    earlier = _ledger(out, sweep)
-    for c in sweep.candidates:
-        c.runs = earlier.get(tuple(c.overrides), [])
-    out.mkdir(parents=True, exist_ok=True)
-    results = StudyLayout(out, "sweep").results
-    try:
-        if predict:
-            sweep.basis = _basis(sweep, basis_run, out, nodes, progress)
-            limit, what = _limit(sweep, memory_limit, sweep.basis)
-            for c in sweep.candidates:
-                if c.skipped:
-                    continue
-                p = predict_overrides(sweep.basis, config, c.overrides, world)
-                c.predicted = p.to_json()
-                if limit and p.peak_bytes and p.peak_bytes > limit:
-                    c.skipped = f"predicted peak {p.peak_bytes / 2**30:.2f} GiB a rank exceeds {limit / 2**30:.2f} GiB ({what})"
-            sweep.candidates.sort(key=lambda c: (c.predicted or {}).get("step_ms") or math.inf)
-        field_ = [c for c in sweep.candidates if not c.skipped]
-        if not field_:
-            raise ConfigError("no layout is predicted to fit in memory: " + "; ".join(
-                f"{c.label}: {c.skipped}" for c in sweep.candidates))  # fmt: skip
-        sweep.rungs = halving_rungs(len(field_), top, steps, repeats)
-        write_json_atomic(results, sweep.to_json())
-        with tempfile.TemporaryDirectory(dir=out) as work:
-            for i, (size, rung_steps, runs) in enumerate(sweep.rungs):
-                if i:
-                    last = sweep.rungs[i - 1][1]
-                    field_ = sorted(field_, key=lambda c: sweep.median_at(c, last) or math.inf)[:size]
-                _measure_rung(sweep, field_, rung_steps, runs, Path(work), nodes, progress, results, i)
-    except KeyboardInterrupt:
-        sweep.interrupted = True  # keep what was measured
-        raise
-    finally:
-        write_json_atomic(results, sweep.to_json())
-    from perfkit.reports.trials import write
+    with _claimed(out):  # the folder is claimed once the request has been checked
+        earlier = _ledger(out, sweep)
+        for c in sweep.candidates:
+            c.runs = earlier.get(tuple(c.overrides), [])
+        results = StudyLayout(out, "sweep").results
+        try:
+            if predict:
+                sweep.basis = _basis(sweep, basis_run, out, nodes, progress)
+                limit, what = _limit(sweep, memory_limit, sweep.basis)
+                for c in sweep.candidates:
+                    if c.skipped:
+                        continue
+                    p = predict_overrides(sweep.basis, config, c.overrides, world)
+                    c.predicted = p.to_json()
+                    if limit and p.peak_bytes and p.peak_bytes > limit:
+                        c.skipped = f"predicted peak {p.peak_bytes / 2**30:.2f} GiB a rank exceeds {limit / 2**30:.2f} GiB ({what})"
+                sweep.candidates.sort(key=lambda c: (c.predicted or {}).get("step_ms") or math.inf)
+            field_ = [c for c in sweep.candidates if not c.skipped]
+            if not field_:
+                raise ConfigError("no layout is predicted to fit in memory: " + "; ".join(
+                    f"{c.label}: {c.skipped}" for c in sweep.candidates))  # fmt: skip
+            sweep.rungs = halving_rungs(len(field_), top, steps, repeats)
+            write_json_atomic(results, sweep.to_json())
+            with tempfile.TemporaryDirectory(dir=out) as work:
+                for i, (size, rung_steps, runs) in enumerate(sweep.rungs):
+                    if i:
+                        last = sweep.rungs[i - 1][1]
+                        field_ = sorted(field_, key=lambda c: sweep.median_at(c, last) or math.inf)[:size]
+                    _measure_rung(sweep, field_, rung_steps, runs, Path(work), nodes, progress, results, i)
+        except KeyboardInterrupt:
+            sweep.interrupted = True  # keep what was measured
+            raise
+        finally:
+            write_json_atomic(results, sweep.to_json())
+        from perfkit.reports.trials import write
 
-    write(sweep.to_json(), StudyLayout(out, "sweep").page)
-    return sweep
+        write(sweep.to_json(), StudyLayout(out, "sweep").page)
+        return sweep
 
 
 def _measure_rung(

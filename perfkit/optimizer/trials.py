@@ -186,9 +186,10 @@ def measure(
         proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     except OSError as e:
         return Measurement(ok=False, error=f"could not start the trainer: {e}")
-    stdout, stderr = proc.stdout, proc.stderr
     if proc.returncode != 0:
-        return Measurement(ok=False, error=f"exit code {proc.returncode}: {_last_error(stderr + stdout)}")
+        return Measurement(
+            ok=False, error=f"exit code {proc.returncode}: {_last_error(proc.stderr + proc.stdout)}"
+        )
     if not nodes.single and not log.exists():
         return Measurement(
             ok=True, error="", steps=None
