@@ -85,8 +85,7 @@ def install(probe: Probe) -> None:
             return
         done.append(True)
         try:
-            frames = [{"file": f.filename} for f in traceback.extract_stack()[:-1]]
-            name = framework_of(frames)
+            name = framework_of(reversed(live_frames(sys._getframe(1))))  # no source lines read
             if name:
                 probe.describe(framework={"name": name, "version": _version(name), "at": _site()})
         except Exception:

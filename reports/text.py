@@ -44,8 +44,8 @@ def fix(f: Finding, metrics: Metrics) -> Fix:
     framework = metrics.model.get("framework")
     name = framework.get("name") if isinstance(framework, dict) else None
     site = metrics.model.get("call_sites", {}).get(r.site) if r.site else None
-    in_user_code = isinstance(site, dict) and site.get("library") == ""  # a line of the user's own
-    if name in r.frameworks and not in_user_code and (not site or site.get("library") in (None, name)):
+    # the framework's terms, unless perfkit saw the call made in the user's own line ("") or another library
+    if name in r.frameworks and (not isinstance(site, dict) or site.get("library") in (None, name)):
         at = framework.get("at") if isinstance(framework, dict) else None
         seen = f"  -- {name}, at {site['at']}" if isinstance(site, dict) and site.get("at") else ""
         return Fix(
