@@ -118,7 +118,7 @@ def exit_code(returncode: int) -> int:
 
 def run_command(argv: list[str], nproc: int) -> int:
     """Run argv to its end and return its exit code; Ctrl-C is passed on and waited for."""
-    proc = subprocess.Popen(argv, env=trainer_env(nproc))
+    proc = subprocess.Popen(dies_with_perfkit(argv), env=trainer_env(nproc))
     try:
         return exit_code(proc.wait())
     except KeyboardInterrupt:
@@ -180,12 +180,24 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def die_with_parent() -> None:
-    """In the child, before exec: receive SIGTERM when perfkit's process ends (Linux), so a killed
-    perfkit leaves no training job behind; torchrun passes SIGTERM on to its ranks."""
-    try:
-        import ctypes
+_TRAMPOLINE = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG; kept across exec
+except AttributeError:
+    pass  # not Linux
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(143)  # perfkit ended before this line
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as e:
+    sys.exit(f"perfkit: cannot start {sys.argv[2]!r}: {e.strerror}")
+"""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+def dies_with_perfkit(argv: list[str]) -> list[str]:
+    """argv run so that it gets SIGTERM when this perfkit process ends, however it ends (Linux's
+    parent-death signal, set by a small Python that then execs argv): a killed perfkit leaves no
+    training job behind; torchrun passes SIGTERM on to its ranks. Not a ``preexec_fn``: with one,
+    Python runs its at-fork handlers in perfkit, and a Ctrl-C landing in one is ignored."""
+    return [sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *argv]

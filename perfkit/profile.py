@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from perfkit.collectors.options import CollectOptions
 from perfkit.envinfo import environment
 from perfkit.errors import ConfigError
-from perfkit.launch import Nodes, die_with_parent, exit_code, stop_job, trainer_env
+from perfkit.launch import Nodes, dies_with_perfkit, exit_code, stop_job, trainer_env
 from perfkit.run import Run, RunLayout, Status
 from perfkit.tables import STEPS
 
@@ -165,9 +165,7 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
     try:
         # The job runs in its own process group, so that a signal reaches all of it (torchrun and
         # every rank) when perfkit passes it on; and it gets SIGTERM if perfkit itself dies.
-        proc = subprocess.Popen(
-            req.command, env=child_env(req), start_new_session=True, preexec_fn=die_with_parent
-        )
+        proc = subprocess.Popen(dies_with_perfkit(req.command), env=child_env(req), start_new_session=True)
     except OSError as e:
         run.finish("failed", 127)
         raise ConfigError(

@@ -144,13 +144,14 @@ def _with(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_signal_to_a_trial_leaves_no_trainer_behind(tmp_path: Path, signum: int) -> None:
     """sweep and optimize measure trials with the bundled trainer under torchrun: a signal to perfkit
-    alone had left torchrun and both ranks training on, reparented to init."""
+    alone had left torchrun and both ranks training on, reparented to init. A trainer that prints
+    nothing for a long time never learns of its closed output pipe: the parent-death signal ends it."""
     code = (
         "import sys\nfrom pathlib import Path\nfrom perfkit.optimizer.trials import measure\n"
-        "measure('tiny-cpu', 2, ['steps=100000'], Path(sys.argv[1]))\n"
+        "measure('tiny-cpu', 2, ['steps=100000', 'log_every=100000'], Path(sys.argv[1]))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=user_env())
     deadline = time.monotonic() + 120

@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from perfkit.errors import ConfigError, PerfkitError
-from perfkit.launch import ONE_NODE, Nodes, check_devices, trainer_command, trainer_env
+from perfkit.launch import (
+    ONE_NODE,
+    Nodes,
+    check_devices,
+    dies_with_perfkit,
+    stop_job,
+    trainer_command,
+    trainer_env,
+)
 from perfkit.progress import Reporter, quiet
 from perfkit.tables import loads
 from perfkit.trainer.config import load_config, resolve_layout
@@ -180,16 +188,18 @@ def measure(
     env.pop("PERFKIT_RUN_DIR", None)  # never profiled, even when perfkit itself is
     argv = trainer_command(nproc, config, list(overrides), log, nodes, run_id or uuid.uuid4().hex)
     try:
-        # No preexec_fn (a parent-death signal): with one, Python runs its at-fork handlers in perfkit,
-        # and a Ctrl-C landing in one is ignored; the suite caught a sweep that then ran on to its end.
-        # A signal to perfkit alone reaches the trainer through its closed output pipes.
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        proc = subprocess.Popen(
+            dies_with_perfkit(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
     except OSError as e:
         return Measurement(ok=False, error=f"could not start the trainer: {e}")
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:  # Ctrl-C: torchrun and every rank below it stop before perfkit does
+        stop_job(proc, proc.send_signal, grace=5.0)
+        raise
     if proc.returncode != 0:
-        return Measurement(
-            ok=False, error=f"exit code {proc.returncode}: {_last_error(proc.stderr + proc.stdout)}"
-        )
+        return Measurement(ok=False, error=f"exit code {proc.returncode}: {_last_error(stderr + stdout)}")
     if not nodes.single and not log.exists():
         return Measurement(
             ok=True, error="", steps=None
