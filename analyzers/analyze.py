@@ -432,6 +432,8 @@ def completeness(run: Run, t: Any, reports: dict[int, dict[str, Any]]) -> list[s
     missing = set(range(m.world_size)) - present
     if missing:
         out.append(f"{run.path}: rank(s) {ranges(missing)} of {m.world_size} wrote no folder")
+    if m.note:
+        out.append(f"{run.path}: {m.note}")
     if run.abandoned():
         out.append(
             f"{run.path}: the run failed: its owner (pid {m.pid}) was killed before it finished; "
@@ -449,7 +451,13 @@ def completeness(run: Run, t: Any, reports: dict[int, dict[str, Any]]) -> list[s
     for rank, report in sorted(reports.items()):
         status = report.get("status")
         if status not in ("complete", None) and not (status == "running" and m.status == "running"):
-            what = "was killed or crashed (its collectors never stopped)" if status == "running" else status
+            what = status
+            if status == "running":
+                what = (
+                    "could not record its end (the run's note above)"
+                    if m.note
+                    else "was killed or crashed (its collectors never stopped)"
+                )
             out.append(f"rank {rank} {what}")
     collected = m.collectors.get("steps")
     if collected is not None and collected.status == "ok":

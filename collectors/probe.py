@@ -71,6 +71,7 @@ class Probe:
         self.collectors: list[Collector] = []
         self.status: dict[str, dict[str, str]] = {}
         self._writers: dict[str, RowWriter] = {}
+        self._write_errors: list[str] = []  # tables that could not be written (a full disk), once each
         self._lock = threading.Lock()
         self._stopped = False
         self._outcome = "complete"
@@ -181,9 +182,7 @@ class Probe:
         for collector in self.collectors:
             if collector.enabled:
                 self._guard(collector, "stop", collector.stop, self)
-        for w in self._writers.values():
-            with contextlib.suppress(OSError):
-                w.close()
+        self._flush_writers(close=True)
         self._write_probe_json(self._outcome)
         if Probe.current is self:
             Probe.current = None
@@ -221,6 +220,9 @@ class Probe:
             "options": asdict(self.options),
             "model": self.description,
         }
+        if self._write_errors:
+            lost = sum(w.lost for w in self._writers.values())
+            info["write_errors"] = self._write_errors + ([f"{lost} row(s) lost"] if lost else [])
         collectives = self._collectives_state()
         if collectives is not None:  # what this rank was in when it stopped (a crash, a SIGTERM)
             info["collectives"] = collectives
@@ -228,6 +230,19 @@ class Probe:
             info["env"] = torch_environment()
         with contextlib.suppress(OSError):
             write_json_atomic(self.layout.probe(self.rank), info)
+
+    def _flush_writers(self, close: bool = False) -> None:
+        """Write out every table's rows. A table that cannot be written (a full disk) is said once,
+        on stderr and in probe.json; its rows stay held and go out once the disk has room."""
+        for w in list(self._writers.values()):
+            try:
+                w.close() if close else w.flush()
+            except OSError:
+                if w.error and w.error not in self._write_errors:
+                    self._write_errors.append(w.error)
+                    said = f"perfkit [rank {self.rank}]: {w.error}; its rows are held until there is room"
+                    print(said, file=sys.stderr, flush=True)
+                    self._write_probe_json("running")
 
     def _guard(self, collector: Collector, what: str, fn: Any, *args: Any) -> Any:
         if not collector.enabled:
@@ -358,9 +373,7 @@ class Probe:
         self._pending[-1].perfkit_s = now - self._self_at_step_end
         self._self_at_step_end = now
         self._resolve(force=False)
-        for w in list(self._writers.values()):
-            with contextlib.suppress(OSError):
-                w.flush()
+        self._flush_writers()
         self.self_time_s += time.thread_time() - t_enter
 
     def _resolve(self, force: bool) -> None:

@@ -7,6 +7,7 @@ Errors a user can cause reach them as one line and an exit code, never a traceba
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -76,6 +77,22 @@ class _Group(click.Group):
         except PerfkitError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:  # a place perfkit cannot write or read: what and where, never a traceback
+            click.echo(f"Error: {os_error_line(e)}", err=True)
+            ctx.exit(1)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed file operation: what failed, on which path, and what to do."""
+    where = f" ({e.filename})" if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}{where}: the disk is full; free space or write elsewhere with --out"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}{where}: choose a place you can write with --out"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"{what}{where}: a file or folder is in the way; choose another path"
+    return f"{what}{where}"
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -189,12 +206,22 @@ its steps from optimizer-step hooks. Exits with the command's exit code.
 @click.option(
     "--nproc", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks for the bundled trainer."
 )
+@click.option("--config", "config_name", help="The bundled trainer's config (as perfkit train takes it).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change the bundled trainer's config, e.g. --set parallel.tp=2 (repeatable).",
+)
 @click.option("--report", "with_report", is_flag=True, help="Then analyze the run and write its HTML report.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def profile(
     out: Path | None,
     name: str | None,
     nproc: int,
+    config_name: str | None,
+    overrides: tuple[str, ...],
     with_report: bool,
     command: tuple[str, ...],
     **collect: str | None,
@@ -204,16 +231,19 @@ def profile(
     from perfkit.run import default_run_path
 
     argv = list(command) or ["reference"]
-    if argv[0] in ("--set", "--config") or argv[0].startswith(("--set=", "--config=")):
-        argv = ["reference", *argv]  # perfkit profile --set parallel.tp=2: the bundled trainer, changed
-    elif argv[0].startswith("-"):
+    if argv[0].startswith("-"):
         raise click.UsageError(
             f"no such option: {argv[0]}; the command to profile goes after -- (perfkit profile -- python "
             "train.py), the bundled trainer's --config and --set may go right here"
         )
+    if (config_name or overrides) and argv[0] != "reference":
+        raise click.UsageError(
+            "--config and --set change the bundled trainer; pass your own script's options after -- instead"
+        )
     options = CollectOptions.from_text(collect)
     if argv[0] == "reference":
-        config_name, overrides = _reference_args(argv[1:])
+        inner_config, inner = _reference_args(argv[1:])
+        config_name, overrides = config_name or inner_config, (*overrides, *inner)
         name = name or Path(config_name).stem
         req = reference_request(config_name, overrides, nproc, out or default_run_path(name), name, options)
     else:

@@ -18,7 +18,9 @@ The manifest is always replaced atomically, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -241,6 +243,8 @@ class Manifest:
     """The process that owns the run while it is running (perfkit profile, or the script)."""
     host: str = ""
     """The host of that process."""
+    note: str = ""
+    """What went wrong in recording the run, in one line (a full disk), when something did."""
     schema_version: int = SCHEMA_VERSION
     perfkit_version: str = __version__
 
@@ -299,6 +303,7 @@ _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
     "collectors": dict,
     "pid": int,
     "host": str,
+    "note": str,
 }
 
 
@@ -417,11 +422,30 @@ class Run:
         write_json_atomic(self.manifest_path, self.manifest.to_json())
 
     def finish(self, status: Status, exit_code: int | None = None) -> None:
-        """Record the end of the run."""
+        """Record the end of the run. On a full disk, perfkit's own temporary files go and the
+        manifest is rewritten in place (its old blocks are freed first), saying so in ``note``."""
         self.manifest.status = status
         self.manifest.end = time.time()
         self.manifest.exit_code = exit_code
-        self.save()
+        try:
+            self.save()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.manifest.note = (
+                self.manifest.note or f"the disk filled up ({e.strerror}); the tables may stop early"
+            )
+            for tmp in self.path.rglob(".*.tmp*"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            data = json.dumps(self.manifest.to_json(), indent=1, sort_keys=True, default=str) + "\n"
+            try:
+                self.manifest_path.write_text(data)
+            except OSError:
+                raise RunDirError(
+                    f"the disk under {self.path} is full: its manifest could not be written; free space, "
+                    "then perfkit analyze reads what the ranks wrote"
+                ) from None
 
     def set_collector(self, name: str, status: Literal["ok", "disabled", "failed"], reason: str = "") -> None:
         self.manifest.collectors[name] = CollectorState(status=status, reason=reason)
@@ -460,14 +484,14 @@ class Run:
     def merge_rank_reports(self) -> None:
         """Fold each rank's collector status, world size, environment and workload description into
         the manifest: a collector failed on any rank is failed (naming the rank), disabled on all is
-        disabled, else ok."""
+        disabled, else ok; a table a rank could not write (a full disk) goes into ``note``. In memory:
+        ``finish`` writes it."""
         reports = self.rank_reports()
         m = self.manifest
         # A rank that failed before its first step wrote no report, only its failure record.
         failed_sizes = [_world_size_of(self.layout.failure_record(rank)) for rank in self.ranks()]
         m.world_size = max([m.world_size, *(r.get("world_size", 1) for r in reports.values()), *failed_sizes])
         if not reports:
-            self.save()
             return
         first = reports.get(0) or reports[min(reports)]
         if first.get("env"):
@@ -488,7 +512,14 @@ class Run:
                 m.collectors[name] = CollectorState(status="disabled", reason=disabled[0]["reason"])
             else:
                 m.collectors[name] = CollectorState(status="ok")
-        self.save()
+        unwritten = [
+            f"rank {rank}: {'; '.join(map(str, r['write_errors']))}"
+            for rank, r in reports.items()
+            if isinstance(r.get("write_errors"), list)
+        ]
+        if unwritten:
+            more = f" and {len(unwritten) - 1} more rank(s)" if len(unwritten) > 1 else ""
+            m.note = f"tables could not be written ({unwritten[0]}{more})"
 
 
 def _world_size_of(record: Path) -> int:

@@ -8,8 +8,10 @@ against the table's declared columns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,13 +133,22 @@ TABLES = {t.name: t for t in (STEPS, COMMS, IO, MEMORY, NVML, CPU)}
 
 
 class RowWriter:
-    """Buffers rows in memory and appends them to a JSON-lines file at each ``flush()``."""
+    """Buffers rows in memory and appends them to a JSON-lines file at each ``flush()``.
+
+    A write that fails (a full disk) keeps the rows for the next flush, up to ``MAX_HELD`` of them
+    (the oldest beyond that are counted in ``lost``); ``error`` says what failed first. A flush that
+    succeeds after the disk was freed writes what was held: nothing already collected is lost early."""
+
+    MAX_HELD = 100_000
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._rows: list[bytes] = []
         self._file: BinaryIO | None = None
         self._lock = threading.Lock()  # rows also arrive from completion callbacks and samplers
+        self._size = 0  # bytes in the file that end at a line boundary
+        self.error = ""
+        self.lost = 0
 
     def add(self, row: dict[str, Any]) -> None:
         line = orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -145,20 +156,46 @@ class RowWriter:
             self._rows.append(line)
 
     def flush(self) -> None:
+        """Raises the OSError of a failed write (after keeping its rows)."""
         with self._lock:
             rows, self._rows = self._rows, []
         if not rows:
             return
-        if self._file is None:
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run's length
-        self._file.write(b"\n".join(rows) + b"\n")
-        self._file.flush()
+        data = b"\n".join(rows) + b"\n"
+        try:
+            if self._file is None:
+                self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run's length
+                self._size = os.fstat(self._file.fileno()).st_size
+            self._file.write(data)
+            self._file.flush()
+            self._size += len(data)
+        except OSError as e:
+            self._hold(rows, e)
+            raise
+
+    def _hold(self, rows: list[bytes], e: OSError) -> None:
+        self.error = self.error or f"cannot write {self.path.name}: {e.strerror or e}"
+        if self._file is not None:  # part of the rows may be in: start again at a line boundary
+            with contextlib.suppress(OSError):
+                self._file.close()  # its buffer is lost with it: those rows are held below
+            self._file = None
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, self._size)
+        with self._lock:
+            self._rows[:0] = rows
+            over = len(self._rows) - self.MAX_HELD
+            if over > 0:
+                del self._rows[:over]
+                self.lost += over
 
     def close(self) -> None:
-        self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        try:
+            self.flush()
+        finally:
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                self._file = None
 
 
 def read_table(path: Path, table: Table, drop_bad_rows: bool = False) -> tuple[pd.DataFrame, list[str]]:

@@ -95,6 +95,8 @@ def command_line(argv: list[str]) -> str:
 def profile_summary(run: Run, rc: int, next_step: bool) -> str:
     m = run.manifest
     lines = ["", f"run directory:  {run.path}  (status {m.status}, exit code {rc}, {m.world_size} rank(s))"]
+    if m.note:
+        lines.append(f"  warning: {m.note}")
     shares = []
     for rank in run.ranks():
         counts = []

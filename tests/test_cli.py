@@ -1,11 +1,14 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import run_perfkit
 
 from perfkit import __version__
 from perfkit.cli import cli
+from perfkit.run import Run
 
 COMMANDS = [
     "train",
@@ -112,3 +115,32 @@ def test_numeric_collector_options_say_so_in_help() -> None:
     out = CliRunner().invoke(cli, ["profile", "--help"]).output
     assert "--nvml-hz NUMBER" in out and "--hang-timeout NUMBER" in out
     assert "--memory-history-entries INTEGER" in out and "--trace-ranks TEXT" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", "{trace}", "--out", "{blocked}/a"],
+        ["report", "{trace}", "--out", "{blocked}/r.html"],
+        ["compare", "{trace}", "{trace}", "--out", "{blocked}/c.html"],
+        ["export-trace", "{run}", "--out", "{blocked}/m.json"],
+        ["sweep", "--out", "{blocked}/s"],
+        ["optimize", "--out", "{blocked}/o"],
+    ],
+)
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path, args: list[str]) -> None:
+    """A file where the output folder should be (root ignores permissions, not this): each command
+    had ended in a mkdir traceback."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    trace = Path(__file__).parent / "data" / "h100" / "tuned_trace.json.gz"
+    run = Run.create(tmp_path / "run", command=["x"], world_size=1)
+    (run.path / "rank0").mkdir()
+    (run.path / "rank0" / "steps.jsonl").write_text(
+        '{"step": 1, "start_ns": 1, "end_ns": 9, "step_time_s": 0.1}\n'
+    )
+    run.finish("complete", 0)
+    r = run_perfkit(*[a.format(trace=trace, blocked=blocked, run=run.path) for a in args])
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "in the way" in errors[0], r.stderr[-1500:]

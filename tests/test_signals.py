@@ -5,6 +5,7 @@ a place that cannot be written is one line before anything starts."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,3 +188,43 @@ def test_a_signal_to_perfkit_over_torchrun_exits_like_the_shell(
     proc.communicate(timeout=60)
     assert proc.returncode == code and _gone(int(pidfile.read_text()), 10)
     assert Run.open(out).manifest.status == "interrupted"
+
+
+def test_a_full_disk_loses_no_training_and_says_so(tmp_path: Path) -> None:
+    """A run folder on a disk that fills up: the job trains on, each table says once that it cannot
+    be written, no temporary file is left, and the manifest is finished with a note (it had stayed
+    'running', which the analysis then read as a killed perfkit)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        r = run_perfkit("profile", "--out", str(mnt / "r"), "--set", "steps=12", "--nproc", "2")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and "No space left on device" in r.stderr
+        assert "done: 12 steps" in r.stdout
+        m = Run.open(mnt / "r").manifest
+        assert m.status == "complete" and "disk" in m.note
+        assert "warning: the disk filled up" in r.stdout
+        assert not list((mnt / "r").rglob(".*.tmp*"))
+        a = analyze(mnt / "r")
+        assert any("disk filled up" in p for p in a.problems), a.problems
+        assert not any("was killed" in p for p in a.problems)
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_a_table_that_cannot_be_written_keeps_its_rows_for_later(tmp_path: Path) -> None:
+    from perfkit.tables import RowWriter
+
+    w = RowWriter(tmp_path / "missing" / "steps.jsonl")  # its folder appears later, as space would
+    w.add({"step": 1})
+    with pytest.raises(OSError):
+        w.flush()
+    assert w.error.startswith("cannot write steps.jsonl")
+    (tmp_path / "missing").mkdir()
+    w.add({"step": 2})
+    w.close()
+    assert (tmp_path / "missing" / "steps.jsonl").read_text() == '{"step":1}\n{"step":2}\n'

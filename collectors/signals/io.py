@@ -9,6 +9,7 @@ The per-step data wait, the host blocked on the loader, is in the steps table.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -60,7 +61,8 @@ def record(
     if _worker_writer is None or _worker_writer.path != worker_file:
         _worker_writer = RowWriter(worker_file)
     _worker_writer.add(row)
-    _worker_writer.flush()
+    with contextlib.suppress(OSError):  # a full disk: held (bounded) for the next read's flush
+        _worker_writer.flush()
 
 
 def record_read(nbytes: int, latency_s: float, start_ns: int, path: str, step: int | None = None) -> None:

@@ -47,8 +47,12 @@ class KernelsCollector(Collector):
     def _export(self, probe: Probe, prof: profile) -> None:
         final = probe.layout.trace(probe.rank)
         tmp = final.with_name(f".trace.{os.getpid()}.tmp.json.gz")
-        prof.export_chrome_trace(str(tmp))
-        os.replace(tmp, final)
+        try:
+            prof.export_chrome_trace(str(tmp))
+            os.replace(tmp, final)
+        except BaseException:  # a full disk: no half trace left behind (the collector is marked failed)
+            tmp.unlink(missing_ok=True)
+            raise
         self._done = True
 
     def step_end(self, probe: Probe, step: int) -> None:

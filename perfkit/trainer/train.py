@@ -208,7 +208,7 @@ def _train(
     tokens_per_step = cfg.data.global_batch * cfg.model.seq_len
     flops_step = flops_per_token(cfg.model) * tokens_per_step
     peak = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    log_file = open(log_json, "a") if (log_json and rank == 0) else None  # noqa: SIM115
+    log_file: IO[str] | None = open(log_json, "a") if (log_json and rank == 0) else None  # noqa: SIM115
     records: list[dict[str, Any]] = []
     if rank == 0:
         print(
@@ -289,8 +289,7 @@ def _train(
                         flush=True,
                     )
                     if log_file:
-                        log_file.write(json.dumps(rec) + "\n")
-                        log_file.flush()
+                        log_file = _log(log_file, rec)
             if probe is not None:
                 perfkit.step(tokens=local_tokens, loss=loss)
         if ckpt:
@@ -308,3 +307,20 @@ def _train(
             line += f", {what} {records[-1]['peak_memory_bytes'] / 2**20:,.0f} MiB (busiest rank)"
         print(line, file=out, flush=True)
     return records
+
+
+def _log(log_file: IO[str], rec: dict[str, Any]) -> IO[str] | None:
+    """Append one record to the log; a log that cannot be written (a full disk) is said once and
+    given up, and training goes on."""
+    try:
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        return log_file
+    except OSError as e:
+        said = (
+            f"warning: the log {log_file.name} cannot be written ({e.strerror}); training goes on without it"
+        )
+        print(said, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            log_file.close()
+        return None
