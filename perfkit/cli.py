@@ -77,6 +77,9 @@ class _Group(click.Group):
         except PerfkitError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except BrokenPipeError:  # perfkit ... | head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
         except OSError as e:  # a place perfkit cannot write or read: what and where, never a traceback
             click.echo(f"Error: {os_error_line(e)}", err=True)
             ctx.exit(1)
@@ -106,7 +109,7 @@ def cli() -> None:
     """
 
 
-def config_options(nproc_default: int = 1) -> Any:
+def config_options() -> Any:
     """--config, --set and --nproc, as every command that runs the bundled trainer takes them."""
     options = [
         click.option(
@@ -126,7 +129,7 @@ def config_options(nproc_default: int = 1) -> Any:
         click.option(
             "--nproc",
             type=click.IntRange(min=1),
-            default=nproc_default,
+            default=2,
             show_default=True,
             help="Ranks to start on this node (one GPU each on GPU).",
         ),
@@ -467,7 +470,7 @@ def _partial_on_interrupt(results: Path) -> Iterator[None]:
 
 
 @cli.command(context_settings=CONTEXT)
-@config_options(nproc_default=2)
+@config_options()
 @click.option(
     "--layout",
     "layouts",
@@ -588,12 +591,16 @@ def whatif(run: Path, overrides: tuple[str, ...], nproc: int | None) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("run", required=False, type=click.Path(path_type=Path))
-@config_options(nproc_default=2)
+@config_options()
 @click.option(
     "--steps", type=click.IntRange(min=2), default=30, show_default=True, help="Steps per timing run."
 )
 @click.option(
-    "--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Run pairs per trial."
+    "--repeats",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="Run pairs per trial (at least 2: one pair gives no interval to decide by).",
 )
 @click.option(
     "--min-gain",
@@ -611,7 +618,7 @@ def whatif(run: Path, overrides: tuple[str, ...], nproc: int | None) -> None:
 )
 @click.option(
     "--max-repeats",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=2),
     help="Most run pairs per trial while its interval straddles the bar (default 4 x --repeats).",
 )
 @click.option(

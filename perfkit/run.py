@@ -100,15 +100,26 @@ class RunLayout:
 
     @property
     def report(self) -> Path:
-        return self.root / "report" / "index.html"
+        return self._own(self.root / "report" / "index.html")
 
     @property
     def compare_page(self) -> Path:
-        return self.root / "report" / "compare.html"
+        return self._own(self.root / "report" / "compare.html")
 
     @property
     def merged_trace(self) -> Path:
-        return self.root / "trace" / "merged.json.gz"
+        return self._own(self.root / "trace" / "merged.json.gz")
+
+    def _own(self, path: Path) -> Path:
+        """An output path in a folder of the run's own: a folder that is a link is refused, so that
+        perfkit never writes through it to a place outside the run."""
+        folder = path.parent
+        if folder.is_symlink():
+            raise RunDirError(
+                f"{folder} is a link to {os.readlink(folder)}; perfkit writes only inside the run: "
+                "remove the link, or write elsewhere with --out"
+            )
+        return path
 
     def rank_dir(self, rank: int) -> Path:
         return self.root / f"rank{rank}"

@@ -162,6 +162,12 @@ def test_whatif_prints_one_screen(tmp_path: Path) -> None:
     measured, modelled, change = (float(x) for x in step.split()[4:7])
     assert measured == modelled == 30.0 and change > measured  # 16 all-reduces of activations a step
     assert any("activations (TP all-reduce)" in ln for ln in lines) and "alpha 0.500 ms" in r.stdout
+    header = next(ln for ln in lines if "measured" in ln and "modelled" in ln)
+    assert len(header.split()) == len(step.split()) - 4  # a header over each column of figures
+    assert any(ln.startswith("measured: the median step after the first 3 (warm-up) steps") for ln in lines)
+    assert "note: the basis run" not in r.stdout
+    bad = run_perfkit("whatif", str(run), "--set", "device=cuda")
+    assert bad.returncode == 2 and "profile a run there" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_perfkit("whatif", str(run), "--set", "parallel.tp=3")
     assert (
         bad.returncode == 2
@@ -173,6 +179,14 @@ def test_whatif_prints_one_screen(tmp_path: Path) -> None:
     assert (
         bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "bundled trainer" in bad.stderr
     )
+
+
+def test_a_basis_whose_perfkit_was_killed_says_so(tmp_path: Path) -> None:
+    run = Run.open(make_basis(tmp_path))
+    run.manifest.status, run.manifest.pid = "running", 2**22 + 12345  # no such process
+    run.save()
+    r = run_perfkit("whatif", str(run.path), "--set", "parallel.tp=2")
+    assert r.returncode == 0 and "note: the basis run failed: its steps may stop early" in r.stdout
 
 
 def test_spearman_and_halving() -> None:

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import run_perfkit
 
 from perfkit.errors import RunDirError
 from perfkit.run import MANIFEST_NAME, SCHEMA_VERSION, Run, default_run_path
@@ -119,3 +120,23 @@ def test_an_impossible_world_size_is_damage_not_memory(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(RunDirError, match="world_size or command is impossible"):
         Run.open(tmp_path)
+
+
+@pytest.mark.parametrize(("folder", "command"), [("report", "report"), ("trace", "export-trace")])
+def test_an_output_folder_that_is_a_link_is_not_written_through(
+    tmp_path: Path, folder: str, command: str
+) -> None:
+    run = Run.create(tmp_path / "run", command=["x"], world_size=1)
+    (run.path / "rank0").mkdir()
+    (run.path / "rank0" / "steps.jsonl").write_text(
+        '{"step": 1, "start_ns": 1, "end_ns": 9, "step_time_s": 0.1}\n'
+    )
+    run.finish("complete", 0)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run.path / folder).symlink_to(outside)
+    r = run_perfkit(command, str(run.path))
+    assert (
+        r.returncode == 1 and "perfkit writes only inside the run" in r.stderr and "Traceback" not in r.stderr
+    )
+    assert not list(outside.iterdir())

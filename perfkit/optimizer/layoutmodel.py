@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from perfkit.analyzers.comms import bus_factor, pipeline_fill, service_ns
-from perfkit.errors import RunDirError
+from perfkit.errors import ConfigError, RunDirError
 from perfkit.tables import loads
 from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
 
@@ -421,6 +421,9 @@ def basis_from_run(run_path: Path) -> Basis:
             "the basis recorded no collectives: latency and bandwidth are assumed, not measured"
         )
     basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s, basis.comm_basis = fit
+    status = "failed" if run.abandoned() else run.manifest.status
+    if status != "complete":
+        basis.notes.append(f"the basis run {status}: its steps may stop early or hold its end")
     c = t.comms
     if (
         not c.empty
@@ -522,6 +525,11 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
     """``perfkit whatif``: the basis as measured and as modelled, and the change, part by part."""
     base_cfg = config_from_dict(basis.config)
     cfg = config_from_dict(basis.config, overrides)
+    if cfg.device != base_cfg.device:
+        raise ConfigError(
+            f"whatif models layouts on the basis's own hardware ({base_cfg.device}); for device={cfg.device}, "
+            f"profile a run there and ask whatif of that run"
+        )
     lay = resolve_layout(cfg, world_size)
     before = predict(basis, base_cfg, basis.world_size)
     after = predict(basis, cfg, world_size)
@@ -531,7 +539,7 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
     lines = [
         f"perfkit whatif: {basis.run} ({name}) with {change} ({describe(cfg, lay)} on {world_size} rank(s))",
         "",
-        f"{'':<34}{'measured':>10}{'modelled':>10}{'change':>10}",
+        f"{'':<34}{'measured':>10}{'modelled':>10}{'changed':>10}   ratio",
         f"{'time per step (ms)':<34}{basis.step_s * 1e3:>10.1f}{before.step_s * 1e3:>10.1f}"
         f"{after.step_s * 1e3:>10.1f}   {after.step_s / before.step_s:.2f}x",
     ]
@@ -563,6 +571,10 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
         lines.append(
             f"memory: {basis.base_bytes / mib:,.0f} MiB of the measured peak is libraries and buffers, the same in every layout"
         )
+    lines.append(
+        f"measured: the median step after the first {WARMUP} (warm-up) steps, a rank's then across ranks; "
+        "modelled: the basis as the model sees it; changed: with the change"
+    )
     lines += [f"note: {n}" for n in [*basis.notes, *after.notes]]
     return lines
 
