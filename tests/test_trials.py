@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -381,7 +383,7 @@ def test_a_sweep_never_drops_what_an_earlier_start_measured(tmp_path: Path) -> N
         s.candidates = [Candidate(x, [x]) for x in layouts]
         return s
 
-    ledger = {"config": "tiny-cpu", "nproc": 2, "nodes": 1, "overrides": [], "candidates": [
+    ledger = {"schema_version": 2, "config": "tiny-cpu", "nproc": 2, "nodes": 1, "overrides": [], "candidates": [
         {"overrides": ["parallel.tp=2"], "runs": [{"ok": True, "step_ms": 40.0}]},
         {"overrides": ["parallel.pp=2"], "runs": [{"ok": True, "step_ms": 30.0}]},
     ]}  # fmt: skip
@@ -389,6 +391,42 @@ def test_a_sweep_never_drops_what_an_earlier_start_measured(tmp_path: Path) -> N
     assert _ledger(tmp_path, sweep("parallel.tp=2", "parallel.pp=2", "parallel.zero=1"))[("parallel.pp=2",)]
     with pytest.raises(ConfigError, match=r"measured layouts this one leaves out \(parallel.pp=2\)"):
         _ledger(tmp_path, sweep("parallel.tp=2"))
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"schema_version": 9}, "schema 9"),
+        ({"schema_version": "2"}, "schema '2'"),
+        ({"candidates": [{"overrides": ["parallel.tp=2"], "runs": [{"ok": True, "step_ms": -70.0}]}]},
+         "impossible step_ms"),
+        ({"candidates": [{"overrides": ["parallel.tp=2"], "runs": [{"ok": "yes"}]}]}, "without ok"),
+        ({"candidates": [{"overrides": ["parallel.tp=2"], "runs": [{"ok": True, "samples_ms": [1, "x"]}]}]},
+         "impossible samples_ms"),
+        ({"candidates": [{"overrides": ["parallel.tp=2"], "runs": 5}]}, "damaged"),
+    ],
+)  # fmt: skip
+def test_a_tampered_or_newer_sweep_ledger_is_refused(
+    tmp_path: Path, change: dict[str, Any], said: str
+) -> None:
+    """A ledger from a newer perfkit had been rewritten in the old schema (its data dropped); an edited
+    one gave tracebacks or negative speed-ups."""
+    from perfkit.errors import RunDirError
+    from perfkit.optimizer.sweep import Sweep, _ledger
+
+    s = Sweep("tiny-cpu", 2, [], 1)
+    s.candidates = [Candidate("tp", ["parallel.tp=2"])]
+    ledger = {
+        "schema_version": 2,
+        "config": "tiny-cpu",
+        "nproc": 2,
+        "nodes": 1,
+        "overrides": [],
+        "candidates": [],
+    }
+    (tmp_path / "sweep.json").write_text(json.dumps({**ledger, **change}))
+    with pytest.raises(RunDirError, match=re.escape(said)):
+        _ledger(tmp_path, s)
 
 
 def test_one_sweep_at_a_time_in_a_folder(tmp_path: Path) -> None:

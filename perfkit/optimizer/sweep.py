@@ -234,6 +234,12 @@ def _ledger(out: Path, sweep: Sweep) -> dict[tuple[str, ...], list[Measurement]]
         raise RunDirError(
             f"{path} is not a sweep ledger (not a JSON object); move it away or use another --out"
         )
+    version = old.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
+        raise RunDirError(
+            f"{path} is a sweep ledger of schema {version!r}, which this perfkit (schema {SCHEMA_VERSION}) "
+            "cannot extend without dropping data; use the perfkit that wrote it, or another --out"
+        )
     same = (old.get("config"), old.get("nproc"), old.get("nodes", 1), old.get("overrides")) == (
         sweep.config,
         sweep.nproc,
@@ -245,11 +251,14 @@ def _ledger(out: Path, sweep: Sweep) -> dict[tuple[str, ...], list[Measurement]]
             f"{out} holds a different sweep ({old.get('config')} on {old.get('nproc')} rank(s), "
             f"overrides {' '.join(old.get('overrides') or []) or 'none'}); use another --out to start a new one"
         )
-    measured = {
-        tuple(c["overrides"]): [Measurement.from_json(r) for r in c.get("runs", [])]
-        for c in old.get("candidates", [])
-        if isinstance(c, dict) and isinstance(c.get("overrides"), list)
-    }
+    try:
+        measured = {
+            tuple(map(str, c["overrides"])): [Measurement.from_json(r) for r in c.get("runs") or []]
+            for c in old.get("candidates") or []
+            if isinstance(c, dict) and isinstance(c.get("overrides"), list)
+        }
+    except (ValueError, TypeError) as e:
+        raise RunDirError(f"{path} is damaged ({e}); move it away or use another --out") from None
     wanted = [list(c.overrides) for c in sweep.candidates]
     dropped = [" ".join(k) for k, runs in measured.items() if runs and list(k) not in wanted]
     if dropped:  # rewriting the ledger without them would lose what was measured

@@ -63,8 +63,35 @@ class Measurement:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Measurement:
+        """Raises ValueError on a value no run could have written (a ledger edited or damaged)."""
+        if not isinstance(d, dict) or not isinstance(d.get("ok"), bool):
+            raise ValueError(f"a run without ok: {str(d)[:80]}")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        m = cls(**{k: v for k, v in d.items() if k in known})
+
+        def number(x: Any, low: float = 0.0) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > low
+
+        bad = [
+            name
+            for name, fine in (
+                ("step_ms", m.step_ms is None or number(m.step_ms)),
+                ("tokens_per_s", m.tokens_per_s is None or number(m.tokens_per_s)),
+                ("mfu", m.mfu is None or number(m.mfu, -1e-12)),
+                (
+                    "loss",
+                    m.loss is None or (isinstance(m.loss, int | float) and not isinstance(m.loss, bool)),
+                ),
+                ("peak_memory_bytes", m.peak_memory_bytes is None or number(m.peak_memory_bytes)),
+                ("samples_ms", isinstance(m.samples_ms, list) and all(number(x) for x in m.samples_ms)),
+                ("error", isinstance(m.error, str)),
+                ("steps", m.steps is None or (isinstance(m.steps, int) and m.steps > 0)),
+            )
+            if not fine
+        ]
+        if bad:
+            raise ValueError(f"a run with an impossible {bad[0]}: {getattr(m, bad[0])!r}"[:160])
+        return m
 
 
 @dataclass
