@@ -325,6 +325,7 @@ def analyze(
             command=m.command,
             env=m.env,
             collectors={k: v.status for k, v in m.collectors.items()},
+            notes=[f"{k}: {v.reason}" for k, v in m.collectors.items() if v.status == "ok" and v.reason],
         )
         metrics.config = m.config
         metrics.model = m.model

@@ -198,6 +198,8 @@ class RunInfo:
     env: dict[str, Any]
     collectors: dict[str, str]
     """Each collector by name: ok, disabled or failed."""
+    notes: list[str] = field(default_factory=list)
+    """What collectors that ran said of the run (the step after which the trace was written)."""
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ per event), which reads every layout and words the error when there is one.
 from __future__ import annotations
 
 import gzip
+import math
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -373,12 +374,13 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
     for e in events:
         if not isinstance(e, dict) or e.get("ph") != "X":
             continue
-        t, d = e.get("ts"), e.get("dur")
-        if not isinstance(t, int | float) or not isinstance(d, int | float):
-            continue
         cat = e.get("cat") or ""
         if cat == "Trace":
             continue
+        # a time that is not a number is an impossible time: counted where those are dropped
+        t, d = e.get("ts"), e.get("dur")
+        t = t if isinstance(t, int | float) else math.nan
+        d = d if isinstance(d, int | float) else math.nan
         name = e.get("name") or ""
         args = e.get("args") or {}
         i = len(names)
@@ -441,7 +443,7 @@ def _us_to_ns(us: np.ndarray) -> np.ndarray:
     return whole.astype(np.int64) * 1000 + np.rint((us - whole) * 1e3).astype(np.int64)
 
 
-def _base_ns(value: Any, path: Path, repairs: list[str]) -> int:
+def base_ns(value: Any, path: Path, repairs: list[str]) -> int:
     """baseTimeNanoseconds as an int; a damaged one is left out (times stay relative)."""
     try:
         base = int(value or 0)
@@ -453,7 +455,7 @@ def _base_ns(value: Any, path: Path, repairs: list[str]) -> int:
     return base
 
 
-def _plausible(ts_us: np.ndarray, dur_us: np.ndarray) -> np.ndarray:
+def plausible_times(ts_us: np.ndarray, dur_us: np.ndarray) -> np.ndarray:
     """Events whose times can be real: finite, non-negative durations, and within the trace's span
     (a damaged duration of 2^64 would otherwise put every percentage off by orders of magnitude)."""
     ok = np.isfinite(ts_us) & np.isfinite(dur_us) & (dur_us >= 0) & (np.abs(ts_us) < 4e15) & (dur_us < 4e15)
@@ -472,7 +474,7 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
     if fast is not None:
         cols, comm_rows, meta = fast
         info = meta["distributedInfo"] or {}
-        base = _base_ns(meta["baseTimeNanoseconds"], path, repairs)
+        base = base_ns(meta["baseTimeNanoseconds"], path, repairs)
         props = meta["deviceProperties"] or []
         if meta["bad_ints"]:
             repairs.append(f"{path}: {meta['bad_ints']} event id(s) outside int64 ignored")
@@ -485,7 +487,7 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
             raise TraceError(f"{path}: not a Kineto trace (no traceEvents list)")
         cols, comm_rows = _dict_events(data["traceEvents"])
         info = data.get("distributedInfo") or {}
-        base = _base_ns(data.get("baseTimeNanoseconds"), path, repairs)
+        base = base_ns(data.get("baseTimeNanoseconds"), path, repairs)
         props = data.get("deviceProperties") or []
     if not isinstance(info, dict):
         info = {}
@@ -498,7 +500,7 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
         rank = int(m.group(1)) if m else 0
     if not len(cols["name"]):
         raise TraceError(f"{path}: holds no complete events; nothing to analyze")
-    ok = _plausible(cols["ts"], cols["dur"])
+    ok = plausible_times(cols["ts"], cols["dur"])
     dropped = int((~ok).sum())
     if dropped:
         repairs.append(f"{path}: {dropped} event(s) with impossible times dropped")

@@ -521,8 +521,9 @@ class Run:
                 m.collectors[name] = CollectorState(status="failed", reason=f"rank {rank}: {state['reason']}")
             elif len(disabled) == len(states):
                 m.collectors[name] = CollectorState(status="disabled", reason=disabled[0]["reason"])
-            else:
-                m.collectors[name] = CollectorState(status="ok")
+            else:  # with what an ok collector said of itself (where the trace was written)
+                reason = next((s["reason"] for s in states.values() if s.get("reason")), "")
+                m.collectors[name] = CollectorState(status="ok", reason=str(reason))
         unwritten = [
             f"rank {rank}: {'; '.join(map(str, r['write_errors']))}"
             for rank, r in reports.items()

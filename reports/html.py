@@ -242,7 +242,10 @@ def render(analysis: Analysis) -> str:
         Section(
             "steps",
             "Per-rank step timeline",
-            _join(_fig(figures.per_step(t.get("steps"), "step_time_s", "Step time per step"))),
+            _join(
+                _fig(figures.per_step(t.get("steps"), "step_time_s", "Step time per step")),
+                *[Markup("<p class='note'>{}</p>").format(n) for n in (run.notes if run else [])],
+            ),
             _collector_reason(m, "steps") if run else "a bare trace has no perfkit step table",
         ),
         Section("gpu", "Compute / communication / memory / idle", _fig(figures.gpu_breakdown(m)), no_trace),

@@ -12,10 +12,11 @@ import gzip
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from perfkit.analyzers.comms import service_ns
 from perfkit.analyzers.runtables import load_tables
-from perfkit.analyzers.trace import TraceError, read_json
+from perfkit.analyzers.trace import TraceError, base_ns, plausible_times, read_json
 
 from perfkit.run import Run, write_atomic
 
@@ -42,7 +43,9 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
         except TraceError as e:
             notes.append(str(e))
             continue
-        per_rank[rank] = (data.get("traceEvents", []), int(data.get("baseTimeNanoseconds") or 0))
+        events, repairs = _possible_events(data, path)
+        notes += repairs
+        per_rank[rank] = (events, base_ns(data.get("baseTimeNanoseconds"), path, notes))
     tables = load_tables(run)
     # Integer nanoseconds: an epoch time in float ns has 256 ns steps, enough to reorder events.
     starts = [
@@ -152,6 +155,25 @@ def merged_trace(run: Run) -> tuple[dict[str, Any], list[str]]:
         "displayTimeUnit": "ms",
         "otherData": {"perfkit_run": run.manifest.name},
     }, notes
+
+
+def _possible_events(data: Any, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The trace's events that analyze keeps: objects, and of the timed ones those whose times can
+    be real (the same test as analyze's), so the merged trace shows what the analysis counted."""
+    events = data.get("traceEvents") if isinstance(data, dict) else None
+    events = [ev for ev in events if isinstance(ev, dict)] if isinstance(events, list) else []
+
+    def number(x: Any) -> float:
+        return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else float("nan")
+
+    timed = [i for i, ev in enumerate(events) if "ts" in ev]
+    ok = plausible_times(
+        np.array([number(events[i]["ts"]) for i in timed], dtype=float),
+        np.array([number(events[i].get("dur", 0)) for i in timed], dtype=float),
+    )
+    bad = {i for i, fine in zip(timed, ok, strict=True) if not fine}
+    notes = [f"{path}: {len(bad)} event(s) with impossible times left out"] if bad else []
+    return [ev for i, ev in enumerate(events) if i not in bad], notes
 
 
 def write_merged(run: Run, out: Path) -> tuple[Path, list[str]]:

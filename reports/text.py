@@ -124,6 +124,8 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
     for cname, state in sorted(m.collectors.items()):
         if state.status != "ok":
             lines.append(f"  collector {cname}: {state.status} ({state.reason})")
+        elif state.reason:
+            lines.append(f"  collector {cname}: {state.reason}")
     if next_step:
         lines.append(f"next: {command_line([perfkit_command(), 'analyze', str(run.path)])}")
     return "\n".join(lines)

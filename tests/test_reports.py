@@ -125,6 +125,31 @@ def test_merged_trace_draws_queued_collectives_where_they_ran(tmp_path: Path) ->
     assert [e["args"].get("queued_ms") for e in slices] == [None, 3.0, 6.0, None]
 
 
+def test_the_merged_trace_leaves_out_the_events_analyze_drops(tmp_path: Path) -> None:
+    """export-trace had kept events with impossible times that the analysis drops."""
+    from perfkit.reports.perfetto import merged_trace
+
+    run = Run.create(tmp_path / "run", command=["x"], world_size=1)
+    d = run.layout.rank_dir(0)
+    d.mkdir(parents=True, exist_ok=True)
+    good = [
+        {"ph": "X", "name": f"k{i}", "pid": 0, "tid": 7, "ts": 1000.0 + 10 * i, "dur": 5.0} for i in range(20)
+    ]
+    bad = [{"ph": "X", "name": "neg", "pid": 0, "tid": 7, "ts": 1100.0, "dur": -5.0},
+           {"ph": "X", "name": "huge", "pid": 0, "tid": 7, "ts": 1100.0, "dur": 2.0**64},
+           {"ph": "X", "name": "text", "pid": 0, "tid": 7, "ts": "soon", "dur": 1.0}, "not an event"]  # fmt: skip
+    trace = {"traceEvents": [*good, *bad], "baseTimeNanoseconds": "damaged"}
+    (d / "trace.json.gz").write_bytes(gzip.compress(json.dumps(trace).encode()))
+    run.finish("complete", 0)
+    merged, notes = merged_trace(Run.open(run.path))
+    names = {e["name"] for e in merged["traceEvents"] if e.get("ph") == "X"}
+    assert names == {f"k{i}" for i in range(20)}
+    assert any("3 event(s) with impossible times left out" in n for n in notes), notes
+    assert any("baseTimeNanoseconds" in n for n in notes), notes
+    a = analyze(run.path)
+    assert any("3 event(s) with impossible times dropped" in p for p in a.problems), a.problems
+
+
 def test_an_undecided_optimize_is_not_called_a_failure() -> None:
     """'nothing measurably helped' had been said of trials whose interval straddled the bar."""
     from types import SimpleNamespace
