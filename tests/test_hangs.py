@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import run_perfkit
+from helpers import fr_dump, fr_entry, fr_json_dump, run_perfkit
 from perfkit.analyzers.analyze import analyze
 
 from perfkit.cli import cli
@@ -126,39 +126,13 @@ def test_a_damaged_hang_record_is_one_line(tmp_path: Path) -> None:
     assert sum("hang.json: cannot be read" in line for line in result.output.splitlines()) == 1
 
 
-def _dump(rank: int, entries: list[dict], last_completed: int) -> bytes:
-    """A flight-recorder dump as torch 2.13 pickles it (the layout _dump_fr_trace returns)."""
-    import pickle
-
-    return pickle.dumps(
-        {
-            "version": "2.10",
-            "pg_config": {"0": {"name": "0", "desc": "default_pg", "ranks": "[0, 1]"}},
-            "pg_status": {"0": {"last_enqueued_collective": max([e["collective_seq_id"] for e in entries] or [last_completed]),
-                                "last_started_collective": -1, "last_completed_collective": last_completed}},
-            "entries": entries,
-        }
-    )  # fmt: skip
-
-
-def _entry(seq: int, op: str, line: int) -> dict:
-    return {
-        "record_id": seq, "pg_id": 0, "process_group": ("0", "default_pg"), "collective_seq_id": seq, "p2p_seq_id": 0,
-        "op_id": seq, "profiling_name": f"nccl:{op}", "time_created_ns": seq, "input_sizes": [[4]],
-        "input_dtypes": ["Float"], "output_sizes": [[4]], "output_dtypes": ["Float"], "state": "scheduled",
-        "is_p2p": False, "retired": False, "timeout_ms": 600000,
-        "frames": [{"name": op, "filename": "/x/site-packages/torch/distributed/distributed_c10d.py", "line": 1},
-                   {"name": "main", "filename": "/home/u/train.py", "line": line}],
-    }  # fmt: skip
-
-
 @pytest.mark.parametrize(("rank1", "finding"), [("missing", "hang"), ("broadcast", "desync")])
 def test_flight_recorder_dumps_give_the_same_findings(tmp_path: Path, rank1: str, finding: str) -> None:
     (tmp_path / "nccl_trace_rank_0").write_bytes(
-        _dump(0, [_entry(4, "all_reduce", 20), _entry(5, "all_reduce", 20)], 4)
+        fr_dump(0, [fr_entry(4, "all_reduce", 20), fr_entry(5, "all_reduce", 20)], 4)
     )
-    rank1_entries = [_entry(4, "all_reduce", 20)] + ([_entry(5, rank1, 31)] if rank1 != "missing" else [])
-    (tmp_path / "nccl_trace_rank_1").write_bytes(_dump(1, rank1_entries, 4))
+    rank1_entries = [fr_entry(4, "all_reduce", 20)] + ([fr_entry(5, rank1, 31)] if rank1 != "missing" else [])
+    (tmp_path / "nccl_trace_rank_1").write_bytes(fr_dump(1, rank1_entries, 4))
     a = analyze(tmp_path)
     top = a.findings[0]
     assert top.id == finding and a.ranks == [0, 1], [(f.id, f.title) for f in a.findings]
@@ -190,35 +164,11 @@ def test_a_real_flight_recorder_dump_is_read(tmp_path: Path) -> None:
 
 
 def test_a_damaged_dump_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "nccl_trace_rank_0").write_bytes(_dump(0, [_entry(5, "all_reduce", 20)], 4))
+    (tmp_path / "nccl_trace_rank_0").write_bytes(fr_dump(0, [fr_entry(5, "all_reduce", 20)], 4))
     (tmp_path / "nccl_trace_rank_1").write_bytes(b"\x80\x04garbage")
     result = CliRunner().invoke(cli, ["analyze", str(tmp_path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "Traceback" not in result.output
     assert sum("not a readable flight-recorder dump" in line for line in result.output.splitlines()) == 1
-
-
-def _json_dump(n: int, last_completed: int) -> bytes:
-    """A JSON dump as torch 2.13's _dump_fr_trace_json writes it: keys sorted, pg_status's sequence
-    numbers as strings, no rank field (checked against a real one on gloo)."""
-    entries = [
-        {"collective_seq_id": k, "input_dtypes": ["Float"], "input_sizes": [[4]], "is_p2p": False, "op_id": k,
-         "output_dtypes": ["Float"], "output_sizes": [[4]], "p2p_seq_id": 0, "pg_id": 0,
-         "process_group": ["0", "default_pg"], "profiling_name": "gloo:all_reduce", "record_id": k - 1,
-         "retired": True, "state": "scheduled", "thread_id": "1", "thread_name": "python",
-         "time_created_ns": k, "time_discovered_completed_ns": 0, "time_discovered_started_ns": 0,
-         "timeout_ms": 1800000}
-        for k in range(1, n + 1)
-    ]  # fmt: skip
-    doc = {
-        "comm_lib_version": "",
-        "entries": entries,
-        "nccl_comm_state": {},
-        "pg_config": {"0": {"desc": "default_pg", "name": "0", "ranks": "[0, 1]"}},
-        "pg_status": {"0": {"last_completed_collective": str(last_completed), "last_enqueued_collective": str(n),
-                            "last_started_collective": "-1"}},
-        "version": "2.10",
-    }  # fmt: skip
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
 @pytest.mark.parametrize("n", [3, 40])
@@ -226,7 +176,7 @@ def test_a_json_dump_as_torch_writes_it_is_healthy(tmp_path: Path, n: int) -> No
     """Completed counts written as strings ("3") had read as never completed: [critical] The job
     hung; 40 entries put pg_status past the 4 KB the sniffer read: "not a Kineto trace"."""
     for rank in (0, 1):
-        (tmp_path / f"fr_rank_{rank}.json").write_bytes(_json_dump(n, n))
+        (tmp_path / f"fr_rank_{rank}.json").write_bytes(fr_json_dump(n, n))
     a = analyze(tmp_path)
     assert a.ranks == [0, 1] and not a.findings, [(f.id, f.title) for f in a.findings]
     result = CliRunner().invoke(cli, ["analyze", str(tmp_path), "--out", str(tmp_path / "out")])
@@ -239,14 +189,14 @@ def test_dumps_pickled_otherwise_and_named_oddly(tmp_path: Path) -> None:
     import gzip
     import pickle
 
-    entries = [_entry(4, "all_reduce", 20)]
+    entries = [fr_entry(4, "all_reduce", 20)]
     (tmp_path / "fr_trace_20240601_0").write_bytes(
-        pickle.dumps(pickle.loads(_dump(0, entries, 4)), protocol=0)
+        pickle.dumps(pickle.loads(fr_dump(0, entries, 4)), protocol=0)
     )
-    (tmp_path / "fr_trace_20240601_1.gz").write_bytes(gzip.compress(_dump(1, entries, 4)))
+    (tmp_path / "fr_trace_20240601_1.gz").write_bytes(gzip.compress(fr_dump(1, entries, 4)))
     a = analyze(tmp_path)
     assert a.ranks == [0, 1] and not a.findings, (a.ranks, a.problems)
-    (tmp_path / "fr_trace_20240601.pickle").write_bytes(_dump(1, entries, 4))  # rank by order: 0 again
+    (tmp_path / "fr_trace_20240601.pickle").write_bytes(fr_dump(1, entries, 4))  # rank by order: 0 again
     (tmp_path / "fr_trace_20240601_1.gz").unlink()
     a = analyze(tmp_path)
     assert a.ranks == [0] and not a.findings
@@ -265,8 +215,8 @@ def test_a_dump_of_millions_of_entries_is_cut_and_said(tmp_path: Path) -> None:
 
     from perfkit.analyzers.flight import MAX_ENTRIES
 
-    entry = _entry(4, "all_reduce", 20)
-    doc = pickle.loads(_dump(0, [entry], 4))
+    entry = fr_entry(4, "all_reduce", 20)
+    doc = pickle.loads(fr_dump(0, [entry], 4))
     doc["entries"] = [entry] * (MAX_ENTRIES * 3)
     (tmp_path / "fr_rank_0").write_bytes(pickle.dumps(doc))
     a = analyze(tmp_path)
