@@ -3,7 +3,6 @@ only; every number comes from the run's tables or the analysis."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import sys
@@ -261,21 +260,32 @@ def _number(v: float | None) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
 
 
-def _workload(a: Analysis) -> str:
+def _workload(a: Analysis) -> dict[str, Any]:
     """What a run trained, for telling two runs of different workloads apart: the bundled trainer's
-    config, else the script it ran."""
+    config (flattened to dotted keys), else the script it ran."""
     m = a.metrics
     if m.config:
-        return json.dumps(m.config, sort_keys=True)
+        return _flat(m.config)
     command = m.run.command if m.run else []
-    return next((x for x in command if x.endswith(".py")), " ".join(command[:1]))
+    return {"script": next((x for x in command if x.endswith(".py")), " ".join(command[:1]))}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def comparison_summary(c: Comparison) -> str:
     lines = [f"  A: {c.a.source}", f"  B: {c.b.source}"]
-    if _workload(c.a) != _workload(c.b):
+    wa, wb = _workload(c.a), _workload(c.b)
+    if wa != wb:
+        keys = sorted(k for k in {*wa, *wb} if wa.get(k) != wb.get(k))
+        said = ", ".join(f"{k} {wa.get(k, '-')} -> {wb.get(k, '-')}" for k in keys[:4])
+        more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
         lines.append(
-            "  note: A and B ran different workloads (config or script); the deltas compare unlike runs"
+            f"  note: A and B ran different workloads ({said}{more}); the deltas compare unlike runs"
         )
     lines.append(f"  {'':<34} {'A':>12}    {'B':>12} {'B vs A':>8}")
     for r in c.rows:

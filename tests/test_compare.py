@@ -91,4 +91,5 @@ def test_the_comparison_reads_plainly(tmp_path: Path) -> None:
     m = json.loads((b / "manifest.json").read_text())
     m["command"] = ["python", "other.py"]
     (b / "manifest.json").write_text(json.dumps(m))
-    assert "different workloads" in CliRunner().invoke(cli, ["compare", str(a), str(b)]).output
+    said = CliRunner().invoke(cli, ["compare", str(a), str(b)]).output
+    assert "different workloads (script train -> other.py)" in said, said
