@@ -71,6 +71,16 @@ def transfer_ns(c: pd.DataFrame) -> pd.Series:
     return (end - np.maximum(begin, latest)).clip(lower=0)
 
 
+def own_ns(c: pd.DataFrame) -> pd.Series:
+    """Each collective's own time: the GPU's where it was recorded (NCCL, whose host-side end is when
+    it was queued), else its own time on the host clock (``service_ns``)."""
+    host = service_ns(c)
+    if "gpu_ms" not in c:
+        return host
+    gpu = c["gpu_ms"].astype(float) * 1e6
+    return gpu.where(gpu.notna(), host)
+
+
 _BUCKETS = [0, 64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 62]
 _BUCKET_NAMES = ["<64KiB", "64KiB-1MiB", "1-16MiB", "16-256MiB", ">=256MiB"]
 

@@ -132,7 +132,10 @@ class CommMetrics:
     ddp_bucket_bytes: float | None = None
     ddp_exposed_ms: float | None = None
     """Median time a step's DDP all-reduces still ran after the last bucket was handed over (the end
-    of backward): communication the step waits for."""
+    of backward): communication the step waits for. Unknown where the ends are (NCCL: a call returns
+    when its kernel is queued)."""
+    ddp_gpu_ms: float | None = None
+    """Median GPU time of a step's DDP all-reduces together (NCCL), overlapped or not."""
     callers: list[dict[str, Any]] = field(default_factory=list)
     """Collectives called through the Python API (the script's or its framework's own: a logging
     gather, a loss all-reduce), by caller and op: calls_per_step, bytes, blocking, ms_per_step (the

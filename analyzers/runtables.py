@@ -289,6 +289,8 @@ def comm_metrics(t: RunTables) -> CommMetrics | None:
         tail = (by_step["end_ns"].max() - by_step["start_ns"].max()).dropna()
         if not tail.empty:
             out.ddp_exposed_ms = float(tail.median() / 1e6)
+        if "gpu_ms" in ddp and ddp["gpu_ms"].notna().any():
+            out.ddp_gpu_ms = float(by_step["gpu_ms"].sum(min_count=1).dropna().median())
     return out
 
 

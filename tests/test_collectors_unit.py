@@ -398,6 +398,56 @@ def test_cuda_collectives_are_written_once_their_work_completed(tmp_path: Path) 
     assert list(comms["gpu_ms"]) == [1.5, 9.0] and comms["end_ns"].isna().all()
 
 
+def test_a_synchronous_cuda_collective_is_timed_on_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synchronous NCCL all-reduce returns no Work, once its kernel is queued: its host-side end
+    had been recorded, the enqueue. CUDA events around the call (faked here) give its time on the
+    stream, read at a later step end without a sync; an async call keeps its Work."""
+    import torch
+    from perfkit.collectors.signals import comms as C
+
+    from perfkit.tables import COMMS
+
+    class FakeEvent:
+        clock, ready = [0.0], False
+
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = -1.0
+
+        def record(self) -> None:
+            self.t = FakeEvent.clock[0]
+
+        def query(self) -> bool:
+            return FakeEvent.ready
+
+        def elapsed_time(self, other: FakeEvent) -> float:
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(C, "_on_cuda", lambda t: True)
+    probe = _probe(tmp_path, ["steps", "comms"]).start()
+
+    def all_reduce(tensor: object, op: object = None, group: object = None, async_op: bool = False) -> object:
+        FakeEvent.clock[0] += 7.5  # the collective's 7.5 ms on the stream
+        return "work" if async_op else None
+
+    wrapped = C._wrap_op("all_reduce", all_reduce, C._recorder, 0, 2)
+    assert wrapped(torch.ones(4)) is None  # what the caller gets is unchanged
+    rec = C._recorder[0]
+    assert rec is not None and len(rec.on_gpu) == 1
+    rec.resolve_gpu()
+    assert len(rec.on_gpu) == 1  # not done on the GPU yet: it waits, nothing synchronizes
+    FakeEvent.ready = True
+    rec.resolve_gpu()
+    assert wrapped(torch.ones(4), async_op=True) == "work"  # an async call keeps its Work
+    probe.stop()
+    comms, _ = read_table(tmp_path / "rank0" / "comms.jsonl", COMMS)
+    synchronous = comms[comms["gpu_ms"].notna()]
+    assert list(synchronous["gpu_ms"]) == [7.5] and synchronous["end_ns"].isna().all()
+    assert synchronous["bytes"].tolist() == [16]
+
+
 @pytest.mark.parametrize("critic_steps", [1, 5])
 def test_optimizers_with_forwards_between_them_make_one_step(tmp_path: Path, critic_steps: int) -> None:
     """A GAN steps its discriminator (critic_steps times) and then its generator, with forward passes

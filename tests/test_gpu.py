@@ -97,6 +97,39 @@ def test_one_rank_nccl_trainer_run_reports_mfu(tmp_path: Path) -> None:
     assert data["env"].get("gpu_memory_bytes", 0) > 0
 
 
+SYNC_NCCL = """
+import torch, torch.distributed as dist, perfkit
+dist.init_process_group("nccl")
+torch.cuda.set_device(0)
+t = torch.ones(16 << 20, device="cuda")  # 64 MiB
+with perfkit.attach():
+    for _ in range(6):
+        torch.cuda._sleep(1_000_000)
+        dist.all_reduce(t)  # synchronous: returns no Work, once the kernel is queued
+        perfkit.step()
+torch.cuda.synchronize()
+dist.destroy_process_group()
+"""
+
+
+def test_a_synchronous_nccl_call_is_timed_on_the_gpu(tmp_path: Path) -> None:
+    """Its GPU time from CUDA events around the call, not the host's return (the enqueue)."""
+    from perfkit.tables import COMMS, read_table
+
+    script = tmp_path / "sync.py"
+    script.write_text(SYNC_NCCL)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "perfkit", "profile", "--out", str(tmp_path / "r"), "--profile-steps", "none",
+         "--", "torchrun", "--nproc_per_node", "1", str(script)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    comms, _ = read_table(tmp_path / "r" / "rank0" / "comms.jsonl", COMMS)
+    calls = comms[(comms["op"] == "all_reduce") & (comms["bytes"] == 64 << 20)]
+    assert len(calls) == 6 and calls["end_ns"].isna().all() and (calls["gpu_ms"] > 0).all(), calls
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compile_modes_keep_the_losses(tmp_path: Path, mode: str) -> None:
     """kernels.compile_mode (CUDA graphs with reduce-overhead) trains the same losses as eager, to

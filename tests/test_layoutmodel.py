@@ -267,6 +267,21 @@ def test_sweep_prunes_what_will_not_fit_and_halves_the_rest(
     assert data["rungs"] == [[3, 7, 1], [2, 8, 1], [1, 16, 2]] and data["candidates"][-1]["skipped"]
 
 
+def test_nccl_collectives_are_fitted_from_their_gpu_time(tmp_path: Path) -> None:
+    """On NCCL a row's end is unknown (the call returned once queued) and its time is the GPU's
+    (gpu_ms): the fit had dropped every such row, the link probe's too."""
+    run = make_basis(tmp_path, link_beta=4 * BETA)
+    for rank in (0, 1):
+        path = run / f"rank{rank}" / "comms.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r["gpu_ms"], r["end_ns"] = (r["end_ns"] - r["start_ns"]) / 1e6, None
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b = lm.basis_from_run(run)
+    assert b.beta_bytes_per_s > 3 * BETA and "and the link probe's 40" in b.comm_basis
+    assert not any("assumed" in n for n in b.notes)
+
+
 def test_the_link_probe_gives_the_bandwidth(tmp_path: Path) -> None:
     """In the steps, large collectives share the machine with backward; the link probe (nothing else
     running, up to 32 MiB) sets the bandwidth, the steps' calls the latency and the wait."""

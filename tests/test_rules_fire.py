@@ -324,6 +324,20 @@ def test_small_buckets_say_what_told_them(tmp_path: Path) -> None:
     assert "bucket_cap_mb" not in recorded.evidence
 
 
+def test_small_buckets_on_nccl_are_estimated_from_their_gpu_time(tmp_path: Path) -> None:
+    """NCCL rows have no end (a call returns once queued): the saving had always been 0 there. From
+    the buckets' GPU time a step instead, as an upper bound."""
+    m = FIRES["small_ddp_buckets"](tmp_path)  # the CPU case: 30 ms exposed
+    comms = CommMetrics(table=[], collectives_per_step=60.0, bytes_per_step=60 * 5e3, ddp_buckets_per_step=60.0,
+                        ddp_bucket_bytes=5e3, ddp_exposed_ms=None, ddp_gpu_ms=12.0)  # fmt: skip
+    (f,) = [
+        f for f in _run_rules(Metrics(steps=_steps(backward=0.5), comms=comms)) if f.id == "small_ddp_buckets"
+    ]
+    assert f.saving_ms_per_step == pytest.approx(12.0 * 59 / 60) and "at most" in f.estimate
+    assert f.evidence["bucket_gpu_ms_per_step"] == 12.0 and "exposed_after_backward_ms" not in f.evidence
+    assert {x.id: x for x in m}["small_ddp_buckets"].evidence["exposed_after_backward_ms"] == 30.0
+
+
 def test_pipeline_bubble_saving_and_its_absence() -> None:
     """pp=4 with 4 microbatches (1F1B): 3 of 7 slots idle (43%); with 16 microbatches, 3 of 19. The
     saving scales the measured forward + backward (70 of a 100 ms step) by 1 - fill(16) / fill(4)."""

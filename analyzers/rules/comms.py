@@ -36,20 +36,28 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
     if n <= t["min_buckets"] or size >= t["max_bucket_bytes"]:
         return None
     ideal = max(1, int(n * size / t["ideal_bucket_bytes"]) + 1)
-    exposed_ms = comm.ddp_exposed_ms or 0.0
     cap = m.config.get("overlap", {}).get("bucket_cap_mb")
     # The queue of tiny all-reduces still running after backward ended is what the step waits for;
     # with ``ideal`` large buckets about ideal/n of it would remain (bench/calibration.py: predicted
-    # against measured on 2 CPU ranks). Overlapped communication is not counted.
+    # against measured on 2 CPU ranks). Overlapped communication is not counted. On NCCL the ends
+    # are unknown (a call returns once queued): the buckets' GPU time, of which backward may hide a
+    # part, bounds the saving from above.
+    if comm.ddp_exposed_ms is not None or comm.ddp_gpu_ms is None:
+        basis_ms = comm.ddp_exposed_ms or 0.0
+        estimate = "the bucket all-reduces still running after backward ended (exposed), less the share that 25 MB buckets would leave"
+        measured = {"exposed_after_backward_ms": round(basis_ms, 2)}
+    else:
+        basis_ms = comm.ddp_gpu_ms
+        estimate = "the bucket all-reduces' GPU time a step, less the share that 25 MB buckets would leave: at most, since backward may hide part of it"
+        measured = {"bucket_gpu_ms_per_step": round(basis_ms, 2)}
     return Diagnosis(
         title="Gradients all-reduced in many tiny buckets",
-        saving_ms=exposed_ms * (1 - ideal / n),
-        estimate="the bucket all-reduces still running after backward ended (exposed), less the "
-        "share that 25 MB buckets would leave",
+        saving_ms=basis_ms * (1 - ideal / n),
+        estimate=estimate,
         evidence={
             "buckets_per_step": n,
             "bucket_kib": round(size / 1024, 1),
-            "exposed_after_backward_ms": round(exposed_ms, 2),
+            **measured,
             "ideal_buckets": ideal,
             **({"bucket_cap_mb": cap} if cap is not None else {}),
             "told_by": "the DDP all-reduces perfkit recorded (their count and size a step)"

@@ -181,10 +181,11 @@ class _Recorder:
         A collective on CUDA tensors (NCCL) returns, and its future completes, when the kernel is
         queued, not when it ran: its host-side end would say nothing. Its GPU duration is read from
         the Work (``TORCH_NCCL_ENABLE_TIMING``, which perfkit profile sets) once the work completed,
-        polled at step ends without a device sync; the end stays unknown."""
+        polled at step ends without a device sync; the end stays unknown. A synchronous call returns
+        no Work: ``work`` is then the StreamTimer of CUDA events recorded around it."""
         try:
             fut = None
-            if isinstance(work, dist.Work) and isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+            if isinstance(work, dist.Work | StreamTimer) and _on_cuda(tensor):
                 self.leave(key)  # queued on the GPU; its GPU time comes later
                 with self.lock:
                     self.on_gpu.append((work, (op, source, group, tensor, start, None, step, caller, False)))
@@ -281,6 +282,34 @@ class _Recorder:
             self.probe.self_time_s += time.thread_time() - t0
 
 
+class StreamTimer:
+    """A synchronous CUDA collective's GPU time: CUDA events on the current stream before and after
+    the call. NCCL returns once its kernel is queued and makes the current stream wait for it, so the
+    events span the collective as the training stream sees it. Polled like an async Work
+    (``is_completed``, ``_get_duration``): read at a step end, never synchronized."""
+
+    def __init__(self) -> None:
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.start.record()
+
+    def stop(self) -> StreamTimer:
+        self.end.record()
+        return self
+
+    def is_completed(self) -> bool:
+        return bool(self.end.query())
+
+    def _get_duration(self) -> float:
+        return float(self.start.elapsed_time(self.end))
+
+
+def _on_cuda(t: Any) -> bool:
+    if isinstance(t, list | tuple):
+        t = t[0] if t else None
+    return isinstance(t, torch.Tensor) and t.is_cuda
+
+
 def _message(t: Any) -> tuple[int, str]:
     if isinstance(t, torch.Tensor):
         return t.numel() * t.element_size(), str(t.dtype).removeprefix("torch.")
@@ -338,6 +367,8 @@ def _wrap_op(
         key = None if functional else rec.enter(name, group, tensor, start, step)
         source = getattr(_state, "source", None) or "python"
         caller = _caller() if source == "python" and not functional and not _compiling() else None
+        synchronous = not functional and not kwargs.get("async_op")
+        timer = StreamTimer() if synchronous and _on_cuda(tensor) and not _compiling() else None
         try:
             result = fn(*args, **kwargs)
         except BaseException:
@@ -345,6 +376,8 @@ def _wrap_op(
             raise
         finally:
             _state.inside = False
+        if timer is not None and result is None:  # synchronous: no Work to read the GPU time from
+            result = timer.stop()
         if functional:
             tensor = result if name.startswith("all_gather") else tensor
             if not isinstance(group, dist.ProcessGroup):
@@ -355,6 +388,8 @@ def _wrap_op(
             rec.finish(None, name, "funcol", group, tensor, start, step, end_known=False)
         else:
             rec.finish(result, name, source, group, tensor, start, step, key=key, caller=caller)
+            if isinstance(result, StreamTimer):
+                return None
         return result
 
     wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]

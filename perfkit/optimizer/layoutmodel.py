@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from perfkit.analyzers.comms import bus_factor, pipeline_fill, service_ns
+from perfkit.analyzers.comms import bus_factor, own_ns, pipeline_fill
 from perfkit.errors import ConfigError, RunDirError
 from perfkit.tables import loads
 from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
@@ -303,7 +303,8 @@ _FITTED_OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send"
 def _size_classes(c: Any) -> list[tuple[float, float, int, Any]]:
     """Per (op, size, group size): bus bytes, the 20th percentile of the durations (the transfer:
     the rest of a collective's time waited for the last rank to arrive), count, the durations."""
-    c = c.assign(dur=service_ns(c) / 1e9)  # less the time queued behind the group's previous call
+    # less the time queued behind the group's previous call; the GPU's time where recorded (NCCL)
+    c = c.assign(dur=own_ns(c) / 1e9)
     c = c[c["bytes"].notna() & (c["group_size"] > 1) & c["op"].isin(_FITTED_OPS) & c["dur"].notna()]
     points = [
         (bus_factor(str(op), int(n)) * float(size), float(g["dur"].quantile(0.2)), len(g), g["dur"])
