@@ -315,6 +315,7 @@ def analyze(
         m = run.manifest
         peak = (
             peak_tflops
+            or m.config.get("peak_tflops")
             or m.env.get("peak_tflops")
             or (gpu_peak_tflops(metrics.device) if metrics.device else None)
         )

@@ -20,6 +20,7 @@ from perfkit.analyzers.metrics import (
     records,
 )
 
+from perfkit.hardware import mfu
 from perfkit.run import Run
 from perfkit.tables import TABLES, read_table
 
@@ -374,5 +375,5 @@ def throughput_metrics(
     out = Throughput(flops_per_token=float(fpt), achieved_tflops=achieved)
     if peak_tflops:
         out.peak_tflops_per_gpu = peak_tflops
-        out.mfu = achieved / (peak_tflops * t.run.manifest.world_size)
+        out.mfu = mfu(fpt, steps.tokens_per_s, peak_tflops, t.run.manifest.world_size)
     return out

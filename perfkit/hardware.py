@@ -32,3 +32,14 @@ def gpu_peak_tflops(name: str) -> float | None:
 def nvlink_gbps(name: str) -> float | None:
     found = _lookup(name)
     return found[1] if found and found[1] else None
+
+
+def mfu(
+    flops_per_token: float, tokens_per_s: float, peak_tflops_per_gpu: float | None, gpus: int
+) -> float | None:
+    """Model FLOPs utilization of a job: its model FLOP/s over the peak of all its GPUs, so a
+    figure per GPU whatever the world size (as Megatron and nanoGPT report it). One formula for the
+    trainer's log and the analysis: they had differed by the number of GPUs."""
+    if not peak_tflops_per_gpu or gpus < 1:
+        return None
+    return flops_per_token * tokens_per_s / (peak_tflops_per_gpu * 1e12 * gpus)

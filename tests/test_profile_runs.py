@@ -288,3 +288,23 @@ def test_set_right_after_profile_changes_the_bundled_trainer(tmp_path: Path) -> 
     assert mixed.returncode == 2 and "pass your own script's options after --" in mixed.stderr
     bad = profile(tmp_path / "bad", "--bogus")
     assert bad.returncode == 2 and "the command to profile goes after --" in bad.stderr
+
+
+def test_one_mfu_in_the_trainers_log_and_the_analysis(tmp_path: Path) -> None:
+    """The trainer had divided the whole job's FLOPs by one GPU's peak, the analysis by every GPU's:
+    on N ranks they differed N-fold. Both per GPU now (a peak given for this CPU run)."""
+    import json
+    import statistics
+
+    from perfkit.analyzers.analyze import analyze
+
+    out = tmp_path / "mfu"
+    proc = profile(
+        out, "--profile-steps", "none", "--set", "steps=10", "--set", "peak_tflops=1", "--nproc", "2"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    trainer = statistics.median(r["mfu"] for r in logged[3:])
+    a = analyze(out)
+    assert a.metrics.throughput is not None and a.metrics.throughput.mfu is not None
+    assert a.metrics.throughput.mfu == pytest.approx(trainer, rel=0.25)  # medians of different windows

@@ -156,6 +156,8 @@ class TrainConfig:
     """auto (cuda when available), cpu (gloo) or cuda (NCCL, one GPU per local rank)."""
     log_every: int = 1
     """Print (and all-reduce) the loss every this many steps."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one GPU for MFU; 0: from the GPU's name (perfkit.hardware)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -374,6 +376,8 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
     ):
         if value < low:
             raise ConfigError(f"{name}={value} must be at least {low}")
+    if not cfg.peak_tflops >= 0:
+        raise ConfigError(f"peak_tflops={cfg.peak_tflops} must be 0 (from the GPU's name) or above")
     if not cfg.overlap.bucket_cap_mb > 0:
         raise ConfigError(
             f"overlap.bucket_cap_mb={cfg.overlap.bucket_cap_mb} must be above 0 (25 is DDP's default)"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import perfkit
 from perfkit.errors import ConfigError
-from perfkit.hardware import gpu_peak_tflops
+from perfkit.hardware import gpu_peak_tflops, mfu
 from perfkit.trainer.checkpoint import Checkpointer, latest_step
 from perfkit.trainer.config import TrainConfig, flops_per_token, resolve_layout
 from perfkit.trainer.data import TokenBatches, make_loader, synthetic_corpus
@@ -206,8 +206,9 @@ def _train(
         prefetch_factor=cfg.data.prefetch_factor,
     )
     tokens_per_step = cfg.data.global_batch * cfg.model.seq_len
-    flops_step = flops_per_token(cfg.model) * tokens_per_step
-    peak = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = cfg.peak_tflops or (
+        gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    )
     log_file: IO[str] | None = open(log_json, "a") if (log_json and rank == 0) else None  # noqa: SIM115
     records: list[dict[str, Any]] = []
     if rank == 0:
@@ -276,8 +277,11 @@ def _train(
                     "lr": lr_at(cfg, step),
                     "grad_norm": float(grad_norm),
                 }
-                if peak:
-                    rec["mfu"] = flops_step / step_time / (peak * 1e12)
+                utilization = mfu(
+                    flops_per_token(cfg.model), tokens_per_step / step_time, peak, layout.world_size
+                )
+                if utilization is not None:
+                    rec["mfu"] = utilization
                 if peak_memory is not None:
                     rec["peak_memory_bytes"] = peak_memory
                 if rank == 0:
@@ -301,7 +305,8 @@ def _train(
         median = sorted(timed)[len(timed) // 2]
         line = f"done: {cfg.steps} steps, median {median * 1e3:.1f} ms/step, {tokens_per_step / median:.0f} tok/s"
         if peak:
-            line += f", MFU {flops_step / median / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s"
+            per_gpu = mfu(flops_per_token(cfg.model), tokens_per_step / median, peak, layout.world_size)
+            line += f", MFU {per_gpu:.1%} of {peak:g} TFLOP/s a GPU"
         if "peak_memory_bytes" in records[-1]:
             what = "max allocated" if device.type == "cuda" else "peak RSS"
             line += f", {what} {records[-1]['peak_memory_bytes'] / 2**20:,.0f} MiB (busiest rank)"
