@@ -48,6 +48,9 @@ class TraceFacts:
     recomputed_ops: int = 0
     """Forward-only ops (layer norm, GELU, softmax, fused attention's forward, embedding) run inside
     backward: the activation-checkpointing recompute, whichever API made it."""
+    compiled: str = ""
+    """How the step already runs, from the trace: "cuda graphs" (graph launches), "torch.compile"
+    (compiled regions), else ""."""
     config: dict[str, Any] = field(default_factory=dict)
     """The bundled trainer's configuration when the trace is part of its run (set by the analysis):
     what the run used, told by the run itself."""
@@ -135,7 +138,18 @@ def trace_facts(trace: Trace) -> TraceFacts:
         comm_kernel_ns=int(comm["dur"].sum()),
         comm_groups=_comm_groups(trace, comm),
         recomputed_ops=recomputed_ops(ev),
+        compiled=_compiled(ev),
     )
+
+
+def _compiled(ev: pd.DataFrame) -> str:
+    """What the trace says of compilation: CUDA graph launches, else torch.compile's regions."""
+    names = [str(n) for n in ev["name"].unique()]
+    if any(n.startswith("cudaGraphLaunch") for n in names):
+        return "cuda graphs"
+    if any(n.startswith(("Torch-Compiled Region", "CompiledFunction")) for n in names):
+        return "torch.compile"
+    return ""
 
 
 # Ops a forward pass runs and a backward pass never does. Backward has its own ops, and their names

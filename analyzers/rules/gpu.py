@@ -12,16 +12,26 @@ def host_launch_bound(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     span, launch = f.breakdown.get("span_ns", 0), f.idle.get("host_launch_ns", 0)
     if not span or launch <= t["min_idle_share"] * span:
         return None
+    # The fix depends on what the step already does: compiling an eager loop fuses its kernels; a
+    # compiled one still launch-bound needs CUDA graphs (one launch a graph) or more work a launch;
+    # one already in CUDA graphs, only more work a launch.
+    remedy = {"": "compile", "torch.compile": "cuda_graphs", "cuda graphs": "larger_microbatch"}[f.compiled]
     return Diagnosis(
-        title="GPU waits for the CPU to launch kernels (launch-bound)",
+        title="GPU waits for the CPU to launch kernels (launch-bound)"
+        + (f" although the step runs under {f.compiled}" if f.compiled else ""),
         saving_ms=launch / (f.gpu_steps * 1e6),
         estimate="GPU idle between kernels while the CPU was launching the next ones",
         evidence={
             "gpu_busy_pct": round(100 - f.breakdown["idle_pct"], 1),
             "launch_idle_pct_of_span": round(100 * launch / span, 1),
             "kernels_per_step": int(kernels_per_step(f)),
-        },
-        remedy="compile",
+            **(
+                {"already": f.compiled, "told_by": "the trace's compiled regions or graph launches"}
+                if f.compiled
+                else {}
+            ),
+        },  # fmt: skip
+        remedy=remedy,
     )
 
 

@@ -172,6 +172,29 @@ register(
 )
 register(
     Remedy(
+        id="cuda_graphs",
+        description="The step is compiled and still launch-bound: replay it as CUDA graphs (one launch for "
+        "many kernels), or give each launch more work with a larger micro-batch.",
+        trainer={"kernels.compile": True, "kernels.compile_mode": "reduce-overhead"},
+        script="model = torch.compile(model, mode='reduce-overhead')  (CUDA graphs; static shapes), or a "
+        "larger micro-batch per launch",
+        frameworks={
+            "transformers": "TrainingArguments(..., torch_compile=True, torch_compile_mode='reduce-overhead')",
+            "lightning": "trainer.fit(torch.compile(model, mode='reduce-overhead'), ...)",
+            "accelerate": "Accelerator(dynamo_plugin=TorchDynamoPlugin(backend='inductor', mode='reduce-overhead'))",
+        },
+    )
+)
+register(
+    Remedy(
+        id="larger_microbatch",
+        description="The step already replays CUDA graphs and the GPU still waits for launches: give each "
+        "launch more work (a larger micro-batch, fewer gradient-accumulation steps).",
+        script="a larger micro-batch per step (and fewer gradient-accumulation steps for the same global batch)",
+    )
+)
+register(
+    Remedy(
         id="bf16",
         description="Run matrix multiplies in bf16 autocast (or at least TF32) on tensor cores.",
         trainer={"kernels.precision": "bf16"},
