@@ -305,6 +305,15 @@ def test_the_rule_fires(tmp_path: Path, rule_id: str) -> None:
         assert f.saving_ms_per_step == pytest.approx(29.5)
 
 
+@pytest.mark.parametrize("rule_id", ["fp32_gemm", "pageable_h2d", "memory_pressure"])
+def test_savings_without_a_model_are_said_to_be_not_estimated(tmp_path: Path, rule_id: str) -> None:
+    """These had claimed fixed shares (70% of the FP32 GEMMs, 50% of the pageable copies, 5% of the
+    step) that nothing measured: no saving now, said so, with a severity from what was measured."""
+    f = {f.id: f for f in FIRES[rule_id](tmp_path)}[rule_id]
+    assert f.saving_ms_per_step == 0 and f.estimate.startswith("not estimated")
+    assert f.severity in ("high", "medium", "low")
+
+
 def test_fp32_gemm_says_what_told_it(tmp_path: Path) -> None:
     """The kernels tell the precision; a run configured for bf16 that still runs FP32 GEMMs (layers
     outside autocast) says so beside them."""

@@ -35,15 +35,17 @@ def host_launch_bound(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("fp32_gemm", reads="trace", min_fp32_share=0.10, saved_fraction=0.7)
+@rule("fp32_gemm", reads="trace", min_fp32_share=0.10, high_share=0.5)
 def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     if not f.gemm_ns or f.gemm_fp32_ns <= t["min_fp32_share"] * f.gemm_ns:
         return None
     # The kernels say what ran; a configuration saying otherwise (bf16 with FP32 GEMMs left: layers
     # outside autocast) is named beside them.
     configured = f.config.get("kernels", {}).get("precision")
+    share = f.gemm_fp32_ns / f.gemm_ns
+    fp32_ms = f.gemm_fp32_ns / (f.gpu_steps * 1e6)
     evidence: dict[str, object] = {
-        "fp32_gemm_share": round(f.gemm_fp32_ns / f.gemm_ns, 3),
+        "fp32_gemm_share": round(share, 3),
         "kernels": f.fp32_kernels,
         "told_by": "the trace's GEMM kernels (SIMT FP32, no tensor cores)",
     }
@@ -52,10 +54,15 @@ def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     return Diagnosis(
         title="Matrix multiplies run in FP32 without tensor cores"
         + (" although the run is configured for bf16" if configured == "bf16" else ""),
-        saving_ms=t["saved_fraction"] * f.gemm_fp32_ns / (f.gpu_steps * 1e6),
-        estimate=f"{t['saved_fraction']:.0%} of the FP32 GEMM kernel time",
+        # Not estimated (it had been a fixed 70%): a compute-bound GEMM gains the ratio of the GPU's
+        # tensor-core and FP32 peaks, a memory-bound one little; the trace cannot tell which. Their
+        # share of the GEMM time sets the severity.
+        saving_ms=0.0,
+        estimate=f"not estimated: at most the FP32 GEMMs' own {fp32_ms:.2f} ms a step; compute-bound ones gain "
+        "most in bf16, memory-bound ones little",
         evidence=evidence,
         remedy="bf16",
+        severity="high" if share >= t["high_share"] else "medium",
     )
 
 

@@ -39,16 +39,27 @@ def input_stall_in_steps(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("pageable_h2d", reads="trace", saved_fraction=0.5)
+@rule("pageable_h2d", reads="trace", medium_share=0.05)
 def pageable_h2d(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
+    """Not estimated: pinned copies with non_blocking=True may hide behind compute entirely or not at
+    all, which the trace of pageable ones cannot tell (the saving had been a fixed 50%). The copies'
+    own time a step bounds it; their share of the step sets the severity."""
     if not f.pageable_h2d:
         return None
+    per_step_ms = f.pageable_h2d_ns / (f.gpu_steps * 1e6)
+    share = per_step_ms / f.step_ms if f.step_ms else 0.0
     return Diagnosis(
         title="Host-to-device copies from pageable memory (synchronous, slower)",
-        saving_ms=t["saved_fraction"] * f.pageable_h2d_ns / (f.gpu_steps * 1e6),
-        estimate=f"{t['saved_fraction']:.0%} of the pageable copies' time",
-        evidence={"copies": f.pageable_h2d, "time_ms": round(f.pageable_h2d_ns / 1e6, 3)},
+        saving_ms=0.0,
+        estimate=f"not estimated: at most the copies' own {per_step_ms:.2f} ms a step, if pinned copies hide "
+        "behind compute entirely",
+        evidence={
+            "copies": f.pageable_h2d,
+            "time_ms": round(f.pageable_h2d_ns / 1e6, 3),
+            "share_of_step": round(share, 3),
+        },  # fmt: skip
         remedy="pin_memory",
+        severity="medium" if share >= t["medium_share"] else "low",
     )
 
 
