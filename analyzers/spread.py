@@ -86,9 +86,20 @@ def rank_spread(facts: Sequence[TraceFacts]) -> RankSpread | None:
             by_rank[r].peer_compute_ms = statistics.median(compute.values())
             by_rank[r].peer_comm_ms = statistics.median(comm.values())
         slow = _outliers(compute, SLOW_GPU) if statistics.median(compute.values()) > 0 else []
-        slow_gpu += slow
         if statistics.median(comm.values()) > 0:
-            late += [r for r in _outliers(comm, below=LATE * step_ms) if r not in slow]
+            # The others wait for this rank. Its own compute above the median explains a third of
+            # that wait or more: its GPU is slow, though the fleet's spread hid it from the outlier
+            # test (15% slower among GPUs that differ by 3% had been named a late rank); else its
+            # host is late (it computes as fast as the others).
+            med_compute, med_comm = statistics.median(compute.values()), statistics.median(comm.values())
+            for r in _outliers(comm, below=LATE * step_ms):
+                if r in slow:
+                    continue
+                if compute[r] - med_compute >= (med_comm - comm[r]) / 3:
+                    slow.append(r)
+                else:
+                    late.append(r)
+        slow_gpu += slow
     compute_all = [r.compute_ms for r in per_rank]
     comm_all = [r.comm_ms for r in per_rank]
     groups = _slow_groups(facts)

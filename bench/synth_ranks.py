@@ -55,6 +55,9 @@ class Plan:
     slow_gpu_factor: float = 1.3
     slow_link: int | None = None
     slow_link_factor: float = 1.6
+    spread: float = 0.0
+    """How much identical GPUs differ: each rank's compute scaled by a normal draw of this sigma
+    (clipped at 2 sigma), beside the per-kernel jitter; 0.03 is a realistic fleet."""
     seed: int = 0
 
     @property
@@ -100,6 +103,7 @@ def _rank_gpu(
     """Rank ``rank``'s GPU events (``gpu``: the source's, in start order): jitter, planted effects,
     later work moved with them."""
     rng = random.Random(plan.seed * 100003 + rank)
+    own = 1 + max(-2 * plan.spread, min(2 * plan.spread, rng.gauss(0, plan.spread))) if plan.spread else 1.0
     n_comm = sum(1 for e in gpu if _is_comm(e))
     lag_us = plan.straggler_ms * 1e3 * steps / max(1, n_comm)
     mine = _groups(rank, plan.ranks)
@@ -137,7 +141,7 @@ def _rank_gpu(
             shift += before
             k += 1
         else:
-            scale = plan.slow_gpu_factor if rank == plan.slow_gpu else 1.0
+            scale = (plan.slow_gpu_factor if rank == plan.slow_gpu else 1.0) * own
             dur = dur * scale * (1 + rng.gauss(0, 0.01))
         e["ts"] = e["ts"] + shift
         shift += dur - float(source["dur"])

@@ -359,3 +359,135 @@ def test_pipeline_bubble_saving_and_its_absence() -> None:
     for parallel in ({"pp": 4, "microbatches": 32}, {"pp": 1}):
         m = Metrics(steps=_steps(forward=0.2, backward=0.5), config={"parallel": parallel})
         assert not [f for f in _run_rules(m) if f.id == "pipeline_bubble"]
+
+
+# ---- and every rule stays quiet on input that could fool it ------------------------------------
+
+
+def _quiet_headroom(tmp: Path) -> list[Finding]:
+    """A snapshot whose peak is 80% of the device: high, but under the 92% bar."""
+    from perfkit.run import Run
+
+    run = Run.create(tmp / "r", command=["x"], world_size=1, env={"gpu_memory_bytes": 2**30})
+    run.layout.rank_dir(0).mkdir()
+    snap = snapshot(split=2**20, flushes=0)
+    total = sum(seg["total_size"] for seg in snap["segments"])
+    run.manifest.env["gpu_memory_bytes"] = int(total / 0.8)
+    run.save()
+    run.layout.memory_snapshot(0).write_bytes(pickle.dumps(snap))
+    run.finish("complete", 0)
+    return analyze(run.path).findings
+
+
+QUIET: dict[str, Callable[[Path], list[Finding]]] = {
+    # trace rules, on real traces that hold what each rule looks at, healthy
+    "host_launch_bound": lambda tmp: _trace(tmp, step_loop_trace(30.0)),  # GPU idle, but for input
+    "host_device_sync": lambda tmp: analyze(DATA / "h100" / "compiled_trace.json.gz").findings,
+    "input_stall": lambda tmp: analyze(DATA / "h100" / "compiled_trace.json.gz").findings,  # idle: launches
+    "fp32_gemm": lambda tmp: (
+        analyze(DATA / "h100" / "compiled_trace.json.gz").findings
+    ),  # GEMMs on tensor cores
+    "pageable_h2d": lambda tmp: analyze(DATA / "h100" / "tuned_trace.json.gz").findings,  # H2D, pinned
+    "unfused_attention": lambda tmp: _run_with_trace(tmp, {"kernels": {"attention": "sdpa"}}),
+    "unfused_optimizer": lambda tmp: _run_with_trace(tmp, {"kernels": {"optimizer_impl": "fused"}}),
+    "exposed_communication": lambda tmp: analyze(DATA / "h100" / "tuned_trace.json.gz").findings,
+    # run rules, just under their bars or with what they look for explained away
+    "low_mfu": lambda tmp: _run_rules(
+        Metrics(steps=_steps(), throughput=Throughput(flops_per_token=1.0, achieved_tflops=1.0, mfu=0.31))
+    ),
+    "checkpoint_stall": lambda tmp: _run_rules(  # a save of 1.5 steps
+        Metrics(
+            steps=_steps(),
+            io=IoMetrics(checkpoint_save_ms_max=150.0, checkpoint_saves=2),
+            config={"checkpoint": {"every": 10}},
+        )  # fmt: skip
+    ),
+    "memory_pressure": lambda tmp: _run_rules(  # fragmented, but the allocator never ran short
+        Metrics(
+            steps=_steps(),
+            memory=MemoryMetrics(rss_max_bytes=1.0, alloc_retries=0, ooms=0, fragmentation=0.6),
+        )
+    ),
+    "recompute_without_pressure": lambda tmp: _run_rules(  # checkpointing, the peak at 70% of memory
+        Metrics(
+            run=_run_info(host_memory_bytes=2**34),
+            config={"kernels": {"activation_checkpointing": True}},
+            steps=_steps(forward=0.3),
+            memory=MemoryMetrics(rss_max_bytes=0.35 * 2**34, alloc_retries=0),
+        )
+    ),  # fmt: skip
+    "pipeline_bubble": lambda tmp: _run_rules(  # pp=4 with 32 microbatches: 3 of 35 slots idle
+        Metrics(steps=_steps(forward=0.2, backward=0.5), config={"parallel": {"pp": 4, "microbatches": 32}})
+    ),
+    "small_ddp_buckets": lambda tmp: _run_rules(  # 60 buckets, but of 25 MB each: a 1.5 GB model
+        Metrics(
+            steps=_steps(backward=0.5),
+            comms=CommMetrics(
+                table=[],
+                collectives_per_step=60.0,
+                bytes_per_step=60 * 25e6,
+                ddp_buckets_per_step=60.0,
+                ddp_bucket_bytes=25e6,
+                ddp_exposed_ms=30.0,
+            ),
+        )
+    ),  # fmt: skip
+    "small_blocking_collectives": lambda tmp: _run_rules(  # blocking gathers of 1% of the step
+        Metrics(steps=_steps(), comms=_gathers(blocking=True, ms=0.5))
+    ),
+    "ddp_find_unused_parameters": lambda tmp: _run_rules(  # the flag is needed: parameters go unused
+        Metrics(steps=_steps(), model={"ddp": _ddp(unused_parameters=4)})
+    ),
+    "host_oversubscribed": lambda tmp: _run_rules(  # one rank waits for a core, the other does not
+        Metrics(steps=_oversubscribed(40.0, 5.0), run=_run_info(cpu_count=2, threads=4))
+    ),
+    "straggler": lambda tmp: _run_rules(Metrics(steps=_steps(), stragglers=_two_ranks())),
+    "cpu_contention": lambda tmp: _run_rules(Metrics(steps=_steps(), stragglers=_two_ranks())),
+    # a hang snapshot of a healthy job: every rank inside the same collective, for now
+    "hang": lambda tmp: _run_rules(Metrics(hang=_all_in_step())),
+    "desync": lambda tmp: _run_rules(Metrics(hang=_all_in_step())),
+    "first_failure": lambda tmp: _run_rules(Metrics(hang=HangMetrics(hung=False, ranks=[]))),
+    # snapshots: splits under the bar, a cache that never flushed, a high peak under 92%
+    "allocator_fragmentation": lambda tmp: _snapshot_alone(tmp, split=2**27, flushes=0),
+    "allocator_cache_flushes": lambda tmp: _snapshot_alone(tmp, split=2**30, flushes=0),
+    "memory_headroom": _quiet_headroom,
+    # 16 ranks of identical GPUs that differ by a few percent (sigma 3%, up to 6%): no rank singled out
+    "slow_gpu": lambda tmp: _job(tmp, spread=0.03),
+    "late_rank": lambda tmp: _job(tmp, spread=0.03),
+    "slow_link": lambda tmp: _job(tmp, spread=0.03),
+}
+
+
+def _all_in_step() -> HangMetrics:
+    from perfkit.analyzers.hangs import RankState, _match
+
+    entry = {"group": "0", "seq": 5, "op": "all_reduce", "bytes": 16, "dtype": "float32"}
+    h = HangMetrics(
+        hung=False,
+        ranks=[RankState(rank=r, told_by="hang record", in_flight=[entry], entered={"0": 5}, frame="t.py:9 main")
+               for r in (0, 1)],
+    )  # fmt: skip
+    _match(h, 2)
+    return h
+
+
+def test_every_rule_has_a_case_that_could_fool_it() -> None:
+    missing = {r.id for r in RULES} - set(QUIET)
+    assert not missing, f"add a quiet case to QUIET for: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("rule_id", sorted(QUIET))
+def test_the_rule_stays_quiet(tmp_path: Path, rule_id: str) -> None:
+    found = {f.id: f for f in QUIET[rule_id](tmp_path)}
+    assert rule_id not in found, f"{rule_id} fired: {found.get(rule_id)}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_among_gpus_that_differ_a_slow_one_is_a_slow_gpu_not_a_late_rank(tmp_path: Path, seed: int) -> None:
+    """16 GPUs differing by 3%, one 15% slower: the fleet's spread hid it from the outlier test and
+    the others' wait named it a late rank (host side). Its own extra compute says GPU; a late host
+    (20 ms a step, computing as fast) stays a late rank."""
+    slow = {f.id: f for f in _job(tmp_path / "gpu", spread=0.03, slow_gpu=2, slow_gpu_factor=1.15, seed=seed)}
+    assert "slow_gpu" in slow and slow["slow_gpu"].ranks == [2] and "late_rank" not in slow
+    late = {f.id: f for f in _job(tmp_path / "host", spread=0.03, straggler=5, seed=seed)}
+    assert "late_rank" in late and late["late_rank"].ranks == [5] and "slow_gpu" not in late
