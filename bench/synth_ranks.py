@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--slow-gpu-factor", type=float, default=1.3)
     ap.add_argument("--slow-link", type=int)
     ap.add_argument("--slow-link-factor", type=float, default=1.6)
+    ap.add_argument("--spread", type=float, default=0.0, help="how much the GPUs differ (sigma, e.g. 0.03)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", action="store_true", help="then time perfkit analyze on the job")
     a = ap.parse_args()
@@ -287,6 +288,7 @@ def main() -> None:
         slow_gpu_factor=a.slow_gpu_factor,
         slow_link=a.slow_link,
         slow_link_factor=a.slow_link_factor,
+        spread=a.spread,
         seed=a.seed,
     )
     for r in (a.straggler, a.slow_gpu, a.slow_link):
