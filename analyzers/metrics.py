@@ -5,7 +5,7 @@
 when the run had nothing to compute it from (no steps table, no trace, ...). Times are in ms unless
 a name says otherwise; shares are fractions (0.25), ``*_pct`` are percents.
 
-Version 2 (this one): findings name a remedy id (see ``perfkit.optimizer.remedies``) instead of
+Version 2 (this one): findings name a remedy id (see ``perfkit.analyzers.remedies``) instead of
 embedding the change; metric sections typed.
 """
 

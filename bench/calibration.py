@@ -29,9 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from perfkit.analyzers import remedies
 from perfkit.analyzers.analyze import analyze
 
-from perfkit.optimizer import remedies
 from perfkit.optimizer.trials import Candidate, interleave
 from perfkit.profile import reference_request, run_profile
 

@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attach", "describe", "phase", "probe_links", "profile", "step"]
+__all__ = ["__version__", "attach", "describe", "phase", "probe_links", "profile", "record_read", "step"]
 
 
 def profile(out: Any = None, **options: Any) -> Any:
@@ -55,3 +55,12 @@ def probe_links(group: Any = None) -> bool:
     from perfkit.collectors.api import probe_links as _probe_links
 
     return _probe_links(group)
+
+
+def record_read(nbytes: int, seconds: float, start_ns: int, path: str, step: int | None = None) -> None:
+    """Tell perfkit of a read the script times itself (a memory-mapped dataset, which no file hook
+    sees): bytes, how long it took, when it began (time.time_ns()), and the step it feeds. A no-op
+    unless profiled; safe in DataLoader workers."""
+    from perfkit.collectors.signals.io import record_read as _record_read
+
+    _record_read(nbytes, seconds, start_ns, path, step)

@@ -677,7 +677,7 @@ def optimize(
             verify=not no_verify,
             progress=progress,
         )
-    click.echo(optimize_summary(opt))
+    click.echo(optimize_summary(opt.to_json()))
     click.echo(f"wrote {study.results}")
     click.echo(f"report: {study.page.resolve()}")
 

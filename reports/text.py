@@ -8,20 +8,17 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from perfkit.analyzers import remedies
 from perfkit.analyzers.analyze import Analysis, Comparison, ranges
 from perfkit.analyzers.hangs import RankState
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Finding
 
 from perfkit.frames import user_frame
-from perfkit.optimizer import remedies
 from perfkit.run import Run, RunLayout
 from perfkit.tables import STEPS, TABLES, loads, read_table
-
-if TYPE_CHECKING:
-    from perfkit.optimizer.optimize import Optimization
 
 
 @dataclass
@@ -346,12 +343,13 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
     return "\n".join(lines)
 
 
-def optimize_summary(opt: Optimization) -> str:
-    data = opt.to_json()
-    lines = [f"perfkit optimize: {len(opt.trials)} remedy(ies) from {opt.baseline_run}"]
-    if not opt.trials:
+def optimize_summary(data: dict[str, Any]) -> str:
+    """``perfkit optimize``'s summary from its JSON (optimize.json), as sweep_summary reads sweep.json."""
+    trials = data["trials"]
+    lines = [f"perfkit optimize: {len(trials)} remedy(ies) from {data['baseline_run']}"]
+    if not trials:
         lines.append("  no finding of the baseline has a config change to try")
-    for t in data["trials"]:
+    for t in trials:
         verdict = "KEPT   " if t["kept"] else ("skipped" if t["skipped"] else "dropped")
         lines.append(f"  round {t['round']} {verdict} {' '.join(t['change']):<44} {t['reason']}")
         if len(t["alternatives"]) > 1 and not t["skipped"]:
@@ -360,20 +358,23 @@ def optimize_summary(opt: Optimization) -> str:
         if t["measured_ms"] is not None:
             predicted = f"{t['predicted_ms']:.1f}" if t["predicted_ms"] else "not estimated"
             lines.append(f"      saving per step: predicted {predicted}, measured {t['measured_ms']:.1f} ms")
-    if opt.prediction_error is not None:
-        lines.append(f"  predictions: median error {opt.prediction_error:.0%} of the measured saving")
-    if opt.stopped:
-        lines.append(f"  stopped after {len(opt.rounds)} round(s): {opt.stopped}")
-    if opt.kept:
-        speed = f"{opt.speedup:.2f}x the throughput of the original" if opt.speedup else "not measured"
-        lines.append(f"kept: {' '.join('--set ' + k for k in opt.kept)}  ({speed}, side by side)")
-        final = {o.split("=", 1)[0]: o for o in [*opt.base_overrides, *opt.kept]}  # a key's last value wins
-        argv = [perfkit_command(), "train", "--config", opt.config, "--nproc", str(opt.nproc)]
+    if data.get("prediction_error") is not None:
+        lines.append(f"  predictions: median error {data['prediction_error']:.0%} of the measured saving")
+    if data.get("stopped"):
+        lines.append(f"  stopped after {len(data['rounds'])} round(s): {data['stopped']}")
+    if data.get("kept"):
+        speedup = data.get("speedup")
+        speed = f"{speedup:.2f}x the throughput of the original" if speedup else "not measured"
+        lines.append(f"kept: {' '.join('--set ' + k for k in data['kept'])}  ({speed}, side by side)")
+        final = {
+            o.split("=", 1)[0]: o for o in [*data["overrides"], *data["kept"]]
+        }  # a key's last value wins
+        argv = [perfkit_command(), "train", "--config", data["config"], "--nproc", str(data["nproc"])]
         for o in final.values():
             argv += ["--set", o]
         lines.append(f"train with: {command_line(argv)}")
     else:
-        tried = [t for t in data["trials"] if not t["skipped"]]
+        tried = [t for t in trials if not t["skipped"]]
         undecided = [
             t for t in tried if any("undecided" in str(a.get("reason", "")) for a in t["alternatives"] or [t])
         ]
@@ -384,8 +385,8 @@ def optimize_summary(opt: Optimization) -> str:
             )
         else:
             lines.append("nothing measurably helped; the configuration stays as it was")
-    if opt.comparison is not None and opt.final_run is not None:
-        gone = [f.title for f in opt.comparison.resolved]
+    if data.get("findings_gone") is not None and data.get("final_run"):
+        gone = data["findings_gone"]
         lines.append(f"findings gone after: {'; '.join(gone) if gone else 'none'}")
-        lines.append(f"comparison: {RunLayout(opt.final_run).compare_page.resolve()}")
+        lines.append(f"comparison: {RunLayout(Path(data['final_run'])).compare_page.resolve()}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from perfkit.analyzers import remedies
 from perfkit.analyzers.analyze import analyze
 from perfkit.analyzers.breakdown import intersect_len, merge
 from perfkit.analyzers.comms import bus_factor, service_ns
@@ -21,7 +22,6 @@ from perfkit.reports.text import fix
 from synth import snapshot, step_loop_trace
 
 from perfkit.cli import cli
-from perfkit.optimizer import remedies
 
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

@@ -1,6 +1,7 @@
 """The architecture's import rules and its single homes, checked from the source (architecture.md):
 analyzers import neither torch nor the trainer; collectors never import analyzers or reports; reports
-never import collectors or the trainer; only the run model spells run-directory paths."""
+never import collectors, the trainer or the optimizer; the trainer uses only perfkit's public API;
+only the run model spells run-directory paths."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ FORBIDDEN = {
         "perfkit.optimizer",
     ),
     "perfkit.collectors": ("perfkit.analyzers", "perfkit.reports", "perfkit.trainer", "perfkit.optimizer"),
-    "perfkit.reports": ("torch", "perfkit.collectors", "perfkit.trainer"),
+    "perfkit.reports": ("torch", "perfkit.collectors", "perfkit.trainer", "perfkit.optimizer"),
 }
 
 
@@ -58,10 +59,22 @@ def test_layers_import_only_what_they_may(package: str) -> None:
     assert not bad, "\n".join(bad)
 
 
-def test_reports_use_only_torch_free_parts_of_the_optimizer() -> None:
-    """The report reads the remedy registry; that module must stay torch- and trainer-free."""
-    for name in _imports(REPO / "perfkit" / "optimizer" / "remedies.py"):
-        assert not name.startswith(("torch", "perfkit.trainer")), name
+def test_the_trainer_uses_only_perfkits_public_api() -> None:
+    """The bundled trainer is a user of perfkit like any script: ``perfkit``'s public step API, its
+    errors and its hardware table, and nothing of the collectors, the run model or the analysis."""
+    allowed = ("perfkit", "perfkit.errors", "perfkit.hardware")
+    bad = []
+    for path in _modules(REPO / "perfkit" / "trainer"):
+        for name in _imports(path):
+            if name.startswith("perfkit.") and not name.startswith("perfkit.trainer"):
+                if not any(name == a or name.startswith(a + ".") for a in allowed[1:]) and not (
+                    name.count(".") == 1 and name.split(".")[1] in _PUBLIC
+                ):
+                    bad.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+_PUBLIC = {"attach", "describe", "phase", "probe_links", "profile", "step", "record_read", "__version__"}
 
 
 # Run-directory names that only perfkit/run.py may spell (tables are named by their schema).

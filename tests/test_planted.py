@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 from helpers import run_perfkit
+from perfkit.analyzers import remedies
 from perfkit.analyzers.analyze import analyze
 from perfkit.reports.text import fix
-
-from perfkit.optimizer import remedies
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ rule names a known remedy and fires on the input it is written for."""
 from __future__ import annotations
 
 import pytest
+from perfkit.analyzers import remedies
 from perfkit.analyzers.rules import RULES
 
 from perfkit.errors import ConfigError
-from perfkit.optimizer import remedies
 from perfkit.trainer.config import load_config
 
 

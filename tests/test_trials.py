@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import run_perfkit
+from perfkit.analyzers import remedies
 from perfkit.analyzers.rules import Finding
 
 from perfkit.errors import ConfigError
-from perfkit.optimizer import remedies
 from perfkit.optimizer.optimize import baseline_from_run, plan
 from perfkit.optimizer.sweep import default_layouts, label, parse_layout
 from perfkit.optimizer.trials import Candidate, Measurement, judge, judge_adaptively, step_figures, write_toml

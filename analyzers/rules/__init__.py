@@ -1,6 +1,6 @@
 """Diagnosis rules: registered functions from facts to findings, ranked by the time they would save.
 
-A rule is one function declared with ``@rule(id, reads=..., **thresholds)``:
+A rule is one function declared with ``@rule(id, remedy=..., reads=..., **thresholds)``:
 
 - ``reads="trace"``: called once per rank with that rank's ``TraceFacts`` (``perfkit.analyzers.facts``);
   a finding that holds on several ranks names them all, with the worst rank's numbers as evidence.
@@ -10,7 +10,7 @@ A rule is one function declared with ``@rule(id, reads=..., **thresholds)``:
   when known, the device's capacity).
 
 It returns a ``Diagnosis`` (or None): a title, the estimated saving per step and the model behind that
-estimate, the evidence, and the id of its remedy in ``perfkit.optimizer.remedies``. The registry turns
+estimate, the evidence, and the id of its remedy in ``perfkit.analyzers.remedies``. The registry turns
 it into a ``Finding`` (id, severity, ranks, the saving capped at the step time). Thresholds are named
 in the declaration, so a reader sees every number a rule compares against in one place.
 
@@ -55,7 +55,7 @@ class Diagnosis:
     """The model behind the saving, in words ("GPU idle while the CPU launches kernels")."""
     evidence: dict[str, Any]
     remedy: str
-    """The id of a remedy in perfkit.optimizer.remedies."""
+    """The id of a remedy in perfkit.analyzers.remedies."""
     ranks: list[int] = field(default_factory=list)
     severity: str | None = None
     """Set only where time saved does not measure it (a hang stops the job): else from the saving."""
@@ -73,7 +73,7 @@ class Finding:
     saving_ms_per_step: float
     estimate: str
     remedy: str
-    """The id of a remedy in perfkit.optimizer.remedies."""
+    """The id of a remedy in perfkit.analyzers.remedies."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,20 +89,30 @@ class Rule:
     fn: Callable[[Any, Thresholds], Diagnosis | None]
     needs_steps: bool = True
     """A run rule that needs step times (most); a hang or crash has none to speak of."""
+    remedies: tuple[str, ...] = ()
+    """The remedy ids its findings may name (perfkit.analyzers.remedies), checked at registration."""
 
 
 RULES: list[Rule] = []
 
 
 def rule(
-    id: str, *, reads: Reads, needs_steps: bool = True, **thresholds: float
+    id: str, *, remedy: str | tuple[str, ...], reads: Reads, needs_steps: bool = True, **thresholds: float
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a rule: its finding id, what it reads, and its named thresholds."""
+    """Register a rule: its finding id, the remedy (or remedies, one chosen per finding) it names,
+    what it reads, and its named thresholds. A remedy id not in the registry fails here, at import."""
+    from perfkit.analyzers import remedies as registry
+
+    names = (remedy,) if isinstance(remedy, str) else tuple(remedy)
+    unknown = [n for n in names if n not in registry.REMEDIES]
+    if not names or unknown:
+        raise ValueError(f"rule {id!r} names unknown remedy(ies) {unknown or names}; register them first")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if any(r.id == id and r.reads == reads for r in RULES):
             raise ValueError(f"rule {id!r} reading {reads} is registered twice")
-        RULES.append(Rule(id, reads, fn.__module__.rsplit(".", 1)[-1], dict(thresholds), fn, needs_steps))
+        family = fn.__module__.rsplit(".", 1)[-1]
+        RULES.append(Rule(id, reads, family, dict(thresholds), fn, needs_steps, names))
         return fn
 
     return register
@@ -114,6 +124,10 @@ def severity(saving_ms: float, step_ms: float | None) -> str:
 
 
 def _finding(r: Rule, d: Diagnosis, step_ms: float | None, ranks: list[int]) -> Finding:
+    if d.remedy not in r.remedies:
+        raise ValueError(
+            f"rule {r.id!r} named remedy {d.remedy!r}, not one it declares ({', '.join(r.remedies)})"
+        )
     saving = min(d.saving_ms, step_ms) if step_ms else d.saving_ms  # never more than the step
     return Finding(
         id=r.id,

@@ -10,7 +10,7 @@ from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
 
 
-@rule("exposed_communication", reads="trace", min_exposed_share=0.10)
+@rule("exposed_communication", remedy="overlap", reads="trace", min_exposed_share=0.10)
 def exposed_communication(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     span, exposed = f.breakdown.get("span_ns", 0), f.exposed.get("exposed_ns", 0)
     if not span or exposed <= t["min_exposed_share"] * span:
@@ -27,7 +27,14 @@ def exposed_communication(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("small_ddp_buckets", reads="run", min_buckets=8, max_bucket_bytes=4 << 20, ideal_bucket_bytes=25 << 20)
+@rule(
+    "small_ddp_buckets",
+    remedy="bucket_size",
+    reads="run",
+    min_buckets=8,
+    max_bucket_bytes=4 << 20,
+    ideal_bucket_bytes=25 << 20,
+)
 def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
     comm, steps = m.comms, m.steps
     if comm is None or steps is None:
@@ -67,7 +74,7 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("pipeline_bubble", reads="run", min_bubble_share=0.10)
+@rule("pipeline_bubble", remedy="pipeline_microbatches", reads="run", min_bubble_share=0.10)
 def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """Every pipeline rank idles while the pipeline fills and drains: (pp - 1) / v microbatch slots of
     m + (pp - 1) / v. More microbatches (or two stages a rank) shrink that share. Told by the run's
@@ -102,7 +109,7 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("straggler", reads="run")
+@rule("straggler", remedy="straggler", reads="run")
 def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
     st = m.stragglers
     if st is None or not st.slow:
@@ -139,7 +146,7 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("late_rank", reads="run", needs_steps=False)
+@rule("late_rank", remedy="straggler", reads="run", needs_steps=False)
 def late_rank(m: Metrics, t: Thresholds) -> Diagnosis | None:
     sp = m.rank_spread
     if sp is None or not sp.late:
@@ -168,7 +175,7 @@ def late_rank(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("slow_link", reads="run", needs_steps=False)
+@rule("slow_link", remedy="slow_link", reads="run", needs_steps=False)
 def slow_link(m: Metrics, t: Thresholds) -> Diagnosis | None:
     sp = m.rank_spread
     if sp is None or not sp.slow_groups:
@@ -202,7 +209,13 @@ def slow_link(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("small_blocking_collectives", reads="run", max_bytes=64 << 10, min_share=0.03)
+@rule(
+    "small_blocking_collectives",
+    remedy="fewer_small_collectives",
+    reads="run",
+    max_bytes=64 << 10,
+    min_share=0.03,
+)
 def small_blocking_collectives(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """Small collectives the host blocks in every step, outside the gradient reduction: a framework's
     logging gathers, a loss or token-count all-reduce. Each one holds every rank until the last
@@ -242,7 +255,7 @@ def small_blocking_collectives(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("ddp_find_unused_parameters", reads="run", needs_steps=False)
+@rule("ddp_find_unused_parameters", remedy="no_find_unused_parameters", reads="run", needs_steps=False)
 def ddp_find_unused_parameters(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """DDP built with find_unused_parameters=True walks the autograd graph after every forward, and
     every parameter was used: the walk finds nothing."""

@@ -7,7 +7,12 @@ from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
 
 
-@rule("host_launch_bound", reads="trace", min_idle_share=0.15)
+@rule(
+    "host_launch_bound",
+    remedy=("compile", "cuda_graphs", "larger_microbatch"),
+    reads="trace",
+    min_idle_share=0.15,
+)
 def host_launch_bound(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     span, launch = f.breakdown.get("span_ns", 0), f.idle.get("host_launch_ns", 0)
     if not span or launch <= t["min_idle_share"] * span:
@@ -35,7 +40,7 @@ def host_launch_bound(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("fp32_gemm", reads="trace", min_fp32_share=0.10, high_share=0.5)
+@rule("fp32_gemm", remedy="bf16", reads="trace", min_fp32_share=0.10, high_share=0.5)
 def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     if not f.gemm_ns or f.gemm_fp32_ns <= t["min_fp32_share"] * f.gemm_ns:
         return None
@@ -66,7 +71,7 @@ def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("unfused_attention", reads="trace")
+@rule("unfused_attention", remedy="sdpa", reads="trace")
 def unfused_attention(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     softmax = ops(f, "aten::softmax", "aten::_softmax")
     configured = f.config.get("kernels", {}).get("attention")
@@ -96,7 +101,7 @@ _IMPL_TITLE = {
 }
 
 
-@rule("unfused_optimizer", reads="trace")
+@rule("unfused_optimizer", remedy="fused_optimizer", reads="trace")
 def unfused_optimizer(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     configured = f.config.get("kernels", {}).get("optimizer_impl")
     impl, told_by = (configured, "the run's config") if configured else (f.optimizer_impl, "the trace's ops")
@@ -111,7 +116,7 @@ def unfused_optimizer(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("low_mfu", reads="run", max_mfu=0.30)
+@rule("low_mfu", remedy="see_causes", reads="run", max_mfu=0.30)
 def low_mfu(m: Metrics, t: Thresholds) -> Diagnosis | None:
     mfu = m.throughput.mfu if m.throughput else None
     if mfu is None or mfu >= t["max_mfu"]:
@@ -125,7 +130,7 @@ def low_mfu(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("slow_gpu", reads="run", needs_steps=False)
+@rule("slow_gpu", remedy="slow_gpu", reads="run", needs_steps=False)
 def slow_gpu(m: Metrics, t: Thresholds) -> Diagnosis | None:
     sp = m.rank_spread
     if sp is None or not sp.slow_gpu:

@@ -7,7 +7,7 @@ from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
 
 
-@rule("hang", reads="run", needs_steps=False)
+@rule("hang", remedy="fix_hang", reads="run", needs_steps=False)
 def hang(m: Metrics, t: Thresholds) -> Diagnosis | None:
     h = m.hang
     if h is None or not h.hung:
@@ -48,7 +48,7 @@ def hang(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("desync", reads="run", needs_steps=False)
+@rule("desync", remedy="fix_desync", reads="run", needs_steps=False)
 def desync(m: Metrics, t: Thresholds) -> Diagnosis | None:
     h = m.hang
     if h is None or not h.desyncs:
@@ -69,7 +69,7 @@ def desync(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("first_failure", reads="run", needs_steps=False)
+@rule("first_failure", remedy="fix_failure", reads="run", needs_steps=False)
 def first_failure(m: Metrics, t: Thresholds) -> Diagnosis | None:
     h = m.hang
     if h is None or h.first_failure is None:

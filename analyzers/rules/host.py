@@ -9,7 +9,7 @@ from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
 
 
-@rule("host_device_sync", reads="trace", min_idle_share=0.05, min_items_per_step=1)
+@rule("host_device_sync", remedy="avoid_sync", reads="trace", min_idle_share=0.05, min_items_per_step=1)
 def host_device_sync(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     span, sync = f.breakdown.get("span_ns", 0), f.idle.get("sync_ns", 0)
     syncs = f.item_calls / f.steps
@@ -29,7 +29,7 @@ def host_device_sync(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("cpu_contention", reads="run")
+@rule("cpu_contention", remedy="cpu_contention", reads="run")
 def cpu_contention(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """A rank the others wait for, whose extra time its host explains: its training thread was
     ready to run but had no core (another process, DataLoader workers or OpenMP threads beyond the
@@ -65,7 +65,7 @@ def cpu_contention(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("host_oversubscribed", reads="run", min_share=0.15)
+@rule("host_oversubscribed", remedy="host_oversubscribed", reads="run", min_share=0.15)
 def host_oversubscribed(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """Every rank's training thread spends a good part of its step ready to run with no core to run
     on: the host runs more threads than it has cores (OpenMP threads x ranks, DataLoader workers, a

@@ -7,7 +7,7 @@ from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
 
 
-@rule("input_stall", reads="trace", min_idle_share=0.05)
+@rule("input_stall", remedy="more_workers", reads="trace", min_idle_share=0.05)
 def input_stall_in_trace(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     span, idle = f.breakdown.get("span_ns", 0), f.idle.get("input_ns", 0)
     if not span or idle <= t["min_idle_share"] * span:
@@ -21,7 +21,7 @@ def input_stall_in_trace(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("input_stall", reads="run", min_wait_share=0.05)
+@rule("input_stall", remedy="more_workers", reads="run", min_wait_share=0.05)
 def input_stall_in_steps(m: Metrics, t: Thresholds) -> Diagnosis | None:
     io = m.io
     if io is None or io.data_wait_share is None or io.data_wait_share <= t["min_wait_share"]:
@@ -39,7 +39,7 @@ def input_stall_in_steps(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("pageable_h2d", reads="trace", medium_share=0.05)
+@rule("pageable_h2d", remedy="pin_memory", reads="trace", medium_share=0.05)
 def pageable_h2d(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     """Not estimated: pinned copies with non_blocking=True may hide behind compute entirely or not at
     all, which the trace of pageable ones cannot tell (the saving had been a fixed 50%). The copies'
@@ -63,7 +63,7 @@ def pageable_h2d(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("checkpoint_stall", reads="run", min_save_in_steps=2)
+@rule("checkpoint_stall", remedy="async_checkpoint", reads="run", min_save_in_steps=2)
 def checkpoint_stall(m: Metrics, t: Thresholds) -> Diagnosis | None:
     io, step_ms = m.io, m.step_ms or 0.0
     save_ms = io.checkpoint_save_ms_max if io and io.checkpoint_save_ms_max else 0.0

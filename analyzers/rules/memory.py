@@ -7,7 +7,7 @@ from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Snapshot, Thresholds, rule
 
 
-@rule("memory_pressure", reads="run")
+@rule("memory_pressure", remedy=("sequence_parallel", "activation_checkpointing"), reads="run")
 def memory_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
     mem = m.memory
     if mem is None or not ((mem.alloc_retries or 0) > 0 or (mem.ooms or 0) > 0):
@@ -32,7 +32,7 @@ def memory_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("recompute_without_pressure", reads="run", max_peak_share=0.5)
+@rule("recompute_without_pressure", remedy="no_activation_checkpointing", reads="run", max_peak_share=0.5)
 def recompute_without_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """Activation checkpointing recomputes the forward pass in backward to save memory; when the
     peak leaves more than half the device free and the allocator never ran short, that recompute
@@ -72,7 +72,13 @@ def recompute_without_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("allocator_fragmentation", reads="snapshot", min_split_share=0.2, min_split_bytes=256 << 20)
+@rule(
+    "allocator_fragmentation",
+    remedy="expandable_segments",
+    reads="snapshot",
+    min_split_share=0.2,
+    min_split_bytes=256 << 20,
+)
 def allocator_fragmentation(s: Snapshot, t: Thresholds) -> Diagnosis | None:
     """Free blocks stranded inside segments that also hold live tensors: reserved memory no large
     allocation can use."""
@@ -96,7 +102,7 @@ def allocator_fragmentation(s: Snapshot, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("allocator_cache_flushes", reads="snapshot")
+@rule("allocator_cache_flushes", remedy=("expandable_segments", "activation_checkpointing"), reads="snapshot")
 def allocator_cache_flushes(s: Snapshot, t: Thresholds) -> Diagnosis | None:
     """Segments given back to the driver outside an explicit empty_cache(): the allocator ran out,
     synchronized the device, freed its cache and retried."""
@@ -121,7 +127,7 @@ def allocator_cache_flushes(s: Snapshot, t: Thresholds) -> Diagnosis | None:
     )
 
 
-@rule("memory_headroom", reads="snapshot", max_peak_share=0.92)
+@rule("memory_headroom", remedy="activation_checkpointing", reads="snapshot", max_peak_share=0.92)
 def memory_headroom(s: Snapshot, t: Thresholds) -> Diagnosis | None:
     """The history's peak of reserved memory against the device's capacity (when known)."""
     peak = max(s.summary.get("history_peak_reserved_bytes", 0), s.summary["reserved_bytes"])

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perfkit.analyzers import remedies
 from perfkit.analyzers.analyze import Analysis, Comparison, analyze, compare
 from perfkit.errors import ConfigError, RunDirError
-from perfkit.optimizer import remedies
 from perfkit.optimizer.trials import (
     Candidate,
     Verdict,
@@ -192,6 +192,7 @@ class Optimization:
             "stopped": self.stopped,
             "trials": [t.to_json() for t in self.trials],
             "final": [c.to_json() for c in self.final],
+            "findings_gone": [f.title for f in self.comparison.resolved] if self.comparison else None,
             "started": self.started,
             "interrupted": self.interrupted,
         }

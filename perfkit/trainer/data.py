@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from perfkit.collectors.signals.io import record_read
+import perfkit
 from perfkit.errors import ConfigError
-from perfkit.run import write_atomic
 
 CORPUS_FORMAT = "raw little-endian uint16 token ids"
 
@@ -47,7 +46,10 @@ def synthetic_corpus(vocab_size: int, n_tokens: int, seed: int = 0, folder: Path
         stream = np.concatenate([stream, stream])
     # Concurrent ranks may all generate it: each writes its own temporary file and the rename is
     # atomic, so a reader never sees a partial corpus.
-    return write_atomic(path, stream[:n_tokens].astype("<u2").tobytes())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(stream[:n_tokens].astype("<u2").tobytes())
+    os.replace(tmp, path)
+    return path
 
 
 class TokenBatches(Dataset[torch.Tensor]):
@@ -95,7 +97,7 @@ class TokenBatches(Dataset[torch.Tensor]):
         rows = np.stack([self._tokens[o : o + self.seq_len + 1] for o in self.offsets(step)])
         if self.read_delay_s:
             time.sleep(self.read_delay_s)
-        record_read(rows.nbytes, time.perf_counter() - t0, start_ns, str(self.path), step=step + 1)
+        perfkit.record_read(rows.nbytes, time.perf_counter() - t0, start_ns, str(self.path), step=step + 1)
         return torch.from_numpy(rows.astype(np.int64))
 
 

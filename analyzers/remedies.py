@@ -9,9 +9,10 @@
   saw it on the optimizer step's stack): Hugging Face ``TrainingArguments`` fields, Lightning
   ``Trainer`` arguments, Accelerate's ``Accelerator``. A framework not named here gets ``script``.
 
-A finding names its remedy's id and nothing else; the CLI summary, the report and the optimizer read
-the change from here, in the dialect that fits the run. Torch- and trainer-free: the report imports
-it.
+A finding names its remedy's id and nothing else (each rule declares the ids it may name, checked
+when it registers); the CLI summary, the report and the optimizer read the change from here, in the
+dialect that fits the run. Beside the rules, torch- and trainer-free: the reports read it without
+reaching up into the optimizer.
 """
 
 from __future__ import annotations
