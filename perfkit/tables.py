@@ -48,6 +48,8 @@ class Table:
     columns: dict[str, str]
     """Column name to kind (int, float, str, bool). Columns after ``required`` may be null."""
     required: tuple[str, ...]
+    nan_ok: tuple[str, ...] = ()
+    """Float columns where NaN or infinity is a real value (a diverged loss), not damage."""
 
 
 STEPS = Table(
@@ -130,6 +132,26 @@ CPU = Table(
     required=("step", "cpu_s", "wall_s"),
 )
 TABLES = {t.name: t for t in (STEPS, COMMS, IO, MEMORY, NVML, CPU)}
+"""The per-rank tables (rank<N>/<name>.jsonl)."""
+TRAIN_LOG = Table(
+    "train_log",
+    {
+        "step": "int",
+        "loss": "float",
+        "tokens": "int",
+        "step_time_s": "float",
+        "tokens_per_s": "float",
+        "lr": "float",
+        "grad_norm": "float",
+        "mfu": "float",
+        "peak_memory_bytes": "int",
+    },
+    required=("step", "tokens", "step_time_s"),
+    nan_ok=("loss", "grad_norm", "tokens_per_s"),
+)
+"""The bundled trainer's own log (``--log-json``; the run's train_log.jsonl): a record every
+``log_every`` steps, ``step_time_s`` the mean since the previous one; ``mfu`` per GPU where a peak is
+known; ``peak_memory_bytes`` (the busiest rank's) with the last. The optimizer decides from it."""
 
 
 class RowWriter:
@@ -204,6 +226,17 @@ def read_table(path: Path, table: Table, drop_bad_rows: bool = False) -> tuple[p
     A row that is not a JSON object, lacks a required column or has a value of the wrong kind makes
     the file unusable: a RunDirError names the file and the line. With ``drop_bad_rows`` (analysis
     of a possibly damaged run) such rows are dropped instead, counted in one note, and the rest kept."""
+    rows, notes = read_rows(path, table, drop_bad_rows)
+    import pandas as pd  # only readers need it: the CLI's start-up and the ranks' collectors do not
+
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*table.columns, *(k for r in rows for k in r)])))
+    return frame, notes
+
+
+def read_rows(
+    path: Path, table: Table, drop_bad_rows: bool = False
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``read_table``'s rows as checked dicts, without pandas."""
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
     bad: list[str] = []
@@ -229,10 +262,7 @@ def read_table(path: Path, table: Table, drop_bad_rows: bool = False) -> tuple[p
         rows.append(row)
     if bad:
         notes.append(f"{len(bad)} damaged row(s) dropped; first: {bad[0]}")
-    import pandas as pd  # only readers need it: the CLI's start-up and the ranks' collectors do not
-
-    frame = pd.DataFrame(rows, columns=list(dict.fromkeys([*table.columns, *(k for r in rows for k in r)])))
-    return frame, notes
+    return rows, notes
 
 
 def _check_row(line: str, table: Table, where: str, half_written: bool) -> dict[str, Any] | None:
@@ -264,7 +294,7 @@ def _check_row(line: str, table: Table, where: str, half_written: bool) -> dict[
             continue
         if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
             raise RunDirError(f"{where}: column {col!r} should be {kind}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) and col not in table.nan_ok:
             raise RunDirError(f"{where}: column {col!r} is {value!r}, not a finite number")
         if isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise RunDirError(f"{where}: column {col!r} is {value!r}, outside int64")

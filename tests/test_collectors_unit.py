@@ -556,3 +556,20 @@ def test_bare_step_calls_under_perfkit_profile_record_whole_steps(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     steps, _ = read_table(tmp_path / "run" / "rank0" / "steps.jsonl", STEPS)
     assert len(steps) == 3 and (steps["step_time_s"] > 0.045).all(), list(steps["step_time_s"])
+
+
+def test_the_trainers_log_has_a_declared_schema(tmp_path: Path) -> None:
+    """train_log.jsonl, which the optimizer decides from, is checked like the other tables: a diverged
+    loss (NaN) is a real value; a negative step time or a record without its tokens is damage."""
+    from perfkit.tables import TRAIN_LOG, read_rows
+
+    log = tmp_path / "train_log.jsonl"
+    good = {"step": 1, "loss": float("nan"), "tokens": 512, "step_time_s": 0.05, "tokens_per_s": 10240.0}
+    log.write_text(json.dumps(good) + "\n")
+    (row,) = read_rows(log, TRAIN_LOG)[0]
+    assert row["step"] == 1 and row["loss"] != row["loss"]
+    for bad, said in (({**good, "step_time_s": -5}, "not a possible duration"), ({"step": 1, "step_time_s": 0.1},
+                      "missing required column 'tokens'")):  # fmt: skip
+        log.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(RunDirError, match=said):
+            read_rows(log, TRAIN_LOG)

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from perfkit.analyzers.comms import bus_factor, own_ns, pipeline_fill
 from perfkit.errors import ConfigError, RunDirError
-from perfkit.tables import loads
+from perfkit.tables import TRAIN_LOG, read_rows
 from perfkit.trainer.config import Layout, TrainConfig, config_from_dict, load_config, resolve_layout
 
 WARMUP = 3
@@ -470,10 +470,10 @@ def _logged_peak(train_log: Path) -> float | None:
     the peak RSS on CPU): what a sweep's runs report, so predictions compare like with like."""
 
     try:
-        lines = [ln for ln in train_log.read_text().splitlines() if ln.strip()]
-        value = loads(lines[-1]).get("peak_memory_bytes") if lines else None
-    except (OSError, ValueError, AttributeError):
+        rows, _ = read_rows(train_log, TRAIN_LOG, drop_bad_rows=True)
+    except RunDirError:
         return None
+    value = rows[-1].get("peak_memory_bytes") if rows else None
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from perfkit.errors import ConfigError, PerfkitError
+from perfkit.errors import ConfigError, PerfkitError, RunDirError
 from perfkit.launch import (
     ONE_NODE,
     Nodes,
@@ -33,7 +33,7 @@ from perfkit.launch import (
     trainer_env,
 )
 from perfkit.progress import Reporter, quiet
-from perfkit.tables import loads
+from perfkit.tables import TRAIN_LOG, read_rows
 from perfkit.trainer.config import load_config, resolve_layout
 
 WARMUP = 3
@@ -232,8 +232,8 @@ def measure(
             ok=True, error="", steps=None
         )  # global rank 0 ran on another node: its log is there
     try:
-        records = [loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
+        records, _ = read_rows(log, TRAIN_LOG)  # its declared schema: a damaged record is named
+    except RunDirError as e:
         return Measurement(ok=False, error=f"the trainer's log could not be read: {e}")
     finally:
         log.unlink(missing_ok=True)
