@@ -145,7 +145,7 @@ def test_basis_fits_the_planted_collectives_and_predicts_itself(tmp_path: Path) 
     # the trainer's own peak (ru_maxrss, what a sweep's runs report) wins over step-end samples
     assert any("sampled at step ends" in n for n in b.notes)
     (tmp_path / "basis" / "train_log.jsonl").write_text(
-        json.dumps({"step": 10, "peak_memory_bytes": 500 << 20}) + "\n"
+        json.dumps({"step": 10, "tokens": 512, "step_time_s": 0.03, "peak_memory_bytes": 500 << 20}) + "\n"
     )
     assert (
         lm.predict(lm.basis_from_run(tmp_path / "basis"), load_config("tiny-cpu"), 2).peak_bytes == 500 << 20
