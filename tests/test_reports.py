@@ -163,3 +163,23 @@ def test_an_undecided_optimize_is_not_called_a_failure() -> None:
     assert "1 of 1 change(s) undecided" in said and "nothing measurably helped" not in said
     trial["reason"] = "-2% gain: falls short of the 3% bar"
     assert "nothing measurably helped" in optimize_summary(data)
+
+
+def test_a_new_section_registers_without_touching_render(tmp_path: Path) -> None:
+    """Report sections register (id, title, place on the page): a new analysis adds its own."""
+    from markupsafe import Markup
+    from perfkit.reports import sections as S
+
+    @S.section("planted", "A planted section", order=25)
+    def _planted(a: object) -> S.Body:
+        return Markup("<p>planted body</p>"), "never empty"
+
+    try:
+        page = render(analyze(DATA / "h100" / "tuned_trace.json.gz"))
+        ids = [s.id for s in S.sections(analyze(DATA / "h100" / "tuned_trace.json.gz"))]
+        assert "A planted section" in page and "planted body" in page
+        assert ids.index("steps") < ids.index("planted") < ids.index("gpu")  # between 20 and 30
+        with pytest.raises(ValueError, match="registered twice"):
+            S.section("planted", "again", order=1)(_planted)
+    finally:
+        S.SECTIONS[:] = [s for s in S.SECTIONS if s.id != "planted"]
