@@ -339,6 +339,7 @@ register(
         id="fewer_small_collectives",
         description="Call these small collectives less often, or all at once: gather logged values every "
         "N steps, or pack them into one tensor and reduce it in one call.",
+        trainer={"log_every": 10},  # the bundled trainer's one: the loss all-reduce of each logged step
         script="if step % 50 == 0: dist.all_reduce(torch.stack([loss, tokens, ...]))  (one call every N "
         "steps, not one a value every step)",
         frameworks={

@@ -16,7 +16,7 @@ from typing import Any
 
 from perfkit.collectors.probe import Probe
 
-from perfkit.frames import caller_chain, framework_of, live_frames, package_of, user_frame
+from perfkit.frames import caller_chain, framework_of, is_trainer, live_frames, package_of, user_frame
 
 _patched = False
 
@@ -112,15 +112,15 @@ def _count_syncs(probe: Probe, torch: Any, sites: dict[str, dict[str, Any]]) -> 
 
     def chain_of(frame: Any) -> str | None:
         frames = live_frames(frame)
-        if "/torch/optim/" in frames[0]["file"] or package_of(frames[0]["file"]) == "perfkit":
+        inner = frames[0]["file"]
+        if "/torch/optim/" in inner or (package_of(inner) == "perfkit" and not is_trainer(inner)):
             return None
         chain = caller_chain(reversed(frames), depth=2)
         if chain:
             # the package of the innermost frame outside torch ('' for the user's own code), and the
             # user's own line the call came through
-            library[chain] = next(
-                (p for p in (package_of(x["file"]) for x in frames) if p not in ("torch", "perfkit")), ""
-            )
+            packages = ("" if is_trainer(x["file"]) else package_of(x["file"]) for x in frames)
+            library[chain] = next((p for p in packages if p not in ("torch", "perfkit")), "")
             user[chain] = user_frame(reversed(frames))
         return chain or None
 

@@ -21,9 +21,16 @@ def user_frame(frames: Iterable[Mapping[str, Any]]) -> str:
     file, line and function)."""
     for f in reversed(list(frames)):
         path = str(f.get("file", ""))
-        if not any(mark in path for mark in NOT_USER):
+        if is_trainer(path) or not any(mark in path for mark in NOT_USER):
             return f"{path}:{f.get('line')} {f.get('function')}"
     return ""
+
+
+def is_trainer(path: str) -> bool:
+    """A file of the bundled trainer, a user of perfkit like any script: its frames are the user's
+    own, wherever perfkit is installed (its collectives and host reads had been put down to click,
+    which runs its command line)."""
+    return _TRAINER in path
 
 
 # Training frameworks that drive a loop, by a path fragment of their package; the outermost one on
@@ -64,6 +71,11 @@ def caller_chain(frames: Iterable[Mapping[str, Any]], depth: int = 3) -> str:
     last = None
     for f in reversed(list(frames)):  # innermost first
         path = str(f.get("file", ""))
+        if is_trainer(path):
+            out.append(
+                f"{_TRAINER.strip('/')}/{path.split(_TRAINER, 1)[1]}:{f.get('line')} {f.get('function')}"
+            )
+            break
         pkg = package_of(path)
         if pkg in ("torch", "perfkit") or path.startswith(_perfkit_roots()) or path.startswith("<"):
             continue
@@ -77,6 +89,9 @@ def caller_chain(frames: Iterable[Mapping[str, Any]], depth: int = 3) -> str:
         if not pkg or len(out) >= depth:
             break
     return " < ".join(out)
+
+
+_TRAINER = "/perfkit/trainer/"
 
 
 @functools.cache

@@ -97,6 +97,9 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         ddp = comms[comms["source"] == "ddp"]
         assert (ddp["bytes"] == PARAM_BYTES).all() and (ddp["group_size"] == 2).all()
         assert (per_step(comms, "all_reduce", "python") == 1).all()
+        # the trainer is a user of perfkit: its own line made the call (it had been "click/core.py")
+        python = comms[comms["source"] == "python"]
+        assert python["caller"].str.startswith("perfkit/trainer/train.py:").all(), python["caller"].unique()
         assert (comms["end_ns"] >= comms["start_ns"]).all()
         # After the last step, the link probe: 4 sizes, a warm-up and 4 timed all-reduces each,
         # outside every step; the analysis keeps them out of the job's collectives.
