@@ -11,6 +11,7 @@ desynchronized.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,12 @@ def hang_metrics(run: Run, problems: list[str], reports: dict[int, dict[str, Any
                         "frame": user_frame(frames),
                     }
                 )
+    for rank in run.ranks():
+        fault = layout.fault_record(rank)
+        if rank not in {f["rank"] for f in failures} and fault.is_file():
+            failure = _fault(rank, fault)
+            if failure is not None:
+                failures.append(failure)
     if not hung and not failures:
         return None
     for rank, report in reports.items():  # the others: what they were in when they stopped
@@ -138,6 +145,39 @@ def hang_metrics(run: Run, problems: list[str], reports: dict[int, dict[str, Any
         out.first_failure = min(failures, key=lambda f: f["time"])
     _match(out, run.manifest.world_size)
     return out
+
+
+_FAULT_FRAME = re.compile(r'^\s*File "(.+)", line (\d+) in (.+)$')
+
+
+def _fault(rank: int, path: Path) -> dict[str, Any] | None:
+    """A rank killed by a signal, from Python's faulthandler output: the signal, and the innermost
+    user frame of the thread that received it (most recent call first)."""
+    try:
+        text = path.read_text(errors="replace")[:200_000]
+        when = path.stat().st_mtime
+    except OSError:
+        return None
+    lines = text.splitlines()
+    head = next((ln for ln in lines if ln.startswith("Fatal Python error:")), "")
+    if not head:
+        return None
+    # the thread that got the signal is "Current thread" (with one thread: "Stack"), among the others
+    blocks = text.split("\n\n")
+    thread = next((b for b in blocks if b.lstrip().startswith(("Current thread", "Stack"))), text)
+    frames = [
+        {"file": m.group(1), "line": int(m.group(2)), "function": m.group(3)}
+        for ln in thread.splitlines()
+        if (m := _FAULT_FRAME.match(ln))
+    ]
+    signal_name = head.removeprefix("Fatal Python error:").strip()
+    return {
+        "rank": rank,
+        "time": when,
+        "exception": signal_name,
+        "message": f"the rank was killed by a signal ({signal_name}); every thread's stack is in {path}",
+        "frame": user_frame(list(reversed(frames))),
+    }
 
 
 def _match(h: HangMetrics, world_size: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import torch
 from perfkit.collectors.base import Collector, load
@@ -72,6 +73,7 @@ class Probe:
         self.status: dict[str, dict[str, str]] = {}
         self._writers: dict[str, RowWriter] = {}
         self._write_errors: list[str] = []  # tables that could not be written (a full disk), once each
+        self._fault_file: IO[str] | None = None  # faulthandler's output, while armed
         self._lock = threading.Lock()
         self._stopped = False
         self._outcome = "complete"
@@ -141,6 +143,7 @@ class Probe:
         if self._excepthook:
             return
         self._excepthook = True
+        self._arm_faulthandler()
         previous = sys.excepthook
 
         def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
@@ -165,6 +168,29 @@ class Probe:
 
         sys.excepthook = hook
 
+    def _arm_faulthandler(self) -> None:
+        """A signal that kills the rank (a segfault in an extension, an abort) runs no Python: Python's
+        faulthandler writes every thread's stack to fault.txt as it dies, and the analysis names the
+        rank and its line. Left alone when the script enabled faulthandler itself."""
+        if faulthandler.is_enabled():
+            return
+        with contextlib.suppress(OSError):
+            path = self.layout.fault_record(self.rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fault_file = open(path, "w")  # noqa: SIM115 - faulthandler writes to it until the end
+            faulthandler.enable(self._fault_file)
+
+    def _disarm_faulthandler(self) -> None:
+        f = self._fault_file
+        if f is None:
+            return
+        self._fault_file = None
+        with contextlib.suppress(OSError, ValueError):
+            faulthandler.disable()
+            f.close()
+            if not os.path.getsize(f.name):
+                os.unlink(f.name)
+
     def stop(self, outcome: str | None = None) -> None:
         """Flush everything and write the rank's final status. Safe to call twice."""
         if self._stopped or os.getpid() != self.pid or not self._started:
@@ -183,6 +209,7 @@ class Probe:
             if collector.enabled:
                 self._guard(collector, "stop", collector.stop, self)
         self._flush_writers(close=True)
+        self._disarm_faulthandler()
         self._write_probe_json(self._outcome)
         if Probe.current is self:
             Probe.current = None

@@ -150,6 +150,11 @@ class RunLayout:
         """Written by the rank when an exception ended it."""
         return self.rank_dir(rank) / "failure.json"
 
+    def fault_record(self, rank: int) -> Path:
+        """Python's faulthandler output when a signal (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) killed
+        the rank: every thread's stack at that moment. Removed at a clean stop when empty."""
+        return self.rank_dir(rank) / "fault.txt"
+
     def hang_records(self) -> list[Path]:
         return [p for rank in self.ranks() if (p := self.hang_record(rank)).is_file()]
 

@@ -37,6 +37,8 @@ for step in range(8):
             time.sleep(3600)  # PLANTED: rank 1 stuck here
         if PLANT == "raise":
             raise RuntimeError("planted failure")
+        if PLANT == "segfault":
+            import ctypes; ctypes.string_at(0)  # PLANTED: rank 1 killed by SIGSEGV
         if PLANT == "slow":
             time.sleep(1.5)  # shorter than the hang timeout
         if PLANT == "desync":
@@ -105,6 +107,19 @@ def test_the_rank_that_failed_first_is_named(tmp_path: Path) -> None:
     a = analyze(out)
     f = {f.id: f for f in a.findings}["first_failure"]
     assert f.ranks == [1] and "RuntimeError: planted failure" in f.title and "train.py" in f.evidence["at"]
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_its_line(tmp_path: Path) -> None:
+    """A segfault runs no Python, so no failure.json: the rank's faulthandler output (fault.txt) names
+    the signal and its line. A rank that stops cleanly leaves no fault.txt."""
+    proc, out, _ = _profile(tmp_path, "segfault")
+    assert proc.returncode != 0
+    assert (out / "rank1" / "fault.txt").read_text().startswith("Fatal Python error: Segmentation fault")
+    assert not (out / "rank0" / "fault.txt").exists()
+    f = {f.id: f for f in analyze(out).findings}["first_failure"]
+    assert f.ranks == [1] and "Segmentation fault" in f.title
+    line = next(i for i, ln in enumerate(SCRIPT.splitlines(), 1) if "string_at(0)" in ln)
+    assert f.evidence["at"].endswith(f"train.py:{line} <module>"), f.evidence
 
 
 def test_a_slow_step_shorter_than_the_timeout_is_no_hang(tmp_path: Path) -> None:
