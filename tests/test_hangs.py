@@ -168,7 +168,12 @@ def test_a_real_flight_recorder_dump_is_read(tmp_path: Path) -> None:
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29541', TORCH_FR_BUFFER_SIZE='20')\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "t = torch.ones(4); dist.all_reduce(t); dist.broadcast(t, 0)\n"
-        f"open({str(tmp_path / 'fr_rank_0')!r}, 'wb').write(torch._C._distributed_c10d._dump_fr_trace(None, None, None))\n"
+        "import pickle, time\n"
+        "for _ in range(200):  # the recorder marks a completion on its own thread: dump once it has\n"
+        "    d = torch._C._distributed_c10d._dump_fr_trace(None, None, None)\n"
+        "    if int(next(iter(pickle.loads(d)['pg_status'].values()))['last_completed_collective']) >= 2: break\n"
+        "    time.sleep(0.01)\n"
+        f"open({str(tmp_path / 'fr_rank_0')!r}, 'wb').write(d)\n"
         "dist.destroy_process_group()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)
