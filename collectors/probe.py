@@ -28,7 +28,8 @@ import torch
 from perfkit.collectors.base import Collector, load
 from perfkit.collectors.options import CollectOptions
 
-from perfkit.run import RunLayout, write_json_atomic
+from perfkit.files import write_json_atomic
+from perfkit.run import RunLayout
 from perfkit.tables import STEPS, RowWriter, Table
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")

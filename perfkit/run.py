@@ -25,7 +25,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 from perfkit import __version__
 from perfkit.errors import ConfigError, RunDirError
+from perfkit.files import json_bytes, write_json_atomic
 from perfkit.tables import loads
 
 SCHEMA_VERSION = 1
@@ -188,34 +188,6 @@ class RunLayout:
 
     def is_run(self) -> bool:
         return self.manifest.is_file()
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename,
-    so a reader never sees half a file (and a concurrent writer of the same content is harmless)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    return write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass(kw_only=True)
@@ -454,9 +426,8 @@ class Run:
             for tmp in self.path.rglob(".*.tmp*"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-            data = json.dumps(self.manifest.to_json(), indent=1, sort_keys=True, default=str) + "\n"
             try:
-                self.manifest_path.write_text(data)
+                self.manifest_path.write_bytes(json_bytes(self.manifest.to_json()))
             except OSError:
                 raise RunDirError(
                     f"the disk under {self.path} is full: its manifest could not be written; free space, "

@@ -8,7 +8,7 @@ from pathlib import Path
 from perfkit.analyzers.analyze import Comparison
 from perfkit.reports.html import page_template
 
-from perfkit.run import write_atomic
+from perfkit.files import write_atomic
 
 
 def _fmt(v: float | None) -> str:

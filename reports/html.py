@@ -15,7 +15,7 @@ from perfkit.reports.sections import fig_html, sections
 from perfkit.reports.text import evidence_text, fix
 from plotly.offline import get_plotlyjs
 
-from perfkit.run import write_atomic
+from perfkit.files import write_atomic
 
 
 def _read_template(name: str) -> str:

@@ -18,7 +18,8 @@ from perfkit.analyzers.comms import service_ns
 from perfkit.analyzers.runtables import load_tables
 from perfkit.analyzers.trace import TraceError, base_ns, plausible_times, read_json
 
-from perfkit.run import Run, write_atomic
+from perfkit.files import write_atomic
+from perfkit.run import Run
 
 _PHASES = ("data_wait", "forward", "backward", "forward_backward", "optimizer", "checkpoint")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from perfkit.analyzers.analyze import Analysis, analyze, output_path
 
-from perfkit.run import RunLayout, write_json_atomic
+from perfkit.files import write_json_atomic
+from perfkit.run import RunLayout
 
 
 @dataclass

@@ -13,7 +13,8 @@ from perfkit.reports import figures
 from perfkit.reports.html import page_template
 from plotly.offline import get_plotlyjs
 
-from perfkit.run import RunLayout, write_atomic
+from perfkit.files import write_atomic
+from perfkit.run import RunLayout
 
 
 def _fmt(v: float | None, spec: str = ",.1f") -> str:

@@ -84,7 +84,7 @@ def test_reports_read_at_many_ranks(tmp_path: Path) -> None:
 def test_a_dask_cluster_gives_the_same_analysis_as_local_processes(tmp_path: Path) -> None:
     """perfkit analyze --scheduler: the per-rank work on a Dask LocalCluster's worker processes."""
     distributed = pytest.importorskip("distributed")
-    from perfkit.run import write_json_atomic
+    from perfkit.files import write_json_atomic
 
     synth = synth_ranks()
     synth.synthesize(SOURCE, tmp_path / "job", synth.Plan(ranks=8, slow_gpu=3), jobs=1)

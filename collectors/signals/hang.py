@@ -19,7 +19,7 @@ from typing import Any
 from perfkit.collectors.base import Collector, register
 from perfkit.collectors.probe import Probe
 
-from perfkit.run import write_json_atomic
+from perfkit.files import write_json_atomic
 
 
 def thread_stacks() -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from typing import Any
 from perfkit.analyzers import remedies
 from perfkit.analyzers.analyze import Analysis, Comparison, analyze, compare
 from perfkit.errors import ConfigError, RunDirError
+from perfkit.files import write_json_atomic
 from perfkit.optimizer.trials import (
     Candidate,
     Verdict,
@@ -42,7 +43,7 @@ from perfkit.optimizer.trials import (
     write_toml,
 )
 from perfkit.progress import Reporter, quiet
-from perfkit.run import Run, RunLayout, StudyLayout, write_json_atomic
+from perfkit.run import Run, RunLayout, StudyLayout
 from perfkit.trainer.config import load_config
 
 SCHEMA_VERSION = 2

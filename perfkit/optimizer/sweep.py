@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from perfkit.errors import ConfigError, RunDirError
+from perfkit.files import write_json_atomic
 from perfkit.launch import ONE_NODE, Nodes
 from perfkit.optimizer.layoutmodel import Basis, basis_from_run, describe, predict_overrides
 from perfkit.optimizer.trials import WARMUP, Candidate, Measurement, check, measure
 from perfkit.progress import Reporter, quiet
-from perfkit.run import StudyLayout, write_json_atomic
+from perfkit.run import StudyLayout
 from perfkit.tables import loads
 from perfkit.trainer.config import load_config, resolve_layout
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import perfkit
 from perfkit.errors import ConfigError
+from perfkit.files import write_atomic
 
 CORPUS_FORMAT = "raw little-endian uint16 token ids"
 
@@ -46,10 +47,7 @@ def synthetic_corpus(vocab_size: int, n_tokens: int, seed: int = 0, folder: Path
         stream = np.concatenate([stream, stream])
     # Concurrent ranks may all generate it: each writes its own temporary file and the rename is
     # atomic, so a reader never sees a partial corpus.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(stream[:n_tokens].astype("<u2").tobytes())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, stream[:n_tokens].astype("<u2").tobytes())
 
 
 class TokenBatches(Dataset[torch.Tensor]):
