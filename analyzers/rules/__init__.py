@@ -10,7 +10,7 @@ A rule is one function declared with ``@rule(id, remedy=..., reads=..., **thresh
   when known, the device's capacity).
 
 It returns a ``Diagnosis`` (or None): a title, the estimated saving per step and the model behind that
-estimate, the evidence, and the id of its remedy in ``perfkit.analyzers.remedies``. The registry turns
+estimate, the evidence, and (for a rule that declares several remedies) which one applies. The registry turns
 it into a ``Finding`` (id, severity, ranks, the saving capped at the step time). Thresholds are named
 in the declaration, so a reader sees every number a rule compares against in one place.
 
@@ -54,8 +54,8 @@ class Diagnosis:
     estimate: str
     """The model behind the saving, in words ("GPU idle while the CPU launches kernels")."""
     evidence: dict[str, Any]
-    remedy: str
-    """The id of a remedy in perfkit.analyzers.remedies."""
+    remedy: str = ""
+    """Which of its rule's declared remedies applies; only a rule that declares several chooses."""
     ranks: list[int] = field(default_factory=list)
     severity: str | None = None
     """Set only where time saved does not measure it (a hang stops the job): else from the saving."""
@@ -124,7 +124,8 @@ def severity(saving_ms: float, step_ms: float | None) -> str:
 
 
 def _finding(r: Rule, d: Diagnosis, step_ms: float | None, ranks: list[int]) -> Finding:
-    if d.remedy not in r.remedies:
+    remedy = d.remedy or (r.remedies[0] if len(r.remedies) == 1 else "")
+    if remedy not in r.remedies:
         raise ValueError(
             f"rule {r.id!r} named remedy {d.remedy!r}, not one it declares ({', '.join(r.remedies)})"
         )
@@ -137,7 +138,7 @@ def _finding(r: Rule, d: Diagnosis, step_ms: float | None, ranks: list[int]) -> 
         ranks=ranks,
         saving_ms_per_step=round(max(0.0, saving), 3),
         estimate=d.estimate,
-        remedy=d.remedy,
+        remedy=remedy,
     )
 
 

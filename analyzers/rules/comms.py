@@ -23,7 +23,6 @@ def exposed_communication(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
             "overlap_pct": round(f.exposed["overlap_pct"], 1),
             "exposed_pct_of_span": round(100 * exposed / span, 1),
         },
-        remedy="overlap",
     )
 
 
@@ -70,7 +69,6 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "told_by": "the DDP all-reduces perfkit recorded (their count and size a step)"
             + (", and the run's config (overlap.bucket_cap_mb)" if cap is not None else ""),
         },
-        remedy="bucket_size",
     )
 
 
@@ -105,7 +103,6 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "bubble_pct": round(100 * share, 1),
             "told_by": "the run's config (parallel.pp, parallel.microbatches, parallel.pp_schedule)",
         },
-        remedy="pipeline_microbatches",
     )
 
 
@@ -141,7 +138,6 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
             # how busy the host was: a straggler named on a loaded host is read with that in mind
             **({"host_busy_share": round(st.host_busy, 2)} if st.host_busy is not None else {}),
         },
-        remedy="straggler",
         ranks=list(st.slow),
     )
 
@@ -170,7 +166,6 @@ def late_rank(m: Metrics, t: Thresholds) -> Diagnosis | None:
             ],
             "median_idle_ms": round(statistics.median(r.idle_ms for r in sp.ranks), 2),
         },
-        remedy="straggler",
         ranks=list(sp.late),
     )
 
@@ -204,7 +199,6 @@ def slow_link(m: Metrics, t: Thresholds) -> Diagnosis | None:
             ],
             "shared_ranks": sp.slow_link,
         },
-        remedy="slow_link",
         ranks=sp.slow_link or sorted({r for g in sp.slow_groups for r in g.ranks or []}),
     )
 
@@ -251,7 +245,6 @@ def small_blocking_collectives(m: Metrics, t: Thresholds) -> Diagnosis | None:
             ],
             "told_by": "the collectives perfkit recorded, by the caller that made them",
         },
-        remedy="fewer_small_collectives",
     )
 
 
@@ -279,5 +272,4 @@ def ddp_find_unused_parameters(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "search_ms_per_forward": round(search_ms, 3),
             "told_by": "the DDP constructor's flags and a walk of the first forwards' autograd graph",
         },
-        remedy="no_find_unused_parameters",
     )

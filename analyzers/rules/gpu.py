@@ -66,7 +66,6 @@ def fp32_gemm(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         estimate=f"not estimated: at most the FP32 GEMMs' own {fp32_ms:.2f} ms a step; compute-bound ones gain "
         "most in bf16, memory-bound ones little",
         evidence=evidence,
-        remedy="bf16",
         severity="high" if share >= t["high_share"] else "medium",
     )
 
@@ -90,7 +89,6 @@ def unfused_attention(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         saving_ms=0.0,
         estimate="not estimated",
         evidence=evidence,
-        remedy="sdpa",
     )
 
 
@@ -112,7 +110,6 @@ def unfused_optimizer(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         saving_ms=0.0,
         estimate="not estimated",
         evidence={"implementation": impl, "told_by": told_by},
-        remedy="fused_optimizer",
     )
 
 
@@ -126,7 +123,6 @@ def low_mfu(m: Metrics, t: Thresholds) -> Diagnosis | None:
         saving_ms=0.0,
         estimate="not estimated: the other findings name its causes",
         evidence={"mfu": round(mfu, 3)},
-        remedy="see_causes",
     )
 
 
@@ -153,6 +149,5 @@ def slow_gpu(m: Metrics, t: Thresholds) -> Diagnosis | None:
                 for k in sp.slow_gpu
             ],
         },
-        remedy="slow_gpu",
         ranks=list(sp.slow_gpu),
     )

@@ -22,7 +22,6 @@ def hang(m: Metrics, t: Thresholds) -> Diagnosis | None:
             saving_ms=0.0,
             estimate="not a time per step: the job stops",
             evidence={"ranks": {s.rank: s.frame or "(no user frame)" for s in h.ranks}},
-            remedy="fix_hang",
             ranks=waiting,
             severity="critical",
         )
@@ -42,7 +41,6 @@ def hang(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "missing": w.missing,
             "stuck_at": where,
         },
-        remedy="fix_hang",
         ranks=w.missing,
         severity="critical",
     )
@@ -63,7 +61,6 @@ def desync(m: Metrics, t: Thresholds) -> Diagnosis | None:
         saving_ms=0.0,
         estimate="not a time per step: the job hangs or fails",
         evidence=d,
-        remedy="fix_desync",
         ranks=sorted(r for s in d["sides"] for r in s["ranks"]),
         severity="critical",
     )
@@ -86,7 +83,6 @@ def first_failure(m: Metrics, t: Thresholds) -> Diagnosis | None:
         saving_ms=0.0,
         estimate="not a time per step: the job stopped",
         evidence={"rank": f["rank"], "exception": f["exception"], "at": f["frame"], "others_were_in": others},
-        remedy="fix_failure",
         ranks=[f["rank"]],
         severity="critical",
     )

@@ -25,7 +25,6 @@ def host_device_sync(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         if span
         else "not estimated: the trace has no GPU time (on a CPU run .item() costs little)",
         evidence=evidence,
-        remedy="avoid_sync",
     )
 
 
@@ -60,7 +59,6 @@ def cpu_contention(m: Metrics, t: Thresholds) -> Diagnosis | None:
                 "runq_wait_ms": round(fastest.runq_wait_ms or 0.0, 2),
             },
         },
-        remedy="cpu_contention",
         ranks=list(st.host_bound),
     )
 
@@ -99,5 +97,4 @@ def host_oversubscribed(m: Metrics, t: Thresholds) -> Diagnosis | None:
         saving_ms=min(w for _, w, _ in waits),
         estimate="the least run-queue wait of any rank a step (its training thread ready, no core free)",
         evidence=evidence,
-        remedy="host_oversubscribed",
     )

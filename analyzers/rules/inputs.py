@@ -17,7 +17,6 @@ def input_stall_in_trace(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
         saving_ms=idle / (f.gpu_steps * 1e6),
         estimate="GPU idle while the CPU waited for the next batch",
         evidence={"input_idle_pct_of_span": round(100 * idle / span, 1)},
-        remedy="more_workers",
     )
 
 
@@ -35,7 +34,6 @@ def input_stall_in_steps(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "data_wait_ms": round(io.data_wait_ms or 0.0, 2),
             "read_latency_p99_ms": io.read_latency_p99_ms,
         },
-        remedy="more_workers",
     )
 
 
@@ -58,7 +56,6 @@ def pageable_h2d(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
             "time_ms": round(f.pageable_h2d_ns / 1e6, 3),
             "share_of_step": round(share, 3),
         },  # fmt: skip
-        remedy="pin_memory",
         severity="medium" if share >= t["medium_share"] else "low",
     )
 
@@ -79,5 +76,4 @@ def checkpoint_stall(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "every_steps": every,
             "saves": io.checkpoint_saves if io else None,
         },
-        remedy="async_checkpoint",
     )

@@ -68,7 +68,6 @@ def recompute_without_pressure(m: Metrics, t: Thresholds) -> Diagnosis | None:
             "recomputed_ops_per_step": recomputed,
             "told_by": told_by,
         },
-        remedy="no_activation_checkpointing",
     )
 
 
@@ -98,7 +97,6 @@ def allocator_fragmentation(s: Snapshot, t: Thresholds) -> Diagnosis | None:
             "reserved_gib": round(reserved / 2**30, 2),
             "snapshot": s.name,
         },
-        remedy="expandable_segments",
     )
 
 
@@ -142,5 +140,4 @@ def memory_headroom(s: Snapshot, t: Thresholds) -> Diagnosis | None:
             "capacity_gib": round(s.capacity_bytes / 2**30, 2),
             "largest_holders": s.summary.get("by_category", {}),
         },
-        remedy="activation_checkpointing",
     )
