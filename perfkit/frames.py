@@ -14,6 +14,8 @@ from typing import Any
 NOT_USER = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen", "<string>", "signals/comms.py",
             "collectors/probe.py", "collectors/api.py", "collectors/auto.py", "collectors/sites.py",
             "/threading.py")  # fmt: skip
+_TRAINER = "/perfkit/trainer/"
+"""The bundled trainer's folder: a user of perfkit, whose frames are the user's own."""
 
 
 def user_frame(frames: Iterable[Mapping[str, Any]]) -> str:
@@ -89,9 +91,6 @@ def caller_chain(frames: Iterable[Mapping[str, Any]], depth: int = 3) -> str:
         if not pkg or len(out) >= depth:
             break
     return " < ".join(out)
-
-
-_TRAINER = "/perfkit/trainer/"
 
 
 @functools.cache

@@ -206,6 +206,7 @@ def _train(
         prefetch_factor=cfg.data.prefetch_factor,
     )
     tokens_per_step = cfg.data.global_batch * cfg.model.seq_len
+    model_flops = flops_per_token(cfg.model)  # a token's training FLOPs, for MFU
     peak = cfg.peak_tflops or (
         gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     )
@@ -231,7 +232,7 @@ def _train(
         if log_file:
             closing.callback(log_file.close)
         perfkit.describe(
-            flops_per_token=flops_per_token(cfg.model),
+            flops_per_token=model_flops,
             parameters=n_params,
             layout={"dp": layout.dp, "tp": layout.tp, "pp": layout.pp},
         )
@@ -277,9 +278,7 @@ def _train(
                     "lr": lr_at(cfg, step),
                     "grad_norm": float(grad_norm),
                 }
-                utilization = mfu(
-                    flops_per_token(cfg.model), tokens_per_step / step_time, peak, layout.world_size
-                )
+                utilization = mfu(model_flops, tokens_per_step / step_time, peak, layout.world_size)
                 if utilization is not None:
                     rec["mfu"] = utilization
                 if peak_memory is not None:
@@ -305,7 +304,7 @@ def _train(
         median = sorted(timed)[len(timed) // 2]
         line = f"done: {cfg.steps} steps, median {median * 1e3:.1f} ms/step, {tokens_per_step / median:.0f} tok/s"
         if peak:
-            per_gpu = mfu(flops_per_token(cfg.model), tokens_per_step / median, peak, layout.world_size)
+            per_gpu = mfu(model_flops, tokens_per_step / median, peak, layout.world_size)
             line += f", MFU {per_gpu:.1%} of {peak:g} TFLOP/s a GPU"
         if "peak_memory_bytes" in records[-1]:
             what = "max allocated" if device.type == "cuda" else "peak RSS"
