@@ -28,18 +28,23 @@ def run_perfkit(
     )
 
 
-def synth_ranks():  # type: ignore[no-untyped-def]
-    """bench/synth_ranks.py as a module: N-rank jobs made from a real trace, with planted effects."""
+def bench_module(name: str):  # type: ignore[no-untyped-def]
+    """A script of bench/ as a module (its simulation or synthesis, shared with a test)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "synth_ranks.py"
-    if "synth_ranks" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("synth_ranks", path)
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
-        sys.modules["synth_ranks"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["synth_ranks"]
+    return sys.modules[name]
+
+
+def synth_ranks():  # type: ignore[no-untyped-def]
+    """bench/synth_ranks.py as a module: N-rank jobs made from a real trace, with planted effects."""
+    return bench_module("synth_ranks")
 
 
 def fr_dump(rank: int, entries: list[dict], last_completed: int) -> bytes:

@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import run_perfkit
+from helpers import bench_module, run_perfkit
 from perfkit.analyzers import remedies
 from perfkit.analyzers.rules import Finding
 
 from perfkit.errors import ConfigError
 from perfkit.optimizer.optimize import baseline_from_run, plan
 from perfkit.optimizer.sweep import default_layouts, label, parse_layout
-from perfkit.optimizer.trials import Candidate, Measurement, judge, judge_adaptively, step_figures, write_toml
+from perfkit.optimizer.trials import Candidate, Measurement, judge, step_figures, write_toml
 from perfkit.run import Run
 from perfkit.trainer.config import TrainConfig, load_config
 
@@ -62,45 +62,19 @@ def test_judge(base, variant, loss, keep, reason) -> None:
     assert v.keep is keep and reason in v.reason
 
 
-def _noisy(rng, mean_ms: float, runs: int, steps: int = 25) -> Candidate:  # type: ignore[no-untyped-def]
-    """Runs as this 2-core machine gives them: each run drifts by a few percent, each step by more."""
-    out = []
-    for _ in range(runs):
-        drift = mean_ms * (1 + rng.normal(0, 0.03))
-        samples = list(drift * (1 + rng.normal(0, 0.08, steps)))
-        out.append(Measurement(ok=True, step_ms=float(np.median(samples)), loss=4.0, samples_ms=samples))
-    return Candidate("x", [], out)
-
-
-TRIALS = 2000
-
-
-def _keep_rate(gain: float, seed: int) -> tuple[float, list]:  # type: ignore[type-arg]
-    rng = np.random.default_rng(seed)
-    verdicts = []
-    for _ in range(TRIALS):
-        base, variant = _noisy(rng, 50.0, 3), _noisy(rng, 50.0 * (1 - gain), 3)
-
-        def more() -> bool:
-            base.runs += _noisy(rng, 50.0, 1).runs  # noqa: B023 - measured now, for this trial
-            variant.runs += _noisy(rng, 50.0 * (1 - gain), 1).runs  # noqa: B023
-            return True
-
-        verdicts.append(judge_adaptively(base, variant, 0.03, more, max_pairs=20))
-    return sum(v.keep for v in verdicts) / TRIALS, verdicts
-
-
 @pytest.mark.parametrize("seed", [11])
 def test_decisions_survive_noise_for_any_seed(seed: int) -> None:
-    """The decision rule under this machine's noise (3% drift between runs, 8% between steps), over
-    2000 simulated trials a case: a 0% change must be kept at most 2.5% of the time (the rule's 95%
-    interval, one side, each look), a real 6% gain at least 75%. Measured over seeds 1-3 and these:
-    0.45-0.7% and 82-85% (seeds 1, 2, 3, 11, 12). With 2000 trials a rate's standard error is under 0.9 points, so both
-    bounds sit more than 4 of them from what was measured: the test holds for any seed. (It had
-    asserted 24 of 30 with one seed that happened to give 24; over seeds 0-39 that figure ran 20-29.)"""
-    false_keep, _ = _keep_rate(0.0, seed)
+    """The decision rule under this machine's noise (bench/decision_noise.py: 3% drift between runs,
+    8% between steps), over 2000 simulated trials a case: a 0% change must be kept at most 2.5% of the
+    time (the rule's 95% interval, one side, each look), a real 6% gain at least 75%. The bench
+    measured 0.45-0.7% and 82-85% over seeds 1, 2, 3, 11 and 12. With 2000 trials a rate's standard
+    error is under 0.9 points, so both bounds sit more than 4 of them from what was measured: the test
+    holds for any seed. (It had asserted 24 of 30 with one seed that happened to give 24; over seeds
+    0-39 that figure ran 20-29.)"""
+    noise = bench_module("decision_noise")
+    false_keep, _ = noise.keep_rate(0.0, seed)
     assert false_keep <= 0.025, false_keep
-    power, verdicts = _keep_rate(0.06, seed)
+    power, verdicts = noise.keep_rate(0.06, seed)
     assert power >= 0.75, power
     assert all(v.interval and v.interval[0] <= v.ratio <= v.interval[1] for v in verdicts)  # type: ignore[operator]
 
