@@ -41,6 +41,7 @@ from perfkit.analyzers.runtables import (
     io_metrics,
     load_tables,
     memory_metrics,
+    signal_metrics,
     step_metrics,
     straggler_metrics,
     throughput_metrics,
@@ -335,6 +336,7 @@ def analyze(
         metrics.comms = comm_metrics(t)
         metrics.io = io_metrics(t)
         metrics.memory = memory_metrics(t)
+        metrics.signals = signal_metrics(t)
         metrics.throughput = throughput_metrics(t, metrics.steps, peak)
         capacity = m.env.get("gpu_memory_bytes") or next(
             (int(r["device_memory"]) for r in good if r.get("device_memory")), None

@@ -234,6 +234,9 @@ class Metrics:
     """The ranks whose kernel traces were analyzed (a run may trace only some: --trace-ranks)."""
     rank_spread: RankSpread | None = None
     """Slow GPUs, late ranks and slow links, from the traces of four ranks or more."""
+    signals: dict[str, Any] = field(default_factory=dict)
+    """Each collector's own metrics by its name (``Collector.fold``: a dataclass the collector
+    module declares), for those that fold their rows themselves."""
 
     @property
     def step_ms(self) -> float | None:

@@ -19,17 +19,19 @@ from perfkit.analyzers.metrics import (
     Throughput,
     records,
 )
+from perfkit.collectors.base import declared
+from perfkit.collectors.base import tables as collector_tables
 
 from perfkit.hardware import mfu
 from perfkit.run import Run
-from perfkit.tables import TABLES, read_table
+from perfkit.tables import read_table
 
 WARMUP_STEPS = 1  # the first step pays for allocation, compilation and worker start-up
 
 
 @dataclass
 class RunTables:
-    """Every declared table of a run (``perfkit.tables.TABLES``), all ranks in one DataFrame each,
+    """Every table a collector declares (``perfkit.collectors.base.tables``), all ranks in one DataFrame each,
     with a ``rank`` column; a table no rank wrote is empty, with its declared columns."""
 
     run: Run
@@ -64,7 +66,7 @@ class RunTables:
 def load_tables(run: Run) -> RunTables:
     notes: list[str] = []
     frames: dict[str, pd.DataFrame] = {}
-    for name, table in TABLES.items():
+    for name, table in collector_tables().items():
         parts = []
         for rank in run.ranks():
             for f in run.layout.table_files(rank, table):
@@ -80,6 +82,19 @@ def load_tables(run: Run) -> RunTables:
         frames["comms"] = c[~probed].reset_index(drop=True)
         return RunTables(run, frames, notes, c[probed].reset_index(drop=True))
     return RunTables(run, frames, notes)
+
+
+def signal_metrics(t: RunTables) -> dict[str, Any]:
+    """Each collector's own metrics (``Collector.fold``) over the steps after the warm-up, by name:
+    only those whose tables hold rows."""
+    s = steady(t.steps)
+    out: dict[str, Any] = {}
+    for c in declared():
+        if c.tables and any(not t.frames[tb.name].empty for tb in c.tables):
+            folded = c.fold(t.frames, s)
+            if folded is not None:
+                out[c.name] = folded
+    return out
 
 
 def steady(steps: pd.DataFrame) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from perfkit.errors import ConfigError
 
 def _patch_comms(options: CollectOptions) -> None:
     if "comms" in options.collect:
-        from perfkit.collectors.signals.comms import patch_all
+        from perfkit.collectors.collectives import patch_all
 
         patch_all()
 
@@ -128,7 +128,7 @@ def probe_links(group: Any = None) -> bool:
     sweep's predictions fit their collectives to it). Does nothing unless the comms collector runs."""
     if Probe.current is None or Probe.current._stopped:
         return False
-    from perfkit.collectors.signals.comms import probe_links as _probe_links
+    from perfkit.collectors.collectives import probe_links as _probe_links
 
     return _probe_links(group)
 

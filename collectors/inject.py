@@ -35,7 +35,7 @@ def activate() -> None:
         return
     probe.install_excepthook()  # before the script's own start-up, which may fail
     if "comms" in probe.options.collect:
-        from perfkit.collectors.signals.comms import patch_all
+        from perfkit.collectors.collectives import patch_all
 
         patch_all()  # before the script builds DDP: its comm hook goes in at the first forward
     from perfkit.collectors import sites

@@ -30,7 +30,7 @@ from perfkit.collectors.options import CollectOptions
 
 from perfkit.files import write_json_atomic
 from perfkit.run import RunLayout
-from perfkit.tables import STEPS, RowWriter, Table
+from perfkit.tables import RowWriter, Table
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
 
@@ -94,7 +94,7 @@ class Probe:
         as thread CPU time: on a busy host, wall time would also count time the thread was not
         running at all."""
         self.auto: Any = None  # AutoSteps, when hooks find the steps
-        self._collectives_at_stop: dict[str, Any] | None = None
+        self._states_at_stop: dict[str, Any] | None = None
         self._excepthook = False
         self.at_stop: list[Any] = []
         """Called (guarded) as the probe stops, before its report is written: what hooks gathered
@@ -127,15 +127,17 @@ class Probe:
         self.install_excepthook()
         return self
 
-    def _collectives_state(self) -> dict[str, Any] | None:
-        comms = sys.modules.get("perfkit.collectors.signals.comms")
-        recorder = comms._recorder[0] if comms is not None else None
-        if recorder is None:
-            return self._collectives_at_stop
-        try:
-            return dict(recorder.state())
-        except Exception:
-            return None
+    def _states(self) -> dict[str, Any]:
+        """What each running collector says of its state, for probe.json (``Collector.state``); after
+        the stop, what they said as it began."""
+        if self._states_at_stop is not None:
+            return self._states_at_stop
+        out: dict[str, Any] = {}
+        for c in self.collectors:
+            if c.enabled:
+                with contextlib.suppress(Exception):
+                    out.update(c.state())
+        return out
 
     def install_excepthook(self) -> None:
         """An exception that ends this rank is written down (failure.json) before it is printed: the
@@ -205,7 +207,7 @@ class Probe:
         if outcome:
             self._outcome = outcome
         self._resolve(force=True)
-        self._collectives_at_stop = self._collectives_state()
+        self._states_at_stop = self._states()
         for collector in self.collectors:
             if collector.enabled:
                 self._guard(collector, "stop", collector.stop, self)
@@ -251,9 +253,7 @@ class Probe:
         if self._write_errors:
             lost = sum(w.lost for w in self._writers.values())
             info["write_errors"] = self._write_errors + ([f"{lost} row(s) lost"] if lost else [])
-        collectives = self._collectives_state()
-        if collectives is not None:  # what this rank was in when it stopped (a crash, a SIGTERM)
-            info["collectives"] = collectives
+        info.update(self._states())  # what this rank was in when it stopped (a crash, a SIGTERM)
         if self.rank == 0:
             info["env"] = torch_environment()
         with contextlib.suppress(OSError):
@@ -406,7 +406,6 @@ class Probe:
 
     def _resolve(self, force: bool) -> None:
         """Write the rows of finished steps whose timings are known (all of them when forced)."""
-        writer = self.writer(STEPS)
         while self._pending:
             p = self._pending[0]
             end = p.marks[0][2]
@@ -439,8 +438,9 @@ class Probe:
                 "loss": loss,
                 "perfkit_s": p.perfkit_s,
             }
-            if "steps" in self.status and self.status["steps"]["status"] == "ok":
-                writer.add(row)
+            for c in self.collectors:
+                if c.enabled:
+                    self._guard(c, "step_timed", c.step_timed, self, row)
 
 
 def _host_float(t: torch.Tensor) -> float:

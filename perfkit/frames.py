@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from types import FrameType
 from typing import Any
 
-NOT_USER = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen", "<string>", "signals/comms.py",
+NOT_USER = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen", "<string>", "collectors/collectives.py",
             "collectors/probe.py", "collectors/api.py", "collectors/auto.py", "collectors/sites.py",
             "/threading.py")  # fmt: skip
 _TRAINER = "/perfkit/trainer/"

@@ -131,8 +131,6 @@ CPU = Table(
     {"step": "int", "cpu_s": "float", "wall_s": "float", "host_busy": "float", "runq_wait_s": "float"},
     required=("step", "cpu_s", "wall_s"),
 )
-TABLES = {t.name: t for t in (STEPS, COMMS, IO, MEMORY, NVML, CPU)}
-"""The per-rank tables (rank<N>/<name>.jsonl)."""
 TRAIN_LOG = Table(
     "train_log",
     {

@@ -14,6 +14,7 @@ import pandas as pd
 from markupsafe import Markup, escape
 from perfkit.analyzers.analyze import Analysis, ranges
 from perfkit.analyzers.metrics import Metrics
+from perfkit.collectors.base import Collector, declared
 from perfkit.reports import figures
 from perfkit.reports.text import rank_in
 
@@ -300,16 +301,6 @@ def _io(a: Analysis) -> Body:
     return body, _collector_reason(a.metrics, "io")
 
 
-@section("cpu", "Host CPU", order=100)
-def _cpu(a: Analysis) -> Body:
-    cpu = a.tables.get("cpu")
-    body = _join(
-        fig_html(figures.per_step(cpu, "cpu_s", "CPU time of each rank's process per step")),
-        fig_html(figures.per_step(cpu, "host_busy", "Whole host busy (sampled twice a second)", "%", 100)),
-    )
-    return body, _collector_reason(a.metrics, "cpu")
-
-
 @section("nvml", "GPU counters (NVML)", order=110)
 def _nvml(a: Analysis) -> Body:
     m = a.metrics
@@ -325,3 +316,25 @@ def _env(a: Analysis) -> Body:
         return None, "a bare trace carries no run configuration"
     facts = {"env": run.env, "config": m.config, "model": m.model, "command": run.command}
     return Markup("<pre>") + escape(json.dumps(facts, indent=1, default=str)) + Markup("</pre>"), ""
+
+
+def _collector_section(c: type[Collector]) -> Callable[[Analysis], Body]:
+    """A collector's own section: the charts it declares, over its tables' rows."""
+
+    def build(a: Analysis) -> Body:
+        default = c.tables[0].name if c.tables else ""
+        charts = [
+            fig_html(
+                figures.per_step(a.tables.get(ch.table or default), ch.column, ch.title, ch.unit, ch.scale)
+            )
+            for ch in c.charts
+        ]
+        return _join(*charts), _collector_reason(a.metrics, c.name)
+
+    return build
+
+
+# Each collector that declares a section of its own gets it, in its declared place.
+for _c in declared():
+    if _c.title:
+        section(_c.name, _c.title, order=_c.order)(_collector_section(_c))

@@ -15,10 +15,11 @@ from perfkit.analyzers.analyze import Analysis, Comparison, ranges
 from perfkit.analyzers.hangs import RankState
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Finding
+from perfkit.collectors.base import tables as collector_tables
 
 from perfkit.frames import user_frame
 from perfkit.run import Run, RunLayout
-from perfkit.tables import STEPS, TABLES, loads, read_table
+from perfkit.tables import STEPS, loads, read_table
 
 
 @dataclass
@@ -96,7 +97,7 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
     shares = []
     for rank in run.ranks():
         counts = []
-        for table in TABLES.values():
+        for table in collector_tables().values():
             texts = [f.read_bytes() for f in run.layout.table_files(rank, table)]
             n = sum(t.count(b"\n") for t in texts)
             probe = sum(t.count(b'"source":"probe"') for t in texts)  # RowWriter's compact JSON

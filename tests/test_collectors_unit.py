@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -240,16 +241,27 @@ def test_trace_ranks_resolve_against_the_world(spec: str, world: int, traced: li
 
 
 def test_every_collector_module_registers_one_collector_of_its_name() -> None:
-    """The collectors are the modules of perfkit.collectors.signals, known without importing torch."""
-    from perfkit.collectors.base import known, load
-
-    from perfkit.tables import TABLES
+    """The collectors are the modules of perfkit.collectors.signals, known without importing torch;
+    no two declare a table of the same name."""
+    from perfkit.collectors.base import known, load, tables
 
     assert {"steps", "comms", "memory", "io", "nvml", "kernels"} <= set(known())
+    declared = [t for name in known() for t in load(name).tables]
     for name in known():
         cls = load(name)
         assert cls.name == name and issubclass(cls, Collector)
-        assert all(TABLES[t.name] is t for t in cls.tables)  # its tables are declared in perfkit.tables
+    assert len({t.name for t in declared}) == len(declared) == len(tables())
+
+
+def test_signal_modules_load_without_torch() -> None:
+    """The analysis and the report read each collector's declarations (tables, fold, charts) from its
+    module: loading every one imports neither torch nor the rank's probe."""
+    code = (
+        "import sys; from perfkit.collectors.base import declared; declared(); "
+        "print(sorted(m for m in ('torch', 'perfkit.collectors.probe') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_nvml_table_schema_matches_fixture_columns() -> None:
@@ -371,7 +383,8 @@ def test_cpu_collector_measures_the_process_and_the_host(tmp_path: Path) -> None
 def test_cuda_collectives_are_written_once_their_work_completed(tmp_path: Path) -> None:
     """NCCL works are polled at step ends, never waited for: a completed one is written with its GPU
     duration, a running one waits for a later step (or the stop, without a duration)."""
-    from perfkit.collectors.signals.comms import CommsCollector, _Recorder
+    from perfkit.collectors.collectives import _Recorder
+    from perfkit.collectors.signals.comms import CommsCollector
 
     from perfkit.tables import COMMS
 
@@ -405,7 +418,7 @@ def test_a_synchronous_cuda_collective_is_timed_on_the_stream(
     had been recorded, the enqueue. CUDA events around the call (faked here) give its time on the
     stream, read at a later step end without a sync; an async call keeps its Work."""
     import torch
-    from perfkit.collectors.signals import comms as C
+    from perfkit.collectors import collectives as C
 
     from perfkit.tables import COMMS
 

@@ -14,8 +14,9 @@ estimate, the evidence, and (for a rule that declares several remedies) which on
 it into a ``Finding`` (id, severity, ranks, the saving capped at the step time). Thresholds are named
 in the declaration, so a reader sees every number a rule compares against in one place.
 
-Rules live in a few modules by family: gpu, host, comms, inputs, memory. Adding a rule is one function
-in one of them, and its test.
+Rules live in modules by family (gpu, host, comms, inputs, memory, hangs, ...): every module here is
+loaded. Adding a rule is one function in one of them, and its test; a new family is a new module,
+which may register its own remedy (``perfkit.analyzers.remedies.register``) before its rules.
 """
 
 from __future__ import annotations
@@ -188,20 +189,15 @@ def rank(findings: list[Finding]) -> list[Finding]:
     return sorted(best.values(), key=lambda f: (order[f.severity], -f.saving_ms_per_step))
 
 
-# The families register their rules on import.
-from perfkit.analyzers.rules import comms, gpu, hangs, host, inputs, memory  # noqa: E402
+# The families register their rules (and any remedy of their own) on import: every module here.
+def _load_families() -> None:
+    import importlib
+    import pkgutil
 
-__all__ = [
-    "RULES",
-    "Diagnosis",
-    "Finding",
-    "Rule",
-    "Snapshot",
-    "comms",
-    "evaluate",
-    "gpu",
-    "hangs",
-    "host",
-    "inputs",
-    "memory",
-]
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_load_families()
+
+__all__ = ["RULES", "Diagnosis", "Finding", "Rule", "Snapshot", "evaluate"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from perfkit.collectors.base import Collector, register
-from perfkit.collectors.probe import Probe
+from perfkit.collectors.base import Chart, Collector, register
 
 from perfkit.tables import CPU
+
+if TYPE_CHECKING:
+    from perfkit.collectors.probe import Probe
 
 
 def runq_wait_ns() -> int | None:
@@ -43,6 +45,11 @@ def host_times() -> tuple[int, int] | None:
 class CpuCollector(Collector):
     name = "cpu"
     tables = (CPU,)
+    title, order = "Host CPU", 100
+    charts = (
+        Chart("cpu_s", "CPU time of each rank's process per step"),
+        Chart("host_busy", "Whole host busy (sampled twice a second)", "%", 100),
+    )
 
     def start(self, probe: Probe) -> None:
         self._last = os.times()

@@ -14,12 +14,14 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perfkit.collectors.base import Collector, register
-from perfkit.collectors.probe import Probe
 
 from perfkit.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from perfkit.collectors.probe import Probe
 
 
 def thread_stacks() -> list[dict[str, Any]]:
@@ -53,7 +55,7 @@ class HangCollector(Collector):
         self._thread.start()
 
     def _sign_of_life(self, probe: Probe) -> tuple[int, int, int]:
-        from perfkit.collectors.signals.comms import _recorder
+        from perfkit.collectors.collectives import _recorder
 
         rec = _recorder[0]
         entered, completed = rec.progress() if rec is not None else (0, 0)
@@ -80,7 +82,7 @@ class HangCollector(Collector):
                     return
 
     def _write(self, probe: Probe, stalled_s: float, since_step_s: float) -> None:
-        from perfkit.collectors.signals.comms import _recorder
+        from perfkit.collectors.collectives import _recorder
 
         rec = _recorder[0]
         record = {

@@ -15,18 +15,21 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from perfkit.collectors.base import Collector, register
-from perfkit.collectors.probe import Probe
 
 from perfkit.tables import IO, RowWriter
+
+if TYPE_CHECKING:
+    from perfkit.collectors.probe import Probe
 
 _worker_writer: RowWriter | None = None
 
 
 def _active() -> Probe | None:
+    from perfkit.collectors.probe import Probe
+
     probe = Probe.current
     if probe is None or probe._stopped or "io" not in probe.status or probe.status["io"]["status"] != "ok":
         return None
@@ -128,6 +131,7 @@ class IOCollector(Collector):
     tables = (IO,)
 
     def start(self, probe: Probe) -> None:
+        import torch
         import torch.distributed.checkpoint as dcp
 
         for mod, attr, kind, path_of in (

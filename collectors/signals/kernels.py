@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
-import torch
 from perfkit.collectors.base import Collector, register
 from perfkit.collectors.options import rank_selected
-from perfkit.collectors.probe import Probe
-from torch.profiler import ProfilerActivity, profile, schedule
+
+if TYPE_CHECKING:
+    from perfkit.collectors.probe import Probe
+    from torch.profiler import profile
 
 
 @register
@@ -29,6 +31,9 @@ class KernelsCollector(Collector):
         return None
 
     def start(self, probe: Probe) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile, schedule
+
         first, last = probe.options.profile_steps  # type: ignore[misc]
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():

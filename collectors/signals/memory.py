@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from perfkit.collectors.base import Collector, register
-from perfkit.collectors.probe import Probe
 
 from perfkit.tables import MEMORY
+
+if TYPE_CHECKING:
+    from perfkit.collectors.probe import Probe
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -44,6 +45,8 @@ class MemoryCollector(Collector):
         self._rss_at = 0.0
 
     def start(self, probe: Probe) -> None:
+        import torch
+
         if torch.cuda.is_available() and hasattr(torch._C, "_cuda_attach_out_of_memory_observer"):
 
             def on_oom(device: int, alloc: int, device_alloc: int, device_free: int) -> None:
@@ -52,6 +55,8 @@ class MemoryCollector(Collector):
             torch._C._cuda_attach_out_of_memory_observer(on_oom)
 
     def step_begin(self, probe: Probe, step: int) -> None:
+        import torch
+
         window = probe.options.memory_history
         if window and step == window[0] and torch.cuda.is_available():
             torch.cuda.memory._record_memory_history(max_entries=probe.options.memory_history_entries)
@@ -62,6 +67,8 @@ class MemoryCollector(Collector):
         if now - self._rss_at >= 0.5:  # /proc/self/statm costs ~100 us in a busy process: twice a second
             self._rss, self._rss_at = rss_bytes(), now
         row: dict[str, Any] = {"step": step, "rss": self._rss, "device": "cpu"}
+        import torch  # (a module lookup: the rank imported it long ago)
+
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             s = torch.cuda.memory_stats()
             row.update(
@@ -79,6 +86,8 @@ class MemoryCollector(Collector):
             self._dump(probe)
 
     def _dump(self, probe: Probe) -> None:
+        import torch
+
         torch.cuda.memory._dump_snapshot(str(probe.layout.memory_snapshot(probe.rank)))
         torch.cuda.memory._record_memory_history(enabled=None)
         self._recording = False

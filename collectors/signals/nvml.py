@@ -9,13 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from perfkit.collectors.base import Collector, register
-from perfkit.collectors.probe import Probe
 
 from perfkit.tables import NVML
+
+if TYPE_CHECKING:
+    from perfkit.collectors.probe import Probe
 
 CSV_COLUMNS = (
     "t_ns",
