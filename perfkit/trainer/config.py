@@ -22,6 +22,7 @@ Precision = Literal["fp32", "bf16"]
 OptimizerImpl = Literal["unfused", "foreach", "fused"]
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 Device = Literal["auto", "cpu", "cuda"]
+GcMode = Literal["default", "freeze", "manual"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -158,6 +159,13 @@ class TrainConfig:
     """Print (and all-reduce) the loss every this many steps."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one GPU for MFU; 0: from the GPU's name (perfkit.hardware)."""
+    gc: GcMode = "default"
+    """Python's garbage collector: default (automatic: a collection pauses whichever rank crosses a
+    threshold, and the others wait for it at the next collective); freeze (``gc.freeze()`` once
+    set-up is done: the objects alive then are never scanned again); manual (freeze, automatic
+    collection off, and a young collection on every rank at the same step every ``gc_every``)."""
+    gc_every: int = 50
+    """With gc=manual: collect (generations 0 and 1) every this many steps, on every rank at once."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -371,6 +379,7 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
         ("data.prefetch_factor", d.prefetch_factor, 1),
         ("steps", cfg.steps, 1),
         ("log_every", cfg.log_every, 1),
+        ("gc_every", cfg.gc_every, 1),
         ("checkpoint.every", cfg.checkpoint.every, 0),
         ("overlap.fsdp_prefetch", cfg.overlap.fsdp_prefetch, 0),
     ):

@@ -7,6 +7,7 @@ and every ``log_every`` steps one all-reduce of the loss and a log line on rank 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -156,6 +157,24 @@ def train(cfg: TrainConfig, log_json: Path | None = None, out: IO[str] = sys.std
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _gc_control(mode: str) -> Iterator[None]:
+    """Python's collector for the training loop (TrainConfig.gc), as it was again after."""
+    was_enabled = gc.isenabled()
+    if mode in ("freeze", "manual"):
+        gc.collect()
+        gc.freeze()  # the model's, optimizer's and loader's objects: never scanned again
+    if mode == "manual":
+        gc.disable()
+    try:
+        yield
+    finally:
+        if mode in ("freeze", "manual"):
+            gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
 def _train(
     cfg: TrainConfig, layout: Any, device: torch.device, rank: int, log_json: Path | None, out: IO[str]
 ) -> list[dict[str, Any]]:
@@ -237,6 +256,7 @@ def _train(
             layout={"dp": layout.dp, "tp": layout.tp, "pp": layout.pp},
         )
         phase: Phase = perfkit.phase if probe is not None else _no_phase
+        closing.enter_context(_gc_control(cfg.gc))  # after set-up: the loader's workers started
         for step in range(start, cfg.steps):
             with phase("data_wait"):
                 batch = next(batches)
@@ -257,6 +277,8 @@ def _train(
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             done = step + 1
+            if cfg.gc == "manual" and done % cfg.gc_every == 0:
+                gc.collect(1)  # every rank at the same step: no rank pauses while the others wait
             if ckpt and ((cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.steps):
                 with phase("checkpoint"):
                     ckpt.save(done)
