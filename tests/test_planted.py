@@ -56,9 +56,14 @@ model = DDP(Checkpointed(nn.Sequential(nn.Embedding(64, 64), nn.Flatten(), nn.Li
 data = Tokens()
 loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
+kept = []
 for x, y in loader:
     if PLANT == "straggler" and dist.get_rank() == 1:
         time.sleep(0.05)  # one slow rank
+    if PLANT == "gc" and dist.get_rank() == 1:  # many small reference cycles a step, kept for one step
+        kept = [{"step": x} for _ in range(60000)]
+        for d in kept:
+            d["self"] = d
     loss = nn.functional.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()
@@ -105,9 +110,13 @@ def test_clean_run_has_no_high_finding(clean) -> None:
     assert not [f for f in clean.findings if f.severity == "high"], [
         (f.id, f.evidence) for f in clean.findings
     ]
-    assert not {"straggler", "input_stall", "host_device_sync", "recompute_without_pressure"} & set(
-        by_id(clean)
-    )
+    assert not {
+        "straggler",
+        "input_stall",
+        "host_device_sync",
+        "recompute_without_pressure",
+        "gc_pauses",
+    } & set(by_id(clean))
     assert all(r.recomputed_ops_per_step == 0 for r in clean.metrics.trace.values())
     # The script builds SGD: its fix says SGD, at the script's line.
     (code,) = fix(by_id(clean)["unfused_optimizer"], clean.metrics).code
@@ -143,6 +152,21 @@ def test_straggler_rank_is_named(tmp_path: Path) -> None:
     ranks = {r.rank: r for r in a.metrics.stragglers.ranks}
     assert ranks[1].busy_ms > ranks[0].busy_ms and ranks[1].slowest_share >= 0.85  # type: ignore[operator]
     assert top.saving_ms_per_step > 30  # it sleeps 50 ms a step
+
+
+def test_garbage_collection_on_one_rank_is_named(tmp_path: Path) -> None:
+    """Rank 1 makes 60,000 small reference cycles a step: its collections pause it, and the gc
+    rule names it, with the fix in a script's terms."""
+    a = analyze(profile_script(tmp_path, "gc"))
+    found = by_id(a)
+    assert "gc_pauses" in found, [(f.id, f.title) for f in a.findings]
+    f = found["gc_pauses"]
+    assert f.ranks == [1], f.evidence
+    g = a.metrics.signals["gc"]
+    pauses = {r.rank: r.pause_ms_per_step for r in g.ranks}
+    assert pauses[1] > 5 * max(pauses.get(0, 0.0), 0.1), pauses
+    (code,) = fix(f, a.metrics).code
+    assert "gc.freeze()" in code
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@ rule names a known remedy and fires on the input it is written for."""
 
 from __future__ import annotations
 
+import pkgutil
+
 import pytest
 from perfkit.analyzers import remedies
+from perfkit.analyzers import rules as rules_package
 from perfkit.analyzers.rules import RULES
 
 from perfkit.errors import ConfigError
@@ -24,12 +27,17 @@ def test_every_trainer_change_exists_and_validates(remedy: remedies.Remedy) -> N
     assert remedy.description and (remedy.script or not remedy.trainer), remedy.id
 
 
+_FAMILIES = {m.name for m in pkgutil.iter_modules(rules_package.__path__)}
+
+
 def test_every_rule_is_registered_once_with_a_family() -> None:
+    """Every module of analyzers/rules is a family of rules (loaded, each registering at least one)."""
+    assert {r.family for r in RULES} == _FAMILIES
     seen = set()
     for r in RULES:
         assert (r.id, r.reads) not in seen
         seen.add((r.id, r.reads))
-        assert r.family in {"gpu", "host", "comms", "inputs", "memory", "hangs"}, r.family
+        assert r.family == r.fn.__module__.rsplit(".", 1)[-1] and r.family in _FAMILIES, r.family
         assert all(isinstance(v, int | float) for v in r.thresholds.values())
 
 

@@ -26,6 +26,7 @@ from perfkit.analyzers.metrics import (
 )
 from perfkit.analyzers.rules import RULES, Finding, evaluate
 from synth import snapshot, step_loop_trace
+from test_gc import gc_findings
 
 DATA = Path(__file__).parent / "data"
 
@@ -285,6 +286,7 @@ def _job(tmp: Path, **plant: int) -> list[Finding]:
 
 
 FIRES["slow_gpu"] = lambda tmp: _job(tmp, slow_gpu=2)
+FIRES["gc_pauses"] = lambda tmp: gc_findings({0: 0.2, 1: 12.0})  # rank 1: 12% of its step
 FIRES["late_rank"] = lambda tmp: _job(tmp, straggler=5)
 FIRES["slow_link"] = lambda tmp: _job(tmp, slow_link=9)
 
@@ -380,6 +382,7 @@ def _quiet_headroom(tmp: Path) -> list[Finding]:
 
 
 QUIET: dict[str, Callable[[Path], list[Finding]]] = {
+    "gc_pauses": lambda tmp: gc_findings({0: 0.0, 1: 2.5}),  # one rank alone pauses, 2.5% of a step
     # trace rules, on real traces that hold what each rule looks at, healthy
     "host_launch_bound": lambda tmp: _trace(tmp, step_loop_trace(30.0)),  # GPU idle, but for input
     "host_device_sync": lambda tmp: analyze(DATA / "h100" / "compiled_trace.json.gz").findings,
