@@ -167,6 +167,10 @@ def test_garbage_collection_on_one_rank_is_named(tmp_path: Path) -> None:
     assert pauses[1] > 5 * max(pauses.get(0, 0.0), 0.1), pauses
     (code,) = fix(f, a.metrics).code
     assert "gc.freeze()" in code
+    # the rank is also late: the straggler finding says how much of that its collections are
+    if "straggler" in found:
+        assert "garbage collector" in found["straggler"].title
+        assert found["straggler"].evidence["ranks"][0]["gc_pause_ms"] > 5
 
 
 @pytest.fixture

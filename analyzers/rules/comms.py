@@ -8,6 +8,7 @@ from perfkit.analyzers.comms import pipeline_fill
 from perfkit.analyzers.facts import TraceFacts
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
+from perfkit.collectors.signals.gc import GcMetrics
 
 
 @rule("exposed_communication", remedy="overlap", reads="trace", min_exposed_share=0.10)
@@ -114,8 +115,17 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
     ranks = {r.rank: r for r in st.ranks}
     fastest = min(r.busy_ms for r in st.ranks)
     worst = max(st.slow, key=lambda k: ranks[k].busy_ms)
+    # Python's collector pausing the rank is a cause the gc rule names: said here with its share
+    gc = m.signals.get("gc")
+    paused = {r.rank: r.pause_ms_per_step for r in gc.ranks} if isinstance(gc, GcMetrics) else {}
+    extra = ranks[worst].busy_ms - fastest
+    because = (
+        f"; {paused[worst]:.0f} ms of its {extra:.0f} ms extra a step is Python's garbage collector (gc_pauses)"
+        if paused.get(worst, 0.0) >= 0.25 * extra > 0
+        else ""
+    )
     return Diagnosis(
-        title=f"Rank {worst} is a straggler: the others wait for it in every collective",
+        title=f"Rank {worst} is a straggler: the others wait for it in every collective{because}",
         saving_ms=ranks[worst].busy_ms - fastest,
         estimate="its busy time beyond the fastest rank's",
         evidence={
@@ -131,6 +141,7 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
                         if ranks[k].runq_wait_ms
                         else {}
                     ),
+                    **({"gc_pause_ms": round(paused[k], 2)} if paused.get(k) else {}),
                 }
                 for k in st.slow
             ],
