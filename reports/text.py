@@ -350,15 +350,25 @@ def optimize_summary(data: dict[str, Any]) -> str:
     lines = [f"perfkit optimize: {len(trials)} remedy(ies) from {data['baseline_run']}"]
     if not trials:
         lines.append("  no finding of the baseline has a config change to try")
+    for step in data.get("plan") or []:
+        lines.append(f"  plan, {step}")
     for t in trials:
         verdict = "KEPT   " if t["kept"] else ("skipped" if t["skipped"] else "dropped")
         lines.append(f"  round {t['round']} {verdict} {' '.join(t['change']):<44} {t['reason']}")
         if len(t["alternatives"]) > 1 and not t["skipped"]:
             for a in t["alternatives"]:
-                lines.append(f"      {' '.join(a['change']):<44} {a['reason']}")
+                if a["reason"]:
+                    lines.append(f"      {' '.join(a['change']):<44} {a['reason']}")
         if t["measured_ms"] is not None:
             predicted = f"{t['predicted_ms']:.1f}" if t["predicted_ms"] else "not estimated"
+            expected = t.get("expected_ms")
+            if t["predicted_ms"] and expected is not None and abs(expected - t["predicted_ms"]) > 0.05:
+                predicted += f" (learned from earlier trials: {expected:.1f})"
             lines.append(f"      saving per step: predicted {predicted}, measured {t['measured_ms']:.1f} ms")
+    for c in data.get("combinations") or []:
+        lines.append(
+            f"  together: {' '.join(c['changes'])}: {'kept' if c.get('kept') else 'not kept'} ({c.get('reason', '')})"
+        )
     if data.get("prediction_error") is not None:
         lines.append(f"  predictions: median error {data['prediction_error']:.0%} of the measured saving")
     if data.get("stopped"):

@@ -270,15 +270,18 @@ def interleave(
     repeats: int,
     workdir: Path,
     progress: Reporter = quiet,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Measure every runnable candidate ``repeats`` times, round-robin; a candidate whose run fails is
-    not run again (its error is kept)."""
+    not run again (its error is kept). ``stop`` (asked before each run) ends it early: a time budget."""
     total = repeats * sum(1 for c in candidates if not c.skipped)
     done = 0
     for r in range(repeats):
         for c in candidates:
             if c.skipped or c.failed:
                 continue
+            if stop is not None and stop():
+                return
             m = measure(config, nproc, c.overrides, workdir)
             c.runs.append(m)
             done += 1
