@@ -622,7 +622,10 @@ def whatif(run: Path, overrides: tuple[str, ...], nproc: int | None) -> None:
     "--max-rounds", type=click.IntRange(min=1), default=4, show_default=True, help="Profile-and-try rounds."
 )
 @click.option(
-    "--budget", type=FiniteRange(min=0.1), metavar="MINUTES", help="Stop trying new changes after this long."
+    "--budget",
+    type=FiniteRange(min=0.1),
+    metavar="MINUTES",
+    help="Start no run of a trial after this long (the final side-by-side runs and profile follow).",
 )
 @click.option("--no-verify", is_flag=True, help="Skip the final profiled run of the optimized configuration.")
 @click.option(
@@ -649,10 +652,13 @@ def optimize(
     perfkit optimize                         profile tiny-cpu on 2 ranks, then tune it
     perfkit optimize runs/<time>-tiny-cpu    start from a profiled run of the trainer
 
-    Each remedy (and its alternatives) is tried against the configuration so far in interleaved
-    plain runs; it is kept only if the 95% interval of its step-time ratio is wholly past --min-gain
-    and the loss is not worse. Then the new configuration is profiled again, and its findings make
-    the next round, until a round keeps nothing. Writes optimize.json and optimize.html.
+    Every remedy's own change is screened against the configuration so far in one group of
+    interleaved plain runs; it passes only if the 95% interval of its step-time ratio is wholly past
+    --min-gain and the loss is not worse. What passed runs together and is kept when no slower than
+    the best alone; the new configuration is profiled again, and its findings make the next round.
+    With the budget left, the second-order choices (other bucket sizes, optimizer implementations)
+    are refined last. Each phase's plan and minutes are printed first; --budget is a hard limit.
+    Writes optimize.json and optimize.html.
     """
     from perfkit.optimizer.optimize import run_optimize
     from perfkit.reports.text import optimize_summary

@@ -36,7 +36,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,7 +339,7 @@ def run_optimize(
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             loop = _Loop(
                 config, nproc, steps, repeats, max_repeats or 4 * repeats, min_gain, Path(tmp), progress, deadline,
-                _guess_run_s(analysis, steps),
+                _guess_run_s(analysis, steps), closing_runs=2 * repeats + (1 if verify else 0),
             )  # fmt: skip
             profiled, round_analysis = baseline, analysis
             for number in range(1, max_rounds + 1):
@@ -396,8 +396,10 @@ def run_optimize(
                     Candidate("original", loop.sets(list(overrides))),
                     Candidate("final", loop.sets(current)),
                 ]
-                interleave(config, nproc, opt.final, repeats, loop.work, progress)
-        if opt.kept and verify:
+                interleave(config, nproc, opt.final, repeats, loop.work, progress, stop=loop.closing())
+        if opt.kept and verify and loop.closing()():
+            opt.plan.append("final profile: not run, the --budget was spent (perfkit profile it yourself)")
+        elif opt.kept and verify:
             progress("profiling the final configuration")
             opt.final_run = profile_reference(config, nproc, current, folder.optimized, "optimized").path
             opt.comparison = _compare_final(analysis, opt.final_run, out)
@@ -430,11 +432,22 @@ class _Loop:
     runs: int = 0
     spent_s: float = 0.0
 
+    closing_runs: int = 0
+    """Runs kept back at the end of the budget: the original against the final side by side, and
+    the final profile."""
+
     def time_left(self) -> bool:
-        return self.deadline is None or time.monotonic() < self.deadline
+        return self.seconds_left() > 0
 
     def seconds_left(self) -> float:
-        return float("inf") if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        """Seconds the trials may still use: the budget less the closing runs."""
+        if self.deadline is None:
+            return float("inf")
+        return max(0.0, self.deadline - self.closing_runs * self.run_s() - time.monotonic())
+
+    def closing(self) -> Callable[[], bool]:
+        """The closing runs' own stop: the budget itself."""
+        return lambda: self.deadline is not None and time.monotonic() >= self.deadline
 
     def run_s(self) -> float:
         return self.spent_s / self.runs if self.runs else self.guess_run_s
