@@ -369,8 +369,10 @@ def run_optimize(
                     t.kept_index = 0
                     current += t.change
                     opt.kept += t.change
-                for t in passed:
-                    if t not in kept:  # passed alone, not with the others: next round tries it again
+                for t, a in screened:
+                    # passed alone but not kept with the others, or undecided: the next round, on the
+                    # configuration with what was kept, screens it again if its finding is still there
+                    if (t in passed and t not in kept) or (a.verdict is not None and a.verdict.undecided):
                         tried.difference_update(tuple(a.change) for a in t.alternatives)
                 if not kept:
                     r.stop = opt.stopped = "a round kept nothing"
@@ -581,9 +583,7 @@ def _screen(
         undecided.sort(key=lambda ta: ta[1].verdict.ratio or 1.0)  # type: ignore[union-attr]
         loop.measure([base, *(a.variant for _, a in undecided if a.variant)], 1)
         decide(undecided)
-    for _, alt in chosen:
-        if alt.verdict is not None and alt.verdict.undecided:  # out of pairs or budget: not kept
-            alt.verdict = Verdict(False, alt.verdict.ratio, alt.verdict.reason, alt.verdict.interval)
+    for _, alt in chosen:  # an arm still undecided (out of pairs or budget) is not kept
         loop.progress(
             f"  {' '.join(alt.change)} -> {'passed' if alt.verdict and alt.verdict.keep else 'dropped'}: "
             f"{alt.verdict.reason if alt.verdict else ''}"
