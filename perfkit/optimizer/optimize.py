@@ -364,7 +364,14 @@ def run_optimize(
                 screened = _screen(loop, opt, arms, current, f"round {number}", reserve_s=confirm_s)
                 trials_left -= len(screened)
                 passed = [t for t, a in screened if a.verdict is not None and a.verdict.keep]
-                kept = _combine(loop, opt, passed, current)
+                promising = [
+                    t
+                    for t, a in screened
+                    if a.verdict is not None
+                    and a.verdict.undecided
+                    and (a.verdict.ratio or 1.0) < 1 - min_gain
+                ]
+                kept = _combine(loop, opt, passed, promising, current)
                 for t in kept:
                     t.kept_index = 0
                     current += t.change
@@ -569,14 +576,14 @@ def _screen(
             alt.verdict = judge(base, alt.variant, loop.min_gain)
 
     decide(chosen)
+    # Several arms: at most twice the first pairs each, the budget left for the combination, which
+    # tells small gains apart better together than each alone; one arm: up to --max-repeats.
+    pairs = loop.max_pairs if len(chosen) == 1 else min(loop.max_pairs, 2 * loop.repeats)
     while loop.time_left():
         undecided = [
             (t, a)
             for t, a in chosen
-            if a.verdict is not None
-            and a.verdict.undecided
-            and a.variant
-            and len(a.variant.runs) < loop.max_pairs
+            if a.verdict is not None and a.verdict.undecided and a.variant and len(a.variant.runs) < pairs
         ]
         if not undecided or loop.seconds_left() < reserve_s + loop.run_s() * (1 + len(undecided)):
             break
@@ -591,24 +598,34 @@ def _screen(
     return chosen
 
 
-def _combine(loop: _Loop, opt: Optimization, passed: list[Trial], current: list[str]) -> list[Trial]:
-    """The changes that passed their screen, together against the configuration so far, side by
-    side: all of them when together they pass and are no slower than the best alone, else the best
-    alone."""
-    if len(passed) <= 1:
+def _combine(
+    loop: _Loop, opt: Optimization, passed: list[Trial], promising: list[Trial], current: list[str]
+) -> list[Trial]:
+    """The changes that passed their screen, and those left undecided whose gain so far is past the
+    bar (``promising``: on a noisy machine several 5% gains do not stand out alone, and do
+    together), all together against the configuration so far, side by side. Kept together when the
+    combination passes and is no slower than the best that passed alone; else the best alone (or
+    nothing, when none passed)."""
+    group = [*passed, *promising]
+    if len(group) <= 1:
         return passed
 
     def ratio(t: Trial) -> float:
         v = t.alternatives[0].verdict
         return v.ratio if v and v.ratio else 1.0
 
-    best = min(passed, key=ratio)
-    changes = [c for t in passed for c in t.alternatives[0].change]
-    record: dict[str, Any] = {"changes": changes, "best_alone": best.alternatives[0].change}
+    best = min(passed, key=ratio) if passed else None
+    fallback = [best] if best is not None else []
+    changes = [c for t in group for c in t.alternatives[0].change]
+    record: dict[str, Any] = {
+        "changes": changes,
+        "undecided_alone": [c for t in promising for c in t.alternatives[0].change],
+        "best_alone": best.alternatives[0].change if best else [],
+    }
     opt.combinations.append(record)
     if not loop.time_left():
-        record["kept"] = True
-        record["reason"] = "not confirmed together: the --budget was spent; each passed its screen"
+        record["kept"] = bool(passed)
+        record["reason"] = "not run: the --budget was spent; what passed its screen alone is kept"
         return passed
     line = f"together: {' '.join(changes)} (~{loop.minutes(2 * loop.repeats):.1f} min)"
     opt.plan.append(line)
@@ -625,17 +642,29 @@ def _combine(loop: _Loop, opt: Optimization, passed: list[Trial], current: list[
 
     verdict = judge_adaptively(base, together, loop.min_gain, more, loop.max_pairs)
     # no slower than the best alone (within half the bar: the two ratios come from different runs)
-    ok = verdict.keep and verdict.ratio is not None and verdict.ratio <= ratio(best) + loop.min_gain / 2
+    ok = (
+        verdict.keep
+        and verdict.ratio is not None
+        and (best is None or verdict.ratio <= ratio(best) + loop.min_gain / 2)
+    )
     record.update(
         kept=ok, ratio=verdict.ratio, reason=verdict.reason, runs=together.to_json(), base=base.to_json()
     )
-    if not ok and (verdict.undecided or verdict.ratio is None) and not loop.time_left():
-        ok = record["kept"] = True  # the budget, not the runs, cut it short: each passed alone
-        record["reason"] += "; not confirmed before the --budget was spent: each passed its screen"
-    elif not ok:
-        record["reason"] += f"; slower than {' '.join(best.alternatives[0].change)} alone: that is kept"
+    if not ok and passed and (verdict.undecided or verdict.ratio is None) and not loop.time_left():
+        record["kept"] = True  # the budget, not the runs, cut it short: what passed alone is kept
+        record["reason"] += "; not confirmed before the --budget was spent: what passed alone is kept"
+        return passed
+    if not ok and best is not None:
+        record["reason"] += f"; not faster than {' '.join(best.alternatives[0].change)} alone: that is kept"
     loop.progress(f"  together -> {'KEPT' if ok else 'not together'}: {record['reason']}")
-    return passed if ok else [best]
+    if ok:
+        for t in promising:
+            v = t.alternatives[0].verdict
+            assert v is not None
+            t.alternatives[0].verdict = Verdict(
+                True, v.ratio, f"{v.reason}; kept: it passed together with the others", v.interval
+            )
+    return group if ok else fallback
 
 
 def _refine(loop: _Loop, opt: Optimization, current: list[str]) -> list[str]:
