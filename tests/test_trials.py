@@ -473,6 +473,32 @@ def test_every_remedy_is_screened_before_any_is_refined(
     assert "plan, round 1: 4 change(s)" in summary and "together:" in summary
 
 
+def test_small_gains_that_noise_hides_alone_are_kept_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three changes of about 5% each on a machine whose runs drift by 12%: alone, a few pairs leave
+    each undecided; together (14%) they pass and are kept, and each says so."""
+    for key, ms in (
+        ("kernels.attention=sdpa", -9.0),
+        ("overlap.bucket_cap_mb=25", -9.0),
+        ("kernels.optimizer_impl=fused", -10.0),
+    ):
+        monkeypatch.setitem(_PLANTED, key, ms)
+    optimize_module, _ = _fake_trainer(monkeypatch, 0.12, run_s=10.0, findings=_FOUR[1:])
+    opt = optimize_module.run_optimize(
+        config="tiny-cpu", nproc=2, overrides=_SLOW[1:], out=tmp_path / "opt", steps=None, repeats=2,
+        budget_s=8 * 60, verify=False,
+    )  # fmt: skip
+    first = [t.alternatives[0] for t in opt.trials if t.round == 1]
+    together = opt.combinations[0]
+    assert together["kept"] and together["undecided_alone"], together
+    assert {a.change[0] for a in first} <= set(opt.kept)
+    said = [a.verdict.reason if a.verdict else "" for a in first]
+    assert all("undecided" in r and r.endswith("kept: it passed together with the others") for r in said), (
+        said
+    )
+
+
 def test_predictions_learn_from_the_savings_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Round 1 measures buckets saving a third of their 60 ms prediction; round 2's comms estimate
     is scaled by what round 1 measured, and the summary shows both."""
