@@ -463,6 +463,8 @@ def test_every_remedy_is_screened_before_any_is_refined(
     assert opt.combinations and opt.combinations[0]["kept"]
     refine = [i for i, line in enumerate(opt.plan) if line.startswith("refine")]
     assert not refine or refine[0] > 0
+    refined = [" ".join(a.change) for t in opt.trials for a in t.alternatives[1:] if a.variant]
+    assert len(refined) == len(set(refined)), refined  # each second-order choice measured once
     data = json.loads((tmp_path / "opt" / "optimize.json").read_text())
     said = [a["reason"] for t in data["trials"] for a in t["alternatives"]]
     if minutes < 10:  # the refinements do not fit: each says so, with what it would have cost

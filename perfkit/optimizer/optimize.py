@@ -677,6 +677,12 @@ def _refine(loop: _Loop, opt: Optimization, current: list[str]) -> list[str]:
         for t in opt.trials
         if t.kept_index is None and not t.skipped and len(t.alternatives) > 1 and t.alternatives[0].verdict
     ]
+    latest: dict[str, Trial] = {}  # a remedy screened in two rounds is refined once, from its latest
+    for t in [*kept, *dropped]:
+        if t.kept_index is not None or t.remedy not in latest or latest[t.remedy].kept_index is None:
+            latest[t.remedy] = t
+    kept = [t for t in kept if latest[t.remedy] is t]
+    dropped = [t for t in dropped if latest[t.remedy] is t and t.remedy not in {k.remedy for k in kept}]
     arms = [(t, a) for t in [*kept, *dropped] for a in t.alternatives[1:] if a.verdict is None]
     if not arms:
         return current
