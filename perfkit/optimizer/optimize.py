@@ -361,7 +361,9 @@ def run_optimize(
                 )  # the screen's order, if it cannot hold all
                 arms = [(t, t.alternatives[0]) for t in runnable]
                 confirm_s = loop.minutes(2 * repeats) * 60 if len(arms) > 1 else 0.0  # for _combine
-                screened = _screen(loop, opt, arms, current, f"round {number}", reserve_s=confirm_s)
+                screened = _screen(
+                    loop, opt, arms, current, f"round {number}", reserve_s=confirm_s, combine=True
+                )
                 trials_left -= len(screened)
                 passed = [t for t, a in screened if a.verdict is not None and a.verdict.keep]
                 promising = [
@@ -520,10 +522,12 @@ def _screen(
     current: list[str],
     phase: str,
     reserve_s: float = 0.0,
+    combine: bool = False,
 ) -> list[tuple[Trial, Alternative]]:
     """Each arm against one base, the configuration so far, in one interleaved group: ``repeats``
     pairs each, then one pair at a time for the undecided arms (the most promising first) while the
-    budget lasts, less ``reserve_s`` (kept for what follows: the combination's confirmation). The
+    budget lasts, less ``reserve_s`` (kept for what follows: the combination's confirmation); then
+    the most promising undecided arm alone, unless ``combine`` and several will be combined. The
     plan is said first; the arms the budget cannot hold are not run, and say what they would have
     cost. Returns the arms measured, each with its verdict."""
     runnable = []
@@ -590,6 +594,27 @@ def _screen(
         undecided.sort(key=lambda ta: ta[1].verdict.ratio or 1.0)  # type: ignore[union-attr]
         loop.measure([base, *(a.variant for _, a in undecided if a.variant)], 1)
         decide(undecided)
+    # Settle: the most promising arm still undecided (its gain so far past the bar) gets more pairs
+    # alone, up to --max-repeats, unless several of a round's go on to be combined (``_combine``).
+    promising = sorted(
+        (
+            (t, a)
+            for t, a in chosen
+            if a.verdict is not None and a.verdict.undecided and (a.verdict.ratio or 1.0) < 1 - loop.min_gain
+        ),
+        key=lambda ta: ta[1].verdict.ratio or 1.0,  # type: ignore[union-attr]
+    )
+    if promising and (len(promising) == 1 or not combine):
+        t, alt = promising[0]
+        while (
+            alt.verdict is not None
+            and alt.verdict.undecided
+            and alt.variant is not None
+            and len(alt.variant.runs) < loop.max_pairs
+            and loop.seconds_left() >= reserve_s + 2 * loop.run_s()
+        ):
+            loop.measure([base, alt.variant], 1)
+            decide([(t, alt)])
     for _, alt in chosen:  # an arm still undecided (out of pairs or budget) is not kept
         loop.progress(
             f"  {' '.join(alt.change)} -> {'passed' if alt.verdict and alt.verdict.keep else 'dropped'}: "
