@@ -76,6 +76,7 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         "kernels",
         "cpu",
         "hang",
+        "gc",
     }
     assert run.manifest.env["torch"].startswith("2.")
     # the trace is written after the window's last step, outside perfkit's step times: said so
