@@ -36,7 +36,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,8 +407,8 @@ def run_optimize(
                     Candidate("original", loop.sets(list(overrides))),
                     Candidate("final", loop.sets(current)),
                 ]
-                interleave(config, nproc, opt.final, repeats, loop.work, progress, stop=loop.closing())
-        if opt.kept and verify and loop.closing()():
+                interleave(config, nproc, opt.final, repeats, loop.work, progress, stop=loop.spent)
+        if opt.kept and verify and loop.spent():
             opt.plan.append("final profile: not run, the --budget was spent (perfkit profile it yourself)")
         elif opt.kept and verify:
             progress("profiling the final configuration")
@@ -456,9 +456,9 @@ class _Loop:
             return float("inf")
         return max(0.0, self.deadline - self.closing_runs * self.run_s() - time.monotonic())
 
-    def closing(self) -> Callable[[], bool]:
-        """The closing runs' own stop: the budget itself."""
-        return lambda: self.deadline is not None and time.monotonic() >= self.deadline
+    def spent(self) -> bool:
+        """The whole budget is spent (the closing runs' own stop)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def run_s(self) -> float:
         return self.spent_s / self.runs if self.runs else self.guess_run_s
