@@ -22,6 +22,7 @@ from perfkit.analyzers.comms import collective_table, trace_collectives
 from perfkit.analyzers.facts import TraceFacts, trace_facts
 from perfkit.analyzers.flight import dumps_hang_metrics, load_dump, looks_like_dump
 from perfkit.analyzers.hangs import hang_metrics
+from perfkit.analyzers.watch import watch_report
 from perfkit.analyzers.kernels import kernel_table
 from perfkit.analyzers.memory import summarize
 from perfkit.analyzers.metrics import (
@@ -342,6 +343,9 @@ def analyze(
             (int(r["device_memory"]) for r in good if r.get("device_memory")), None
         )
         metrics.hang = hang_metrics(run, problems, reports)
+        options = next((r.get("options") for r in reports.values() if isinstance(r.get("options"), dict)), {})
+        budget = options.get("watch_budget_mb") if options.get("watch") else None
+        metrics.watch = watch_report(run, problems, budget if isinstance(budget, int | float) else None)
         for snap in run.layout.snapshots():
             name = f"{snap.parent.name}/{snap.name}"
             try:  # a damaged snapshot is a problem of that file, not of the run

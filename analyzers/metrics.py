@@ -20,6 +20,7 @@ SCHEMA_VERSION = 2
 
 if TYPE_CHECKING:
     from perfkit.analyzers.hangs import HangMetrics
+    from perfkit.analyzers.watch import WatchReport
 
 
 @dataclass(kw_only=True)
@@ -234,6 +235,8 @@ class Metrics:
     """The ranks whose kernel traces were analyzed (a run may trace only some: --trace-ranks)."""
     rank_spread: RankSpread | None = None
     """Slow GPUs, late ranks and slow links, from the traces of four ranks or more."""
+    watch: WatchReport | None = None
+    """A watched run's anomalies, captures and their diagnoses (perfkit profile --watch)."""
     signals: dict[str, Any] = field(default_factory=dict)
     """Each collector's own metrics by its name (``Collector.fold``: a dataclass the collector
     module declares), for those that fold their rows themselves."""

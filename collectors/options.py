@@ -18,6 +18,9 @@ from perfkit.collectors.base import REGISTRY, known, parse_collect
 from perfkit.errors import ConfigError
 
 Window = tuple[int, int]
+WATCH_LEAVES_OUT = ("kernels", "cpu")
+"""Collectors --watch leaves off unless --collect names them: the fixed kernel window (watching
+captures its own) and the cpu collector (a /proc read a step: ~30 us, 3% of a 1 ms step)."""
 
 
 def parse_window(text: str | None, what: str) -> Window | None:
@@ -46,6 +49,13 @@ def _positive_float(text: str, what: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{what} must be a positive finite number, not {text!r}")
     return value
+
+
+def _flag(text: str, what: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
+        raise ConfigError(f"{what} {text!r} is not on or off; write 1 or 0")
+    return value in ("1", "true", "yes", "on")
 
 
 def _positive_int(text: str, what: str) -> int:
@@ -172,12 +182,59 @@ class CollectOptions:
     """No step and no collective progress for this long: a hang (10 minutes never fires on a healthy
     job); 0 turns the watchdog off."""
 
+    watch: bool = _option(
+        False,
+        flag="--watch",
+        env="PERFKIT_WATCH",
+        help="Watch a long job: the cheap collectors for every step within a disk budget, anomalies "
+        "found as they start, a trace of the next steps captured on every rank when one does "
+        "(and a baseline one early); no fixed kernel-trace window unless --profile-steps is given",
+        parse=lambda text, what: _flag(text, what),
+        format=lambda on: "1" if on else "0",
+    )
+    """Watch mode (perfkit.watch): bounded tables, per-window summaries, anomaly captures."""
+    watch_budget_mb: float = _option(
+        100.0,
+        flag="--watch-budget",
+        env="PERFKIT_WATCH_BUDGET_MB",
+        help="Disk the watched job may use, in MB, all ranks together (tables, summaries, captures)",
+        parse=_positive_float,
+    )
+    """The whole run directory's bound under --watch, shared evenly by the ranks."""
+    watch_window: int = _option(
+        50,
+        flag="--watch-window",
+        env="PERFKIT_WATCH_WINDOW",
+        help="Steps per summary window under --watch (the detectors judge whole windows)",
+        parse=_positive_int,
+    )
+    """Steps per window: a summary row per rank, and the unit the anomaly detectors judge."""
+    capture_steps: int = _option(
+        5,
+        flag="--capture-steps",
+        env="PERFKIT_CAPTURE_STEPS",
+        help="Steps each --watch capture traces (the baseline one and one per anomaly)",
+        parse=_positive_int,
+    )
+    """Steps per captured trace under --watch."""
+
     def __post_init__(self) -> None:
         if self.nvml_hz > 1000 or self.nvml_hz < 0.1:
             raise ConfigError(f"--nvml-hz {self.nvml_hz:g} is out of range; choose 0.1 to 1000")
         for name in self.collect:
             if name not in known() and name not in REGISTRY:  # REGISTRY: a collector added at run time
                 raise ConfigError(f"unknown collector {name!r}; choose from {', '.join(known())}")
+
+    WATCH_SHARES = {"table": 0.04, "summary": 0.05, "captures": 0.6}
+    """A rank's share of the --watch budget for each table file (its older part included: about seven
+    tables), its summary table, and all its captured traces; the rest is room for the small files."""
+
+    def watch_bytes(self, world_size: int, part: str) -> int:
+        """Bytes of the --watch budget one rank may use for ``part`` (``WATCH_SHARES``); 0: unbounded
+        (not watching)."""
+        if not self.watch:
+            return 0
+        return int(self.watch_budget_mb * 1e6 / max(1, world_size) * self.WATCH_SHARES[part])
 
     def to_env(self) -> dict[str, str]:
         """The ``PERFKIT_*`` variables that carry these options to every rank."""
@@ -205,6 +262,9 @@ class CollectOptions:
             for name, text in values.items()
             if text is not None
         }
+        if kwargs.get("watch"):
+            kwargs.setdefault("profile_steps", None)  # watching captures its own windows
+            kwargs.setdefault("collect", [n for n in known() if n not in WATCH_LEAVES_OUT])
         return cls(**kwargs)
 
 
@@ -214,11 +274,14 @@ _METAVARS = {"int": "INTEGER", "float": "NUMBER"}
 
 def cli_fields() -> list[tuple[str, str, str, str, str]]:
     """(field name, flag, help, default as text, metavar) for each option, for the CLI to make its
-    options from."""
+    options from; metavar ``FLAG``: an on/off switch that takes no value."""
     out = []
     defaults = CollectOptions()
     for f in dataclasses.fields(CollectOptions):
         default = "all" if f.name == "collect" else f.metadata["format"](getattr(defaults, f.name))
+        if str(f.type) == "bool":
+            out.append((f.name, f.metadata["flag"], f.metadata["help"], "off", "FLAG"))
+            continue
         metavar = _METAVARS.get(str(f.type).split("|")[0].strip(), "TEXT")
         out.append((f.name, f.metadata["flag"], f.metadata["help"], default, metavar))
     return out

@@ -296,8 +296,13 @@ class Probe:
 
     def writer(self, table: Table) -> RowWriter:
         if table.name not in self._writers:
-            self._writers[table.name] = RowWriter(self.layout.table(self.rank, table))
+            self._writers[table.name] = self.new_writer(self.layout.table(self.rank, table), table)
         return self._writers[table.name]
+
+    def new_writer(self, path: Path, table: Table) -> RowWriter:
+        """A writer of one of this rank's table files; under --watch bounded by its share of the disk
+        budget, the oldest rows going first (the watch collector's summaries keep the whole job)."""
+        return RowWriter(path, self.options.watch_bytes(self.world_size, "table"), self.layout.rotated(path))
 
     def describe(self, **facts: Any) -> None:
         """Record what the workload says of itself (flops_per_token, parameters, layout)."""

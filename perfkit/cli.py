@@ -150,6 +150,9 @@ def collect_options() -> Any:
 
     def decorate(f: Any) -> Any:
         for name, flag, help, default, metavar in reversed(cli_fields()):
+            if metavar == "FLAG":
+                f = click.option(flag, name, flag_value="1", default=None, help=help)(f)
+                continue
             f = click.option(flag, name, default=None, metavar=metavar, help=f"{help}  [default: {default}]")(
                 f
             )

@@ -187,6 +187,11 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
     previous = signal.signal(signal.SIGTERM, forward)
     interrupts = 0
     hang: HangWatch | None = HangWatch(run, req.options.hang_timeout) if req.options.hang_timeout else None
+    watcher = None
+    if req.options.watch:
+        from perfkit.watch import Watcher
+
+        watcher = Watcher(req.out, req.options)
     try:
         with Progress(run, stream):
             while True:
@@ -194,6 +199,8 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
                     rc = proc.wait(timeout=1.0)
                     break
                 except subprocess.TimeoutExpired:
+                    if watcher is not None:
+                        watch_poll(watcher, stream)
                     if hang is not None and hang.should_stop():
                         status = "hung"
                         stream.write(f"\nperfkit: the job hung; stopping it ({hang.said()})\n")
@@ -206,6 +213,8 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
                     interrupts += 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if watcher is not None:
+        watch_poll(watcher, stream)  # the job's last windows
     rc = HUNG_EXIT if status == "hung" else exit_code(rc)
     if received and rc != 0 and status != "hung":
         # As a shell reports a command stopped by that signal (130, 143): torchrun itself exits 1
@@ -220,6 +229,25 @@ def run_profile(req: ProfileRequest, stream: TextIO = sys.stderr) -> tuple[Run, 
     run.merge_rank_reports()
     run.finish(status, rc)
     return run, rc
+
+
+def watch_poll(watcher: Any, stream: TextIO) -> None:
+    """One look of the watcher; an anomaly is said as it starts. A watcher that fails is said once
+    and stops watching; the job goes on."""
+    if watcher.failed:
+        return
+    try:
+        for a in watcher.poll():
+            stream.write(
+                f"\nperfkit: step {a.start_step}: {a.title}"
+                + (f" (capture {a.capture})" if a.capture else "")
+                + "\n"
+            )
+    except Exception as e:  # never stop the job for the watcher
+        watcher.failed = True
+        stream.write(
+            f"\nperfkit: the watcher stopped ({type(e).__name__}: {e}); the job goes on, its tables are kept\n"
+        )
 
 
 HUNG_EXIT = 124

@@ -130,17 +130,73 @@ class RunLayout:
         return self.rank_dir(rank) / f"{table.name}{suffix}.jsonl"
 
     def table_files(self, rank: int, table: HasName) -> list[Path]:
-        """The rank's file of that table and its workers' files, those that exist."""
+        """The rank's file of that table and its workers' files, those that exist; under ``--watch``
+        each one's rotated older part (``rotated``) before it."""
         d = self.rank_dir(rank)
-        return sorted(
-            p for p in [d / f"{table.name}.jsonl", *d.glob(f"{table.name}.w*.jsonl")] if p.is_file()
-        )
+        current = [d / f"{table.name}.jsonl", *d.glob(f"{table.name}.w*[0-9].jsonl")]
+        return [p for c in sorted(current) for p in (self.rotated(c), c) if p.is_file()]
+
+    @staticmethod
+    def rotated(path: Path) -> Path:
+        """A table file's older part under ``--watch``: the file is renamed to this when it reaches its
+        share of the disk budget, replacing the part before (``perfkit.tables.RowWriter``)."""
+        return path.with_name(path.name.removesuffix(".jsonl") + ".old.jsonl")
 
     def trace(self, rank: int) -> Path:
         return self.rank_dir(rank) / "trace.json.gz"
 
     def probe(self, rank: int) -> Path:
         return self.rank_dir(rank) / PROBE_NAME
+
+    # ---- watch mode (perfkit profile --watch) ------------------------------------------------
+    @property
+    def watch_dir(self) -> Path:
+        """The watcher's folder: anomalies, capture requests and their diagnoses, the live state."""
+        return self.root / "watch"
+
+    @property
+    def anomalies(self) -> Path:
+        """One JSON object per anomaly the watcher found (appended as they start)."""
+        return self.watch_dir / "anomalies.jsonl"
+
+    @property
+    def watch_state(self) -> Path:
+        """The watcher's view of the job, rewritten every poll (``perfkit top`` shows it)."""
+        return self.watch_dir / "state.json"
+
+    @property
+    def capture_requests(self) -> Path:
+        """A request per capture: every rank traces the same steps (``<id>.json``)."""
+        return self.watch_dir / "requests"
+
+    def capture_request(self, capture: str) -> Path:
+        return self.capture_requests / f"{capture}.json"
+
+    def capture_diagnosis(self, capture: str) -> Path:
+        """What changed in that capture against the baseline capture."""
+        return self.watch_dir / "captures" / f"{capture}.json"
+
+    def capture_trace(self, rank: int, capture: str) -> Path:
+        """A rank's Kineto trace of a capture (``baseline`` is captured early in every watched job)."""
+        return self.rank_dir(rank) / "captures" / f"{capture}.json.gz"
+
+    def capture_state(self, rank: int) -> Path:
+        """What became of each capture on that rank (written, declined and why), rewritten as it
+        changes."""
+        return self.rank_dir(rank) / "captures.json"
+
+    def capture_traces(self, capture: str) -> list[Path]:
+        return [p for rank in self.ranks() if (p := self.capture_trace(rank, capture)).is_file()]
+
+    def captures(self) -> list[str]:
+        """The captures any rank wrote a trace of, by id."""
+        return sorted(
+            {
+                p.name.removesuffix(".json.gz")
+                for r in self.ranks()
+                for p in self.rank_dir(r).glob("captures/*.json.gz")
+            }
+        )
 
     def hang_record(self, rank: int) -> Path:
         """Written by the rank's watchdog when nothing progressed for the hang timeout."""

@@ -161,8 +161,14 @@ class RowWriter:
 
     MAX_HELD = 100_000
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = 0, older: Path | None = None) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        """With a bound (``--watch``): once the file holds half of it, it is renamed to ``older``
+        (``RunLayout.rotated``, replacing the part before) and a new file started, so the table never
+        holds more than ``max_bytes`` on disk, and always the latest rows."""
+        self.older = older
+        self.rotations = 0
         self._rows: list[bytes] = []
         self._file: BinaryIO | None = None
         self._lock = threading.Lock()  # rows also arrive from completion callbacks and samplers
@@ -189,9 +195,20 @@ class RowWriter:
             self._file.write(data)
             self._file.flush()
             self._size += len(data)
+            if self.max_bytes and self.older and self._size >= self.max_bytes // 2:
+                self._rotate()
         except OSError as e:
             self._hold(rows, e)
             raise
+
+    def _rotate(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        assert self.older is not None
+        os.replace(self.path, self.older)  # a reader sees either file whole; rows end at line boundaries
+        self._size = 0
+        self.rotations += 1
 
     def _hold(self, rows: list[bytes], e: OSError) -> None:
         self.error = self.error or f"cannot write {self.path.name}: {e.strerror or e}"

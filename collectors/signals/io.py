@@ -62,7 +62,7 @@ def record(
         return
     worker_file = probe.layout.table(probe.rank, IO, worker_pid=os.getpid())
     if _worker_writer is None or _worker_writer.path != worker_file:
-        _worker_writer = RowWriter(worker_file)
+        _worker_writer = probe.new_writer(worker_file, IO)
     _worker_writer.add(row)
     with contextlib.suppress(OSError):  # a full disk: held (bounded) for the next read's flush
         _worker_writer.flush()

@@ -1,0 +1,563 @@
+"""Watch mode's anomaly detectors: a long job judged window by window against its own healthy start.
+
+The job's steps are cut into windows of ``W`` steps (``--watch-window``). Once every rank finished a
+window, each signal gets one value for it:
+
+- ``step_time`` (the job): the median over ranks of each rank's median step time;
+- ``straggler`` (a rank): its busy time (step time less its wait for the last rank at the collectives,
+  ``runtables.blocked_ns``) beyond that step's least busy rank, median over the window;
+- ``data_wait`` (a rank): its median wait for the next batch;
+- ``gc`` (a rank): its Python garbage-collection pause per step;
+- ``collective`` (a process group): its collectives' median transfer time, from the last arrival
+  (``comms.transfer_ns``: waiting for a late rank is not the link's fault);
+- ``memory`` (a rank): the most memory it held (the CUDA allocator's, else its resident set).
+
+The baseline of each signal is its windows after the first (the warm-up): ``BASELINE_WINDOWS`` of
+them, its median and robust spread (1.4826 x the median absolute deviation) over those windows. It
+does not roll: a baseline that followed the job would absorb the slow creep (a throttling GPU, a
+leak) that watching is for. A window is over when its value exceeds the median by ``Z`` spreads and
+by the signal's smallest effect worth a word (a share of the step, so a perfectly quiet baseline
+cannot make jitter an anomaly); ``SUSTAIN`` windows over in a row start an anomaly at the first of
+them, as many under end it. Memory is judged on its growth: over the baseline's peak by the same
+margin and higher in each of the last ``GROWTH_WINDOWS`` windows than in the one before (a leak),
+with the steps left until the device's capacity at that rate.
+
+GPU health (NVML) is judged on events, not spreads: a hardware slowdown, thermal or power-brake
+throttle, an XID error, new uncorrectable ECC errors or NVLink/PCIe replays start an anomaly when
+they appear. Pure functions of the rows: ``perfkit.watch`` feeds them while the job runs, and the
+tests feed them made-up windows.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+from perfkit.analyzers.comms import call_index, transfer_ns
+from perfkit.analyzers.runtables import blocked_ns
+
+BASELINE_WINDOWS = 8
+SUSTAIN = 2
+Z = 6.0
+GROWTH_WINDOWS = 3
+PHASES = ("data_wait_s", "forward_s", "backward_s", "optimizer_s")
+
+# The smallest effect each signal reports, as a share of the baseline step (or of its own baseline):
+# under it, nothing a user would change is at stake.
+FLOORS: dict[str, tuple[float, float]] = {
+    # kind: (share of the baseline step, share of the signal's own baseline median)
+    "step_time": (0.0, 0.05),
+    "straggler": (0.03, 0.0),
+    "data_wait": (0.03, 0.0),
+    "gc": (0.03, 0.0),
+    "collective": (0.01, 0.25),
+    "memory": (0.0, 0.02),
+}
+
+# NVML's clocks-event reasons that mean the GPU was slowed against the work's wish (nvml.h).
+THROTTLES = {
+    0x4: "software power cap",
+    0x8: "hardware slowdown",
+    0x20: "software thermal slowdown",
+    0x40: "hardware thermal slowdown",
+    0x80: "hardware power brake",
+}
+
+
+@dataclass(kw_only=True)
+class Anomaly:
+    id: str
+    kind: str
+    """step_time, straggler, data_wait, gc, collective, memory or gpu_health."""
+    subject: str
+    """What it is about: ``job``, ``rank 3``, a process group, ``rank 0 gpu 0``."""
+    ranks: list[int]
+    start_step: int
+    """The first step of the first window over the threshold."""
+    detected_step: int
+    """The last step of the window that confirmed it."""
+    value: float
+    baseline: float
+    threshold: float
+    unit: str
+    title: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    end_step: int | None = None
+    capture: str | None = None
+    """The capture requested for it (``perfkit.run.RunLayout.capture_trace``), if any."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Series:
+    """One signal's baseline and where it stands."""
+
+    kind: str
+    subject: str
+    ranks: list[int]
+    unit: str
+    baseline: list[float] = field(default_factory=list)
+    over: list[tuple[int, int, float]] = field(default_factory=list)
+    """Consecutive windows over the threshold so far: (first step, last step, value)."""
+    under: int = 0
+    history: list[float] = field(default_factory=list)
+    active: Anomaly | None = None
+
+    def center(self) -> float:
+        return statistics.median(self.baseline)
+
+    def threshold(self, step_ms: float) -> float:
+        med = self.center()
+        mad = statistics.median(abs(v - med) for v in self.baseline) * 1.4826
+        share_of_step, share_of_own = FLOORS[self.kind]
+        unit_step = step_ms if self.unit == "ms" else 0.0
+        return med + max(Z * mad, share_of_step * unit_step, share_of_own * abs(med))
+
+
+def window_values(
+    steps: pd.DataFrame, comms: pd.DataFrame, memory: pd.DataFrame, gc: pd.DataFrame
+) -> dict[tuple[str, str], tuple[float, list[int], str]]:
+    """Each signal's value for one window of every rank's rows: (kind, subject) -> (value, ranks,
+    unit)."""
+    out: dict[tuple[str, str], tuple[float, list[int], str]] = {}
+    if steps.empty:
+        return out
+    ranks = sorted(int(r) for r in steps["rank"].unique())
+    per_rank = steps.groupby("rank")["step_time_s"].median() * 1e3
+    out[("step_time", "job")] = (float(per_rank.median()), ranks, "ms")
+    if "data_wait_s" in steps and steps["data_wait_s"].notna().any():
+        for r, v in (steps.groupby("rank")["data_wait_s"].median() * 1e3).items():
+            out[("data_wait", f"rank {r}")] = (float(v), [int(r)], "ms")  # type: ignore[call-overload]
+    if not gc.empty:
+        n = steps.groupby("rank")["step"].nunique()
+        pause = gc.groupby("rank")["pause_s"].sum() * 1e3
+        for r in ranks:
+            out[("gc", f"rank {r}")] = (float(pause.get(r, 0.0) / max(1, n.get(r, 1))), [r], "ms")
+    if len(ranks) >= 2 and not comms.empty:
+        c = comms.assign(k=call_index(comms).to_numpy())
+        key = c.groupby(["step", "group", "k"])["start_ns"]
+        matched = c[(key.transform("size") == len(ranks)).to_numpy()]
+        if not matched.empty:
+            latest = matched.groupby(["step", "group", "k"])["start_ns"].transform("max")
+            matched = matched.assign(lag_ns=latest - matched["start_ns"])
+            step_s = steps.set_index(["rank", "step"])["step_time_s"]
+            wait = (blocked_ns(matched) / 1e9).reindex(step_s.index).fillna(0.0).clip(upper=step_s)
+            busy = step_s - wait
+            extra = (busy - busy.groupby(level="step").transform("min")).groupby(level="rank").median() * 1e3
+            for r, v in extra.items():
+                out[("straggler", f"rank {r}")] = (float(v), [int(r)], "ms")  # type: ignore[call-overload]
+            t = transfer_ns(matched) / 1e6
+            by_group = t.groupby(matched["group"].fillna("")).median().dropna()
+            for g, v in by_group.items():
+                members = sorted(
+                    int(r) for r in matched.loc[matched["group"].fillna("") == g, "rank"].unique()
+                )
+                out[("collective", str(g) or "default")] = (float(v), members, "ms")
+    if not memory.empty:
+        m = memory.assign(
+            level=memory["allocated"].fillna(memory["rss"]) if "allocated" in memory else memory["rss"]
+        )
+        for r, v in m.groupby("rank")["level"].max().items():
+            out[("memory", f"rank {r}")] = (float(v), [int(r)], "bytes")  # type: ignore[call-overload]
+    return out
+
+
+def phase_change(steps: pd.DataFrame, baseline: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per rank, each phase's median in this window against the baseline's (ms), for the evidence."""
+    out: dict[str, dict[str, float]] = {}
+    for r, g in steps.groupby("rank"):
+        base = baseline.get(int(r), {})  # type: ignore[call-overload]
+        row = {}
+        for p in ("step_time_s", *PHASES):
+            if p in g and g[p].notna().any() and p in base:
+                now = float(g[p].median() * 1e3)
+                row[p.removesuffix("_s")] = round(now - base[p], 3)
+        out[f"rank {r}"] = row
+    return out
+
+
+def phase_medians(steps: pd.DataFrame) -> dict[int, dict[str, float]]:
+    return {
+        int(r): {
+            p: float(g[p].median() * 1e3) for p in ("step_time_s", *PHASES) if p in g and g[p].notna().any()
+        }  # type: ignore[call-overload]
+        for r, g in steps.groupby("rank")
+    }
+
+
+class Detectors:
+    """Every signal's baseline and state, fed one window at a time; says which anomalies start and
+    end."""
+
+    def __init__(self, window: int, capacity_bytes: dict[int, int] | None = None) -> None:
+        self.window = window
+        self.capacity = capacity_bytes or {}
+        self.series: dict[tuple[str, str], _Series] = {}
+        self.windows_seen = 0
+        self.baseline_steps_ms: list[float] = []
+        self.baseline_phases: dict[int, list[dict[str, float]]] = {}
+        self.anomalies: list[Anomaly] = []
+        self._ids = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether the baseline is complete (the detectors judge from the next window on)."""
+        return self.windows_seen > BASELINE_WINDOWS
+
+    def baseline_phase_medians(self) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
+        for r, rows in self.baseline_phases.items():
+            keys = set().union(*rows) if rows else set()
+            out[r] = {k: statistics.median(x[k] for x in rows if k in x) for k in keys}
+        return out
+
+    def feed(
+        self,
+        first: int,
+        last: int,
+        steps: pd.DataFrame,
+        comms: pd.DataFrame,
+        memory: pd.DataFrame,
+        gc: pd.DataFrame,
+    ) -> tuple[list[Anomaly], list[Anomaly]]:
+        """One window (steps ``first``..``last`` of every rank); returns the anomalies that started and
+        those that ended with it."""
+        self.windows_seen += 1
+        values = window_values(steps, comms, memory, gc)
+        if self.windows_seen == 1:  # the warm-up: compiled kernels, allocator growth, first batches
+            return [], []
+        if self.windows_seen <= BASELINE_WINDOWS + 1:
+            for key, (v, ranks, unit) in values.items():
+                s = self.series.setdefault(key, _Series(key[0], key[1], ranks, unit))
+                s.baseline.append(v)
+            if ("step_time", "job") in values:
+                self.baseline_steps_ms.append(values[("step_time", "job")][0])
+            for r, p in phase_medians(steps).items():
+                self.baseline_phases.setdefault(r, []).append(p)
+            return [], []
+        step_ms = statistics.median(self.baseline_steps_ms) if self.baseline_steps_ms else 0.0
+        started: list[Anomaly] = []
+        ended: list[Anomaly] = []
+        for key, (v, _, _) in values.items():
+            s = self.series.get(key)
+            if s is None or len(s.baseline) < BASELINE_WINDOWS // 2:
+                continue  # a signal the baseline did not have (a group that appeared later)
+            s.history.append(v)
+            limit = s.threshold(step_ms)
+            if s.kind == "collective" and any(
+                x.active is not None for x in self.series.values() if x.kind == "straggler"
+            ):
+                continue  # a late rank makes its groups' calls look slow too: that one is named
+            if s.kind == "memory":
+                recent = s.history[-(GROWTH_WINDOWS + 1) :]
+                is_over = (
+                    v > max(s.baseline) + (limit - s.center())
+                    and len(recent) == GROWTH_WINDOWS + 1
+                    and all(b > a for a, b in zip(recent, recent[1:], strict=False))
+                )
+            else:
+                is_over = v > limit
+            if is_over:
+                s.under = 0
+                s.over.append((first, last, v))
+                if s.active is None and len(s.over) >= SUSTAIN:
+                    a = self._start(s, v, limit, step_ms, steps)
+                    started.append(a)
+            else:
+                s.over = []
+                if s.active is not None:
+                    s.under += 1
+                    if s.under >= 2 * SUSTAIN:  # slower to end than to start: no flapping
+                        s.active.end_step = last - s.under * self.window + 1
+                        ended.append(s.active)
+                        s.active = None
+        return started, ended
+
+    def _start(self, s: _Series, v: float, limit: float, step_ms: float, steps: pd.DataFrame) -> Anomaly:
+        self._ids += 1
+        first, _, _ = s.over[0]
+        base = s.center()
+        evidence: dict[str, Any] = {
+            "phase_change_ms": phase_change(steps, self.baseline_phase_medians()),
+            "windows_over": len(s.over),
+        }
+        if s.kind == "memory":
+            per_step = (v - s.history[-(GROWTH_WINDOWS + 1)]) / (GROWTH_WINDOWS * self.window)
+            evidence["growth_bytes_per_step"] = per_step
+            cap = self.capacity.get(s.ranks[0])
+            if cap and per_step > 0:
+                evidence["steps_to_capacity"] = int(max(0.0, cap - v) / per_step)
+        a = Anomaly(
+            id=f"a{self._ids}",
+            kind=s.kind,
+            subject=s.subject,
+            ranks=list(s.ranks),
+            start_step=first,
+            detected_step=s.over[-1][1],
+            value=v,
+            baseline=base,
+            threshold=limit,
+            unit=s.unit,
+            title=_title(s, v, base, evidence, step_ms),
+            evidence=evidence,
+        )
+        s.active = a
+        self.anomalies.append(a)
+        return a
+
+
+def _title(s: _Series, v: float, base: float, evidence: dict[str, Any], step_ms: float) -> str:
+    grew = f"{base:.1f} -> {v:.1f} ms"
+    if s.kind == "step_time":
+        return f"The job's step time rose {v / max(base, 1e-9) - 1:.0%} ({grew} a step)"
+    if s.kind == "straggler":
+        return f"{s.subject.capitalize()} became late: busy {v - base:.1f} ms a step longer than the others ({grew} beyond the least busy rank)"
+    if s.kind == "data_wait":
+        return f"{s.subject.capitalize()} waits for its data {v - base:.1f} ms a step longer ({grew})"
+    if s.kind == "gc":
+        return f"{s.subject.capitalize()} pauses {v - base:.1f} ms a step longer in Python's garbage collector ({grew})"
+    if s.kind == "collective":
+        return f"Collectives of group {s.subject} slowed {v / max(base, 1e-9):.1f}x ({base:.2f} -> {v:.2f} ms a call)"
+    if s.kind == "memory":
+        rate = evidence.get("growth_bytes_per_step", 0.0)
+        left = evidence.get("steps_to_capacity")
+        tail = f"; at this rate full in {left:,} steps" if left is not None else ""
+        return (
+            f"{s.subject.capitalize()}'s memory keeps growing: {base / 2**20:,.0f} -> {v / 2**20:,.0f} MiB, "
+            f"{rate / 2**10:,.0f} KiB a step{tail}"
+        )
+    return f"{s.kind} of {s.subject}: {grew}"
+
+
+def gpu_health(
+    rows: Iterable[dict[str, Any]], before: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """GPU health events in NVML samples of one GPU (in time order): what slowed or broke it, each
+    once, with the first sample's time. ``before``: the counters of the previous call's last sample
+    (updated in place), so a counter that grew between calls counts."""
+    before = before if before is not None else {}
+    found: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        reasons = int(row.get("throttle_reasons") or 0)
+        for bit, what in THROTTLES.items():
+            if reasons & bit and what not in found:
+                found[what] = {
+                    "event": what,
+                    "t_ns": row.get("t_ns"),
+                    "detail": f"clocks-event reasons 0x{reasons:x}",
+                }
+        xid = row.get("xid")
+        if xid:
+            found.setdefault(
+                f"xid {xid}",
+                {"event": f"XID {xid} error", "t_ns": row.get("t_ns"), "detail": "driver-reported GPU error"},
+            )
+        for counter, what in (
+            ("ecc_uncorrected", "uncorrectable ECC errors"),
+            ("nvlink_replay", "NVLink replays"),
+            ("pcie_replay", "PCIe replays"),
+        ):
+            value = row.get(counter)
+            if value is None:
+                continue
+            prior = before.get(counter)
+            if prior is not None and value > prior and what not in found:
+                found[what] = {"event": what, "t_ns": row.get("t_ns"), "detail": f"{prior:g} -> {value:g}"}
+            before[counter] = value
+    return list(found.values())
+
+
+# ---- a capture against the baseline ---------------------------------------------------------------
+TOP = 6
+
+
+def op_times(trace: Any, steps: int) -> tuple[dict[str, float], float]:
+    """Per step, each op's or kernel's own time (ms; a CPU op's time less its children's) in a
+    captured trace, and the host time of the busiest thread outside any op (Python, sleeps, waits
+    that no op records)."""
+    ev = trace.events
+    own: dict[str, float] = {}
+    gpu = ev[ev["cat"].isin(("kernel", "gpu_memcpy", "gpu_memset")).to_numpy()]
+    for name, dur in gpu.groupby("name", observed=True)["dur"].sum().items():
+        own[f"kernel {name}"] = float(dur) / 1e6 / steps
+    cpu = ev[(ev["cat"] == "cpu_op").to_numpy()].sort_values(
+        ["tid", "ts", "dur"], ascending=[True, True, False]
+    )
+    outside = 0.0
+    busiest = cpu.groupby("tid")["dur"].sum().idxmax() if not cpu.empty else None
+    for tid, g in cpu.groupby("tid"):
+        stack: list[list[Any]] = []  # [name, end, child time]
+        covered = 0
+        span_start = int(g["ts"].min())
+        span_end = int(g["end"].max())
+        for name, ts, dur, end in zip(g["name"], g["ts"], g["dur"], g["end"], strict=False):
+            while stack and ts >= stack[-1][1]:
+                done = stack.pop()
+                own[done[0]] = own.get(done[0], 0.0) + done[3] - done[2]
+            if stack:
+                stack[-1][2] += int(dur)
+            else:
+                covered += int(dur)
+            stack.append([str(name), int(end), 0, int(dur)])
+        while stack:
+            done = stack.pop()
+            own[done[0]] = own.get(done[0], 0.0) + done[3] - done[2]
+        if tid == busiest:
+            outside = (span_end - span_start - covered) / 1e6 / steps
+    return {k: (v / 1e6 / steps if not k.startswith("kernel ") else v) for k, v in own.items()}, outside
+
+
+def diagnose(
+    baseline: dict[int, Any], capture: dict[int, Any], base_steps: int, capture_steps: int
+) -> dict[str, Any]:
+    """What grew per step between each rank's baseline trace and its capture: the ops and kernels
+    whose own time grew most, and the host time outside any op. ``baseline`` and ``capture``: a
+    ``Trace`` by rank."""
+    per_rank: dict[str, Any] = {}
+    lines = []
+    for rank in sorted(set(baseline) & set(capture)):
+        b, b_out = op_times(baseline[rank], base_steps)
+        c, c_out = op_times(capture[rank], capture_steps)
+        grew = sorted(
+            (
+                {
+                    "name": n,
+                    "baseline_ms": b.get(n, 0.0),
+                    "capture_ms": c.get(n, 0.0),
+                    "delta_ms": c.get(n, 0.0) - b.get(n, 0.0),
+                }
+                for n in set(b) | set(c)
+            ),
+            key=lambda x: -x["delta_ms"],
+        )[:TOP]
+        entry = {
+            "grew": [g for g in grew if g["delta_ms"] > 0],
+            "outside_ops_ms": {"baseline": b_out, "capture": c_out, "delta": c_out - b_out},
+            "ops_ms": {"baseline": sum(b.values()), "capture": sum(c.values())},
+        }
+        per_rank[str(rank)] = entry
+        parts = [f"{g['name']} +{g['delta_ms']:.2f}" for g in entry["grew"][:3] if g["delta_ms"] >= 0.01]
+        if c_out - b_out >= 0.01:
+            parts.append(f"outside any op +{c_out - b_out:.2f}")
+        if parts:
+            lines.append(f"rank {rank}: " + ", ".join(parts) + " ms/step")
+    return {"per_rank": per_rank, "summary": "; ".join(lines) or "nothing grew by 0.01 ms a step or more"}
+
+
+# ---- what a watched run found, for the analysis ------------------------------------------------
+@dataclass(kw_only=True)
+class WatchCapture:
+    id: str
+    first_step: int
+    last_step: int
+    reason: str
+    anomaly: str | None
+    ranks_traced: list[int]
+    said: dict[str, str]
+    """What each rank said of it (``captures.json``): its steps and size, or why it declined."""
+    summary: str = ""
+    """What grew against the baseline capture, per rank."""
+    per_rank: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class WatchReport:
+    anomalies: list[dict[str, Any]] = field(default_factory=list)
+    """Each anomaly as the watcher wrote it as it started (``Anomaly``), with its ``end_step``."""
+    captures: list[WatchCapture] = field(default_factory=list)
+    baseline_traced: list[int] = field(default_factory=list)
+    """The ranks that wrote the baseline capture."""
+    disk_bytes: int = 0
+    """The run directory's size."""
+    budget_bytes: int | None = None
+    """The --watch-budget it was held to."""
+
+
+def watch_report(run: Any, problems: list[str], budget_mb: float | None = None) -> WatchReport | None:
+    """The anomalies, captures and diagnoses of a watched run (None for a run that was not). A
+    capture the watcher had no time to diagnose (the job ended first) is diagnosed here."""
+    from perfkit.analyzers.trace import TraceError, load_trace
+    from perfkit.tables import loads
+
+    layout = run.layout
+    if not layout.watch_dir.is_dir():
+        return None
+    out = WatchReport()
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        lines = layout.anomalies.read_bytes().splitlines() if layout.anomalies.is_file() else []
+    except OSError as e:
+        problems.append(f"{layout.anomalies}: cannot be read ({e.strerror})")
+        lines = []
+    for line in lines:
+        try:
+            rec = loads(line)
+        except ValueError:
+            problems.append(f"{layout.anomalies}: a damaged line was skipped")
+            continue
+        if not isinstance(rec, dict) or "id" not in rec:
+            continue
+        if "ended_step" in rec:
+            if rec["id"] in records:
+                records[rec["id"]]["end_step"] = rec["ended_step"]
+        else:
+            records[rec["id"]] = rec
+    out.anomalies = list(records.values())
+    said: dict[int, dict[str, str]] = {}
+    for rank in layout.ranks():
+        with_state = layout.capture_state(rank)
+        if with_state.is_file():
+            try:
+                said[rank] = dict(loads(with_state.read_bytes()).get("captures") or {})
+            except (OSError, ValueError, AttributeError):
+                problems.append(f"{with_state}: damaged; what that rank said of its captures is unknown")
+    out.baseline_traced = [r for r in layout.ranks() if layout.capture_trace(r, "baseline").is_file()]
+    requests = sorted(layout.capture_requests.glob("*.json")) if layout.capture_requests.is_dir() else []
+    for path in requests:
+        try:
+            req = loads(path.read_bytes())
+            cid, first, steps = str(req["id"]), int(req["first_step"]), int(req["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            problems.append(f"{path}: a damaged capture request was skipped")
+            continue
+        cap = WatchCapture(
+            id=cid,
+            first_step=first,
+            last_step=first + steps - 1,
+            reason=str(req.get("reason") or ""),
+            anomaly=req.get("anomaly"),
+            ranks_traced=[r for r in layout.ranks() if layout.capture_trace(r, cid).is_file()],
+            said={str(r): s[cid] for r, s in said.items() if cid in s},
+        )
+        diagnosis = layout.capture_diagnosis(cid)
+        try:
+            if diagnosis.is_file():
+                d = loads(diagnosis.read_bytes())
+            elif cap.ranks_traced and out.baseline_traced:
+                ranks = sorted(set(cap.ranks_traced) & set(out.baseline_traced))
+                d = diagnose(  # the baseline traced as many steps: one --capture-steps per run
+                    {r: load_trace(layout.capture_trace(r, "baseline"), r) for r in ranks},
+                    {r: load_trace(layout.capture_trace(r, cid), r) for r in ranks},
+                    steps,
+                    steps,
+                )
+            else:
+                d = {}
+        except (OSError, ValueError, TraceError) as e:
+            problems.append(f"capture {cid}: cannot be diagnosed ({e})")
+            d = {}
+        cap.summary = str(d.get("summary") or d.get("error") or "")
+        cap.per_rank = d.get("per_rank") or {}
+        out.captures.append(cap)
+    for a in out.anomalies:
+        cap = next((c for c in out.captures if c.id == a.get("capture")), None)
+        if cap is not None:
+            a["diagnosis"] = cap.summary
+    out.disk_bytes = sum(p.stat().st_size for p in run.path.rglob("*") if p.is_file())
+    out.budget_bytes = int(budget_mb * 1e6) if budget_mb else None
+    return out

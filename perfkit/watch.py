@@ -1,0 +1,351 @@
+"""The watcher of a ``perfkit profile --watch`` job: it follows every rank's tables as they are
+written, judges each finished window with the detectors (``perfkit.analyzers.watch``), writes the
+anomalies, asks every rank for a trace of the same next steps when one starts, diagnoses that
+capture against the baseline one, and keeps ``watch/state.json`` for ``perfkit top``.
+
+It runs in ``perfkit profile``'s own process (which otherwise only waits for the job), so the ranks
+pay nothing for it but their tables' rows; ``perfkit top`` runs one that only reads. Files are
+followed across their rotation (``RunLayout.rotated``): the rest of the older part is read before
+the new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from perfkit.collectors.options import CollectOptions
+from perfkit.collectors.signals.gc import GC
+from perfkit.files import write_json_atomic
+from perfkit.run import RunLayout
+from perfkit.tables import COMMS, MEMORY, NVML, STEPS, Table, loads
+
+LEAD_S = 1.0
+"""A capture starts this long ahead (in steps at the job's pace): every rank must see the request
+before the first of its steps begins (they look five times a second)."""
+WINDOW_S = 1.0
+"""The detectors judge windows of at least this long (a whole number of ``--watch-window``s, chosen
+from the warm-up window's pace): at a few ms a step, 50 steps are a blip of the host, not a change."""
+MAX_CAPTURES = 8
+
+
+class Tail:
+    """The complete rows appended to one table file since the last read, across its rotation."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.older = RunLayout.rotated(path)
+        self.inode: int | None = None
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return []
+        chunks = []
+        if self.inode is not None and st.st_ino != self.inode:
+            with contextlib.suppress(OSError), open(self.older, "rb") as f:
+                if os.fstat(f.fileno()).st_ino == self.inode:  # the rest of the part just rotated
+                    f.seek(self.offset)
+                    chunks.append(f.read())
+            self.offset = 0
+        self.inode = st.st_ino
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            data = b""
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        chunks.append(complete)
+        rows = []
+        for line in b"".join(chunks).split(b"\n"):
+            if line.strip():
+                with contextlib.suppress(ValueError):
+                    rows.append(orjson.loads(line))
+        return rows
+
+
+def _host_memory() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class Watcher:
+    """Follows a run directory; ``act``: write anomalies and capture requests (the job's own
+    watcher), else only read (``perfkit top``)."""
+
+    def __init__(self, run_dir: Path, options: CollectOptions, act: bool = True) -> None:
+        from perfkit.analyzers.watch import Detectors
+
+        self.layout = RunLayout(run_dir)
+        self.options = options
+        self.window = options.watch_window
+        self.act = act
+        self.detectors = Detectors(self.window)
+        self.tables: tuple[Table, ...] = (STEPS, COMMS, MEMORY, NVML)
+        self.tails: dict[tuple[int, str], Tail] = {}
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+        self.last_step: dict[int, int] = {}
+        self.recent: dict[int, dict[str, Any]] = {}
+        self.cut = 1
+        """The first step of the next window to judge."""
+        self.span = self.window
+        """Steps per judged window: ``--watch-window`` for the warm-up, then a whole number of them
+        lasting ``WINDOW_S`` or more."""
+        self.judged = 0
+        self.world_size: int | None = None
+        self.excluded: list[tuple[int, int]] = []
+        k = options.capture_steps
+        first = 2 * self.window + 1
+        self.excluded.append((first, first + k))  # the baseline capture, and the step after it
+        self.captures: list[dict[str, Any]] = []
+        self.diagnosed: set[str] = set()
+        self.nvml_before: dict[tuple[int, int], dict[str, float]] = {}
+        self.health_seen: set[tuple[int, int, str]] = set()
+        self.started = time.time()
+        self.failed = False
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _world(self) -> int | None:
+        if self.world_size is None:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                self.world_size = int(loads(self.layout.probe(0).read_bytes())["world_size"])
+        return self.world_size
+
+    def _read(self) -> None:
+        for rank in self.layout.ranks():
+            for table in (*self.tables, GC):
+                key = (rank, table.name)
+                if key not in self.tails:
+                    self.tails[key] = Tail(self.layout.table(rank, table))
+                rows = self.tails[key].read()
+                for r in rows:
+                    r["rank"] = rank
+                if table is NVML:
+                    self._health(rank, rows)
+                    continue
+                self.pending.setdefault(table.name, []).extend(rows)
+                if table is STEPS and rows:
+                    self.last_step[rank] = max(self.last_step.get(rank, 0), rows[-1]["step"])
+                    self.recent[rank] = rows[-1]
+
+    def poll(self) -> list[Any]:
+        """Read what the ranks wrote since the last poll and judge every window now complete;
+        returns the anomalies that started."""
+        self._read()
+        world = self._world()
+        started = []
+        if world and len(self.last_step) >= world:
+            done = min(self.last_step.values())
+            while self.cut + self.span - 1 <= done:
+                first, last = self.cut, self.cut + self.span - 1
+                self.cut = last + 1
+                started += self._judge(first, last)
+        if self.act:
+            self._diagnose_captures()
+            self._write_state()
+        return started
+
+    def _judge(self, first: int, last: int) -> list[Any]:
+        import pandas as pd
+
+        frames = {}
+        for name in (STEPS.name, COMMS.name, MEMORY.name, GC.name):
+            rows = self.pending.get(name, [])
+            now = [r for r in rows if r.get("step") is not None and r["step"] <= last]
+            self.pending[name] = [r for r in rows if r.get("step") is None or r["step"] > last]
+            now = [r for r in now if r["step"] >= first and not self._excluded(r["step"])]
+            frames[name] = pd.DataFrame(now)
+        steps = frames[STEPS.name]
+        if self.judged == 0 and not steps.empty:  # the warm-up window sets the pace
+            step_s = float(steps["step_time_s"].median())
+            self.span = self.window * max(1, math.ceil(WINDOW_S / max(1e-6, self.window * step_s)))
+            self.detectors.window = self.span
+        self.judged += 1
+        started, ended = self.detectors.feed(
+            first, last, steps, frames[COMMS.name], frames[MEMORY.name], frames[GC.name]
+        )
+        if self.act:
+            for a in started:
+                a.capture = self._request_capture(a.title, a.id)
+                self._append(a.to_json())
+            for a in ended:
+                self._append({"id": a.id, "ended_step": a.end_step})
+        return started
+
+    def _excluded(self, step: int) -> bool:
+        return any(a <= step <= b for a, b in self.excluded)
+
+    def _health(self, rank: int, rows: list[dict[str, Any]]) -> None:
+        from perfkit.analyzers.watch import Anomaly, gpu_health
+
+        by_gpu: dict[int, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_gpu.setdefault(int(r.get("gpu") or 0), []).append(r)
+        for gpu, samples in by_gpu.items():
+            for event in gpu_health(samples, self.nvml_before.setdefault((rank, gpu), {})):
+                key = (rank, gpu, event["event"])
+                if key in self.health_seen:
+                    continue
+                self.health_seen.add(key)
+                step = self.last_step.get(rank, 0)
+                a = Anomaly(
+                    id=f"h{len(self.health_seen)}",
+                    kind="gpu_health",
+                    subject=f"rank {rank} gpu {gpu}",
+                    ranks=[rank],
+                    start_step=step,
+                    detected_step=step,
+                    value=1.0,
+                    baseline=0.0,
+                    threshold=0.0,
+                    unit="event",
+                    title=f"GPU {gpu} of rank {rank}: {event['event']} ({event['detail']})",
+                    evidence=event,
+                )
+                self.detectors.anomalies.append(a)
+                if self.act:
+                    a.capture = self._request_capture(a.title, a.id)
+                    self._append(a.to_json())
+
+    # ---- acting -----------------------------------------------------------------------------
+    def _append(self, record: dict[str, Any]) -> None:
+        path = self.layout.anomalies
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                f.write(orjson.dumps(record) + b"\n")
+
+    def _step_s(self) -> float:
+        base = self.detectors.baseline_steps_ms
+        if base:
+            return max(1e-4, sorted(base)[len(base) // 2] / 1e3)
+        times = [r.get("step_time_s") or 0.0 for r in self.recent.values()]
+        return max(1e-4, max(times, default=0.1))
+
+    def _request_capture(self, reason: str, anomaly: str | None) -> str | None:
+        """Ask every rank to trace the same steps, starting ``LEAD_S`` ahead; None when one is still
+        to come or the cap is reached."""
+        if len(self.captures) >= MAX_CAPTURES or not self.last_step:
+            return None
+        now = max(self.last_step.values())
+        if self.captures and self.captures[-1]["last_step"] >= now:
+            return str(self.captures[-1]["id"])  # the one to come will show this too
+        return request_capture(
+            self.layout, self.options.capture_steps, now, self._step_s(), reason, anomaly, self
+        )
+
+    def _diagnose_captures(self) -> None:
+        from perfkit.analyzers.trace import load_trace
+        from perfkit.analyzers.watch import diagnose
+
+        world = self.world_size or 0
+        for c in self.captures:
+            cid = c["id"]
+            if cid in self.diagnosed or not world:
+                continue
+            paths = self.layout.capture_traces(cid)
+            base = self.layout.capture_traces("baseline")
+            if len(paths) < world or len(base) < world:
+                if min(self.last_step.values(), default=0) > c["last_step"] + 50 * self.options.capture_steps:
+                    self.diagnosed.add(cid)  # never coming (declined: the rank says why in captures.json)
+                continue
+            self.diagnosed.add(cid)
+            try:
+                b = {r: load_trace(self.layout.capture_trace(r, "baseline"), r) for r in range(world)}
+                t = {r: load_trace(self.layout.capture_trace(r, cid), r) for r in range(world)}
+                out = diagnose(b, t, self.options.capture_steps, c["steps"])
+            except Exception as e:  # a damaged trace: said, the watch goes on
+                out = {"error": f"{type(e).__name__}: {e}"[:300]}
+            with contextlib.suppress(OSError):
+                write_json_atomic(self.layout.capture_diagnosis(cid), {**c, **out})
+
+    def state(self) -> dict[str, Any]:
+        """The job as the watcher sees it now (``perfkit top``)."""
+        ranks = []
+        for rank in sorted(self.recent):
+            r = self.recent[rank]
+            ranks.append(
+                {
+                    "rank": rank,
+                    "step": r.get("step"),
+                    "step_ms": (r.get("step_time_s") or 0.0) * 1e3,
+                    "phases_ms": {
+                        p.removesuffix("_s"): (r.get(p) or 0.0) * 1e3
+                        for p in ("data_wait_s", "forward_s", "backward_s", "optimizer_s")
+                        if r.get(p) is not None
+                    },
+                }
+            )
+        memory = {}
+        for row in self.pending.get(MEMORY.name, [])[-64:]:
+            memory[row["rank"]] = row.get("allocated") or row.get("rss")
+        for r in ranks:
+            r["memory_bytes"] = memory.get(r["rank"])
+        return {
+            "time": time.time(),
+            "window": self.window,
+            "windows_judged": self.judged,
+            "judged_window_steps": self.span,
+            "baseline_ready": self.detectors.ready,
+            "baseline_step_ms": self._step_s() * 1e3 if self.detectors.baseline_steps_ms else None,
+            "ranks": ranks,
+            "anomalies": [
+                {
+                    k: a.to_json()[k]
+                    for k in ("id", "kind", "subject", "title", "start_step", "end_step", "capture")
+                }
+                for a in self.detectors.anomalies
+            ],
+            "captures": self.captures,
+        }
+
+    def _write_state(self) -> None:
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.layout.watch_state, self.state())
+
+
+def request_capture(
+    layout: RunLayout,
+    steps: int,
+    now_step: int,
+    step_s: float,
+    reason: str,
+    anomaly: str | None = None,
+    watcher: Watcher | None = None,
+) -> str:
+    """Write a capture request for every rank: ``steps`` steps from ``LEAD_S`` ahead of ``now_step``.
+    Returns its id."""
+    lead = max(5, math.ceil(LEAD_S / max(step_s, 1e-4)))
+    first = now_step + lead
+    existing = layout.capture_requests.glob("c*.json") if layout.capture_requests.is_dir() else []
+    n = 1 + max(
+        (int(p.stem[1:].split("-")[0]) for p in existing if p.stem[1:].split("-")[0].isdigit()), default=0
+    )
+    cid = f"c{n}"
+    request = {
+        "id": cid,
+        "first_step": first,
+        "steps": steps,
+        "reason": reason,
+        "anomaly": anomaly,
+        "time": time.time(),
+    }
+    layout.capture_requests.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(layout.capture_request(cid), request)
+    if watcher is not None:
+        watcher.captures.append({**request, "last_step": first + steps - 1})
+        watcher.excluded.append((first, first + steps))
+    return cid
