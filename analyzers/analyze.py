@@ -22,7 +22,6 @@ from perfkit.analyzers.comms import collective_table, trace_collectives
 from perfkit.analyzers.facts import TraceFacts, trace_facts
 from perfkit.analyzers.flight import dumps_hang_metrics, load_dump, looks_like_dump
 from perfkit.analyzers.hangs import hang_metrics
-from perfkit.analyzers.watch import watch_report
 from perfkit.analyzers.kernels import kernel_table
 from perfkit.analyzers.memory import summarize
 from perfkit.analyzers.metrics import (
@@ -49,6 +48,7 @@ from perfkit.analyzers.runtables import (
 )
 from perfkit.analyzers.spread import rank_spread
 from perfkit.analyzers.trace import TraceError, load_trace
+from perfkit.analyzers.watch import watch_report
 
 from perfkit.errors import RunDirError
 from perfkit.hardware import gpu_peak_tflops

@@ -31,13 +31,13 @@ tests feed them made-up windows.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
 from perfkit.analyzers.comms import call_index, transfer_ns
 from perfkit.analyzers.runtables import blocked_ns
+from perfkit.collectors.signals.nvml import gpu_health  # noqa: F401 - the watcher's GPU events
 
 BASELINE_WINDOWS = 8
 SUSTAIN = 2
@@ -55,15 +55,6 @@ FLOORS: dict[str, tuple[float, float]] = {
     "gc": (0.03, 0.0),
     "collective": (0.01, 0.25),
     "memory": (0.0, 0.02),
-}
-
-# NVML's clocks-event reasons that mean the GPU was slowed against the work's wish (nvml.h).
-THROTTLES = {
-    0x4: "software power cap",
-    0x8: "hardware slowdown",
-    0x20: "software thermal slowdown",
-    0x40: "hardware thermal slowdown",
-    0x80: "hardware power brake",
 }
 
 
@@ -334,44 +325,6 @@ def _title(s: _Series, v: float, base: float, evidence: dict[str, Any], step_ms:
     return f"{s.kind} of {s.subject}: {grew}"
 
 
-def gpu_health(
-    rows: Iterable[dict[str, Any]], before: dict[str, float] | None = None
-) -> list[dict[str, Any]]:
-    """GPU health events in NVML samples of one GPU (in time order): what slowed or broke it, each
-    once, with the first sample's time. ``before``: the counters of the previous call's last sample
-    (updated in place), so a counter that grew between calls counts."""
-    before = before if before is not None else {}
-    found: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        reasons = int(row.get("throttle_reasons") or 0)
-        for bit, what in THROTTLES.items():
-            if reasons & bit and what not in found:
-                found[what] = {
-                    "event": what,
-                    "t_ns": row.get("t_ns"),
-                    "detail": f"clocks-event reasons 0x{reasons:x}",
-                }
-        xid = row.get("xid")
-        if xid:
-            found.setdefault(
-                f"xid {xid}",
-                {"event": f"XID {xid} error", "t_ns": row.get("t_ns"), "detail": "driver-reported GPU error"},
-            )
-        for counter, what in (
-            ("ecc_uncorrected", "uncorrectable ECC errors"),
-            ("nvlink_replay", "NVLink replays"),
-            ("pcie_replay", "PCIe replays"),
-        ):
-            value = row.get(counter)
-            if value is None:
-                continue
-            prior = before.get(counter)
-            if prior is not None and value > prior and what not in found:
-                found[what] = {"event": what, "t_ns": row.get("t_ns"), "detail": f"{prior:g} -> {value:g}"}
-            before[counter] = value
-    return list(found.values())
-
-
 # ---- a capture against the baseline ---------------------------------------------------------------
 TOP = 6
 
@@ -482,6 +435,7 @@ def watch_report(run: Any, problems: list[str], budget_mb: float | None = None) 
     """The anomalies, captures and diagnoses of a watched run (None for a run that was not). A
     capture the watcher had no time to diagnose (the job ended first) is diagnosed here."""
     from perfkit.analyzers.trace import TraceError, load_trace
+
     from perfkit.tables import loads
 
     layout = run.layout

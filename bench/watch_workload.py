@@ -55,7 +55,11 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(args.width, args.width), torch.nn.ReLU(), torch.nn.Linear(args.width, args.width)))
+    model = DDP(
+        torch.nn.Sequential(
+            torch.nn.Linear(args.width, args.width), torch.nn.ReLU(), torch.nn.Linear(args.width, args.width)
+        )
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loader = DataLoader(Batches(args.steps, args.width, args.batch, rank), batch_size=None, shuffle=False)
     slow, leak = planted("PLANT_SLOW"), planted("PLANT_LEAK")

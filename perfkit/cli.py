@@ -11,6 +11,7 @@ import errno
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -433,6 +434,52 @@ def _not_comparable(a: Analysis, which: str) -> str:
             "nothing"
         )
     return ""
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--once", is_flag=True, help="Print the view once and exit (no live display).")
+@click.option(
+    "--interval", type=FiniteRange(min=0.2), default=1.0, show_default=True, help="Seconds between refreshes."
+)
+def top(run: Path, once: bool, interval: float) -> None:
+    """A running job's ranks, step time, phases, memory and anomalies, refreshed from its run
+    directory (a job profiled with --watch shows its watcher's view; any other, what its tables say).
+    Ctrl-C leaves."""
+    from perfkit.run import RunLayout
+    from perfkit.watch import TopView
+
+    if not RunLayout(run).is_run():
+        raise click.UsageError(
+            f"{run} is not a run directory (no manifest.json); give the one perfkit profile printed"
+        )
+    view = TopView(run)
+    if once:
+        from rich.console import Console
+
+        Console().print(view.render())
+        return
+    from rich.live import Live
+
+    with contextlib.suppress(KeyboardInterrupt), Live(view.render(), refresh_per_second=4) as live:
+        while True:
+            time.sleep(interval)
+            live.update(view.render())
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--steps", type=click.IntRange(min=1, max=1000), default=5, show_default=True, help="Steps to trace."
+)
+def capture(run: Path, steps: int) -> None:
+    """Ask a running job (perfkit profile --watch) for a trace of its next STEPS steps on every rank;
+    the watcher diagnoses it against the job's baseline capture."""
+    from perfkit.watch import capture_now
+
+    cid, first = capture_now(run, steps)
+    click.echo(f"perfkit: capture {cid} requested: steps {first}-{first + steps - 1} on every rank")
+    click.echo(f"  traces: {run}/rank<N>/captures/{cid}.json.gz; its diagnosis: perfkit analyze {run}")
 
 
 @cli.command("export-trace", context_settings=CONTEXT)

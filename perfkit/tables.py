@@ -123,9 +123,17 @@ NVML = Table(
         "temp_c": "float",
         "pcie_tx_kbs": "float",
         "pcie_rx_kbs": "float",
+        "throttle_reasons": "int",
+        "xid": "int",
+        "ecc_uncorrected": "int",
+        "pcie_replay": "int",
+        "nvlink_replay": "int",
     },
     required=("t_ns", "gpu"),
 )
+"""GPU health beside the counters: ``throttle_reasons`` NVML's clocks-event reasons bitmask, ``xid``
+an XID error reported since the sample before (else 0), and running totals of uncorrectable ECC
+errors and PCIe and NVLink replays (a growing one is the fault)."""
 CPU = Table(
     "cpu",
     {"step": "int", "cpu_s": "float", "wall_s": "float", "host_busy": "float", "runq_wait_s": "float"},

@@ -29,7 +29,7 @@ from perfkit.tables import COMMS, MEMORY, NVML, STEPS, Table, loads
 LEAD_S = 1.0
 """A capture starts this long ahead (in steps at the job's pace): every rank must see the request
 before the first of its steps begins (they look five times a second)."""
-WINDOW_S = 1.0
+WINDOW_S = 0.5
 """The detectors judge windows of at least this long (a whole number of ``--watch-window``s, chosen
 from the warm-up window's pace): at a few ms a step, 50 steps are a blip of the host, not a change."""
 MAX_CAPTURES = 8
@@ -141,10 +141,27 @@ class Watcher:
                     self.last_step[rank] = max(self.last_step.get(rank, 0), rows[-1]["step"])
                     self.recent[rank] = rows[-1]
 
+    def _requests(self) -> None:
+        """Captures asked for from outside (``perfkit capture``): diagnosed too, and their steps left
+        out of the windows like the watcher's own."""
+        folder = self.layout.capture_requests
+        if not folder.is_dir():
+            return
+        known = {c["id"] for c in self.captures}
+        for path in sorted(folder.glob("*.json")):
+            if path.stem in known:
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                req = loads(path.read_bytes())
+                first, steps = int(req["first_step"]), int(req["steps"])
+                self.captures.append({**req, "last_step": first + steps - 1})
+                self.excluded.append((first, first + steps))
+
     def poll(self) -> list[Any]:
         """Read what the ranks wrote since the last poll and judge every window now complete;
         returns the anomalies that started."""
         self._read()
+        self._requests()
         world = self._world()
         started = []
         if world and len(self.last_step) >= world:
@@ -349,3 +366,139 @@ def request_capture(
         watcher.captures.append({**request, "last_step": first + steps - 1})
         watcher.excluded.append((first, first + steps))
     return cid
+
+
+# ---- perfkit top and perfkit capture ------------------------------------------------------------
+STALE_S = 5.0
+"""A watcher's state older than this, while the job runs, is not trusted: ``top`` follows the files
+itself."""
+
+
+def _options_of(layout: RunLayout) -> CollectOptions:
+    for rank in layout.ranks():
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            raw = loads(layout.probe(rank).read_bytes())["options"]
+            fields = {f for f in CollectOptions.__dataclass_fields__}
+            kwargs = {k: v for k, v in raw.items() if k in fields and k != "collect"}
+            for key in ("profile_steps", "memory_history"):
+                if isinstance(kwargs.get(key), list):
+                    kwargs[key] = tuple(kwargs[key])
+            return CollectOptions(**kwargs)
+    return CollectOptions(watch=True)
+
+
+class TopView:
+    """What ``perfkit top`` shows, refreshed from the run directory alone: the job's own watcher's
+    state while it is fresh, else a read-only watcher of its own over the ranks' files."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.layout = RunLayout(run_dir)
+        self.own: Watcher | None = None
+
+    def state(self) -> dict[str, Any]:
+        path = self.layout.watch_state
+        with contextlib.suppress(OSError, ValueError):
+            if time.time() - path.stat().st_mtime < STALE_S or self._finished():
+                state = loads(path.read_bytes())
+                state["source"] = "the job's watcher"
+                return state
+        if self.own is None:
+            self.own = Watcher(self.layout.root, _options_of(self.layout), act=False)
+        self.own.poll()
+        state = self.own.state()
+        state["source"] = "perfkit top (the job has no live watcher)"
+        return state
+
+    def _finished(self) -> bool:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return loads(self.layout.manifest.read_bytes())["status"] != "running"
+        return False
+
+    def status(self) -> str:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return str(loads(self.layout.manifest.read_bytes())["status"])
+        return "unknown"
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table as RichTable
+        from rich.text import Text
+
+        s = self.state()
+        base = s.get("baseline_step_ms")
+        head = Text(
+            f"perfkit top  {self.layout.root}  status {self.status()}  windows judged {s.get('windows_judged', 0)}"
+            + (f"  baseline {base:.2f} ms/step" if base else "  baseline: not yet")
+            + f"  ({s.get('source')})",
+            style="bold",
+        )
+        ranks = RichTable(title="ranks (latest step)", title_justify="left")
+        for col in ("rank", "step", "ms/step", "data wait", "forward", "backward", "optimizer", "memory MiB"):
+            ranks.add_column(col, justify="right")
+        for r in s.get("ranks", []):
+            ph = r.get("phases_ms", {})
+            mem = r.get("memory_bytes")
+            ranks.add_row(
+                str(r["rank"]),
+                str(r.get("step")),
+                f"{r.get('step_ms', 0):.2f}",
+                *(
+                    f"{ph[p]:.2f}" if p in ph else "-"
+                    for p in ("data_wait", "forward", "backward", "optimizer")
+                ),
+                f"{mem / 2**20:,.0f}" if mem else "-",
+            )
+        parts: list[Any] = [head, ranks]
+        anomalies = s.get("anomalies", [])
+        lines = [
+            f"step {a['start_step']}"
+            + (f"-{a['end_step']}" if a.get("end_step") else " (on)")
+            + f": {a['title']}"
+            + (f"  [capture {a['capture']}]" if a.get("capture") else "")
+            for a in anomalies
+        ]
+        parts.append(
+            Text("anomalies:\n  " + ("\n  ".join(lines) if lines else "none"), style="red" if lines else "")
+        )
+        caps = s.get("captures", [])
+        if caps:
+            parts.append(
+                Text(
+                    "captures: "
+                    + ", ".join(f"{c['id']} (steps {c['first_step']}-{c['last_step']})" for c in caps)
+                )
+            )
+        return Group(*parts)
+
+
+def capture_now(run_dir: Path, steps: int) -> tuple[str, int]:
+    """Ask a running watched job for a capture of ``steps`` steps (``perfkit capture``): from the
+    ranks' latest steps and pace, every rank starts at the same step. Returns its id and first step."""
+    from perfkit.errors import ConfigError
+
+    layout = RunLayout(run_dir)
+    if not layout.is_run():
+        raise ConfigError(
+            f"{run_dir} is not a run directory (no manifest.json); give the one perfkit profile printed"
+        )
+    manifest = loads(layout.manifest.read_bytes())
+    if manifest.get("status") != "running":
+        raise ConfigError(
+            f"{run_dir}: the job is not running (status {manifest.get('status')}); nothing to capture"
+        )
+    options = _options_of(layout)
+    if not options.watch:
+        raise ConfigError(
+            f"{run_dir}: the job is not watched; start it with perfkit profile --watch to capture on demand"
+        )
+    last: dict[int, dict[str, Any]] = {}
+    for rank in layout.ranks():
+        rows = Tail(layout.table(rank, STEPS)).read()
+        if rows:
+            last[rank] = rows[-1]
+    if not last:
+        raise ConfigError(f"{run_dir}: no rank has finished a step yet; try again in a moment")
+    step_s = sorted(r.get("step_time_s") or 0.1 for r in last.values())[len(last) // 2]
+    now = max(r["step"] for r in last.values())
+    cid = request_capture(layout, steps, now, step_s, "asked for with perfkit capture")
+    return cid, loads(layout.capture_request(cid).read_bytes())["first_step"]

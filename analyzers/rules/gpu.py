@@ -1,10 +1,15 @@
-"""GPU time: kernels launched too slowly, run in the wrong precision, or not fused."""
+"""GPU time: kernels launched too slowly, run in the wrong precision, or not fused; and a GPU that
+NVML says is slowed or failing."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from perfkit.analyzers.facts import TraceFacts, has_op, kernels_per_step, ops
 from perfkit.analyzers.metrics import Metrics
+from perfkit.analyzers.remedies import Remedy, register
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
+from perfkit.collectors.signals.nvml import NvmlHealth
 
 
 @rule(
@@ -150,4 +155,48 @@ def slow_gpu(m: Metrics, t: Thresholds) -> Diagnosis | None:
             ],
         },
         ranks=list(sp.slow_gpu),
+    )
+
+
+register(
+    Remedy(
+        id="gpu_health",
+        description="Check the GPU named: nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER,ECC for its "
+        "throttle reasons, cooling and errors, dmesg for the XID; drain the node from the job's pool "
+        "until it is fixed (an XID or uncorrectable ECC error needs a GPU reset or replacement).",
+    )
+)
+
+
+@rule("gpu_health", remedy="gpu_health", reads="run", needs_steps=False)
+def gpu_health(m: Metrics, t: Thresholds) -> Diagnosis | None:
+    """A GPU that NVML says was slowed against the work's wish (a hardware slowdown, thermal or
+    power-brake throttle, a software power cap) or broke (an XID error, new uncorrectable ECC errors,
+    NVLink or PCIe replays): from the run's NVML rows and, in a watched job, the watcher's anomalies
+    (the rows of a week-long job are not all kept)."""
+    events: list[dict[str, Any]] = []
+    health = m.signals.get("nvml")
+    if isinstance(health, NvmlHealth):
+        events += health.events
+    if m.watch is not None:
+        for a in m.watch.anomalies:
+            if a.get("kind") == "gpu_health":
+                ev = a.get("evidence") or {}
+                events.append({**ev, "rank": (a.get("ranks") or [None])[0], "step": a.get("start_step")})
+    if not events:
+        return None
+    seen: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
+    for e in events:
+        seen.setdefault((e.get("rank"), e.get("gpu"), e.get("event")), e)
+    listed = list(seen.values())
+    first = listed[0]
+    where = f"rank {first.get('rank')}" + (f" GPU {first['gpu']}" if first.get("gpu") is not None else "")
+    more = f" (and {len(listed) - 1} more)" if len(listed) > 1 else ""
+    return Diagnosis(
+        title=f"GPU health: {first.get('event')} on {where}{more}",
+        saving_ms=0.0,
+        estimate="not a time: a slowed or failing GPU (its clocks, its errors) makes every step of the job wait",
+        evidence={"events": listed[:20]},
+        ranks=sorted({int(e["rank"]) for e in listed if e.get("rank") is not None}),
+        severity="high",
     )

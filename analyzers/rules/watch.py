@@ -3,7 +3,7 @@ which ranks, and what the trace captured then says against the healthy baseline.
 
 One rule per kind of anomaly (``perfkit.analyzers.watch``); each names the first anomaly of its kind
 and counts the rest. The saving is the anomaly's cost a step (its value less the baseline), where it
-is a time; a leak or a GPU fault is rated by what it threatens instead.
+is a time; a leak or a GPU fault is rated by what it threatens instead (a leak's steps left until the memory is full).
 """
 
 from __future__ import annotations
@@ -34,15 +34,6 @@ register(
         script="DataLoader(..., num_workers=<more>, prefetch_factor=4, persistent_workers=True)",
     )
 )
-register(
-    Remedy(
-        id="gpu_health",
-        description="Check the GPU named: nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER,ECC for its "
-        "throttle reasons, cooling and errors, dmesg for the XID; drain the node from the job's pool "
-        "until it is fixed (an XID or uncorrectable ECC error needs a GPU reset or replacement).",
-    )
-)
-
 REMEDY = {
     "step_time": "see_causes",
     "straggler": "straggler",
@@ -50,8 +41,8 @@ REMEDY = {
     "gc": "gc_tuning",
     "collective": "slow_link",
     "memory": "memory_leak",
-    "gpu_health": "gpu_health",
 }
+"""GPU health anomalies are the gpu family's ``gpu_health`` finding, with what the run's NVML rows say."""
 
 
 def _diagnose(m: Metrics, kind: str) -> Diagnosis | None:
@@ -83,14 +74,12 @@ def _diagnose(m: Metrics, kind: str) -> Diagnosis | None:
     severity = None
     if kind == "memory":
         severity = "high" if (a.get("evidence") or {}).get("steps_to_capacity") is not None else "medium"
-    elif kind == "gpu_health":
-        severity = "high"
     return Diagnosis(
         title=title,
         saving_ms=saving,
         estimate="the anomaly's cost a step against the job's own healthy baseline windows"
         if unit == "ms"
-        else "not a time: what it threatens (an out-of-memory stop, a failing GPU)",
+        else "not a time: what it threatens (an out-of-memory stop)",
         evidence=evidence,
         ranks=sorted({int(r) for x in found for r in x.get("ranks") or []}),
         severity=severity,
@@ -98,9 +87,7 @@ def _diagnose(m: Metrics, kind: str) -> Diagnosis | None:
 
 
 def _declare(kind: str) -> None:
-    fid = "gpu_health" if kind == "gpu_health" else f"watch_{kind}"
-
-    @rule(fid, remedy=REMEDY[kind], reads="run", needs_steps=False)
+    @rule(f"watch_{kind}", remedy=REMEDY[kind], reads="run", needs_steps=False)
     def check(m: Metrics, t: Thresholds) -> Diagnosis | None:
         return _diagnose(m, kind)
 

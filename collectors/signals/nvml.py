@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +33,52 @@ CSV_COLUMNS = (
 )
 
 
-def sample(nvml: Any, handle: Any, gpu: int) -> dict[str, Any]:
+def _health(nvml: Any, handle: Any, events: Any) -> dict[str, Any]:
+    """The health counters of ``NVML``'s table, those the GPU and driver offer."""
+    row: dict[str, Any] = {}
+    probes = {
+        "throttle_reasons": lambda: int(nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)),
+        "ecc_uncorrected": lambda: int(
+            nvml.nvmlDeviceGetTotalEccErrors(
+                handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
+            )
+        ),
+        "pcie_replay": lambda: int(nvml.nvmlDeviceGetPcieReplayCounter(handle)),
+    }
+    for key, read in probes.items():
+        try:
+            row[key] = read()
+        except Exception:  # not offered here (no ECC on this GPU, an old driver)
+            pass
+    replays = 0
+    for link in range(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18)):
+        try:
+            replays += int(
+                nvml.nvmlDeviceGetNvLinkErrorCounter(handle, link, nvml.NVML_NVLINK_ERROR_DL_REPLAY)
+            )
+        except Exception:
+            continue
+        row["nvlink_replay"] = replays
+    if events is not None:
+        try:
+            data = nvml.nvmlEventSetWait_v2(events, 0)
+            row["xid"] = int(data.eventData)
+        except Exception:  # NVML_ERROR_TIMEOUT: no event since the sample before
+            row["xid"] = 0
+    return row
+
+
+def xid_events(nvml: Any, handle: Any) -> Any:
+    """An NVML event set for the GPU's XID errors, or None where the driver does not offer one."""
+    try:
+        events = nvml.nvmlEventSetCreate()
+        nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, events)
+        return events
+    except Exception:
+        return None
+
+
+def sample(nvml: Any, handle: Any, gpu: int, events: Any = None) -> dict[str, Any]:
     """One sample of every counter; a counter the GPU does not offer is left out."""
     row: dict[str, Any] = {"t_ns": time.time_ns(), "gpu": gpu}
     util = nvml.nvmlDeviceGetUtilizationRates(handle)
@@ -49,6 +96,7 @@ def sample(nvml: Any, handle: Any, gpu: int) -> dict[str, Any]:
             row[key] = float(nvml.nvmlDeviceGetPcieThroughput(handle, getattr(nvml, counter)))
         except Exception:  # not offered on this GPU
             pass
+    row.update(_health(nvml, handle, events))
     return row
 
 
@@ -70,10 +118,81 @@ def read_samples(path: Path) -> pd.DataFrame:
     return frame
 
 
+# NVML's clocks-event reasons that mean the GPU was slowed against the work's wish (nvml.h).
+THROTTLES = {
+    0x4: "software power cap",
+    0x8: "hardware slowdown",
+    0x20: "software thermal slowdown",
+    0x40: "hardware thermal slowdown",
+    0x80: "hardware power brake",
+}
+
+
+def gpu_health(
+    rows: Iterable[dict[str, Any]], before: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """GPU health events in NVML samples of one GPU (in time order): what slowed or broke it, each
+    once, with the first sample's time. ``before``: the counters of the previous call's last sample
+    (updated in place), so a counter that grew between calls counts."""
+    before = before if before is not None else {}
+    found: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        reasons = int(row.get("throttle_reasons") or 0)
+        for bit, what in THROTTLES.items():
+            if reasons & bit and what not in found:
+                found[what] = {
+                    "event": what,
+                    "t_ns": row.get("t_ns"),
+                    "detail": f"clocks-event reasons 0x{reasons:x}",
+                }
+        xid = row.get("xid")
+        if xid:
+            found.setdefault(
+                f"xid {xid}",
+                {"event": f"XID {xid} error", "t_ns": row.get("t_ns"), "detail": "driver-reported GPU error"},
+            )
+        for counter, what in (
+            ("ecc_uncorrected", "uncorrectable ECC errors"),
+            ("nvlink_replay", "NVLink replays"),
+            ("pcie_replay", "PCIe replays"),
+        ):
+            value = row.get(counter)
+            if value is None:
+                continue
+            prior = before.get(counter)
+            if prior is not None and value > prior and what not in found:
+                found[what] = {"event": what, "t_ns": row.get("t_ns"), "detail": f"{prior:g} -> {value:g}"}
+            before[counter] = value
+    return list(found.values())
+
+
+@dataclass(kw_only=True)
+class NvmlHealth:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Each GPU health event once per rank and GPU: ``rank``, ``gpu``, ``event``, ``detail``, ``t_ns``
+    of its first sample, ``samples`` (how many samples showed it)."""
+    samples: int = 0
+
+
 @register
 class NvmlCollector(Collector):
     name = "nvml"
     tables = (NVML,)
+
+    @classmethod
+    def fold(cls, frames: Mapping[str, pd.DataFrame], steps: pd.DataFrame) -> NvmlHealth | None:
+        rows = frames.get("nvml")
+        if rows is None or rows.empty:
+            return None
+        out = NvmlHealth(samples=len(rows))
+        for (rank, gpu), g in rows.sort_values("t_ns").groupby(["rank", "gpu"]):
+            records = g.to_dict("records")
+            for event in gpu_health(records):
+                reasons = g["throttle_reasons"].fillna(0).astype(int) if "throttle_reasons" in g else None
+                bit = next((b for b, w in THROTTLES.items() if w == event["event"]), None)
+                seen = int(((reasons & bit) != 0).sum()) if bit is not None and reasons is not None else 1
+                out.events.append({"rank": int(rank), "gpu": int(gpu), **event, "samples": seen})
+        return out
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
@@ -110,12 +229,13 @@ class NvmlCollector(Collector):
         writer = probe.writer(NVML)
         period = 1.0 / max(0.1, probe.options.nvml_hz)
         sample(self._nvml, self._handle, self._gpu)  # fail here, in start, rather than in the thread
+        events = xid_events(self._nvml, self._handle)
 
         def loop() -> None:
             flush_at = time.monotonic() + 1.0
             while not self._stop.wait(period):
                 try:
-                    writer.add(sample(self._nvml, self._handle, self._gpu))
+                    writer.add(sample(self._nvml, self._handle, self._gpu, events))
                     if time.monotonic() >= flush_at:  # also flushed at every step end
                         writer.flush()
                         flush_at = time.monotonic() + 1.0
