@@ -99,6 +99,22 @@ class _Series:
     history: list[float] = field(default_factory=list)
     active: Anomaly | None = None
 
+    def growing(self, v: float, limit: float) -> bool:
+        """A leak: over the baseline's peak by the margin, higher than the window before by more than
+        the baseline's window-to-window noise in each of the last ``GROWTH_WINDOWS``, and grown by
+        the margin within them (a one-time step up, then flat, is not a leak)."""
+        recent = self.history[-(GROWTH_WINDOWS + 1) :]
+        if len(recent) < GROWTH_WINDOWS + 1:
+            return False
+        margin = limit - self.center()
+        diffs = [abs(b - a) for a, b in zip(self.baseline, self.baseline[1:], strict=False)]
+        noise = max(1.4826 * statistics.median(diffs) if diffs else 0.0, 1e-3 * abs(self.center()))
+        return (
+            v > max(self.baseline) + margin
+            and all(b - a > noise for a, b in zip(recent, recent[1:], strict=False))
+            and recent[-1] - recent[0] > margin
+        )
+
     def center(self) -> float:
         return statistics.median(self.baseline)
 
@@ -124,11 +140,12 @@ def window_values(
     if "data_wait_s" in steps and steps["data_wait_s"].notna().any():
         for r, v in (steps.groupby("rank")["data_wait_s"].median() * 1e3).items():
             out[("data_wait", f"rank {r}")] = (float(v), [int(r)], "ms")  # type: ignore[call-overload]
-    if not gc.empty:
-        n = steps.groupby("rank")["step"].nunique()
-        pause = gc.groupby("rank")["pause_s"].sum() * 1e3
-        for r in ranks:
-            out[("gc", f"rank {r}")] = (float(pause.get(r, 0.0) / max(1, n.get(r, 1))), [r], "ms")
+    # A step without a collection has no gc row: no rows is no pause (a job without the gc collector
+    # reads 0 throughout and is never named).
+    n = steps.groupby("rank")["step"].nunique()
+    pause = gc.groupby("rank")["pause_s"].sum() * 1e3 if not gc.empty else pd.Series(dtype=float)
+    for r in ranks:
+        out[("gc", f"rank {r}")] = (float(pause.get(r, 0.0) / max(1, n.get(r, 1))), [r], "ms")
     if len(ranks) >= 2 and not comms.empty:
         c = comms.assign(k=call_index(comms).to_numpy())
         key = c.groupby(["step", "group", "k"])["start_ns"]
@@ -218,6 +235,8 @@ class Detectors:
     ) -> tuple[list[Anomaly], list[Anomaly]]:
         """One window (steps ``first``..``last`` of every rank); returns the anomalies that started and
         those that ended with it."""
+        if steps.empty:  # no rows of it reached the watcher (all left out for a capture): not judged
+            return [], []
         self.windows_seen += 1
         values = window_values(steps, comms, memory, gc)
         if self.windows_seen == 1:  # the warm-up: compiled kernels, allocator growth, first batches
@@ -245,12 +264,7 @@ class Detectors:
             ):
                 continue  # a late rank makes its groups' calls look slow too: that one is named
             if s.kind == "memory":
-                recent = s.history[-(GROWTH_WINDOWS + 1) :]
-                is_over = (
-                    v > max(s.baseline) + (limit - s.center())
-                    and len(recent) == GROWTH_WINDOWS + 1
-                    and all(b > a for a, b in zip(recent, recent[1:], strict=False))
-                )
+                is_over = s.growing(v, limit)
             else:
                 is_over = v > limit
             if is_over:

@@ -43,6 +43,8 @@ class Tail:
         self.older = RunLayout.rotated(path)
         self.inode: int | None = None
         self.offset = 0
+        self.missed = 0
+        """Rotations this reader missed whole (the file turned over twice between two reads)."""
 
     def read(self) -> list[dict[str, Any]]:
         try:
@@ -55,6 +57,8 @@ class Tail:
                 if os.fstat(f.fileno()).st_ino == self.inode:  # the rest of the part just rotated
                     f.seek(self.offset)
                     chunks.append(f.read())
+                else:
+                    self.missed += 1
             self.offset = 0
         self.inode = st.st_ino
         try:
@@ -311,8 +315,15 @@ class Watcher:
             memory[row["rank"]] = row.get("allocated") or row.get("rss")
         for r in ranks:
             r["memory_bytes"] = memory.get(r["rank"])
+        missed = sum(t.missed for t in self.tails.values())
         return {
             "time": time.time(),
+            "warnings": [
+                f"the tables turned over faster than the watcher reads them ({missed} time(s)): some "
+                "windows went unjudged; give --watch-budget more room"
+            ]
+            if missed
+            else [],
             "window": self.window,
             "windows_judged": self.judged,
             "judged_window_steps": self.span,
@@ -448,7 +459,7 @@ class TopView:
                 ),
                 f"{mem / 2**20:,.0f}" if mem else "-",
             )
-        parts: list[Any] = [head, ranks]
+        parts: list[Any] = [head, *(Text(w, style="yellow") for w in s.get("warnings", [])), ranks]
         anomalies = s.get("anomalies", [])
         lines = [
             f"step {a['start_step']}"

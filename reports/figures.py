@@ -320,3 +320,41 @@ def trial_runs(rows: list[dict[str, Any]], title: str) -> go.Figure | None:
         **{**_LAYOUT, "height": max(260, 90 + 34 * len(rows)), "margin": dict(l=200, r=20, t=70, b=50)},
     )
     return fig
+
+
+def watch_timeline(summary: pd.DataFrame | None, anomalies: list[dict[str, Any]]) -> go.Figure | None:
+    """A watched job's whole timeline from its per-window summaries: each rank's median step time
+    per window (its p90 dotted), with each anomaly drawn from its start (to its end, if it ended)."""
+    if summary is None or summary.empty:
+        return None
+    fig = go.Figure()
+    _lines(fig, summary, "step_ms_p50", 1.0)
+    if summary["rank"].nunique() <= LINES:
+        for rank, s in summary.groupby("rank"):
+            fig.add_scatter(
+                x=s["step"],
+                y=s["step_ms_p90"],
+                mode="lines",
+                line=dict(dash="dot", width=1),
+                name=f"rank {rank} p90",
+            )
+    last = int(summary["step"].max())
+    for a in anomalies:
+        start = a.get("start_step")
+        if start is None:
+            continue
+        fig.add_vrect(
+            x0=start,
+            x1=a.get("end_step") or last,
+            fillcolor="rgba(239,85,59,0.12)",
+            line_width=0,
+            annotation_text=f"{a.get('id')}: {a.get('kind')} ({a.get('subject')})",
+            annotation_position="top left",
+        )
+    fig.update_layout(
+        title="The whole job: median step time per window, anomalies shaded",
+        xaxis_title="step (window's last)",
+        yaxis_title="ms",
+        height=360,
+    )
+    return fig

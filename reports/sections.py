@@ -338,3 +338,50 @@ def _collector_section(c: type[Collector]) -> Callable[[Analysis], Body]:
 for _c in declared():
     if _c.title:
         section(_c.name, _c.title, order=_c.order)(_collector_section(_c))
+
+
+@section("watch", "Watch: the whole job, its anomalies and captures", order=15)
+def _watch(a: Analysis) -> Body:
+    """Near the top for a watched job: the timeline from the summaries, then each anomaly with what
+    its capture says against the baseline capture."""
+    w = a.metrics.watch
+    if w is None:
+        return None, "the job was not watched (perfkit profile --watch)"
+    rows = [
+        {
+            "id": x.get("id"),
+            "steps": f"{x.get('start_step')}-{x.get('end_step') or 'end'}",
+            "what": x.get("title"),
+            "ranks": ranges(x.get("ranks") or []),
+            "against the baseline capture": x.get("diagnosis") or "no capture of it",
+        }
+        for x in w.anomalies
+    ]
+    caps = [
+        {
+            "capture": c.id,
+            "steps": f"{c.first_step}-{c.last_step}",
+            "why": c.reason,
+            "ranks traced": ranges(c.ranks_traced),
+            "what grew against the baseline": c.summary
+            or "; ".join(f"rank {r}: {s}" for r, s in c.said.items()),
+        }
+        for c in w.captures
+    ]
+    budget = f" of its {w.budget_bytes / 1e6:,.0f} MB budget" if w.budget_bytes else ""
+    disk = Markup("<p class='note'>{}</p>").format(
+        f"The run directory holds {w.disk_bytes / 1e6:,.1f} MB{budget}; a baseline capture from rank(s) "
+        f"{ranges(w.baseline_traced) or 'none'}."
+    )
+    anomalies = (
+        _table(
+            pd.DataFrame(rows),
+            {k: k for k in ("id", "steps", "what", "ranks", "against the baseline capture")},
+        )
+        if rows
+        else Markup("<p>No anomaly: every window stayed within the job's own baseline spread.</p>")
+    )
+    captures = _table(pd.DataFrame(caps), {k: k for k in caps[0]}) if caps else None
+    return _join(
+        fig_html(figures.watch_timeline(a.tables.get("summary"), w.anomalies)), anomalies, captures, disk
+    ), ""

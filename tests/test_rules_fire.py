@@ -27,6 +27,7 @@ from perfkit.analyzers.metrics import (
 from perfkit.analyzers.rules import RULES, Finding, evaluate
 from synth import snapshot, step_loop_trace
 from test_gc import gc_findings
+from test_watch import health_findings, quiet_watch_findings, watch_findings
 
 DATA = Path(__file__).parent / "data"
 
@@ -289,6 +290,10 @@ FIRES["slow_gpu"] = lambda tmp: _job(tmp, slow_gpu=2)
 FIRES["gc_pauses"] = lambda tmp: gc_findings({0: 0.2, 1: 12.0})  # rank 1: 12% of its step
 FIRES["late_rank"] = lambda tmp: _job(tmp, straggler=5)
 FIRES["slow_link"] = lambda tmp: _job(tmp, slow_link=9)
+FIRES["gpu_health"] = lambda tmp: health_findings(throttle_reasons=0x40)  # thermal slowdown from sample 30
+for _kind in ("straggler", "data_wait", "gc", "memory", "collective"):
+    FIRES[f"watch_{_kind}"] = lambda tmp, k=_kind: watch_findings([k])  # planted in made-up windows
+FIRES["watch_step_time"] = lambda tmp: watch_findings(["straggler"], also=("step_time",))  # it slows the job
 
 
 def test_every_rule_has_a_case_that_makes_it_fire() -> None:
@@ -382,6 +387,11 @@ def _quiet_headroom(tmp: Path) -> list[Finding]:
 
 
 QUIET: dict[str, Callable[[Path], list[Finding]]] = {
+    "gpu_health": lambda tmp: health_findings(throttle_reasons=0x3),  # idle, application clocks
+    **{  # jitter, a one-window blip of everything, a memory step that stays flat
+        f"watch_{k}": lambda tmp: quiet_watch_findings()
+        for k in ("straggler", "data_wait", "gc", "memory", "collective", "step_time")
+    },
     "gc_pauses": lambda tmp: gc_findings({0: 0.0, 1: 2.5}),  # one rank alone pauses, 2.5% of a step
     # trace rules, on real traces that hold what each rule looks at, healthy
     "host_launch_bound": lambda tmp: _trace(tmp, step_loop_trace(30.0)),  # GPU idle, but for input
