@@ -343,7 +343,9 @@ def analyze(
             (int(r["device_memory"]) for r in good if r.get("device_memory")), None
         )
         metrics.hang = hang_metrics(run, problems, reports)
-        options = next((r.get("options") for r in reports.values() if isinstance(r.get("options"), dict)), {})
+        options: dict[str, Any] = next(
+            (o for r in reports.values() if isinstance(o := r.get("options"), dict)), {}
+        )
         budget = options.get("watch_budget_mb") if options.get("watch") else None
         metrics.watch = watch_report(run, problems, budget if isinstance(budget, int | float) else None)
         for snap in run.layout.snapshots():

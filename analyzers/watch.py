@@ -31,8 +31,9 @@ tests feed them made-up windows.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 from perfkit.analyzers.comms import call_index, transfer_ns
@@ -175,11 +176,16 @@ def window_values(
     return out
 
 
+def _by_rank(frame: pd.DataFrame) -> Iterator[tuple[int, pd.DataFrame]]:
+    for r, g in frame.groupby("rank"):
+        yield int(cast(Any, r)), g
+
+
 def phase_change(steps: pd.DataFrame, baseline: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per rank, each phase's median in this window against the baseline's (ms), for the evidence."""
     out: dict[str, dict[str, float]] = {}
-    for r, g in steps.groupby("rank"):
-        base = baseline.get(int(r), {})  # type: ignore[call-overload]
+    for r, g in _by_rank(steps):
+        base = baseline.get(r, {})
         row = {}
         for p in ("step_time_s", *PHASES):
             if p in g and g[p].notna().any() and p in base:
@@ -191,10 +197,8 @@ def phase_change(steps: pd.DataFrame, baseline: dict[int, dict[str, float]]) -> 
 
 def phase_medians(steps: pd.DataFrame) -> dict[int, dict[str, float]]:
     return {
-        int(r): {
-            p: float(g[p].median() * 1e3) for p in ("step_time_s", *PHASES) if p in g and g[p].notna().any()
-        }  # type: ignore[call-overload]
-        for r, g in steps.groupby("rank")
+        r: {p: float(g[p].median() * 1e3) for p in ("step_time_s", *PHASES) if p in g and g[p].notna().any()}
+        for r, g in _by_rank(steps)
     }
 
 
@@ -254,9 +258,10 @@ class Detectors:
         started: list[Anomaly] = []
         ended: list[Anomaly] = []
         for key, (v, _, _) in values.items():
-            s = self.series.get(key)
-            if s is None or len(s.baseline) < BASELINE_WINDOWS // 2:
+            found = self.series.get(key)
+            if found is None or len(found.baseline) < BASELINE_WINDOWS // 2:
                 continue  # a signal the baseline did not have (a group that appeared later)
+            s = found
             s.history.append(v)
             limit = s.threshold(step_ms)
             if s.kind == "collective" and any(
@@ -390,19 +395,17 @@ def diagnose(
     for rank in sorted(set(baseline) & set(capture)):
         b, b_out = op_times(baseline[rank], base_steps)
         c, c_out = op_times(capture[rank], capture_steps)
-        grew = sorted(
-            (
-                {
-                    "name": n,
-                    "baseline_ms": b.get(n, 0.0),
-                    "capture_ms": c.get(n, 0.0),
-                    "delta_ms": c.get(n, 0.0) - b.get(n, 0.0),
-                }
-                for n in set(b) | set(c)
-            ),
-            key=lambda x: -x["delta_ms"],
-        )[:TOP]
-        entry = {
+        names = sorted(set(b) | set(c), key=lambda n: b.get(n, 0.0) - c.get(n, 0.0))[:TOP]
+        grew: list[dict[str, Any]] = [
+            {
+                "name": n,
+                "baseline_ms": b.get(n, 0.0),
+                "capture_ms": c.get(n, 0.0),
+                "delta_ms": c.get(n, 0.0) - b.get(n, 0.0),
+            }
+            for n in names
+        ]
+        entry: dict[str, Any] = {
             "grew": [g for g in grew if g["delta_ms"] > 0],
             "outside_ops_ms": {"baseline": b_out, "capture": c_out, "delta": c_out - b_out},
             "ops_ms": {"baseline": sum(b.values()), "capture": sum(c.values())},
@@ -522,10 +525,10 @@ def watch_report(run: Any, problems: list[str], budget_mb: float | None = None) 
         cap.summary = str(d.get("summary") or d.get("error") or "")
         cap.per_rank = d.get("per_rank") or {}
         out.captures.append(cap)
+    diagnosed = {c.id: c.summary for c in out.captures}
     for a in out.anomalies:
-        cap = next((c for c in out.captures if c.id == a.get("capture")), None)
-        if cap is not None:
-            a["diagnosis"] = cap.summary
+        if a.get("capture") in diagnosed:
+            a["diagnosis"] = diagnosed[a["capture"]]
     out.disk_bytes = sum(p.stat().st_size for p in run.path.rglob("*") if p.is_file())
     out.budget_bytes = int(budget_mb * 1e6) if budget_mb else None
     return out

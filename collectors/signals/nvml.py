@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 from perfkit.collectors.base import Collector, register
@@ -186,12 +186,14 @@ class NvmlCollector(Collector):
             return None
         out = NvmlHealth(samples=len(rows))
         for (rank, gpu), g in rows.sort_values("t_ns").groupby(["rank", "gpu"]):
-            records = g.to_dict("records")
+            records = [{str(k): v for k, v in row.items()} for row in g.to_dict("records")]
             for event in gpu_health(records):
                 reasons = g["throttle_reasons"].fillna(0).astype(int) if "throttle_reasons" in g else None
                 bit = next((b for b, w in THROTTLES.items() if w == event["event"]), None)
                 seen = int(((reasons & bit) != 0).sum()) if bit is not None and reasons is not None else 1
-                out.events.append({"rank": int(rank), "gpu": int(gpu), **event, "samples": seen})
+                out.events.append(
+                    {"rank": int(cast(Any, rank)), "gpu": int(cast(Any, gpu)), **event, "samples": seen}
+                )
         return out
 
     def __init__(self) -> None:

@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from perfkit.collectors.base import Collector, register
 
@@ -117,7 +117,7 @@ class WatchCollector(Collector):
         if s is None or s.empty:
             return None
         ranks = [
-            WatchRank(rank=int(r), windows=len(g), steps=int(g["steps"].sum()))  # type: ignore[call-overload]
+            WatchRank(rank=int(cast(Any, r)), windows=len(g), steps=int(g["steps"].sum()))
             for r, g in s.groupby("rank")
         ]
         window = int(s["steps"].median())
