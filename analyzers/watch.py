@@ -5,7 +5,8 @@ window, each signal gets one value for it:
 
 - ``step_time`` (the job): the median over ranks of each rank's median step time;
 - ``straggler`` (a rank): its busy time (step time less its wait for the last rank at the collectives,
-  ``runtables.blocked_ns``) beyond that step's least busy rank, median over the window;
+  ``runtables.blocked_ns``) beyond the median of the other ranks' in the same step, median over the
+  window (about 0 on a healthy job: each rank is ahead by turns);
 - ``data_wait`` (a rank): its median wait for the next batch;
 - ``gc`` (a rank): its Python garbage-collection pause per step;
 - ``collective`` (a process group): its collectives' median transfer time, from the last arrival
@@ -156,10 +157,13 @@ def window_values(
             matched = matched.assign(lag_ns=latest - matched["start_ns"])
             step_s = steps.set_index(["rank", "step"])["step_time_s"]
             wait = (blocked_ns(matched) / 1e9).reindex(step_s.index).fillna(0.0).clip(upper=step_s)
-            busy = step_s - wait
-            extra = (busy - busy.groupby(level="step").transform("min")).groupby(level="rank").median() * 1e3
-            for r, v in extra.items():
-                out[("straggler", f"rank {r}")] = (float(v), [int(r)], "ms")  # type: ignore[call-overload]
+            busy = (step_s - wait).unstack("rank")
+            # Each step, a rank's busy time beyond the median of the others' (with two ranks: beyond
+            # the other's): about 0 either way on a healthy job, the extra work of a late one.
+            for r in busy.columns:
+                others = busy.drop(columns=r).median(axis=1)
+                v = float((busy[r] - others).median() * 1e3)
+                out[("straggler", f"rank {r}")] = (v, [int(r)], "ms")
             t = transfer_ns(matched) / 1e6
             by_group = t.groupby(matched["group"].fillna("")).median().dropna()
             for g, v in by_group.items():
@@ -326,7 +330,7 @@ def _title(s: _Series, v: float, base: float, evidence: dict[str, Any], step_ms:
     if s.kind == "step_time":
         return f"The job's step time rose {v / max(base, 1e-9) - 1:.0%} ({grew} a step)"
     if s.kind == "straggler":
-        return f"{s.subject.capitalize()} became late: busy {v - base:.1f} ms a step longer than the others ({grew} beyond the least busy rank)"
+        return f"{s.subject.capitalize()} became late: busy {v - base:.1f} ms a step longer than the others ({grew} beyond their median)"
     if s.kind == "data_wait":
         return f"{s.subject.capitalize()} waits for its data {v - base:.1f} ms a step longer ({grew})"
     if s.kind == "gc":
@@ -357,7 +361,10 @@ def op_times(trace: Any, steps: int) -> tuple[dict[str, float], float]:
     gpu = ev[ev["cat"].isin(("kernel", "gpu_memcpy", "gpu_memset")).to_numpy()]
     for name, dur in gpu.groupby("name", observed=True)["dur"].sum().items():
         own[f"kernel {name}"] = float(dur) / 1e6 / steps
-    cpu = ev[(ev["cat"] == "cpu_op").to_numpy()].sort_values(
+    # CPU ops, and the annotations around them (a DataLoader's next batch): an annotation's own time
+    # is what ran in it outside any op (Python, a sleep, a read).
+    cpu = ev[ev["cat"].isin(("cpu_op", "user_annotation")).to_numpy()]
+    cpu = cpu[~cpu["name"].astype(str).str.startswith("ProfilerStep#").to_numpy()].sort_values(
         ["tid", "ts", "dur"], ascending=[True, True, False]
     )
     outside = 0.0

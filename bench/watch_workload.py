@@ -5,12 +5,15 @@ events planted at chosen steps through the environment (nothing here knows of pe
 - ``PLANT_LEAK=RANK:STEP:KB``: from STEP on, RANK keeps KB more memory each step;
 - ``PLANT_DATA=RANK:STEP:MS``: from STEP on, RANK's batches take MS longer to load (a slow shard).
 
-Run under torchrun: ``torchrun --nproc_per_node 2 bench/watch_workload.py --steps 20000``.
+Run under torchrun: ``torchrun --nproc_per_node 2 bench/watch_workload.py --steps 20000``. With
+``BENCH_STEP_TIMES=FILE`` rank 0 writes its own per-step times there (JSON list, seconds), so a run
+with perfkit and one without are timed by the same clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -69,6 +72,8 @@ def main() -> None:
         a @ a
     mm_ms = (time.perf_counter() - t0) / 50 * 1e3
     kept: list[torch.Tensor] = []
+    times: list[float] = []
+    last = time.perf_counter()
     for step, x in enumerate(loader, start=1):
         if slow and slow[0] == rank and step >= slow[1]:
             for _ in range(max(1, round(slow[2] / mm_ms))):
@@ -79,6 +84,13 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    out = os.environ.get("BENCH_STEP_TIMES")
+    if out and rank == 0:
+        with open(out, "w") as f:
+            json.dump(times, f)
     dist.destroy_process_group()
 
 
