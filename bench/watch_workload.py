@@ -66,17 +66,14 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loader = DataLoader(Batches(args.steps, args.width, args.batch, rank), batch_size=None, shuffle=False)
     slow, leak = planted("PLANT_SLOW"), planted("PLANT_LEAK")
-    a = torch.randn(128, 128)
-    t0 = time.perf_counter()
-    for _ in range(50):
-        a @ a
-    mm_ms = (time.perf_counter() - t0) / 50 * 1e3
+    a = torch.randn(64, 64)
     kept: list[torch.Tensor] = []
     times: list[float] = []
     last = time.perf_counter()
     for step, x in enumerate(loader, start=1):
         if slow and slow[0] == rank and step >= slow[1]:
-            for _ in range(max(1, round(slow[2] / mm_ms))):
+            until = time.perf_counter() + slow[2] / 1e3
+            while time.perf_counter() < until:  # matrix products for that long
                 a @ a
         if leak and leak[0] == rank and step >= leak[1]:
             kept.append(torch.ones(int(leak[2] * 256)))  # KB of float32, touched
