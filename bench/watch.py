@@ -16,10 +16,11 @@ For each: the anomalies named (kind, subject, the first step of the window it st
 it was confirmed at: the latency from the planted step), whether every rank traced its capture and
 what the diagnosis says against the baseline capture, the run directory's size against the budget.
 
-Overhead: ``--repeats`` pairs of the same job (``--overhead-steps``) without perfkit and under
-``perfkit profile --watch``, alternating, each timed by the job's own clock (rank 0's per-step times,
-median after the warm-up); the ratio's geometric mean with a 95% t interval over the pairs
-(``perfkit.optimizer.trials.ratio_interval``), at each ``--overhead-width`` (the step's size).
+Overhead: ``--repeats`` pairs of the same job without perfkit and under ``perfkit profile --watch``,
+alternating, each timed by the job's own clock (rank 0's per-step times, median after the warm-up);
+the ratio's geometric mean with a 95% t interval over the pairs
+(``perfkit.optimizer.trials.ratio_interval``), for each job of ``--overhead`` (a fast toy step,
+where perfkit's fixed cost a step shows most, and a bigger one).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def case(name: str, plant: str | None, args: argparse.Namespace, tmp: Path) -> d
     return result
 
 
-def overhead(args: argparse.Namespace, width: int, tmp: Path) -> dict:
+def overhead(args: argparse.Namespace, width: int, batch: int, steps: int, tmp: Path) -> dict:
     plain, profiled = Candidate("plain", []), Candidate("watched", [])
     for i in range(args.repeats):
         times = tmp / f"times{width}-{i}.json"
@@ -146,7 +147,7 @@ def overhead(args: argparse.Namespace, width: int, tmp: Path) -> dict:
         for var in ("PLANT_SLOW", "PLANT_LEAK", "PLANT_DATA"):
             env.pop(var, None)
         for cand, prefix in ((plain, []), (profiled, watched(tmp / f"o{width}-{i}", args.budget))):
-            run([*prefix, *torchrun(args.overhead_steps, width, args.batch)], env)
+            run([*prefix, *torchrun(steps, width, batch)], env)
             samples = [t * 1e3 for t in json.loads(times.read_text())][WARMUP:]
             cand.runs.append(Measurement(ok=True, step_ms=statistics.median(samples), samples_ms=samples))
         b, v = plain.runs[-1].step_ms, profiled.runs[-1].step_ms
@@ -157,6 +158,8 @@ def overhead(args: argparse.Namespace, width: int, tmp: Path) -> dict:
     point, (lo, hi) = ratio_interval(plain, profiled)  # type: ignore[misc]
     return {
         "width": width,
+        "batch": batch,
+        "steps": steps,
         "plain_ms": statistics.median(r.step_ms for r in plain.runs),  # type: ignore[type-var]
         "watched_ms": statistics.median(r.step_ms for r in profiled.runs),  # type: ignore[type-var]
         "ratio": point,
@@ -176,8 +179,11 @@ def main() -> None:
     p.add_argument("--leak-kb", type=float, default=64.0)
     p.add_argument("--data-ms", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=6, help="overhead pairs (0: none)")
-    p.add_argument("--overhead-steps", type=int, default=3000)
-    p.add_argument("--overhead-width", default="128,512")
+    p.add_argument(
+        "--overhead",
+        default="128:16:3000,1024:64:1000",
+        help="jobs for the overhead A/B, WIDTH:BATCH:STEPS each (~0.7 ms and ~17 ms a step here)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", type=Path, help="keep the run directories in this folder")
     args = p.parse_args()
@@ -194,9 +200,10 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for name in [c for c in args.cases.split(",") if c]:
             results["cases"].append(case(name, plants[name], args, tmp))
-        for width in [int(w) for w in args.overhead_width.split(",") if w] if args.repeats else []:
-            print(f"\n== overhead, width {width}: {args.repeats} pairs of {args.overhead_steps} steps")
-            o = overhead(args, width, tmp)
+        for spec in [w for w in args.overhead.split(",") if w] if args.repeats else []:
+            width, batch, steps = (int(x) for x in spec.split(":"))
+            print(f"\n== overhead, width {width}, batch {batch}: {args.repeats} pairs of {steps} steps")
+            o = overhead(args, width, batch, steps, tmp)
             results["overhead"].append(o)
             print(
                 f"  watched / plain {o['ratio']:.3f} (95% interval {o['interval'][0]:.3f}-{o['interval'][1]:.3f}), {o['plain_ms']:.3f} ms/step plain"

@@ -88,6 +88,7 @@ def main() -> None:
     if out and rank == 0:
         with open(out, "w") as f:
             json.dump(times, f)
+    dist.barrier()  # no rank tears gloo down while the other is still in its last all-reduce
     dist.destroy_process_group()
 
 
