@@ -453,6 +453,14 @@ class WatchReport:
     """The run directory's size."""
     budget_bytes: int | None = None
     """The --watch-budget it was held to."""
+    windows_judged: int = 0
+    window_steps: int | None = None
+    """Steps per judged window."""
+    baseline_ready: bool = False
+    """Whether the job ran long enough for a baseline (the warm-up window and eight more): a shorter
+    one could not have an anomaly named."""
+    warnings: list[str] = field(default_factory=list)
+    """What the watcher said of itself (the tables turned over faster than it read them)."""
 
 
 def watch_report(run: Any, problems: list[str], budget_mb: float | None = None) -> WatchReport | None:
@@ -536,6 +544,15 @@ def watch_report(run: Any, problems: list[str], budget_mb: float | None = None) 
     for a in out.anomalies:
         if a.get("capture") in diagnosed:
             a["diagnosis"] = diagnosed[a["capture"]]
+    if layout.watch_state.is_file():
+        try:
+            state = loads(layout.watch_state.read_bytes())
+            out.windows_judged = int(state.get("windows_judged") or 0)
+            out.window_steps = state.get("judged_window_steps")
+            out.baseline_ready = bool(state.get("baseline_ready"))
+            out.warnings = [str(w) for w in state.get("warnings") or []]
+        except (OSError, ValueError, TypeError, AttributeError):
+            problems.append(f"{layout.watch_state}: damaged; how much of the job was judged is unknown")
     out.disk_bytes = sum(p.stat().st_size for p in run.path.rglob("*") if p.is_file())
     out.budget_bytes = int(budget_mb * 1e6) if budget_mb else None
     return out

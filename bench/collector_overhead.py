@@ -100,10 +100,14 @@ def self_share(out: Path, nproc: int) -> float:
     return max(shares)
 
 
+WATCH = False
+"""--watch: the profiled runs watch (perfkit profile --watch: its own collectors, the watcher)."""
+
+
 def profile_cmd(out: Path, nproc: int) -> list[str]:
+    what = ["--watch"] if WATCH else ["--collect", COLLECT, "--profile-steps", "none"]
     return [
-        sys.executable, "-m", "perfkit", "profile", "--out", str(out), "--collect", COLLECT,
-        "--profile-steps", "none", "--nproc", str(nproc), "--",
+        sys.executable, "-m", "perfkit", "profile", "--out", str(out), *what, "--nproc", str(nproc), "--",
     ]  # fmt: skip
 
 
@@ -171,7 +175,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="trainer overrides (manual mode)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--watch", action="store_true", help="profile with perfkit profile --watch")
     args = ap.parse_args()
+    global WATCH
+    WATCH = args.watch
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     results = []
     for mode in ("manual", "hook") if args.mode == "both" else (args.mode,):

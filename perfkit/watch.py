@@ -328,6 +328,7 @@ class Watcher:
             "windows_judged": self.judged,
             "judged_window_steps": self.span,
             "baseline_ready": self.detectors.ready,
+            "last_step": max(self.last_step.values(), default=0),
             "baseline_step_ms": self._step_s() * 1e3 if self.detectors.baseline_steps_ms else None,
             "ranks": ranks,
             "anomalies": [
@@ -492,8 +493,11 @@ def capture_now(run_dir: Path, steps: int) -> tuple[str, int]:
         raise ConfigError(
             f"{run_dir} is not a run directory (no manifest.json); give the one perfkit profile printed"
         )
-    manifest = loads(layout.manifest.read_bytes())
-    if manifest.get("status") != "running":
+    try:
+        manifest = loads(layout.manifest.read_bytes())
+    except (OSError, ValueError):
+        raise ConfigError(f"{layout.manifest}: cannot be read; is the run directory damaged?") from None
+    if not isinstance(manifest, dict) or manifest.get("status") != "running":
         raise ConfigError(
             f"{run_dir}: the job is not running (status {manifest.get('status')}); nothing to capture"
         )

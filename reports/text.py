@@ -179,6 +179,25 @@ def hang_lines(m: Metrics) -> list[str]:
     return lines
 
 
+def watch_lines(m: Metrics) -> list[str]:
+    """A watched job in a line or two: how much was judged, what was found and captured, the disk."""
+    w = m.watch
+    if w is None:
+        return []
+    budget = f" of its {w.budget_bytes / 1e6:,.0f} MB budget" if w.budget_bytes else ""
+    judged = (
+        f"{w.windows_judged} windows of {w.window_steps} steps judged"
+        if w.baseline_ready
+        else f"too short for a baseline ({w.windows_judged} windows; 9 needed): no anomaly could be named"
+    )
+    lines = [
+        f"  watched: {judged}; {len(w.anomalies)} anomaly(ies), {len(w.captures)} capture(s); "
+        f"{w.disk_bytes / 1e6:,.1f} MB on disk{budget}"
+    ]
+    lines += [f"  watch: {x}" for x in w.warnings]
+    return lines
+
+
 def _breakdown_spread(traces: list[tuple[int, Any]]) -> list[str]:
     """The GPU breakdown of many ranks: median, and the lowest and highest rank of each share."""
     rows = [(r, t.temporal_breakdown) for r, t in traces if t.temporal_breakdown]
@@ -208,6 +227,7 @@ def analysis_summary(result: Analysis, target: Path) -> str:
         if m.throughput and m.throughput.mfu is not None:
             line += f", MFU {m.throughput.mfu:.1%}"
         lines.append(line)
+    lines += watch_lines(m)
     if m.run is not None and m.traced_ranks and len(m.traced_ranks) < len(result.ranks):
         lines.append(
             f"  kernel traces from rank(s) {ranges(m.traced_ranks)} of {len(result.ranks)}; "

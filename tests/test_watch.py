@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from perfkit.analyzers.analyze import analyze
 from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Finding, evaluate
 from perfkit.analyzers.watch import BASELINE_WINDOWS, SUSTAIN, Detectors, WatchReport
 from perfkit.collectors.signals.nvml import NvmlCollector, NvmlHealth, gpu_health
 
-from perfkit.run import RunLayout
+from perfkit.run import Run, RunLayout
 from perfkit.tables import STEPS, RowWriter
 from perfkit.watch import Tail
 
@@ -322,3 +323,45 @@ def test_a_watched_job_names_a_planted_straggler_captures_it_and_stays_in_budget
         timeout=60,
     )
     assert top.returncode == 0 and "Rank 1 became late" in top.stdout.replace("\n", " ")
+
+
+def test_damaged_watch_files_are_said_and_the_rest_is_kept(tmp_path: Path) -> None:
+    """A half-written anomaly line, a request that is not JSON, a rank's capture states cut short:
+    each is one problem line; the anomalies that could be read are still findings."""
+    run = Run.create(tmp_path / "run", command=["train.py"], world_size=1)
+    layout = run.layout
+    rows = [{"step": s, "start_ns": s, "end_ns": s + 1, "step_time_s": 0.02} for s in range(1, 40)]
+    layout.rank_dir(0).mkdir(parents=True)
+    layout.table(0, STEPS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    layout.watch_dir.mkdir()
+    good = {
+        "id": "a1", "kind": "straggler", "subject": "rank 0", "ranks": [0], "start_step": 20,
+        "detected_step": 30, "value": 9.0, "baseline": 1.0, "threshold": 2.0, "unit": "ms",
+        "title": "Rank 0 became late", "capture": "c1",
+    }  # fmt: skip
+    layout.anomalies.write_text(json.dumps(good) + "\n" + '{"id": "a2", "kind": "da')
+    layout.capture_requests.mkdir()
+    layout.capture_request("c1").write_text("{not json")
+    layout.capture_state(0).write_text('{"captures": {"c1": "steps')
+    run.finish("complete", 0)
+    a = analyze(tmp_path / "run")
+    found = {f.id: f for f in a.findings}
+    assert "watch_straggler" in found and found["watch_straggler"].ranks == [0]
+    said = " ".join(a.problems)
+    assert "damaged line" in said and "damaged capture request" in said and "captures.json" in said
+
+
+def test_top_and_capture_refuse_what_they_cannot_use_in_one_line(tmp_path: Path) -> None:
+    def perfkit(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "perfkit", *args], capture_output=True, text=True, timeout=60
+        )
+
+    p = perfkit("top", str(tmp_path), "--once")
+    assert p.returncode == 2 and "not a run directory" in p.stderr and "Traceback" not in p.stderr
+    Run.create(tmp_path / "done", command=["train.py"], world_size=1).finish("complete", 0)
+    p = perfkit("capture", str(tmp_path / "done"))
+    assert p.returncode != 0 and "not running" in p.stderr and "Traceback" not in p.stderr
+    Run.create(tmp_path / "live", command=["train.py"], world_size=1)
+    p = perfkit("capture", str(tmp_path / "live"))
+    assert p.returncode != 0 and "--watch" in p.stderr and "Traceback" not in p.stderr
