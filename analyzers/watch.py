@@ -391,18 +391,28 @@ def op_times(trace: Any, steps: int) -> tuple[dict[str, float], float]:
     return {k: (v / 1e6 / steps if not k.startswith("kernel ") else v) for k, v in own.items()}, outside
 
 
+COMM_NAMES = ("gloo:", "nccl:", "c10d::", "record_param_comms", "kernel nccl", "ProcessGroup")
+
+
+def is_communication(name: str) -> bool:
+    """A collective's op, annotation or kernel: its time includes waiting for the other ranks."""
+    return name.startswith(COMM_NAMES) or "nccl" in name.lower()
+
+
 def diagnose(
     baseline: dict[int, Any], capture: dict[int, Any], base_steps: int, capture_steps: int
 ) -> dict[str, Any]:
     """What grew per step between each rank's baseline trace and its capture: the ops and kernels
-    whose own time grew most, and the host time outside any op. ``baseline`` and ``capture``: a
-    ``Trace`` by rank."""
+    whose own time grew most (compute first: a collective's time grows on the ranks that wait in it,
+    so communication is told apart, as one sum), and the host time outside any op. ``baseline`` and
+    ``capture``: a ``Trace`` by rank."""
     per_rank: dict[str, Any] = {}
     lines = []
     for rank in sorted(set(baseline) & set(capture)):
         b, b_out = op_times(baseline[rank], base_steps)
         c, c_out = op_times(capture[rank], capture_steps)
-        names = sorted(set(b) | set(c), key=lambda n: b.get(n, 0.0) - c.get(n, 0.0))[:TOP]
+        work = [n for n in set(b) | set(c) if not is_communication(n)]
+        names = sorted(work, key=lambda n: b.get(n, 0.0) - c.get(n, 0.0))[:TOP]
         grew: list[dict[str, Any]] = [
             {
                 "name": n,
@@ -412,8 +422,11 @@ def diagnose(
             }
             for n in names
         ]
+        comm = [n for n in set(b) | set(c) if is_communication(n)]
+        comm_b, comm_c = sum(b.get(n, 0.0) for n in comm), sum(c.get(n, 0.0) for n in comm)
         entry: dict[str, Any] = {
             "grew": [g for g in grew if g["delta_ms"] > 0],
+            "communication_ms": {"baseline": comm_b, "capture": comm_c, "delta": comm_c - comm_b},
             "outside_ops_ms": {"baseline": b_out, "capture": c_out, "delta": c_out - b_out},
             "ops_ms": {"baseline": sum(b.values()), "capture": sum(c.values())},
         }
@@ -421,6 +434,8 @@ def diagnose(
         parts = [f"{g['name']} +{g['delta_ms']:.2f}" for g in entry["grew"][:3] if g["delta_ms"] >= 0.01]
         if c_out - b_out >= 0.01:
             parts.append(f"outside any op +{c_out - b_out:.2f}")
+        if comm_c - comm_b >= 0.01:
+            parts.append(f"communication +{comm_c - comm_b:.2f} (waiting included)")
         if parts:
             lines.append(f"rank {rank}: " + ", ".join(parts) + " ms/step")
     return {"per_rank": per_rank, "summary": "; ".join(lines) or "nothing grew by 0.01 ms a step or more"}

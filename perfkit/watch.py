@@ -386,7 +386,8 @@ STALE_S = 5.0
 itself."""
 
 
-def _options_of(layout: RunLayout) -> CollectOptions:
+def _options_of(layout: RunLayout) -> CollectOptions | None:
+    """The collector options a rank of the run said it ran with (None before any rank started)."""
     for rank in layout.ranks():
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             raw = loads(layout.probe(rank).read_bytes())["options"]
@@ -396,7 +397,7 @@ def _options_of(layout: RunLayout) -> CollectOptions:
                 if isinstance(kwargs.get(key), list):
                     kwargs[key] = tuple(kwargs[key])
             return CollectOptions(**kwargs)
-    return CollectOptions(watch=True)
+    return None
 
 
 class TopView:
@@ -415,7 +416,9 @@ class TopView:
                 state["source"] = "the job's watcher"
                 return state
         if self.own is None:
-            self.own = Watcher(self.layout.root, _options_of(self.layout), act=False)
+            self.own = Watcher(
+                self.layout.root, _options_of(self.layout) or CollectOptions(watch=True), act=False
+            )
         self.own.poll()
         state = self.own.state()
         state["source"] = "perfkit top (the job has no live watcher)"
@@ -502,6 +505,8 @@ def capture_now(run_dir: Path, steps: int) -> tuple[str, int]:
             f"{run_dir}: the job is not running (status {manifest.get('status')}); nothing to capture"
         )
     options = _options_of(layout)
+    if options is None:
+        raise ConfigError(f"{run_dir}: no rank has started yet; try again in a moment")
     if not options.watch:
         raise ConfigError(
             f"{run_dir}: the job is not watched; start it with perfkit profile --watch to capture on demand"

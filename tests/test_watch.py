@@ -362,6 +362,10 @@ def test_top_and_capture_refuse_what_they_cannot_use_in_one_line(tmp_path: Path)
     Run.create(tmp_path / "done", command=["train.py"], world_size=1).finish("complete", 0)
     p = perfkit("capture", str(tmp_path / "done"))
     assert p.returncode != 0 and "not running" in p.stderr and "Traceback" not in p.stderr
-    Run.create(tmp_path / "live", command=["train.py"], world_size=1)
+    live = Run.create(tmp_path / "live", command=["train.py"], world_size=1)
+    p = perfkit("capture", str(tmp_path / "live"))
+    assert p.returncode != 0 and "no rank has started" in p.stderr
+    live.layout.rank_dir(0).mkdir()
+    live.layout.probe(0).write_text(json.dumps({"world_size": 1, "options": {"watch": False}}))
     p = perfkit("capture", str(tmp_path / "live"))
     assert p.returncode != 0 and "--watch" in p.stderr and "Traceback" not in p.stderr
