@@ -74,8 +74,8 @@ def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]
     return p
 
 
-def case(name: str, plant: str | None, args: argparse.Namespace, tmp: Path) -> dict:
-    out = tmp / name
+def case(name: str, plant: str | None, args: argparse.Namespace, tmp: Path, folder: str) -> dict:
+    out = tmp / folder
     env = {**os.environ}
     for var in ("PLANT_SLOW", "PLANT_LEAK", "PLANT_DATA"):
         env.pop(var, None)
@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--budget", type=float, default=100.0, help="--watch-budget, MB")
-    p.add_argument("--cases", default="clean,slow,leak,data")
+    p.add_argument("--cases", default="clean,slow,leak,data", help="cases to run, in order (one may repeat)")
     p.add_argument("--slow-ms", type=float, default=1.0)
     p.add_argument("--leak-kb", type=float, default=64.0)
     p.add_argument("--data-ms", type=float, default=1.0)
@@ -201,8 +201,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = args.keep or Path(t)
         tmp.mkdir(parents=True, exist_ok=True)
-        for name in [c for c in args.cases.split(",") if c]:
-            results["cases"].append(case(name, plants[name], args, tmp))
+        for i, name in enumerate(c for c in args.cases.split(",") if c):
+            results["cases"].append(case(name, plants[name], args, tmp, f"{name}{i}"))
         for spec in [w for w in args.overhead.split(",") if w] if args.repeats else []:
             width, batch, steps = (int(x) for x in spec.split(":"))
             print(f"\n== overhead, width {width}, batch {batch}: {args.repeats} pairs of {steps} steps")
