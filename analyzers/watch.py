@@ -99,6 +99,8 @@ class _Series:
     """Consecutive windows over the threshold so far: (first step, last step, value)."""
     under: int = 0
     history: list[float] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    """The last step of each window in ``history``."""
     active: Anomaly | None = None
 
     def growing(self, v: float, limit: float) -> bool:
@@ -267,6 +269,7 @@ class Detectors:
                 continue  # a signal the baseline did not have (a group that appeared later)
             s = found
             s.history.append(v)
+            s.ends.append(last)
             limit = s.threshold(step_ms)
             if s.kind == "collective" and any(
                 x.active is not None for x in self.series.values() if x.kind == "straggler"
@@ -287,7 +290,7 @@ class Detectors:
                 if s.active is not None:
                     s.under += 1
                     if s.under >= 2 * SUSTAIN:  # slower to end than to start: no flapping
-                        s.active.end_step = last - s.under * self.window + 1
+                        s.active.end_step = s.ends[-s.under - 1] + 1
                         ended.append(s.active)
                         s.active = None
         return started, ended
@@ -301,7 +304,8 @@ class Detectors:
             "windows_over": len(s.over),
         }
         if s.kind == "memory":
-            per_step = (v - s.history[-(GROWTH_WINDOWS + 1)]) / (GROWTH_WINDOWS * self.window)
+            steps_grown = max(1, s.ends[-1] - s.ends[-(GROWTH_WINDOWS + 1)])
+            per_step = (v - s.history[-(GROWTH_WINDOWS + 1)]) / steps_grown
             evidence["growth_bytes_per_step"] = per_step
             cap = self.capacity.get(s.ranks[0])
             if cap and per_step > 0:

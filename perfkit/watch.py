@@ -30,8 +30,8 @@ LEAD_S = 1.0
 """A capture starts this long ahead (in steps at the job's pace): every rank must see the request
 before the first of its steps begins (they look five times a second)."""
 WINDOW_S = 0.5
-"""The detectors judge windows of at least this long (a whole number of ``--watch-window``s, chosen
-from the warm-up window's pace): at a few ms a step, 50 steps are a blip of the host, not a change."""
+"""The detectors judge windows of at least this long (a whole number of ``--watch-window``s): at a
+few ms a step, 50 steps are a blip of the host, not a change."""
 MAX_CAPTURES = 8
 
 
@@ -106,9 +106,10 @@ class Watcher:
         self.cut = 1
         """The first step of the next window to judge."""
         self.span = self.window
-        """Steps per judged window: ``--watch-window`` for the warm-up, then a whole number of them
-        lasting ``WINDOW_S`` or more."""
+        """Steps in the last judged window: ``--watch-window`` for the warm-up, then a whole number of
+        them lasting ``WINDOW_S`` or more."""
         self.judged = 0
+        self.lowest = 0
         self.world_size: int | None = None
         self.excluded: list[tuple[int, int]] = []
         k = options.capture_steps
@@ -169,15 +170,38 @@ class Watcher:
         world = self._world()
         started = []
         if world and len(self.last_step) >= world:
+            self.lowest = min(self.last_step)
             done = min(self.last_step.values())
-            while self.cut + self.span - 1 <= done:
-                first, last = self.cut, self.cut + self.span - 1
-                self.cut = last + 1
+            while (last := self._window_end(done)) is not None:
+                first, self.cut = self.cut, last + 1
                 started += self._judge(first, last)
         if self.act:
             self._diagnose_captures()
             self._write_state()
         return started
+
+    def _window_end(self, done: int) -> int | None:
+        """The last step of the next window, once every rank finished it: the warm-up is one
+        ``--watch-window``; after it, the fewest whole ``--watch-window``s that last ``WINDOW_S`` by
+        the steps' own clock (a window in steps from the warm-up's pace was 0.2 s where start-up made
+        its steps slow)."""
+        if self.judged == 0:
+            return self.cut + self.window - 1 if self.cut + self.window - 1 <= done else None
+        times = {
+            r["step"]: (r["start_ns"], r["end_ns"])
+            for r in self.pending.get(STEPS.name, [])
+            if r["rank"] == self.lowest
+        }
+        if self.cut not in times:
+            return (
+                self.cut + self.window - 1 if self.cut + self.window - 1 <= done else None
+            )  # rows lost: judge what is there
+        last = self.cut + self.window - 1
+        while last <= done:
+            if last in times and times[last][1] - times[self.cut][0] >= WINDOW_S * 1e9:
+                return last
+            last += self.window
+        return None
 
     def _judge(self, first: int, last: int) -> list[Any]:
         import pandas as pd
@@ -190,10 +214,7 @@ class Watcher:
             now = [r for r in now if r["step"] >= first and not self._excluded(r["step"])]
             frames[name] = pd.DataFrame(now)
         steps = frames[STEPS.name]
-        if self.judged == 0 and not steps.empty:  # the warm-up window sets the pace
-            step_s = float(steps["step_time_s"].median())
-            self.span = self.window * max(1, math.ceil(WINDOW_S / max(1e-6, self.window * step_s)))
-            self.detectors.window = self.span
+        self.span = last - first + 1
         self.judged += 1
         started, ended = self.detectors.feed(
             first, last, steps, frames[COMMS.name], frames[MEMORY.name], frames[GC.name]
