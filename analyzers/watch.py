@@ -18,8 +18,8 @@ them, its median and robust spread (1.4826 x the median absolute deviation) over
 does not roll: a baseline that followed the job would absorb the slow creep (a throttling GPU, a
 leak) that watching is for. A window is over when its value exceeds the median by ``Z`` spreads and
 by the signal's smallest effect worth a word (a share of the step, so a perfectly quiet baseline
-cannot make jitter an anomaly); ``SUSTAIN`` windows over in a row start an anomaly at the first of
-them, as many under end it. Memory is judged on its growth: over the baseline's peak by the same
+cannot make jitter an anomaly); ``SUSTAIN`` windows over in a row, lasting ``SUSTAIN_S`` together,
+start an anomaly at the first of them; twice as many under end it. Memory is judged on its growth: over the baseline's peak by the same
 margin and higher in each of the last ``GROWTH_WINDOWS`` windows than in the one before (a leak),
 with the steps left until the device's capacity at that rate.
 
@@ -43,6 +43,10 @@ from perfkit.collectors.signals.nvml import gpu_health  # noqa: F401 - the watch
 
 BASELINE_WINDOWS = 8
 SUSTAIN = 2
+SUSTAIN_S = 2.0
+"""And the windows over must last this long together by the steps' clock: at a ms a step, a second
+of the host doing something else (every rank's collectives slowed, then back) is no change of the
+job's."""
 Z = 6.0
 GROWTH_WINDOWS = 3
 PHASES = ("data_wait_s", "forward_s", "backward_s", "optimizer_s")
@@ -95,8 +99,8 @@ class _Series:
     ranks: list[int]
     unit: str
     baseline: list[float] = field(default_factory=list)
-    over: list[tuple[int, int, float]] = field(default_factory=list)
-    """Consecutive windows over the threshold so far: (first step, last step, value)."""
+    over: list[tuple[int, int, float, float]] = field(default_factory=list)
+    """Consecutive windows over the threshold so far: (first step, last step, value, seconds)."""
     under: int = 0
     history: list[float] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
@@ -249,6 +253,7 @@ class Detectors:
             return [], []
         self.windows_seen += 1
         values = window_values(steps, comms, memory, gc)
+        seconds = _seconds(steps)
         if self.windows_seen == 1:  # the warm-up: compiled kernels, allocator growth, first batches
             return [], []
         if self.windows_seen <= BASELINE_WINDOWS + 1:
@@ -281,8 +286,8 @@ class Detectors:
                 is_over = v > limit
             if is_over:
                 s.under = 0
-                s.over.append((first, last, v))
-                if s.active is None and len(s.over) >= SUSTAIN:
+                s.over.append((first, last, v, seconds))
+                if s.active is None and len(s.over) >= SUSTAIN and sum(o[3] for o in s.over) >= SUSTAIN_S:
                     a = self._start(s, v, limit, step_ms, steps)
                     started.append(a)
             else:
@@ -297,7 +302,7 @@ class Detectors:
 
     def _start(self, s: _Series, v: float, limit: float, step_ms: float, steps: pd.DataFrame) -> Anomaly:
         self._ids += 1
-        first, _, _ = s.over[0]
+        first = s.over[0][0]
         base = s.center()
         evidence: dict[str, Any] = {
             "phase_change_ms": phase_change(steps, self.baseline_phase_medians()),
@@ -327,6 +332,15 @@ class Detectors:
         s.active = a
         self.anomalies.append(a)
         return a
+
+
+def _seconds(steps: pd.DataFrame) -> float:
+    """How long a window lasted by the steps' own clock (the slowest rank's); without the clock (rows
+    made up in a test), long enough."""
+    if "start_ns" not in steps or "end_ns" not in steps or steps["start_ns"].isna().all():
+        return float("inf")
+    spans = steps.groupby("rank").agg(a=("start_ns", "min"), b=("end_ns", "max"))
+    return float((spans["b"] - spans["a"]).max()) / 1e9
 
 
 def _title(s: _Series, v: float, base: float, evidence: dict[str, Any], step_ms: float) -> str:

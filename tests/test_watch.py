@@ -287,7 +287,7 @@ def test_gpu_health_counts_a_counter_that_grew_between_calls() -> None:
 
 # ---- a real watched job ------------------------------------------------------------------------------
 def test_a_watched_job_names_a_planted_straggler_captures_it_and_stays_in_budget(tmp_path: Path) -> None:
-    """2 CPU ranks, ~6 ms steps; from step 1300 rank 1 computes 6 ms more a step. The watcher names
+    """2 CPU ranks, ~6 ms steps, 2,800 of them; from step 1300 rank 1 computes 6 ms more a step. The watcher names
     rank 1 late from that window, every rank traces the same steps, and the capture's diagnosis
     names the extra matrix products on rank 1; a tiny budget keeps the directory bounded."""
     out = tmp_path / "run"
@@ -295,7 +295,7 @@ def test_a_watched_job_names_a_planted_straggler_captures_it_and_stays_in_budget
     cmd = [
         sys.executable, "-m", "perfkit", "profile", "--watch", "--watch-window", "100", "--watch-budget", "10",
         "--out", str(out), "--", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        str(REPO / "bench" / "watch_workload.py"), "--steps", "2300", "--width", "512", "--batch", "64",
+        str(REPO / "bench" / "watch_workload.py"), "--steps", "2800", "--width", "512", "--batch", "64",
     ]  # fmt: skip
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
