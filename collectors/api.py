@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from perfkit.collectors.options import CollectOptions
+from perfkit.collectors.options import CollectOptions, watching
 from perfkit.collectors.probe import Probe, probe_from_env, rank_from_env
 
 from perfkit.errors import ConfigError
@@ -77,7 +77,7 @@ def profile(out: str | Path | None = None, *, start_step: int = 0, **options: An
         if isinstance(options.get("collect"), str):
             options["collect"] = CollectOptions.from_text({"collect": options["collect"]}).collect
         try:
-            opts = CollectOptions(**options)
+            opts = CollectOptions(**watching(options))
         except TypeError as e:
             raise ConfigError(
                 f"perfkit.profile(): {e}; the options are {', '.join(CollectOptions.__annotations__)}"

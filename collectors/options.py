@@ -262,10 +262,16 @@ class CollectOptions:
             for name, text in values.items()
             if text is not None
         }
-        if kwargs.get("watch"):
-            kwargs.setdefault("profile_steps", None)  # watching captures its own windows
-            kwargs.setdefault("collect", [n for n in known() if n not in WATCH_LEAVES_OUT])
-        return cls(**kwargs)
+        return cls(**watching(kwargs))
+
+
+def watching(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Options as given, with watch mode's own defaults where it is on and they are not given: no
+    fixed kernel window (watching captures its own) and the cheap collectors only."""
+    if kwargs.get("watch"):
+        kwargs.setdefault("profile_steps", None)
+        kwargs.setdefault("collect", [n for n in known() if n not in WATCH_LEAVES_OUT])
+    return kwargs
 
 
 _METAVARS = {"int": "INTEGER", "float": "NUMBER"}

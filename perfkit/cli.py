@@ -482,6 +482,21 @@ def capture(run: Path, steps: int) -> None:
     click.echo(f"  traces: {run}/rank<N>/captures/{cid}.json.gz; its diagnosis: perfkit analyze {run}")
 
 
+@cli.command("watch", context_settings=CONTEXT)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--interval", type=FiniteRange(min=0.2), default=1.0, show_default=True, help="Seconds between looks."
+)
+def watch_command(run: Path, interval: float) -> None:
+    """Watch a job that perfkit profile did not start (the script calls perfkit.profile(out=RUN,
+    watch=True) under its own launcher): judge its windows, name anomalies as they start, ask its
+    ranks for captures, until it ends. A job started with perfkit profile --watch has its own."""
+    from perfkit.watch import follow
+
+    found = follow(run, interval, sys.stderr)
+    click.echo(f"perfkit watch: the job ended; {found} anomaly(ies). next: perfkit analyze {run}")
+
+
 @cli.command("export-trace", context_settings=CONTEXT)
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option(

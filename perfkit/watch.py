@@ -528,6 +528,8 @@ def capture_now(run_dir: Path, steps: int) -> tuple[str, int]:
     options = _options_of(layout)
     if options is None:
         raise ConfigError(f"{run_dir}: no rank has started yet; try again in a moment")
+    if not _running(layout):
+        raise ConfigError(f"{run_dir}: the job is not running; nothing to watch")
     if not options.watch:
         raise ConfigError(
             f"{run_dir}: the job is not watched; start it with perfkit profile --watch to capture on demand"
@@ -543,3 +545,46 @@ def capture_now(run_dir: Path, steps: int) -> tuple[str, int]:
     now = max(r["step"] for r in last.values())
     cid = request_capture(layout, steps, now, step_s, "asked for with perfkit capture")
     return cid, loads(layout.capture_request(cid).read_bytes())["first_step"]
+
+
+def follow(run_dir: Path, interval: float, stream: Any) -> int:
+    """``perfkit watch``: the watcher beside a job that ``perfkit profile`` did not start (the script
+    calls ``perfkit.profile(out=..., watch=True)``), until the job ends. Returns the anomalies
+    found."""
+    from perfkit.errors import ConfigError
+    from perfkit.profile import watch_poll
+
+    layout = RunLayout(run_dir)
+    deadline = time.monotonic() + 60
+    while (options := _options_of(layout)) is None:  # the job or its ranks have not started yet
+        if layout.is_run() and not _running(layout):
+            raise ConfigError(f"{run_dir}: the job is not running; nothing to watch")
+        if time.monotonic() > deadline:
+            what = "no rank started" if layout.is_run() else "no run directory appeared"
+            raise ConfigError(f"{run_dir}: {what} within a minute; give the folder the job writes (its out=)")
+        time.sleep(interval)
+    if not _running(layout):
+        raise ConfigError(f"{run_dir}: the job is not running; nothing to watch")
+    if not options.watch:
+        raise ConfigError(
+            f"{run_dir}: the job is not watched; start it with watch=True (or perfkit profile --watch)"
+        )
+    with contextlib.suppress(OSError):
+        if time.time() - layout.watch_state.stat().st_mtime < STALE_S:
+            raise ConfigError(
+                f"{run_dir}: the job's own watcher is running (perfkit profile --watch); see it with perfkit top"
+            )
+    watcher = Watcher(run_dir, options)
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    while _running(layout):
+        watch_poll(watcher, stream)
+        time.sleep(interval)
+    watch_poll(watcher, stream)
+    return len(watcher.detectors.anomalies)
+
+
+def _running(layout: RunLayout) -> bool:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return loads(layout.manifest.read_bytes())["status"] == "running"
+    return False

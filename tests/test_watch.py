@@ -369,3 +369,49 @@ def test_top_and_capture_refuse_what_they_cannot_use_in_one_line(tmp_path: Path)
     live.layout.probe(0).write_text(json.dumps({"world_size": 1, "options": {"watch": False}}))
     p = perfkit("capture", str(tmp_path / "live"))
     assert p.returncode != 0 and "--watch" in p.stderr and "Traceback" not in p.stderr
+
+
+SCRIPT = """
+import sys, time, torch, perfkit
+out, steps, slow_from = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with perfkit.profile(out=out, watch=True, watch_window=20):
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(32, 64)
+    for step in range(1, steps + 1):
+        with perfkit.phase("forward"):
+            loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        time.sleep(0.006 if step >= slow_from else 0.002)
+        perfkit.step()
+"""
+
+
+def test_perfkit_watch_watches_a_job_that_perfkit_profile_did_not_start(tmp_path: Path) -> None:
+    """The script watches itself (perfkit.profile(watch=True)); ``perfkit watch RUN`` beside it
+    names the slowdown planted at step 2,600 and asks for a capture, which the rank takes."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, str(script), str(out), "4200", "2600"], stderr=subprocess.PIPE, text=True
+    )
+    watcher = subprocess.run(
+        [sys.executable, "-m", "perfkit", "watch", str(out), "--interval", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert job.wait(timeout=60) == 0, job.stderr.read() if job.stderr else ""
+    assert watcher.returncode == 0, watcher.stderr[-2000:]
+    assert "step time rose" in watcher.stderr and "the job ended" in watcher.stdout
+    records = [json.loads(line) for line in RunLayout(out).anomalies.read_text().splitlines()]
+    a = next(r for r in records if r.get("kind") == "step_time")
+    assert 2600 - 400 <= a["start_step"] <= 2600 + 400
+    assert a["capture"] and RunLayout(out).capture_traces(a["capture"])
+    p = subprocess.run(
+        [sys.executable, "-m", "perfkit", "watch", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode != 0 and "not running" in p.stderr and "Traceback" not in p.stderr
