@@ -339,7 +339,7 @@ def watch_timeline(summary: pd.DataFrame | None, anomalies: list[dict[str, Any]]
                 name=f"rank {rank} p90",
             )
     last = int(summary["step"].max())
-    for a in anomalies:
+    for i, a in enumerate(anomalies):
         start = a.get("start_step")
         if start is None:
             continue
@@ -349,7 +349,7 @@ def watch_timeline(summary: pd.DataFrame | None, anomalies: list[dict[str, Any]]
             fillcolor="rgba(239,85,59,0.12)",
             line_width=0,
             annotation_text=f"{a.get('id')}: {a.get('kind')} ({a.get('subject')})",
-            annotation_position="top left",
+            annotation_position=("top left", "bottom left", "top right", "bottom right")[i % 4],
         )
     fig.update_layout(
         title="The whole job: median step time per window, anomalies shaded",

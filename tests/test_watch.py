@@ -313,9 +313,14 @@ def test_a_watched_job_names_a_planted_straggler_captures_it_and_stays_in_budget
     disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert disk <= 10e6
     a = subprocess.run(
-        [sys.executable, "-m", "perfkit", "analyze", str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "perfkit", "analyze", str(out), "--report"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert a.returncode == 0 and "became late" in a.stdout
+    page = layout.report.read_text()
+    assert "Watch: the whole job" in page and "anomalies shaded" in page and "aten::mm" in page
     top = subprocess.run(
         [sys.executable, "-m", "perfkit", "top", str(out), "--once"],
         capture_output=True,
