@@ -154,6 +154,22 @@ def step_metrics(t: RunTables) -> StepMetrics | None:
     return out
 
 
+def matched_calls(c: pd.DataFrame, n_ranks: int) -> pd.DataFrame:
+    """The collectives every one of ``n_ranks`` ranks made (the k-th call of a group in a step, ``k``),
+    each with ``lag_ns``: how much later than this rank the last one arrived."""
+    c = c.assign(k=call_index(c).to_numpy()).sort_values("seq")
+    key = c.groupby(["step", "group", "k"])["start_ns"]
+    matched = c[(key.transform("size") == n_ranks).to_numpy()]
+    latest = matched.groupby(["step", "group", "k"])["start_ns"].transform("max")
+    return matched.assign(lag_ns=latest - matched["start_ns"])
+
+
+def waits(matched: pd.DataFrame, step_s: pd.Series) -> pd.Series:
+    """Per (rank, step) of ``step_s``: seconds waited for the last rank at the collectives
+    (``blocked_ns``), never more than the step (a rank is at most waiting all of it)."""
+    return (blocked_ns(matched) / 1e9).reindex(step_s.index).fillna(0.0).clip(upper=step_s)
+
+
 def blocked_ns(c: pd.DataFrame) -> pd.Series:
     """Per (rank, step): how long the rank waited for the last rank to arrive, from each collective's
     ``lag_ns`` (the latest arrival less its own).
@@ -195,18 +211,12 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
     c = t.comms
     n_ranks = t.steps["rank"].nunique()
     if not c.empty:
-        c = c.assign(k=call_index(c)).sort_values("seq")
-        key = c.groupby(["step", "group", "k"])["start_ns"]
-        complete = key.transform("size") == n_ranks
-        matched = c[complete.to_numpy()]
+        matched = matched_calls(c, n_ranks)
         if not matched.empty:
             key = matched.groupby(["step", "group", "k"])["start_ns"]
             latest, earliest = key.transform("max"), key.transform("min")
-            matched = matched.assign(
-                lag_ns=latest - matched["start_ns"], late_ms=(matched["start_ns"] - earliest) / 1e6
-            )
-            # Never more than the step: a rank is at most waiting all of it.
-            wait = (blocked_ns(matched) / 1e9).reindex(step_s.index).fillna(0.0).clip(upper=step_s)
+            matched = matched.assign(late_ms=(matched["start_ns"] - earliest) / 1e6)
+            wait = waits(matched, step_s)
             lateness = matched.groupby("rank")["late_ms"].median()
             # How often each rank is the last to arrive: a real straggler nearly always is; on a
             # noisy machine the last one is a different rank each time.

@@ -37,9 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import pandas as pd
-from perfkit.analyzers.comms import call_index, transfer_ns
-from perfkit.analyzers.runtables import blocked_ns
-from perfkit.collectors.signals.nvml import gpu_health  # noqa: F401 - the watcher's GPU events
+from perfkit.analyzers.comms import transfer_ns
+from perfkit.analyzers.runtables import matched_calls, waits
 
 BASELINE_WINDOWS = 8
 SUSTAIN = 2
@@ -155,14 +154,10 @@ def window_values(
     for r in ranks:
         out[("gc", f"rank {r}")] = (float(pause.get(r, 0.0) / max(1, n.get(r, 1))), [r], "ms")
     if len(ranks) >= 2 and not comms.empty:
-        c = comms.assign(k=call_index(comms).to_numpy())
-        key = c.groupby(["step", "group", "k"])["start_ns"]
-        matched = c[(key.transform("size") == len(ranks)).to_numpy()]
+        matched = matched_calls(comms, len(ranks))
         if not matched.empty:
-            latest = matched.groupby(["step", "group", "k"])["start_ns"].transform("max")
-            matched = matched.assign(lag_ns=latest - matched["start_ns"])
             step_s = steps.set_index(["rank", "step"])["step_time_s"]
-            wait = (blocked_ns(matched) / 1e9).reindex(step_s.index).fillna(0.0).clip(upper=step_s)
+            wait = waits(matched, step_s)
             busy = (step_s - wait).unstack("rank")
             # Each step, a rank's busy time beyond the median of the others' (with two ranks: beyond
             # the other's): about 0 either way on a healthy job, the extra work of a late one.
@@ -216,9 +211,9 @@ class Detectors:
     """Every signal's baseline and state, fed one window at a time; says which anomalies start and
     end."""
 
-    def __init__(self, window: int, capacity_bytes: dict[int, int] | None = None) -> None:
-        self.window = window
+    def __init__(self, capacity_bytes: dict[int, int] | None = None) -> None:
         self.capacity = capacity_bytes or {}
+        """Each rank's memory capacity (its GPU's, else its share of the host's): a leak's steps left."""
         self.series: dict[tuple[str, str], _Series] = {}
         self.windows_seen = 0
         self.baseline_steps_ms: list[float] = []

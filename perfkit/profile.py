@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -28,7 +27,7 @@ from perfkit.envinfo import environment
 from perfkit.errors import ConfigError
 from perfkit.launch import Nodes, dies_with_perfkit, exit_code, stop_job, trainer_env
 from perfkit.run import Run, RunLayout, Status
-from perfkit.tables import STEPS
+from perfkit.tables import STEPS, Tail
 
 
 def site_dir() -> Path:
@@ -68,12 +67,12 @@ class Progress:
     """A live line (step, step time, tokens/s) from rank 0's steps table, on a terminal only."""
 
     def __init__(self, run: Run, stream: TextIO) -> None:
-        self.path = run.layout.table(0, STEPS)
+        path = run.layout.table(0, STEPS)
+        self.tail = Tail(path, run.layout.rotated(path))  # under --watch the table turns over
         self.stream = stream
         self.enabled = stream.isatty()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._offset = 0
         self._last: dict[str, Any] | None = None
 
     def __enter__(self) -> Progress:
@@ -90,16 +89,9 @@ class Progress:
 
     def _loop(self) -> None:
         while not self._stop.wait(0.5):
-            try:
-                with open(self.path) as f:
-                    f.seek(self._offset)
-                    chunk = f.read()
-            except OSError:
-                continue
-            complete = chunk[: chunk.rfind("\n") + 1]
-            self._offset += len(complete)
-            for line in complete.splitlines():
-                self._last = json.loads(line)
+            rows = self.tail.read()
+            if rows:
+                self._last = rows[-1]
             if self._last:
                 r = self._last
                 tok = f"  {r['tokens'] / r['step_time_s']:,.0f} tok/s (rank 0)" if r.get("tokens") else ""

@@ -243,6 +243,51 @@ class RowWriter:
                 self._file = None
 
 
+class Tail:
+    """The complete rows appended to one table file since the last read, across its rotation by
+    ``RowWriter`` (the rest of the part that turned over is read before the new file)."""
+
+    def __init__(self, path: Path, older: Path) -> None:
+        self.path = path
+        self.older = older
+        """Where the file goes when it turns over (``RunLayout.rotated``)."""
+        self.inode: int | None = None
+        self.offset = 0
+        self.missed = 0
+        """Rotations this reader missed whole (the file turned over twice between two reads)."""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return []
+        chunks = []
+        if self.inode is not None and st.st_ino != self.inode:
+            with contextlib.suppress(OSError), open(self.older, "rb") as f:
+                if os.fstat(f.fileno()).st_ino == self.inode:  # the rest of the part just rotated
+                    f.seek(self.offset)
+                    chunks.append(f.read())
+                else:
+                    self.missed += 1
+            self.offset = 0
+        self.inode = st.st_ino
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            data = b""
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        chunks.append(complete)
+        rows = []
+        for line in b"".join(chunks).split(b"\n"):
+            if line.strip():
+                with contextlib.suppress(ValueError):
+                    rows.append(orjson.loads(line))
+        return rows
+
+
 def read_table(path: Path, table: Table, drop_bad_rows: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Load one table file. Returns the rows and notes on what was dropped (a half-written last line).
 

@@ -24,7 +24,7 @@ from perfkit.collectors.options import CollectOptions
 from perfkit.collectors.signals.gc import GC
 from perfkit.files import write_json_atomic
 from perfkit.run import RunLayout
-from perfkit.tables import COMMS, MEMORY, NVML, STEPS, Table, loads
+from perfkit.tables import COMMS, MEMORY, NVML, STEPS, Table, Tail, loads
 
 LEAD_S = 1.0
 """A capture starts this long ahead (in steps at the job's pace): every rank must see the request
@@ -33,57 +33,6 @@ WINDOW_S = 0.5
 """The detectors judge windows of at least this long (a whole number of ``--watch-window``s): at a
 few ms a step, 50 steps are a blip of the host, not a change."""
 MAX_CAPTURES = 8
-
-
-class Tail:
-    """The complete rows appended to one table file since the last read, across its rotation."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.older = RunLayout.rotated(path)
-        self.inode: int | None = None
-        self.offset = 0
-        self.missed = 0
-        """Rotations this reader missed whole (the file turned over twice between two reads)."""
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return []
-        chunks = []
-        if self.inode is not None and st.st_ino != self.inode:
-            with contextlib.suppress(OSError), open(self.older, "rb") as f:
-                if os.fstat(f.fileno()).st_ino == self.inode:  # the rest of the part just rotated
-                    f.seek(self.offset)
-                    chunks.append(f.read())
-                else:
-                    self.missed += 1
-            self.offset = 0
-        self.inode = st.st_ino
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            data = b""
-        complete = data[: data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        chunks.append(complete)
-        rows = []
-        for line in b"".join(chunks).split(b"\n"):
-            if line.strip():
-                with contextlib.suppress(ValueError):
-                    rows.append(orjson.loads(line))
-        return rows
-
-
-def _host_memory() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 class Watcher:
@@ -97,7 +46,7 @@ class Watcher:
         self.options = options
         self.window = options.watch_window
         self.act = act
-        self.detectors = Detectors(self.window)
+        self.detectors = Detectors()
         self.tables: tuple[Table, ...] = (STEPS, COMMS, MEMORY, NVML)
         self.tails: dict[tuple[int, str], Tail] = {}
         self.pending: dict[str, list[dict[str, Any]]] = {}
@@ -119,14 +68,21 @@ class Watcher:
         self.diagnosed: set[str] = set()
         self.nvml_before: dict[tuple[int, int], dict[str, float]] = {}
         self.health_seen: set[tuple[int, int, str]] = set()
-        self.started = time.time()
         self.failed = False
 
     # ---- reading ----------------------------------------------------------------------------
     def _world(self) -> int | None:
+        """The job's world size, once rank 0 said it; with it, each rank's memory capacity."""
         if self.world_size is None:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                self.world_size = int(loads(self.layout.probe(0).read_bytes())["world_size"])
+                probe = loads(self.layout.probe(0).read_bytes())
+                self.world_size = int(probe["world_size"])
+                env = probe.get("env") or {}
+                host = loads(self.layout.manifest.read_bytes()).get("env", {}).get("host_memory_bytes")
+                local = max(1, int(env.get("local_world_size") or 1))
+                cap = env.get("gpu_memory_bytes") or (int(host) // local if host else None)
+                if cap:
+                    self.detectors.capacity = dict.fromkeys(range(self.world_size), int(cap))
         return self.world_size
 
     def _read(self) -> None:
@@ -134,7 +90,8 @@ class Watcher:
             for table in (*self.tables, GC):
                 key = (rank, table.name)
                 if key not in self.tails:
-                    self.tails[key] = Tail(self.layout.table(rank, table))
+                    path = self.layout.table(rank, table)
+                    self.tails[key] = Tail(path, self.layout.rotated(path))
                 rows = self.tails[key].read()
                 for r in rows:
                     r["rank"] = rank
@@ -231,7 +188,8 @@ class Watcher:
         return any(a <= step <= b for a, b in self.excluded)
 
     def _health(self, rank: int, rows: list[dict[str, Any]]) -> None:
-        from perfkit.analyzers.watch import Anomaly, gpu_health
+        from perfkit.analyzers.watch import Anomaly
+        from perfkit.collectors.signals.nvml import gpu_health
 
         by_gpu: dict[int, list[dict[str, Any]]] = {}
         for r in rows:
@@ -536,7 +494,8 @@ def capture_now(run_dir: Path, steps: int) -> tuple[str, int]:
         )
     last: dict[int, dict[str, Any]] = {}
     for rank in layout.ranks():
-        rows = Tail(layout.table(rank, STEPS)).read()
+        path = layout.table(rank, STEPS)
+        rows = Tail(path, layout.rotated(path)).read()
         if rows:
             last[rank] = rows[-1]
     if not last:

@@ -20,8 +20,7 @@ from perfkit.analyzers.watch import BASELINE_WINDOWS, SUSTAIN, Detectors, WatchR
 from perfkit.collectors.signals.nvml import NvmlCollector, NvmlHealth, gpu_health
 
 from perfkit.run import Run, RunLayout
-from perfkit.tables import STEPS, RowWriter
-from perfkit.watch import Tail
+from perfkit.tables import STEPS, RowWriter, Tail
 
 REPO = Path(__file__).resolve().parent.parent
 W = 50
@@ -97,7 +96,7 @@ def run_windows(
     n: int, event_at: int | None = None, seed: int = 0, **event: dict[int, float] | float
 ) -> Detectors:
     """``n`` windows; from window ``event_at`` on, the event's arguments apply."""
-    d = Detectors(W, capacity_bytes={0: int(64e9), 1: int(64e9)})
+    d = Detectors(capacity_bytes={0: int(64e9), 1: int(64e9)})
     rng = np.random.default_rng(seed)
     for w in range(n):
         first = w * W + 1
@@ -142,7 +141,7 @@ def test_a_noisy_clean_job_has_no_anomaly(seed: int) -> None:
 
 
 def test_an_anomaly_ends_when_the_job_recovers() -> None:
-    d = Detectors(W)
+    d = Detectors()
     rng = np.random.default_rng(4)
     for w in range(40):
         first = w * W + 1
@@ -177,7 +176,7 @@ def quiet_watch_findings() -> list[Finding]:
     """What could fool the detectors: 8% jitter a step, one window where rank 1 is 10 ms late and
     its data, collectives and GC are slow (a blip of the host), and a memory step up that then
     stays flat (a cache filled once, not a leak)."""
-    d = Detectors(W)
+    d = Detectors()
     rng = np.random.default_rng(7)
     for w in range(60):
         first = w * W + 1
@@ -209,7 +208,7 @@ def test_a_bounded_table_keeps_its_latest_rows_within_its_bound_and_the_watcher_
     path.parent.mkdir()
     bound = 20_000
     w = RowWriter(path, bound, RunLayout.rotated(path))
-    tail = Tail(path)
+    tail = Tail(path, RunLayout.rotated(path))
     seen = []
     for step in range(1, 3001):
         w.add({"step": step, "start_ns": step, "end_ns": step + 1, "step_time_s": 0.001})

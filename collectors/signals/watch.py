@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 from perfkit.collectors.base import Collector, register
 
 from perfkit.files import write_json_atomic
-from perfkit.tables import RowWriter, Table, read_rows
+from perfkit.tables import RowWriter, Table, loads, read_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -220,8 +220,6 @@ class WatchCollector(Collector):
                 continue
             self._seen.add(cid)
             try:
-                from perfkit.tables import loads
-
                 req = loads(probe.layout.capture_request(cid).read_bytes())
                 first, steps = int(req["first_step"]), int(req.get("steps") or probe.options.capture_steps)
             except (OSError, ValueError, KeyError, TypeError):
@@ -236,7 +234,7 @@ class WatchCollector(Collector):
             self._queue.sort(key=lambda c: c.first)
         self._said_to_probe(probe)
 
-    def _fits(self, probe: Probe, c: _Capture) -> bool:
+    def _fits(self, probe: Probe) -> bool:
         budget = probe.options.watch_bytes(probe.world_size, "captures")
         used = sum(self._capture_bytes.values())
         if not self._capture_bytes:
@@ -245,7 +243,7 @@ class WatchCollector(Collector):
         return used + estimate <= budget
 
     def _begin_capture(self, probe: Probe, c: _Capture) -> None:
-        if not self._fits(probe, c):
+        if not self._fits(probe):
             self._said[c.id] = "declined: the --watch-budget has no room for another trace"
             self._said_to_probe(probe)
             return
