@@ -293,6 +293,7 @@ def analyze(
                 communication_overlap=f.exposed,
                 gemm_fp32_share=f.gemm_fp32_ns / f.gemm_ns if f.gemm_ns else None,
                 recomputed_ops_per_step=round(f.recomputed_ops / f.steps, 1),
+                critical_path=f.critical_path,
             )
         tables["kernel_categories"] = pd.concat([r["categories"] for r in good], ignore_index=True)
         tables["kernels"] = pd.concat([r["top"] for r in good], ignore_index=True)
@@ -334,6 +335,7 @@ def analyze(
         metrics.model = m.model
         metrics.steps = step_metrics(t)
         metrics.stragglers = straggler_metrics(t)
+        waiting_on_path(metrics)
         metrics.comms = comm_metrics(t)
         metrics.io = io_metrics(t)
         metrics.memory = memory_metrics(t)
@@ -375,6 +377,23 @@ def analyze(
         problems=problems,
         ranks=sorted(ranks),
     )
+
+
+def waiting_on_path(m: Metrics) -> None:
+    """The part of each traced rank's critical path at collectives that was waiting for the last
+    rank to arrive (its median wait a step, from the run's collective table), taken out of its
+    communication and called so: a trace alone cannot tell a slow link from a late peer."""
+    if m.stragglers is None:
+        return
+    waited = {r.rank: r.wait_ms for r in m.stragglers.ranks}
+    for rank, t in m.trace.items():
+        p = t.critical_path
+        comm = p.by_kind_ms.get("communication", 0.0) if p else 0.0
+        if p is None or comm <= 0 or not waited.get(rank):
+            continue
+        w = round(min(comm, waited[rank]), 4)
+        p.by_kind_ms["communication"] = round(comm - w, 4)
+        p.by_kind_ms["waiting"] = w
 
 
 def _first_byte(path: Path) -> bytes:

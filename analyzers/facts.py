@@ -15,6 +15,8 @@ from perfkit.analyzers.breakdown import (
     profiler_steps,
     temporal_breakdown,
 )
+from perfkit.analyzers.critical_path import trace_path
+from perfkit.analyzers.metrics import PathSummary
 from perfkit.analyzers.trace import Trace, by_name
 
 
@@ -51,6 +53,8 @@ class TraceFacts:
     compiled: str = ""
     """How the step already runs, from the trace: "cuda graphs" (graph launches), "torch.compile"
     (compiled regions), else ""."""
+    critical_path: PathSummary | None = None
+    """The steps' critical path (``perfkit.analyzers.critical_path``)."""
     config: dict[str, Any] = field(default_factory=dict)
     """The bundled trainer's configuration when the trace is part of its run (set by the analysis):
     what the run used, told by the run itself."""
@@ -139,6 +143,7 @@ def trace_facts(trace: Trace) -> TraceFacts:
         comm_groups=_comm_groups(trace, comm),
         recomputed_ops=recomputed_ops(ev),
         compiled=_compiled(ev),
+        critical_path=trace_path(trace),
     )
 
 

@@ -62,9 +62,11 @@ class StragglerRank:
     slowest_share: float | None = None
     """Share of the steps in which this rank was the busiest: a straggler nearly always is; under
     host noise each rank is, by turns."""
+    """Median time a step its training thread was ready to run but had no core (the cpu collector)."""
     extra_ms: float | None = None
     """Median over steps of its busy time beyond that step's fastest rank (0 in steps it led)."""
-    """Median time a step its training thread was ready to run but had no core (the cpu collector)."""
+    wait_ms: float = 0.0
+    """Median time a step it waited at collectives for the last rank to arrive."""
 
 
 @dataclass(kw_only=True)
@@ -191,6 +193,48 @@ class RankTrace:
     gemm_fp32_share: float | None = None
     recomputed_ops_per_step: float = 0.0
     """Forward-only ops run inside backward a step: activation checkpointing's recompute."""
+    critical_path: PathSummary | None = None
+
+
+@dataclass
+class FusionCandidate:
+    """A run of short kernels (CPU ops on a CPU trace) that recurs on the critical path."""
+
+    ops: list[str]
+    """Their short names, in order."""
+    per_step: float
+    """How often the run occurs on a step's critical path."""
+    own_us: float
+    """The run's own time, per occurrence."""
+    between_us: float
+    """What running them as one kernel would take off the path, per occurrence: the path's time
+    between them (launch delays, gaps, dispatch), and on a GPU trace's host all but one op's own."""
+    saving_ms: float
+    """``between_us`` times ``per_step``, in ms a step."""
+    inside: str = ""
+    """The innermost CPU op, module or annotation all of them ran inside, where one did."""
+
+
+@dataclass
+class PathSummary:
+    """One rank's critical path, over its profiled steps (``perfkit.analyzers.critical_path``)."""
+
+    steps: int
+    step_ms: float
+    """The steps' median span (their ProfilerStep annotations)."""
+    length_ms: float
+    """The median step's critical path."""
+    by_kind_ms: dict[str, float]
+    """Mean ms a step of the path by kind: compute, communication, memory, host, launch, gpu_gap,
+    input, waiting (for another rank, at a collective: from the run's tables where it has them)."""
+    contributors: list[dict[str, Any]]
+    """The largest: name, kind, ms a step."""
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    """The median step's path: start_ms, end_ms (from the step's start), kind, name, lane."""
+    fusion: list[FusionCandidate] = field(default_factory=list)
+    fusable_ms: float = 0.0
+    """What fusing every pair of short kernels (ops) back to back on the path would take off it, ms
+    a step (each pair once; the candidates overlap)."""
 
 
 @dataclass(kw_only=True)

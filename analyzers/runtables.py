@@ -255,6 +255,7 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
     cpu = t.frames["cpu"].dropna(subset=["runq_wait_s"])
     runq_med = cpu.groupby("rank")["runq_wait_s"].median() if not cpu.empty else None
     score = busy_med.min() / busy_med
+    wait_med = wait.groupby(level="rank").median()
     ranks = [
         StragglerRank(
             rank=int(r),
@@ -265,6 +266,7 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             runq_wait_ms=float(runq_med[r] * 1e3) if runq_med is not None and r in runq_med.index else None,
             slowest_share=float(slowest_share.get(r, 0.0)),
             extra_ms=float(extra[r] * 1e3),
+            wait_ms=float(wait_med.get(r, 0.0) * 1e3),
         )
         for r in busy_med.index
     ]

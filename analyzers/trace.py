@@ -59,7 +59,8 @@ class Trace:
     rank: int
     events: pd.DataFrame
     """One row per complete event: name, cat, pid, tid, ts, dur, end (int64 ns), stream, correlation,
-    ext_id (-1 where absent)."""
+    ext_id, and for a stream's waits (cuda_sync) wait_stream and wait_corr: the stream and the
+    cudaEventRecord call it waits on (-1 where absent)."""
     comm_args: pd.DataFrame = field(default_factory=pd.DataFrame)
     """Collective metadata by event row (index = row of ``events``)."""
     world_size: int | None = None
@@ -159,6 +160,8 @@ class _Args(msgspec.Struct, gc=False, frozen=True):
     group_size: Any = msgspec.field(default=None, name="Group size")
     pg_name: Any = msgspec.field(default=None, name="Process Group Name")
     pg_ranks: Any = msgspec.field(default=None, name="Process Group Ranks")
+    wait_stream: Any = msgspec.field(default=None, name="wait_on_stream")
+    wait_corr: Any = msgspec.field(default=None, name="wait_on_cuda_event_record_corr_id")
 
 
 _NO_ARGS = _Args()
@@ -210,7 +213,13 @@ class _Interner:
 
 
 _TS, _DUR = attrgetter("ts"), attrgetter("dur")
+_WAITS = ("wait_stream", "wait_corr")
 _CORRELATION, _EXT_ID = attrgetter("args.correlation"), attrgetter("args.ext_id")
+
+
+def _id(value: Any) -> int:
+    """An id read from an event's args: an int64, else -1."""
+    return value if isinstance(value, int) and _INT64[0] <= value < _INT64[1] else -1
 
 
 @dataclass
@@ -219,7 +228,7 @@ class _Columns:
 
     interners: list[_Interner] = field(default_factory=lambda: [_Interner() for _ in range(4)])
     arrays: dict[str, list[np.ndarray]] = field(
-        default_factory=lambda: {k: [] for k in ("ts", "dur", "stream", "correlation", "ext_id")}
+        default_factory=lambda: {k: [] for k in ("ts", "dur", "stream", "correlation", "ext_id", *_WAITS)}
     )
     comm_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     n: int = 0
@@ -249,6 +258,12 @@ class _Columns:
         gpu = np.flatnonzero(np.fromiter((c in STREAM_CATS for c in cats), dtype=bool, count=n))
         stream[gpu] = [s if isinstance(s := xs[i].args.stream, int) else -1 for i in gpu.tolist()]
         a["stream"].append(stream)
+        # what a stream waits on (cuda_sync events): the stream and cudaEventRecord it waits for
+        for key in _WAITS:
+            waits = np.full(n, -1, dtype=np.int64)
+            sync = np.flatnonzero(np.fromiter((c == "cuda_sync" for c in cats), dtype=bool, count=n))
+            waits[sync] = [_id(getattr(xs[i].args, key)) for i in sync.tolist()]
+            a[key].append(waits)
         for i, e in enumerate(xs):
             if e.args.collective is not None or e.name == "record_param_comms":
                 self.comm_rows[self.n + i] = {k: getattr(e.args, k) for k in COMM_ARGS.values()}
@@ -370,6 +385,7 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
     streams: list[int] = []
     corrs: list[int] = []
     ext: list[int] = []
+    waits: dict[str, list[int]] = {k: [] for k in _WAITS}
     comm_rows: dict[int, dict[str, Any]] = {}
     for e in events:
         if not isinstance(e, dict) or e.get("ph") != "X":
@@ -396,6 +412,9 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
         corrs.append(c if isinstance(c, int) and _INT64[0] <= c < _INT64[1] else -1)
         x = args.get("External id", -1)
         ext.append(x if isinstance(x, int) and _INT64[0] <= x < _INT64[1] else -1)
+        sync = cat == "cuda_sync"
+        waits["wait_stream"].append(_id(args.get("wait_on_stream")) if sync else -1)
+        waits["wait_corr"].append(_id(args.get("wait_on_cuda_event_record_corr_id")) if sync else -1)
         if "Collective name" in args or name == "record_param_comms":
             comm_rows[i] = {v: args.get(k) for k, v in COMM_ARGS.items()}
     cols = {
@@ -408,6 +427,7 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
         "stream": np.asarray(streams, dtype=np.int64),
         "correlation": np.asarray(corrs, dtype=np.int64),
         "ext_id": np.asarray(ext, dtype=np.int64),
+        **{k: np.asarray(v, dtype=np.int64) for k, v in waits.items()},
     }
     return cols, comm_rows
 
@@ -521,6 +541,8 @@ def load_trace(path: Path, rank: int | None = None) -> Trace:
             "stream": cols["stream"][keep],
             "correlation": cols["correlation"][keep],
             "ext_id": cols["ext_id"][keep],
+            "wait_stream": cols["wait_stream"][keep],
+            "wait_corr": cols["wait_corr"][keep],
         }
     )
     if dropped:  # collective args are keyed by event row: renumber them

@@ -358,3 +358,78 @@ def watch_timeline(summary: pd.DataFrame | None, anomalies: list[dict[str, Any]]
         height=360,
     )
     return fig
+
+
+PATH_COLORS = {
+    "compute": "#636efa",
+    "communication": "#ef553b",
+    "waiting": "#ff9f1c",
+    "memory": "#00cc96",
+    "host": "#ab63fa",
+    "launch": "#ffa15a",
+    "gpu_gap": "#b6b6b6",
+    "input": "#19d3f3",
+}
+
+
+def critical_path_kinds(metrics: Metrics) -> go.Figure | None:
+    """Each traced rank's critical path a step, by what it is (stacked, ms)."""
+    rows = [(r, t.critical_path) for r, t in sorted(metrics.trace.items()) if t.critical_path]
+    if not rows:
+        return None
+    fig = go.Figure()
+    kinds = [k for k in PATH_COLORS if any(p.by_kind_ms.get(k) for _, p in rows)]
+    for kind in kinds:
+        fig.add_bar(
+            name=kind,
+            x=[str(r) for r, _ in rows],
+            y=[p.by_kind_ms.get(kind, 0.0) for _, p in rows],
+            marker_color=PATH_COLORS[kind],
+        )
+    fig.update_layout(
+        barmode="stack",
+        title="Critical path a step, by what it is (ms; the step's span marked)",
+        xaxis_title="rank",
+        xaxis=_rank_axis(r for r, _ in rows),
+        yaxis_title="ms a step",
+        **_LAYOUT,
+    )
+    fig.add_scatter(
+        x=[str(r) for r, _ in rows],
+        y=[p.step_ms for _, p in rows],
+        mode="markers",
+        marker=dict(symbol="line-ew-open", size=28, color="black"),
+        name="step span",
+    )
+    return fig
+
+
+def critical_path_timeline(rank: int, segments: list[dict[str, Any]]) -> go.Figure | None:
+    """One step's critical path drawn on its timeline: each stretch on its lane (a CPU thread, a GPU
+    stream), coloured by what it is, named on hover."""
+    if not segments:
+        return None
+    fig = go.Figure()
+    seen: set[str] = set()
+    for kind, color in PATH_COLORS.items():
+        part = [s for s in segments if s["kind"] == kind]
+        if not part:
+            continue
+        seen.add(kind)
+        fig.add_bar(
+            orientation="h",
+            base=[s["start_ms"] for s in part],
+            x=[max(s["end_ms"] - s["start_ms"], 1e-4) for s in part],
+            y=[s["lane"] for s in part],
+            text=[s["name"] for s in part],
+            hovertemplate="%{text}<br>%{base:.3f} ms, %{x:.3f} ms long<extra>" + kind + "</extra>",
+            marker_color=color,
+            name=kind,
+        )
+    fig.update_layout(
+        barmode="overlay",
+        title=f"Rank {rank}: the median step's critical path on its timeline",
+        xaxis_title="ms from the step's start",
+        **{**_LAYOUT, "height": 260},
+    )
+    return fig

@@ -385,3 +385,72 @@ def _watch(a: Analysis) -> Body:
     return _join(
         fig_html(figures.watch_timeline(a.tables.get("summary"), w.anomalies)), anomalies, captures, disk
     ), ""
+
+
+@section("critical_path", "Critical path: what bounds the step", order=35)
+def _critical_path(a: Analysis) -> Body:
+    m = a.metrics
+    rows = [(r, t.critical_path) for r, t in sorted(m.trace.items()) if t.critical_path]
+    if not rows:
+        return None, _no_trace(m) if not m.trace else "the traces mark no step with events in it"
+    lines = []
+    for r, p in rows[:8]:
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in p.by_kind_ms.items())
+        lines.append(
+            Markup("<li>rank {}: {} ms of its {} ms step ({} steps): {} ms</li>").format(
+                r, f"{p.length_ms:.3g}", f"{p.step_ms:.3g}", p.steps, parts
+            )
+        )
+    if len(rows) > 8:
+        lines.append(Markup("<li>{} more ranks in analysis.json</li>").format(len(rows) - 8))
+    worst = max(rows, key=lambda rp: rp[1].length_ms)
+    contributors = pd.DataFrame([{"rank": r, **c} for r, p in rows for c in p.contributors]).sort_values(
+        "ms", ascending=False
+    )
+    fusion = pd.DataFrame(
+        [
+            {
+                "rank": r,
+                "ops": " → ".join(c.ops),
+                "per_step": c.per_step,
+                "own_us": c.own_us,
+                "between_us": c.between_us,
+                "saving_ms": c.saving_ms,
+                "inside": c.inside,
+            }
+            for r, p in rows
+            for c in p.fusion
+        ]
+    )
+    body = _join(
+        Markup(
+            "<p>The chain of dependent work (CPU ops, launches, kernels, syncs, collectives) that "
+            "sets each step's time: the work on it is what a speed-up must shorten.</p><ul>{}</ul>"
+        ).format(Markup("").join(lines)),
+        fig_html(figures.critical_path_kinds(m)),
+        fig_html(figures.critical_path_timeline(worst[0], worst[1].segments)),
+        Markup("<h3>Top contributors (ms a step)</h3>"),
+        _table(contributors, {"rank": "rank", "name": "on the path", "kind": "kind", "ms": "ms a step"}, 20),
+        Markup(
+            "<h3>Fusion candidates</h3><p>Short kernels (ops) back to back on the path, every step: "
+            "fusing each run takes its launches, gaps and dispatch off the path.</p>"
+        )
+        if not fusion.empty
+        else None,
+        _table(
+            fusion.sort_values("saving_ms", ascending=False),
+            {
+                "rank": "rank",
+                "ops": "run",
+                "per_step": "a step",
+                "own_us": "own µs",
+                "between_us": "saved µs each",
+                "saving_ms": "ms a step",
+                "inside": "inside",
+            },
+            20,
+        )
+        if not fusion.empty
+        else None,
+    )
+    return body, ""
