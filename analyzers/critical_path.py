@@ -628,12 +628,17 @@ def fusion_candidates(paths: list[CriticalPath], top: int = 5) -> tuple[list[Fus
         links = [_link_ns(seq[k], seq[k + 1]) for k in range(len(seq) - 1)]
         total += sum(w for w in links if w > 0)
         for n in (2, 3, 4):
+            free: dict[tuple[str, ...], int] = {}  # per run: where its next match may start (no overlap)
             for k in range(len(seq) - n + 1):
                 inner = links[k : k + n - 1]
                 if min(inner) < 0 or sum(inner) <= 0:
                     continue
                 run = seq[k : k + n]
-                acc = found.setdefault(tuple(short_name(it[0]) for it in run), [0, 0, 0, _common(run)])
+                key = tuple(short_name(it[0]) for it in run)
+                if k < free.get(key, 0):
+                    continue
+                free[key] = k + n
+                acc = found.setdefault(key, [0, 0, 0, _common(run)])
                 acc[0] += 1
                 acc[1] += sum(it[2] for it in run)
                 acc[2] += sum(inner)

@@ -212,6 +212,21 @@ def _breakdown_spread(traces: list[tuple[int, Any]]) -> list[str]:
     return [f"  {len(rows)} ranks, median: " + ", ".join(parts)]
 
 
+def path_lines(m: Metrics) -> list[str]:
+    """What bounds the step: the longest critical path of the traced ranks, by what it is."""
+    paths = [(r, t.critical_path) for r, t in sorted(m.trace.items()) if t.critical_path]
+    if not paths:
+        return []
+    rank, p = max(paths, key=lambda rp: rp[1].length_ms)
+    parts = ", ".join(f"{k} {v:.3g}" for k, v in p.by_kind_ms.items() if v >= 0.005 * p.length_ms)
+    top = ", ".join(f"{c['name']} {c['ms']:.3g}" for c in p.contributors[:3])
+    of = f" (longest of {len(paths)} ranks)" if len(paths) > 1 else ""
+    return [
+        f"  critical path{of}: rank {rank}, {p.length_ms:.3g} ms of its {p.step_ms:.3g} ms step: {parts} ms; "
+        f"most on it: {top} ms"
+    ]
+
+
 def analysis_summary(result: Analysis, target: Path) -> str:
     m = result.metrics
     lines = [
@@ -244,6 +259,7 @@ def analysis_summary(result: Analysis, target: Path) -> str:
                 f"  rank {rank}: GPU compute {b['compute_pct']:.0f}%, communication {b['communication_pct']:.0f}%, "
                 f"memory {b['memory_pct']:.0f}%, idle {b['idle_pct']:.0f}%"
             )
+    lines += path_lines(m)
     for name, s in m.memory_snapshot.items():
         holders = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in list(s["by_category"].items())[:4])
         lines.append(

@@ -68,6 +68,14 @@ def test_report_from_a_cpu_run_with_a_hostile_name(tmp_path: Path) -> None:
     for section in ("Per-rank step timeline", "Communication", "Stragglers", "Memory", "Input and I/O"):
         assert section in page
     assert "no data: the nvml collector was disabled" in page  # a missing collector says why
+    # what bounds each step: a path through the step (gloo's all-reduce on its own thread included)
+    assert "Critical path: what bounds the step" in page and "on its timeline" in page
+    for rank, t in analyze(out).metrics.trace.items():
+        p = t.critical_path
+        assert p is not None and p.steps == 2, rank
+        assert 0.7 * p.step_ms <= p.length_ms <= 1.1 * p.step_ms, (rank, p)
+        assert p.by_kind_ms["compute"] > 0.3 * p.length_ms, (rank, p.by_kind_ms)
+        assert {"communication", "waiting"} & set(p.by_kind_ms), (rank, p.by_kind_ms)
     assert len(page.encode()) < 5_000_000
 
     # the merged trace of both ranks

@@ -76,6 +76,7 @@ def _headroom(tmp: Path) -> list[Finding]:
 FIRES: dict[str, Callable[[Path], list[Finding]]] = {
     # trace rules: the eager H100 step loop (real), a plain-data step loop, the HTA NCCL traces (real)
     "host_launch_bound": lambda tmp: analyze(DATA / "h100" / "tuned_trace.json.gz").findings,
+    "fusion_candidates": lambda tmp: analyze(DATA / "h100" / "tuned_trace.json.gz").findings,
     "host_device_sync": lambda tmp: _trace(tmp, step_loop_trace(30.0)),
     "input_stall": lambda tmp: _trace(tmp, step_loop_trace(30.0)),
     "fp32_gemm": lambda tmp: _trace(tmp, step_loop_trace(0.0)),  # ampere_sgemm: FP32 on CUDA cores
@@ -395,6 +396,8 @@ QUIET: dict[str, Callable[[Path], list[Finding]]] = {
     "gc_pauses": lambda tmp: gc_findings({0: 0.0, 1: 2.5}),  # one rank alone pauses, 2.5% of a step
     # trace rules, on real traces that hold what each rule looks at, healthy
     "host_launch_bound": lambda tmp: _trace(tmp, step_loop_trace(30.0)),  # GPU idle, but for input
+    # the GPU's own 1 ms kernels back to back: nothing between them to take off the path
+    "fusion_candidates": lambda tmp: _trace(tmp, step_loop_trace(30.0)),
     "host_device_sync": lambda tmp: analyze(DATA / "h100" / "compiled_trace.json.gz").findings,
     "input_stall": lambda tmp: analyze(DATA / "h100" / "compiled_trace.json.gz").findings,  # idle: launches
     "fp32_gemm": lambda tmp: (

@@ -97,6 +97,37 @@ def unfused_attention(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     )
 
 
+@rule("fusion_candidates", remedy=("compile", "fused_optimizer"), reads="trace", min_share=0.03)
+def fusion_candidates(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
+    """Short kernels (ops) back to back on the critical path every step: each launch, gap and
+    dispatch between them is on the path, and one fused kernel would have none of them."""
+    cp = f.critical_path
+    if cp is None or not cp.fusion or cp.fusable_ms < t["min_share"] * cp.step_ms:
+        return None
+    top = cp.fusion[0]
+    # in-place updates one after another, in an eager optimizer: its fused kernel is the fusion
+    optimizer = f.optimizer_impl not in (None, "fused") and all(op.endswith("_") for op in top.ops)
+    return Diagnosis(
+        title=f"Short kernels back to back on the critical path: fusing them takes up to "
+        f"{cp.fusable_ms:.3g} ms a step off it ({' → '.join(top.ops)}, {top.per_step:g} times a step)",
+        saving_ms=cp.fusable_ms,
+        estimate="the path's launch, gap and dispatch time between short kernels (ops) back to back on it",
+        evidence={
+            "candidates": [
+                {
+                    "ops": c.ops,
+                    "per_step": c.per_step,
+                    "saving_ms": c.saving_ms,
+                    **({"inside": c.inside} if c.inside else {}),
+                }
+                for c in cp.fusion[:3]
+            ],
+            "critical_path_ms": cp.length_ms,
+        },
+        remedy="fused_optimizer" if optimizer else "compile",
+    )
+
+
 _IMPL_TITLE = {
     "foreach": "uses foreach kernels, not the fused one",
     "per-parameter": "updates each parameter with its own kernels",
