@@ -275,7 +275,7 @@ def _close(
     return (-1, last) if not stack else (last, top_end)
 
 
-def _gpu_edges(g: _Graph, trace: Trace, x: _Events, runtime_of: dict[int, int]) -> None:
+def _gpu_edges(g: _Graph, trace: Trace, x: _Events, runtime_of: dict[int, int], hta: bool) -> None:
     n = len(x.names)
     gpu = [i for i in range(n) if x.lanes[i] == "gpu"]
     if not gpu:
@@ -297,30 +297,33 @@ def _gpu_edges(g: _Graph, trace: Trace, x: _Events, runtime_of: dict[int, int]) 
             "call_ts": call_ts.reindex(work["correlation"].to_numpy()).to_numpy(),
         }
     ).dropna(subset=["call_ts"])
-    by_stream = {int(s): d.sort_values("call_ts") for s, d in launches.groupby("stream")}
+    by_stream: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # stream -> (call starts, correlations)
+    for s, d in launches.groupby("stream"):
+        d = d.sort_values("call_ts")
+        by_stream[int(str(s))] = (d["call_ts"].to_numpy(np.float64), d["corr"].to_numpy(np.int64))
     kernel_of = {int(c): i for i in gpu if (c := int(x.corrs[i])) >= 0 and x.cats[i] in GPU_CATS}
     prev_end = {}  # per stream, sorted by start: the previous kernel's end before each kernel
     for _, d in launches.groupby("stream"):
         d = d.sort_values("ts")
-        prev = np.concatenate([[-1], np.maximum.accumulate(d["end"].to_numpy())[:-1]])
-        prev_end.update(dict(zip(d["corr"].astype(int).tolist(), prev.tolist(), strict=True)))
+        ends = np.concatenate([[-1], np.maximum.accumulate(d["end"].to_numpy())[:-1]])
+        prev_end.update(dict(zip(d["corr"].astype(int).tolist(), ends.tolist(), strict=True)))
 
     def before(stream: int, t: float) -> int | None:
         """The correlation of the last launch onto ``stream`` whose call started before ``t``."""
-        d = by_stream.get(stream)
-        if d is None:
+        if stream not in by_stream:
             return None
-        k = int(d["call_ts"].searchsorted(t, side="left")) - 1
-        return int(d["corr"].iat[k]) if k >= 0 else None
+        starts, corrs = by_stream[stream]
+        k = int(starts.searchsorted(t, side="left")) - 1
+        return int(corrs[k]) if k >= 0 else None
 
     def after(stream: int, t: float) -> int | None:
-        d = by_stream.get(stream)
-        if d is None:
+        if stream not in by_stream:
             return None
-        k = int(d["call_ts"].searchsorted(t, side="right"))
-        return int(d["corr"].iat[k]) if k < len(d) else None
+        starts, corrs = by_stream[stream]
+        k = int(starts.searchsorted(t, side="right"))
+        return int(corrs[k]) if k < len(corrs) else None
 
-    record_ts = {int(c): t for c, t in call_ts.items()}
+    record_ts = dict(zip(call_ts.index.astype(np.int64).tolist(), call_ts.to_numpy().tolist(), strict=True))
     if not (cat == "cuda_sync").any():
         _inferred_syncs(g, x, gpu, runtime_of)
     # kernels by start, waits by end (a stream sync drawn over a copy comes after it)
@@ -337,16 +340,16 @@ def _gpu_edges(g: _Graph, trace: Trace, x: _Events, runtime_of: dict[int, int]) 
                 on_stream, on_record = waits.get(i, (-1, -1))
                 at = record_ts.get(on_record)
                 src_corr = before(on_stream, at) if at is not None else None
-                src = kernel_of.get(src_corr) if src_corr is not None else None
-                if src is None:
+                on = kernel_of.get(src_corr, -1) if src_corr is not None else -1
+                if on < 0:
                     continue
                 if name == "Event Sync":
                     if call is not None:
-                        g.add(2 * src + 1, 2 * call + 1, 0, -1, "sync")
+                        g.add(2 * on + 1, 2 * call + 1, 0, -1, "sync")
                 elif call is not None:
-                    dest_corr = after(int(x.streams[i]), x.ts[call])
+                    dest_corr = after(int(x.streams[i]), float(x.ts[call]))
                     if dest_corr is not None and dest_corr in kernel_of:
-                        waits_for[kernel_of[dest_corr]] = src
+                        waits_for[kernel_of[dest_corr]] = on
             elif call is not None:
                 targets = last.values() if name == "Context Sync" else [last.get(int(x.streams[i]), -1)]
                 for k in targets:
@@ -368,6 +371,8 @@ def _gpu_edges(g: _Graph, trace: Trace, x: _Events, runtime_of: dict[int, int]) 
                 launched = True
         if not launched and prev >= 0 and (src < 0 or x.te[src] < x.te[prev]):
             g.add(2 * prev + 1, 2 * i, x.ts[i] - x.te[prev], -1, "gap")
+        elif launched and prev >= 0 and not hta:
+            g.add(2 * prev + 1, 2 * i, 0, -1, "gap")  # a stream runs in order: said for replays
         if not launched and call is not None:
             g.add(2 * call, 2 * i, 0, -1, "launch")  # a kernel never starts before its launch
         last[stream] = i
@@ -428,6 +433,22 @@ def _collective_edges(g: _Graph, x: _Events, by_tid: dict[str, list[int]]) -> No
             g.add(2 * c + 1, 2 * w + 1, 0, -1, "sync")
 
 
+def _apply(g: _Graph, x: _Events, change: Change) -> None:
+    """Scale each event's own stretches by its change (an op inherits its parents': aten::mm inside
+    a faster aten::linear is faster too)."""
+    n = len(x.names)
+    factor = [1.0] * n
+    on_gpu = "gpu" in x.lanes  # a GPU trace's CPU ops are the host's work, whatever they launch
+    for i in sorted(range(n), key=lambda i: (x.ts[i], -x.te[i])):  # parents first
+        fam = "host" if on_gpu and x.lanes[i] == "cpu" else family(x.names[i], x.lanes[i])
+        own = change.factor(x.names[i], fam)
+        up = factor[x.parent[i]] if x.lanes[i] == "cpu" and x.parent[i] >= 0 else 1.0
+        factor[i] = max(own, up)
+    for e, a in enumerate(g.attr):
+        if a >= 0 and g.kind[e] == "op" and factor[a] != 1.0:
+            g.w[e] = int(round(g.w[e] / factor[a]))
+
+
 def _spans(trace: Trace, pattern: re.Pattern[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per thread, the annotations whose name matches ``pattern`` (start, end), by start."""
     ev = trace.events
@@ -449,11 +470,63 @@ def _inside(spans: dict[str, tuple[np.ndarray, np.ndarray]], tid: str, t: int) -
     return k >= 0 and t < s[1][k]
 
 
+@dataclass(frozen=True)
+class Change:
+    """A what-if replayed on the graph: kernel (op) families made faster, a faster link."""
+
+    speedup: dict[str, float] = field(default_factory=dict)
+    """Family (``family``: gemm, attention, elementwise, normalization, softmax, optimizer, memory,
+    communication, ...; on a GPU trace "host" for every CPU op) or a piece of a kernel's or op's
+    name, to how many times faster it runs."""
+    link: float = 1.0
+    """How many times faster every collective transfers (their time on the path, waits included)."""
+
+    def factor(self, name: str, fam: str) -> float:
+        f = 1.0
+        low = name.lower()
+        for key, k in self.speedup.items():
+            if key == fam or (len(key) > 2 and key.lower() in low):
+                f = max(f, k)
+        if fam == "communication":
+            f = max(f, self.link)
+        return f
+
+
+_OP_FAMILIES: list[tuple[str, re.Pattern[str]]] = [
+    ("communication", _COMM_OP),
+    ("attention", re.compile(r"attention|flash|sdpa", re.I)),
+    ("gemm", re.compile(r"^aten::(mm|bmm|addmm|baddbmm|matmul|linear|_?addmm_activation)$|conv", re.I)),
+    ("normalization", re.compile(r"norm", re.I)),
+    ("softmax", re.compile(r"softmax", re.I)),
+    ("optimizer", re.compile(r"adam|_foreach_|lerp_|addcdiv_|addcmul_|Optimizer\.step", re.I)),
+    ("memory", re.compile(r"copy_|_to_copy|^aten::to$|contiguous|clone", re.I)),
+]
+
+
+def family(name: str, lane: str = "gpu") -> str:
+    """What an event is, for ``--speedup``: a kernel's category (``kernels.category``); a CPU op's
+    by its ATen name (aten::mm is a gemm, aten::layer_norm normalization, ...), else elementwise."""
+    if lane == "collective":
+        return "communication"
+    if lane == "gpu":
+        return category(name)
+    for fam, pattern in _OP_FAMILIES:
+        if pattern.search(name):
+            return fam
+    return "elementwise" if name.startswith("aten::") else "other"
+
+
 def critical_path(
-    trace: Trace, start_ns: int, end_ns: int, segments: bool = False, hta: bool = False
+    trace: Trace,
+    start_ns: int,
+    end_ns: int,
+    segments: bool = False,
+    hta: bool = False,
+    change: Change | None = None,
 ) -> CriticalPath | None:
     """The critical path of the window [start_ns, end_ns] of ``trace``; None where it holds no event.
-    ``hta``: HTA's graph exactly (no weight for the time between a thread's top-level ops)."""
+    ``hta``: HTA's graph exactly (no weight for the time between a thread's top-level ops).
+    ``change``: the path replayed with the change applied to the events' own time."""
     sel = _select(trace, start_ns, end_ns)
     if sel.empty:
         return None
@@ -480,7 +553,7 @@ def critical_path(
         for i in range(n)
         if x.lanes[i] == "cpu" and x.corrs[i] >= 0 and x.cats[i] in ("cuda_runtime", "cuda_driver")
     }
-    _gpu_edges(g, trace, x, runtime_of)
+    _gpu_edges(g, trace, x, runtime_of, hta)
     _collective_edges(g, x, by_tid)
     has_gpu = "gpu" in x.lanes
     inputs = _spans(trace, _INPUT)
@@ -496,6 +569,8 @@ def critical_path(
             return "input"
         return "host" if has_gpu else "compute"
 
+    if change is not None:
+        _apply(g, x, change)
     path, length = g.longest()
     by_kind: Counter[str] = Counter()
     by_name: Counter[tuple[str, str]] = Counter()

@@ -641,12 +641,44 @@ def sweep(
     help="A change to the run's configuration, e.g. --set parallel.tp=2 (repeatable).",
 )
 @click.option("--nproc", type=click.IntRange(min=1), help="Ranks for the change (default: the run's).")
-def whatif(run: Path, overrides: tuple[str, ...], nproc: int | None) -> None:
-    """Predict a change's step time and peak memory from a profiled run, without running it.
+@click.option(
+    "--speedup",
+    "speedups",
+    multiple=True,
+    metavar="FAMILY=K",
+    help="Kernels (ops) of a family run K times faster, replayed on the traces' critical paths: gemm, "
+    "attention, elementwise, normalization, softmax, optimizer, memory, communication, host, or a piece of "
+    "a kernel's or op's name (repeatable).",
+)
+@click.option(
+    "--link-bandwidth",
+    "link",
+    metavar="Nx",
+    help="Collectives transfer N times faster, replayed on the traces' critical paths.",
+)
+def whatif(
+    run: Path, overrides: tuple[str, ...], nproc: int | None, speedups: tuple[str, ...], link: str | None
+) -> None:
+    """Predict a change's step time (and, for a layout, peak memory) from a profiled run, without
+    running it.
 
-    RUN is a profiled run of the reference trainer; each --set changes its configuration (the
-    layout, microbatches, ZeRO stage, checkpointing, precision, ...).
+    With --set: RUN is a profiled run of the reference trainer, and each --set changes its
+    configuration (the layout, microbatches, ZeRO stage, checkpointing, precision, ...), predicted
+    by the layout model. With --speedup or --link-bandwidth: RUN is any profiled run (or trace) with
+    kernel traces of 2 steps or more, and the change is replayed on each step's critical path.
     """
+    if speedups or link:
+        from perfkit.errors import ConfigError
+        from perfkit.optimizer.replay import parse_change, replay, replay_lines
+
+        if overrides or nproc:
+            raise ConfigError(
+                "--speedup and --link-bandwidth replay the run's own traces; ask --set (and --nproc) of the "
+                "layout model in a separate perfkit whatif"
+            )
+        for line in replay_lines(replay(run, parse_change(speedups, link))):
+            click.echo(line)
+        return
     from perfkit.optimizer.layoutmodel import basis_from_run, whatif_lines
 
     basis = basis_from_run(run)

@@ -375,7 +375,9 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
                 else ""
             )
         )
-    if data.get("basis"):
+    if data.get("no_predictions"):
+        lines.append(f"no predictions: {data['no_predictions']}")
+    elif data.get("basis"):
         lines.append(f"predictions from {data['basis']['run']}")
     return "\n".join(lines)
 

@@ -5,10 +5,12 @@ a thread waiting on another), fusion candidates."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_perfkit
 from perfkit.analyzers.critical_path import critical_path, fusion_candidates, trace_path
 from perfkit.analyzers.trace import load_trace
 
@@ -174,3 +176,47 @@ def test_fusion_candidates_recur_every_step(tmp_path: Path) -> None:
     assert best.ops == ["aten::mul", "aten::add", "aten::mul"] and best.per_step == 1
     assert 0.01 < best.saving_ms < 0.05 and summary.fusable_ms >= best.saving_ms
     assert not fusion_candidates([])[0]
+
+
+H100 = Path(__file__).parent / "data" / "h100" / "tuned_trace.json.gz"
+
+
+def test_whatif_replays_a_change_on_the_critical_path() -> None:
+    """The H100 step loop is host-bound under the profiler (51 ms a step, 28 ms of GPU work): a host
+    100x faster leaves the GPU's work, 2x faster GEMMs change nothing (they are not on the path)."""
+    from perfkit.optimizer.replay import parse_change, replay
+
+    host = replay(H100, parse_change(("host=100",), None))
+    assert 25 < host.predicted_ms < 40 and host.uncertainty_ms < 2
+    r = host.ranks[0]
+    assert abs(statistics.median(r.replayed_ms) / statistics.median(r.spans_ms) - 1) < 0.05  # no change
+    gemm = replay(H100, parse_change(("gemm=2",), None))
+    assert gemm.predicted_ms == pytest.approx(gemm.step_ms, abs=0.5)
+
+
+def test_whatif_replay_refuses_what_it_cannot_reproduce(tmp_path: Path) -> None:
+    """One profiled step (all warm-up, no spread), or steps whose events do not fill them: no
+    prediction, one line that says why."""
+    one = Kineto()
+    one.x("user_annotation", "ProfilerStep#1", 0, 1000)
+    one.launch("aten::mm", 0, 20, 900)
+    empty = Kineto()  # each 10 ms step holds 1 ms of ops, 5 ms in
+    for step in range(3):
+        empty.x("user_annotation", f"ProfilerStep#{step}", 10_000 * step, 10_000)
+        empty.x("cpu_op", "aten::mm", 10_000 * step + 5_000, 1_000)
+    for k, says in (
+        (one, "1 profiled step(s); a replay needs 2"),
+        (empty, "does not hold what sets its step"),
+    ):
+        path = k.save(tmp_path / f"{len(k.events)}.json")
+        r = run_perfkit("whatif", str(path), "--speedup", "gemm=2")
+        assert r.returncode != 0 and says in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    for bad, says in (
+        (("--speedup", "gemm"), "give FAMILY=K"),
+        (("--link-bandwidth", "fast"), "how many times"),
+    ):
+        r = run_perfkit("whatif", str(H100), *bad)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
+    r = run_perfkit("whatif", str(H100), "--speedup", "gemm=2", "--set", "parallel.tp=2")
+    assert r.returncode == 2 and "separate perfkit whatif" in r.stderr

@@ -25,7 +25,12 @@ def shape(*sets: str, world: int = 2) -> lm.Shape:
 
 
 def make_basis(
-    tmp: Path, *sets: str, world: int = 2, rss: int = 400 << 20, link_beta: float | None = None
+    tmp: Path,
+    *sets: str,
+    world: int = 2,
+    rss: int = 400 << 20,
+    link_beta: float | None = None,
+    n_steps: int = 10,
 ) -> Path:
     """A finished run of tiny-cpu with 10 steps a rank: 30 ms a step, 8 forward, 14 backward, 2 optimizer,
     1 data wait; DDP's bucket all-reduce and a 4-byte all-reduce timed exactly by ALPHA and BETA
@@ -39,7 +44,7 @@ def make_basis(
         d = run.layout.rank_dir(rank)
         d.mkdir(parents=True, exist_ok=True)
         steps, comms, mem = [], [], []
-        for step in range(1, 11):
+        for step in range(1, n_steps + 1):
             steps.append({"step": step, "start_ns": t, "end_ns": t + 30_000_000, "step_time_s": 0.030,
                           "data_wait_s": 0.001, "forward_s": 0.008, "backward_s": 0.014, "optimizer_s": 0.002,
                           "tokens": 512, "loss": 5.0, "perfkit_s": 0.0})  # fmt: skip
@@ -59,7 +64,7 @@ def make_basis(
                 [n for n in (4 << 10, 256 << 10, 4 << 20, 32 << 20) for _ in range(5)]
             ):
                 dur = ALPHA + (2 * (world - 1) / world) * nbytes / link_beta
-                comms.append({"step": 11, "seq": 100 + seq, "op": "all_reduce", "source": "probe", "group": "0",
+                comms.append({"step": n_steps + 1, "seq": 100 + seq, "op": "all_reduce", "source": "probe", "group": "0",
                               "group_ranks": "0,1", "group_size": world, "bytes": nbytes, "dtype": "float32",
                               "start_ns": t, "end_ns": t + int(dur * 1e9)})  # fmt: skip
                 t += int(dur * 1e9) + 100_000
@@ -179,6 +184,22 @@ def test_whatif_prints_one_screen(tmp_path: Path) -> None:
     assert (
         bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "bundled trainer" in bad.stderr
     )
+
+
+def test_a_basis_that_cannot_reproduce_itself_refuses(tmp_path: Path) -> None:
+    """Too few steps after the warm-up, or a model that misses the basis's own step by more than 5%:
+    no prediction, and one line that says why (a 4-step basis had predicted 2368 ms for a layout that
+    measured 119, and whatif of it with no change had printed 2368 against the 329 ms it measured)."""
+    short = run_perfkit("whatif", str(make_basis(tmp_path / "short", n_steps=4)), "--set", "parallel.tp=2")
+    assert short.returncode != 0 and len(short.stderr.strip().splitlines()) == 1, short.stderr
+    assert "has 1 step(s) after its 3 warm-up steps" in short.stderr and "steps=" in short.stderr
+    b = lm.basis_from_run(make_basis(tmp_path / "long"))
+    assert b.refusal() is None and b.steps_used == 7
+    p = lm.predict(b, load_config("tiny-cpu", ["parallel.tp=2"]), 2)
+    assert p.uncertainty_s == 0.0  # every planted step lasts 30 ms: no spread
+    b.alpha_s = 0.05  # collectives fitted at 50 ms a call: more than the step's forward and backward
+    refusal = b.refusal()
+    assert refusal is not None and "does not reproduce its basis" in refusal and "+" in refusal
 
 
 def test_a_basis_whose_perfkit_was_killed_says_so(tmp_path: Path) -> None:

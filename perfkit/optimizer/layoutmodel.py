@@ -259,6 +259,10 @@ class Basis:
     host_memory_bytes: float | None = None
     """The basis's device and host capacities (its manifest), what a sweep's layouts must fit in."""
     notes: list[str] = field(default_factory=list)
+    steps_used: int = 0
+    """Steps after the warm-up that the basis's figures are medians of."""
+    spread_s: float = 0.0
+    """Half the p10-p90 range of those steps' times: what a prediction is uncertain by, at least."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -268,6 +272,30 @@ class Basis:
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
 
+    def refusal(self) -> str | None:
+        """Why no prediction may be made from this basis, or None: too few steps after the warm-up,
+        or a model that does not reproduce the basis's own step within ``REPRODUCE``."""
+        if self.steps_used < MIN_STEPS:
+            return (
+                f"the basis {self.run} has {self.steps_used} step(s) after its {WARMUP} warm-up steps; predictions "
+                f"need {MIN_STEPS} or more (its early steps are allocation and start-up, not the layout): profile "
+                f"it with steps={WARMUP + MIN_STEPS + 2} or more"
+            )
+        modelled = predict(self, config_from_dict(self.config), self.world_size).step_s
+        if abs(modelled - self.step_s) > REPRODUCE * self.step_s:
+            return (
+                f"the layout model does not reproduce its basis {self.run}: {modelled * 1e3:.1f} ms a step "
+                f"modelled against the {self.step_s * 1e3:.1f} ms measured ({modelled / self.step_s - 1:+.0%}); "
+                + "; ".join(self.notes or ["its collectives do not fit a latency and a bandwidth"])
+            )
+        return None
+
+
+MIN_STEPS = 3
+"""Steps after the warm-up a basis needs: fewer, and its medians are one or two steps' noise."""
+REPRODUCE = 0.05
+"""How closely the model must reproduce its basis's own step before it predicts another layout."""
+
 
 @dataclass
 class Prediction:
@@ -276,10 +304,13 @@ class Prediction:
     time_parts: dict[str, float]
     memory_parts: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    uncertainty_s: float = 0.0
+    """The basis's step spread, scaled to this step."""
 
     def to_json(self) -> dict[str, Any]:
         out = {
             "step_ms": self.step_s * 1e3,
+            "uncertainty_ms": self.uncertainty_s * 1e3,
             "peak_memory_bytes": self.peak_bytes,
             "time_ms": {k: v * 1e3 for k, v in self.time_parts.items()},
             "memory_bytes": self.memory_parts,
@@ -387,6 +418,9 @@ def basis_from_run(run_path: Path) -> Basis:
     later = steps[steps["step"] > WARMUP]
     if later["step"].nunique() < 2:
         later = steps[steps["step"] > 1] if steps["step"].nunique() > 2 else steps
+    steps_used = int(steps.loc[steps["step"] > WARMUP, "step"].nunique())
+    per_step = later.groupby("step")["step_time_s"].max()  # the job's step: its slowest rank's
+    spread = float((per_step.quantile(0.9) - per_step.quantile(0.1)) / 2) if len(per_step) > 1 else 0.0
     per_rank = later.groupby("rank")[["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s"]]
     med = per_rank.median()
     step_s = float(med["step_time_s"].median())
@@ -407,6 +441,8 @@ def basis_from_run(run_path: Path) -> Basis:
         base_bytes=None,
         gpu_memory_bytes=run.manifest.env.get("gpu_memory_bytes"),
         host_memory_bytes=run.manifest.env.get("host_memory_bytes"),
+        steps_used=steps_used,
+        spread_s=spread,
     )
     shape = basis.shape
     fit = _fit_comms(t.comms, WARMUP, t.link_probe)
@@ -505,7 +541,9 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
             "FSDP2 on CPU: a rank's RSS grows step after step (the C allocator keeps freed all-gather "
             "buffers: 591 to 730 MiB over 6 steps at 12.8M parameters), so the peak is a lower bound"
         )
-    return Prediction(sum(parts.values()), peak, parts, mem, notes)
+    step = sum(parts.values())
+    spread = basis.spread_s * step / basis.step_s if basis.step_s > 0 else 0.0
+    return Prediction(step, peak, parts, mem, notes, spread)
 
 
 def describe(cfg: TrainConfig, lay: Layout) -> str:
@@ -532,6 +570,9 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
             f"profile a run there and ask whatif of that run"
         )
     lay = resolve_layout(cfg, world_size)
+    refusal = basis.refusal()
+    if refusal:
+        raise RunDirError(f"no prediction: {refusal}")
     before = predict(basis, base_cfg, basis.world_size)
     after = predict(basis, cfg, world_size)
     mib = 2**20
@@ -540,9 +581,9 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
     lines = [
         f"perfkit whatif: {basis.run} ({name}) with {change} ({describe(cfg, lay)} on {world_size} rank(s))",
         "",
-        f"{'':<34}{'measured':>10}{'modelled':>10}{'changed':>10}   ratio",
+        f"{'':<34}{'measured':>10}{'modelled':>10}{'changed':>10}   ratio  ±ms",
         f"{'time per step (ms)':<34}{basis.step_s * 1e3:>10.1f}{before.step_s * 1e3:>10.1f}"
-        f"{after.step_s * 1e3:>10.1f}   {after.step_s / before.step_s:.2f}x",
+        f"{after.step_s * 1e3:>10.1f}   {after.step_s / before.step_s:.2f}x  ±{after.uncertainty_s * 1e3:.2g}",
     ]
     if after.peak_bytes is not None and before.peak_bytes is not None and basis.peak_bytes:
         lines.append(

@@ -141,6 +141,10 @@ class Sweep:
     memory_limit: float | None = None
     candidates: list[Candidate] = field(default_factory=list)
     basis: Basis | None = None
+    basis_layout: str | None = None
+    """The layout the sweep profiled as its basis (its label), where it profiled one."""
+    refusal: str | None = None
+    """Why the basis gave no predictions (too few steps, a model that misses the basis itself)."""
     rungs: list[tuple[int, int, int]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     interrupted: bool = False
@@ -183,9 +187,12 @@ class Sweep:
             for c in self.candidates
             if c.predicted and c.predicted.get("peak_memory_bytes") and c.peak_memory_bytes
         ]
+        time_errors = [abs(p - m) / m for p, m in pairs if m]
         return {
             "spearman": spearman([p for p, _ in pairs], [m for _, m in pairs]),
             "layouts_ranked": len(pairs),
+            "time_error_median": statistics.median(time_errors) if time_errors else None,
+            "time_error_max": max(time_errors, default=None),
             "memory_error_median": statistics.median(errors) if errors else None,
             "memory_error_max": max(errors, default=None),
             "layouts_with_memory": len(errors),
@@ -209,6 +216,8 @@ class Sweep:
             "started": self.started,
             "interrupted": self.interrupted,
             "basis": self.basis.to_json() if self.basis else None,
+            **({"no_predictions": self.refusal} if self.refusal else {}),
+            **({"basis_layout": self.basis_layout} if self.basis_layout else {}),
             "agreement": self.agreement(),
             "candidates": [
                 {
@@ -323,6 +332,7 @@ def _basis(sweep: Sweep, basis_run: Path | None, out: Path, nodes: Nodes, progre
     from perfkit.run import Run
 
     first = next(c for c in sweep.candidates if not c.skipped)
+    sweep.basis_layout = first.label
     folder = out / "basis"
     if folder.exists():
         try:
@@ -404,6 +414,11 @@ def run_sweep(
         try:
             if predict:
                 sweep.basis = _basis(sweep, basis_run, out, nodes, progress)
+                sweep.refusal = sweep.basis.refusal()
+                if sweep.refusal:  # measured only: a prediction that misses its own basis misleads
+                    progress(f"no predictions: {sweep.refusal}", 0, 0)
+                    predict = False
+            if predict and sweep.basis is not None:
                 limit, what = _limit(sweep, memory_limit, sweep.basis)
                 for c in sweep.candidates:
                     if c.skipped:

@@ -1,0 +1,195 @@
+"""What-if by replay: a change applied to each traced rank's step graphs (its critical paths,
+``perfkit.analyzers.critical_path``) and the graphs' longest paths taken again.
+
+A replay first replays the basis unchanged: where the critical path of a profiled step does not
+reproduce that step's span within ``REPRODUCE`` (the trace does not hold what sets the step: work
+outside any profiled op, a step cut short by the profiler's window), or where the trace has fewer than
+``MIN_STEPS`` profiled steps, it refuses and says why. A prediction is the measured step time less what
+the change takes off the path; its uncertainty is the spread of that over the profiled steps and ranks.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from perfkit.analyzers.breakdown import profiler_steps
+from perfkit.analyzers.critical_path import Change, critical_path
+from perfkit.analyzers.trace import load_trace
+from perfkit.errors import ConfigError, RunDirError
+
+REPRODUCE = 0.05
+"""How closely the unchanged replay of a step must reproduce the step's span."""
+MIN_STEPS = 2
+"""Profiled steps a rank's trace must hold: one step is all warm-up, and has no spread."""
+
+
+@dataclass
+class RankReplay:
+    rank: int
+    spans_ms: list[float]
+    """Each profiled step's span (its ProfilerStep annotation)."""
+    replayed_ms: list[float]
+    """Each step's critical path, unchanged."""
+    changed_ms: list[float]
+    by_kind_before: dict[str, float] = field(default_factory=dict)
+    by_kind_after: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def saved_ms(self) -> list[float]:
+        return [a - b for a, b in zip(self.replayed_ms, self.changed_ms, strict=True)]
+
+
+@dataclass
+class Replay:
+    source: str
+    change: Change
+    step_ms: float
+    """The measured step (the run's step table's median, else the traces' profiled steps')."""
+    ranks: list[RankReplay]
+
+    @property
+    def saved_ms(self) -> float:
+        """What the change takes off the job's step: the least any rank saves (the ranks of a
+        synchronous job wait for the slowest), median over its steps."""
+        return min(statistics.median(r.saved_ms) for r in self.ranks)
+
+    @property
+    def predicted_ms(self) -> float:
+        return self.step_ms - self.saved_ms
+
+    @property
+    def uncertainty_ms(self) -> float:
+        """Half the range of the per-step savings, over every rank's steps."""
+        every = [s for r in self.ranks for s in r.saved_ms]
+        return (max(every) - min(every)) / 2 if len(every) > 1 else 0.0
+
+
+def parse_change(speedups: tuple[str, ...], link: str | None) -> Change:
+    """``--speedup attention=2`` (repeatable) and ``--link-bandwidth 2x`` as a ``Change``."""
+    out: dict[str, float] = {}
+    for s in speedups:
+        key, sep, value = s.partition("=")
+        try:
+            k = float(value.strip().removesuffix("x"))
+        except ValueError:
+            k = -1.0
+        if not sep or not key.strip() or not k > 0:
+            raise ConfigError(
+                f"--speedup {s!r}: give FAMILY=K (K times faster, K > 0), e.g. --speedup attention=2; families: "
+                "gemm, attention, elementwise, normalization, softmax, optimizer, memory, communication, host, or "
+                "a piece of a kernel's or op's name"
+            )
+        out[key.strip()] = k
+    factor = 1.0
+    if link is not None:
+        try:
+            factor = float(link.strip().lower().removesuffix("x"))
+        except ValueError:
+            factor = -1.0
+        if not factor > 0:
+            raise ConfigError(
+                f"--link-bandwidth {link!r}: give how many times faster, e.g. --link-bandwidth 2x"
+            )
+    return Change(speedup=out, link=factor)
+
+
+def replay(source: Path, change: Change) -> Replay:
+    """Replay ``change`` on every trace of ``source`` (a run directory or one trace)."""
+    from perfkit.run import Run, RunLayout
+
+    step_ms: float | None = None
+    if source.is_dir() and RunLayout(source).is_run():
+        run = Run.open(source)
+        traces = run.layout.traces()
+        from perfkit.analyzers.runtables import load_tables, steady
+
+        steps = steady(load_tables(run).steps)
+        if not steps.empty:
+            step_ms = float(steps.groupby("rank")["step_time_s"].median().median() * 1e3)
+    elif source.is_file():
+        traces = [source]
+    else:
+        raise RunDirError(f"{source}: no such run directory or trace")
+    if not traces:
+        raise RunDirError(
+            f"{source}: holds no kernel trace to replay; profile with --profile-steps (3 steps or more)"
+        )
+    ranks = []
+    for path in traces:
+        trace = load_trace(path)
+        steps = profiler_steps(trace)
+        if len(steps) < MIN_STEPS:
+            raise RunDirError(
+                f"{path}: {len(steps)} profiled step(s); a replay needs {MIN_STEPS} or more (one step is "
+                "warm-up and has no spread): profile with --profile-steps 3-5"
+            )
+        r = RankReplay(trace.rank, [], [], [])
+        for t0, t1 in zip(steps["ts"], steps["end"], strict=True):
+            before = critical_path(trace, int(t0), int(t1))
+            after = critical_path(trace, int(t0), int(t1), change=change)
+            if before is None or after is None:
+                continue
+            r.spans_ms.append((t1 - t0) / 1e6)
+            r.replayed_ms.append(before.length_ns / 1e6)
+            r.changed_ms.append(after.length_ns / 1e6)
+            for kinds, p in ((r.by_kind_before, before), (r.by_kind_after, after)):
+                for k, v in p.by_kind.items():
+                    kinds[k] = kinds.get(k, 0.0) + v / 1e6
+        if len(r.spans_ms) < MIN_STEPS:
+            raise RunDirError(f"{path}: its profiled steps hold no events to replay")
+        n = len(r.spans_ms)
+        r.by_kind_before = {k: v / n for k, v in r.by_kind_before.items()}
+        r.by_kind_after = {k: v / n for k, v in r.by_kind_after.items()}
+        span, replayed = statistics.median(r.spans_ms), statistics.median(r.replayed_ms)
+        if abs(replayed - span) > REPRODUCE * span:
+            raise RunDirError(
+                f"{path}: replayed unchanged, its steps' critical path is {replayed:.3g} ms against the "
+                f"{span:.3g} ms the steps took ({replayed / span - 1:+.0%}, more than {REPRODUCE:.0%}): the trace "
+                "does not hold what sets its step, so a replay cannot predict a change; profile more steps "
+                "(--profile-steps) or ask perfkit whatif --set of the layout model"
+            )
+        ranks.append(r)
+    if step_ms is None:
+        step_ms = statistics.median(s for r in ranks for s in r.spans_ms)
+    return Replay(str(source), change, step_ms, ranks)
+
+
+def replay_lines(r: Replay) -> list[str]:
+    """``perfkit whatif --speedup/--link-bandwidth``: the basis replayed, the change, by kind."""
+    parts = [f"--speedup {k}={v:g}" for k, v in r.change.speedup.items()]
+    if r.change.link != 1.0:
+        parts.append(f"--link-bandwidth {r.change.link:g}x")
+    n = sum(len(x.spans_ms) for x in r.ranks)
+    lines = [
+        f"perfkit whatif: {r.source} with {' '.join(parts) or 'no change'} (replayed on the critical paths of "
+        f"{n} profiled step(s) of {len(r.ranks)} rank(s))",
+        "",
+        f"{'':<30}{'measured':>10}{'replayed':>10}{'changed':>10}   ratio  ±ms",
+    ]
+    replayed = statistics.median(s for x in r.ranks for s in x.replayed_ms)
+    spans = statistics.median(s for x in r.ranks for s in x.spans_ms)
+    lines.append(
+        f"{'time per step (ms)':<30}{r.step_ms:>10.1f}{r.step_ms - spans + replayed:>10.1f}"
+        f"{r.predicted_ms:>10.1f}   {r.predicted_ms / r.step_ms:.2f}x  ±{r.uncertainty_ms:.2g}"
+    )
+    lines += ["", "critical path a step by kind (ms), rank by rank"]
+    for x in r.ranks:
+        keys = dict.fromkeys([*x.by_kind_before, *x.by_kind_after])
+        row = ", ".join(
+            f"{k} {x.by_kind_before.get(k, 0):.3g} -> {x.by_kind_after.get(k, 0):.3g}" for k in keys
+        )
+        lines.append(f"  rank {x.rank}: {row}")
+    lines += [
+        "",
+        f"measured: the run's median step; replayed: each profiled step's critical path unchanged (within "
+        f"{REPRODUCE:.0%} of the step it replays, or the replay refuses); changed: the measured step less what "
+        "the change takes off the path (the least any rank saves), ± half the range over the steps",
+    ]
+    if r.change.link != 1.0:
+        lines.append(
+            "note: a faster link shortens the collectives' whole time on the path, the wait for the last rank "
+            "included (see the report's waiting share)"
+        )
+    return lines
