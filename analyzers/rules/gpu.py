@@ -107,6 +107,8 @@ def fusion_candidates(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
     top = cp.fusion[0]
     # in-place updates one after another, in an eager optimizer: its fused kernel is the fusion
     optimizer = f.optimizer_impl not in (None, "fused") and all(op.endswith("_") for op in top.ops)
+    if f.compiled and not optimizer:
+        return None  # ops left outside an already compiled step: the report lists them, no fix to name
     return Diagnosis(
         title=f"Short kernels back to back on the critical path: fusing them takes up to "
         f"{cp.fusable_ms:.3g} ms a step off it ({' → '.join(top.ops)}, {top.per_step:g} times a step)",
