@@ -34,7 +34,7 @@ import pandas as pd
 from perfkit.analyzers.breakdown import profiler_steps
 from perfkit.analyzers.kernels import category
 from perfkit.analyzers.metrics import FusionCandidate, PathSummary
-from perfkit.analyzers.trace import GPU_CATS, Trace
+from perfkit.analyzers.trace import GPU_CATS, Trace, by_name
 
 CPU_CATS = ("cpu_op", "cuda_runtime", "cuda_driver")
 BLOCKING = frozenset(
@@ -157,24 +157,123 @@ class _Graph:
         return path, dist[end]
 
 
-def _select(trace: Trace, start_ns: int, end_ns: int) -> pd.DataFrame:
-    """The window's events: CPU ops and runtime calls that start in it (with a duration), async
-    collectives on the CPU, and the GPU work and stream waits those runtime calls launched."""
+@dataclass
+class _Prepared:
+    """What every window of one trace reads, computed once per trace."""
+
+    names: np.ndarray
+    cats: np.ndarray
+    tids: np.ndarray
+    ts: np.ndarray
+    end: np.ndarray
+    stream: np.ndarray
+    corr: np.ndarray
+    cpu: np.ndarray
+    """CPU ops and runtime calls with a duration."""
+    coll: np.ndarray
+    """gloo's (NCCL's) collectives drawn on a CPU thread."""
+    gpu: np.ndarray
+    """GPU work and stream waits."""
+    comm: np.ndarray
+    """CPU ops that are collectives (c10d::, record_param_comms, ...)."""
+    has_sync: bool
+    inputs: dict[str, tuple[np.ndarray, np.ndarray]]
+    waits: dict[tuple[int, int], tuple[int, int]]
+    """(start, correlation) of a stream wait -> (the stream, the cudaEventRecord correlation)."""
+    by_stream: dict[int, tuple[np.ndarray, np.ndarray]]
+    """Each stream's launches by their call's start: (call starts, correlations)."""
+    prev_end: dict[int, int]
+    """Per launch (correlation): the end of the previous kernel on its stream (-1: none)."""
+    call_ts: dict[int, int]
+    """Per correlation: its runtime call's start."""
+
+
+def _prepare(trace: Trace) -> _Prepared:
+    if "critical_path" in trace.memo:
+        return trace.memo["critical_path"]
     ev = trace.events
-    cat = ev["cat"].astype(str)
-    within = (ev["ts"] >= start_ns).to_numpy() & (ev["ts"] <= end_ns).to_numpy() & (ev["dur"] > 0).to_numpy()
-    cpu = cat.isin(CPU_CATS).to_numpy() & (ev["stream"] < 0).to_numpy() & within
-    names = ev["name"].astype(str)
-    coll = (cat == "user_annotation").to_numpy() & names.str.match(_ASYNC_COLLECTIVE).to_numpy() & within
-    corr = set(ev.loc[cpu & (ev["correlation"] >= 0).to_numpy(), "correlation"].tolist())
-    gpu = (cat.isin(GPU_CATS) | (cat == "cuda_sync")).to_numpy() & ev["correlation"].isin(corr).to_numpy()
-    keep = cpu | coll | gpu
-    out = ev[keep].copy()
-    out["cat"] = out["cat"].astype(str)
-    out["name"] = out["name"].astype(str)
-    out["tid"] = out["tid"].astype(str)
-    out["lane"] = np.where(coll[keep], "collective", np.where(gpu[keep], "gpu", "cpu"))
-    return out.reset_index(drop=True)
+    cats = np.asarray(ev["cat"].astype(str), dtype=object)
+    names = np.asarray(ev["name"].astype(str), dtype=object)
+    stream, corr = ev["stream"].to_numpy(), ev["correlation"].to_numpy()
+    cat = ev["cat"]
+    annotation = (cat == "user_annotation").to_numpy()
+    cpu = cat.isin(CPU_CATS).to_numpy() & (stream < 0) & (ev["dur"] > 0).to_numpy()
+    coll = annotation & by_name(ev["name"], lambda nm: bool(_ASYNC_COLLECTIVE.match(nm)), bool)
+    sync = (cat == "cuda_sync").to_numpy()
+    gpu = cat.isin(GPU_CATS).to_numpy() | sync
+    inputs = ev[annotation & by_name(ev["name"], lambda nm: bool(_INPUT.search(nm)), bool)]
+    spans = {}
+    for tid, d in inputs.groupby(inputs["tid"].astype(str), observed=True):
+        d = d.sort_values("ts")
+        spans[str(tid)] = (d["ts"].to_numpy(), np.maximum.accumulate(d["end"].to_numpy()))
+    waiting = ev[(ev["wait_corr"] >= 0).to_numpy()]
+    waits = {
+        (int(t), int(c)): (int(s), int(r))
+        for t, c, s, r in zip(
+            waiting["ts"], waiting["correlation"], waiting["wait_stream"], waiting["wait_corr"], strict=True
+        )
+    }
+    # Every launch of the trace: its runtime call's start, the kernel's stream, start and end; to
+    # tell whether a stream was idle at a launch, and which kernel an event record or a stream wait
+    # refers to.
+    calls = ev[cat.isin(CPU_CATS[1:]).to_numpy() & (corr >= 0)].drop_duplicates("correlation")
+    call_ts = dict(zip(calls["correlation"].astype(np.int64).tolist(), calls["ts"].tolist(), strict=True))
+    work = ev[cat.isin(GPU_CATS).to_numpy() & (corr >= 0)]
+    launches = pd.DataFrame(
+        {
+            "corr": work["correlation"].to_numpy(),
+            "stream": work["stream"].to_numpy(),
+            "ts": work["ts"].to_numpy(),
+            "end": work["end"].to_numpy(),
+            "call_ts": [call_ts.get(int(c), np.nan) for c in work["correlation"].tolist()],
+        }
+    ).dropna(subset=["call_ts"])
+    by_stream: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    prev_end: dict[int, int] = {}
+    for s_, d in launches.groupby("stream"):
+        by_call = d.sort_values("call_ts")
+        by_stream[int(str(s_))] = (
+            by_call["call_ts"].to_numpy(np.float64),
+            by_call["corr"].to_numpy(np.int64),
+        )
+        d = d.sort_values("ts")
+        ends = np.concatenate([[-1], np.maximum.accumulate(d["end"].to_numpy())[:-1]])
+        prev_end.update(dict(zip(d["corr"].astype(int).tolist(), ends.tolist(), strict=True)))
+    out = _Prepared(
+        names=names,
+        cats=cats,
+        tids=np.asarray(ev["tid"].astype(str), dtype=object),
+        ts=ev["ts"].to_numpy(np.int64),
+        end=ev["end"].to_numpy(np.int64),
+        stream=stream,
+        corr=corr,
+        cpu=cpu,
+        coll=coll,
+        gpu=gpu,
+        comm=by_name(ev["name"], lambda nm: bool(_COMM_OP.search(nm)), bool),
+        has_sync=bool(sync.any()),
+        inputs=spans,
+        waits=waits,
+        by_stream=by_stream,
+        prev_end=prev_end,
+        call_ts=call_ts,
+    )
+    trace.memo["critical_path"] = out
+    return out
+
+
+def _select(pre: _Prepared, start_ns: int, end_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The window's events (rows of the trace) and their lanes: CPU ops and runtime calls that
+    start in it (with a duration), async collectives on the CPU, and the GPU work and stream waits
+    those runtime calls launched."""
+    within = (pre.ts >= start_ns) & (pre.ts <= end_ns)
+    cpu = pre.cpu & within
+    coll = pre.coll & within & (pre.end > pre.ts)
+    launched = pre.corr[cpu & (pre.corr >= 0)]
+    gpu = pre.gpu & np.isin(pre.corr, launched) if len(launched) else np.zeros_like(cpu)
+    rows = np.flatnonzero(cpu | coll | gpu)
+    lanes = np.where(coll[rows], "collective", np.where(gpu[rows], "gpu", "cpu"))
+    return rows, lanes
 
 
 @dataclass
@@ -275,38 +374,13 @@ def _close(
     return (-1, last) if not stack else (last, top_end)
 
 
-def _gpu_edges(g: _Graph, trace: Trace, x: _Events, runtime_of: dict[int, int], hta: bool) -> None:
+def _gpu_edges(g: _Graph, pre: _Prepared, x: _Events, runtime_of: dict[int, int], hta: bool) -> None:
     n = len(x.names)
     gpu = [i for i in range(n) if x.lanes[i] == "gpu"]
     if not gpu:
         return
-    # Every launch of the whole trace (the window's and before it): its runtime call's start, the
-    # kernel's stream, start and end; to tell whether a stream was idle at a launch, and which
-    # kernel an event record or a stream wait refers to.
-    ev = trace.events
-    cat = ev["cat"].astype(str)
-    work = ev[cat.isin(GPU_CATS).to_numpy() & (ev["correlation"] >= 0).to_numpy()]
-    calls = ev[cat.isin(CPU_CATS[1:]).to_numpy() & (ev["correlation"] >= 0).to_numpy()]
-    call_ts = calls.drop_duplicates("correlation").set_index("correlation")["ts"]
-    launches = pd.DataFrame(
-        {
-            "corr": work["correlation"].to_numpy(),
-            "stream": work["stream"].to_numpy(),
-            "ts": work["ts"].to_numpy(),
-            "end": work["end"].to_numpy(),
-            "call_ts": call_ts.reindex(work["correlation"].to_numpy()).to_numpy(),
-        }
-    ).dropna(subset=["call_ts"])
-    by_stream: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # stream -> (call starts, correlations)
-    for s, d in launches.groupby("stream"):
-        d = d.sort_values("call_ts")
-        by_stream[int(str(s))] = (d["call_ts"].to_numpy(np.float64), d["corr"].to_numpy(np.int64))
+    by_stream, prev_end = pre.by_stream, pre.prev_end
     kernel_of = {int(c): i for i in gpu if (c := int(x.corrs[i])) >= 0 and x.cats[i] in GPU_CATS}
-    prev_end = {}  # per stream, sorted by start: the previous kernel's end before each kernel
-    for _, d in launches.groupby("stream"):
-        d = d.sort_values("ts")
-        ends = np.concatenate([[-1], np.maximum.accumulate(d["end"].to_numpy())[:-1]])
-        prev_end.update(dict(zip(d["corr"].astype(int).tolist(), ends.tolist(), strict=True)))
 
     def before(stream: int, t: float) -> int | None:
         """The correlation of the last launch onto ``stream`` whose call started before ``t``."""
@@ -323,14 +397,18 @@ def _gpu_edges(g: _Graph, trace: Trace, x: _Events, runtime_of: dict[int, int], 
         k = int(starts.searchsorted(t, side="right"))
         return int(corrs[k]) if k < len(corrs) else None
 
-    record_ts = dict(zip(call_ts.index.astype(np.int64).tolist(), call_ts.to_numpy().tolist(), strict=True))
-    if not (cat == "cuda_sync").any():
+    record_ts = pre.call_ts
+    if not pre.has_sync:
         _inferred_syncs(g, x, gpu, runtime_of)
     # kernels by start, waits by end (a stream sync drawn over a copy comes after it)
     order = sorted(gpu, key=lambda i: (x.te[i] if x.cats[i] == "cuda_sync" else x.ts[i], i))
     last: dict[int, int] = {}  # stream -> the last kernel walked on it
     waits_for: dict[int, int] = {}  # kernel -> the kernel it waits for on another stream
-    waits = _waits(trace, x)
+    waits = {
+        i: pre.waits[key]
+        for i in range(n)
+        if x.cats[i] == "cuda_sync" and (key := (int(x.ts[i]), int(x.corrs[i]))) in pre.waits
+    }
     for i in order:
         corr = int(x.corrs[i])
         if x.cats[i] == "cuda_sync":
@@ -391,23 +469,6 @@ def _inferred_syncs(g: _Graph, x: _Events, gpu: list[int], runtime_of: dict[int,
             g.add(2 * work[k] + 1, 2 * c + 1, 0, -1, "sync")
 
 
-def _waits(trace: Trace, x: _Events) -> dict[int, tuple[int, int]]:
-    """Per stream-wait event of the window: (the stream, the cudaEventRecord correlation) it waits on."""
-    ev = trace.events
-    syncs = ev[(ev["wait_corr"] >= 0).to_numpy()]
-    key = {
-        (int(t), int(c)): (int(s), int(r))
-        for t, c, s, r in zip(
-            syncs["ts"], syncs["correlation"], syncs["wait_stream"], syncs["wait_corr"], strict=True
-        )
-    }
-    return {
-        i: key[(int(x.ts[i]), int(x.corrs[i]))]
-        for i in range(len(x.names))
-        if x.cats[i] == "cuda_sync" and (int(x.ts[i]), int(x.corrs[i])) in key
-    }
-
-
 def _collective_edges(g: _Graph, x: _Events, by_tid: dict[str, list[int]]) -> None:
     """gloo's collectives run on their own threads: each starts after the op that issued it (the
     latest collective op on a CPU thread to start before it), and the op blocked waiting for it (the
@@ -447,19 +508,6 @@ def _apply(g: _Graph, x: _Events, change: Change) -> None:
     for e, a in enumerate(g.attr):
         if a >= 0 and g.kind[e] == "op" and factor[a] != 1.0:
             g.w[e] = int(round(g.w[e] / factor[a]))
-
-
-def _spans(trace: Trace, pattern: re.Pattern[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per thread, the annotations whose name matches ``pattern`` (start, end), by start."""
-    ev = trace.events
-    hit = ev[
-        (ev["cat"] == "user_annotation").to_numpy() & ev["name"].astype(str).str.contains(pattern).to_numpy()
-    ]
-    out = {}
-    for tid, d in hit.groupby(hit["tid"].astype(str), observed=True):
-        d = d.sort_values("ts")
-        out[str(tid)] = (d["ts"].to_numpy(), np.maximum.accumulate(d["end"].to_numpy()))
-    return out
 
 
 def _inside(spans: dict[str, tuple[np.ndarray, np.ndarray]], tid: str, t: int) -> bool:
@@ -527,19 +575,20 @@ def critical_path(
     """The critical path of the window [start_ns, end_ns] of ``trace``; None where it holds no event.
     ``hta``: HTA's graph exactly (no weight for the time between a thread's top-level ops).
     ``change``: the path replayed with the change applied to the events' own time."""
-    sel = _select(trace, start_ns, end_ns)
-    if sel.empty:
+    pre = _prepare(trace)
+    rows, lane = _select(pre, start_ns, end_ns)
+    if not len(rows):
         return None
-    n = len(sel)
+    n = len(rows)
     x = _Events(
-        ts=sel["ts"].to_numpy(np.int64).copy(),
-        te=sel["end"].to_numpy(np.int64).copy(),
-        names=sel["name"].tolist(),
-        cats=sel["cat"].tolist(),
-        lanes=sel["lane"].tolist(),
-        tids=sel["tid"].tolist(),
-        streams=sel["stream"].to_numpy(np.int64),
-        corrs=sel["correlation"].to_numpy(np.int64),
+        ts=pre.ts[rows].copy(),
+        te=pre.end[rows].copy(),
+        names=pre.names[rows].tolist(),
+        cats=pre.cats[rows].tolist(),
+        lanes=lane.tolist(),
+        tids=pre.tids[rows].tolist(),
+        streams=pre.stream[rows],
+        corrs=pre.corr[rows],
         parent=[-1] * n,
     )
     g = _Graph(n)
@@ -553,11 +602,11 @@ def critical_path(
         for i in range(n)
         if x.lanes[i] == "cpu" and x.corrs[i] >= 0 and x.cats[i] in ("cuda_runtime", "cuda_driver")
     }
-    _gpu_edges(g, trace, x, runtime_of, hta)
+    _gpu_edges(g, pre, x, runtime_of, hta)
     _collective_edges(g, x, by_tid)
     has_gpu = "gpu" in x.lanes
-    inputs = _spans(trace, _INPUT)
-    comm_ops = {i for i in range(n) if x.lanes[i] == "cpu" and _COMM_OP.search(x.names[i])}
+    inputs = pre.inputs
+    comm_ops = {i for i in np.flatnonzero(pre.comm[rows]).tolist() if x.lanes[i] == "cpu"}
 
     def cpu_kind(i: int) -> str:
         j = i
@@ -643,8 +692,8 @@ def critical_path(
         if segments:
             t0 = x.t(u)
             at = a if a >= 0 else v // 2
-            lane = f"stream {x.streams[at]}" if x.lanes[at] == "gpu" else f"thread {x.tids[at]}"
-            segs.append(Segment(int(t0), int(t0 + w), kind, name, lane))
+            where = f"stream {x.streams[at]}" if x.lanes[at] == "gpu" else f"thread {x.tids[at]}"
+            segs.append(Segment(int(t0), int(t0 + w), kind, name, where))
     return CriticalPath(
         start_ns=int(start_ns),
         end_ns=int(end_ns),
@@ -811,7 +860,7 @@ def summarize(
     )
 
 
-MAX_SEGMENTS = 400
+MAX_SEGMENTS = 150
 """The most stretches of one step's path the report draws (the longest; merged where one op runs on)."""
 
 
@@ -827,10 +876,10 @@ def trace_path(trace: Trace) -> PathSummary | None:
         if len(windows) > MAX_STEPS:
             pick = np.linspace(0, len(windows) - 1, MAX_STEPS).round().astype(int)
             windows = [windows[i] for i in sorted(set(pick.tolist()))]
-    paths = [p for t0, t1 in windows if (p := critical_path(trace, int(t0), int(t1))) is not None]
+    paths = [
+        p for t0, t1 in windows if (p := critical_path(trace, int(t0), int(t1), segments=True)) is not None
+    ]
     if not paths:
         return None
-    median = sorted(range(len(paths)), key=lambda i: paths[i].length_ns)[len(paths) // 2]
-    t0, t1 = windows[median] if len(windows) == len(paths) else (paths[median].start_ns, paths[median].end_ns)
-    drawn = critical_path(trace, int(t0), int(t1), segments=True)
-    return summarize(paths, segments=drawn)
+    median = sorted(paths, key=lambda p: p.length_ns)[len(paths) // 2]
+    return summarize(paths, segments=median)

@@ -70,6 +70,8 @@ class Trace:
     repairs: list[str] = field(default_factory=list)
     """What was repaired or dropped while reading (invalid UTF-8, impossible times, ...): a result
     built on this trace says so."""
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """What an analyzer computed once of this trace, for its other windows (by the analyzer's name)."""
 
     _gpu: pd.DataFrame | None = None
 

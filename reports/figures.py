@@ -379,6 +379,14 @@ def critical_path_kinds(metrics: Metrics) -> go.Figure | None:
         return None
     fig = go.Figure()
     kinds = [k for k in PATH_COLORS if any(p.by_kind_ms.get(k) for _, p in rows)]
+    if len(rows) > MANY:
+        _boxes(fig, [r for r, _ in rows], {k: [p.by_kind_ms.get(k, 0.0) for _, p in rows] for k in kinds})
+        fig.update_layout(
+            title=f"Critical path a step over {len(rows)} ranks, by what it is (ms)",
+            yaxis_title="ms a step",
+            **_LAYOUT,
+        )
+        return fig
     for kind in kinds:
         fig.add_bar(
             name=kind,
