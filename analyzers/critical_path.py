@@ -130,8 +130,9 @@ class _Graph:
             return [], 0
         out: list[list[int]] = [[] for _ in range(n)]
         indeg = [0] * n
-        for e, v in enumerate(self.dst):
-            out[self.src[e]].append(e)
+        src, dst, weight = self.src, self.dst, self.w
+        for e, v in enumerate(dst):
+            out[src[e]].append(e)
             indeg[v] += 1
         dist = [0] * n
         via = [-1] * n
@@ -140,8 +141,8 @@ class _Graph:
             u = ready.pop()
             du = dist[u]
             for e in out[u]:
-                v = self.dst[e]
-                d = du + self.w[e]
+                v = dst[e]
+                d = du + weight[e]
                 if d > dist[v] or (via[v] < 0 and d >= dist[v]):
                     dist[v], via[v] = d, e
                 indeg[v] -= 1
@@ -624,7 +625,6 @@ def critical_path(
     by_kind: Counter[str] = Counter()
     by_name: Counter[tuple[str, str]] = Counter()
     segs: list[Segment] = []
-    nodes: set[int] = set()
     sequence: list[list[Any]] = []  # [name, kind, own ns, ns after it, event]
 
     def item_of(a: int) -> int:
@@ -662,22 +662,31 @@ def critical_path(
             j = x.parent[j]
         return tuple(reversed(chain))
 
+    labels: dict[int, tuple[str, str, int]] = {}  # event -> (kind, name, its fusion unit), once each
+
+    def label(a: int) -> tuple[str, str, int]:
+        if a not in labels:
+            if x.lanes[a] == "gpu":
+                kind = _kind_of_gpu(x.names[a], x.cats[a])
+            elif x.lanes[a] == "collective":
+                kind = "communication"
+            else:
+                kind = cpu_kind(a)
+            labels[a] = (kind, x.names[a], item_of(a))
+        return labels[a]
+
+    lanes: dict[int, str] = {}
     for e in path:
         u, v, w, a, k = g.src[e], g.dst[e], g.w[e], g.attr[e], g.kind[e]
-        nodes.update((u, v))
+        it = -1
         if k == "launch":
             kind, name = "launch", "kernel launch delay"
         elif k == "gap":
             kind, name = "gpu_gap", "GPU idle between kernels"
         elif a < 0:
             kind, name = "host", "Python between ops"
-        elif x.lanes[a] == "gpu":
-            kind, name = _kind_of_gpu(x.names[a], x.cats[a]), x.names[a]
-        elif x.lanes[a] == "collective":
-            kind, name = "communication", x.names[a]
         else:
-            kind, name = cpu_kind(a), x.names[a]
-        it = item_of(a) if a >= 0 else -1
+            kind, name, it = label(a)
         if it >= 0:
             if sequence and sequence[-1][4] == it:
                 sequence[-1][2] += w
@@ -692,8 +701,9 @@ def critical_path(
         if segments:
             t0 = x.t(u)
             at = a if a >= 0 else v // 2
-            where = f"stream {x.streams[at]}" if x.lanes[at] == "gpu" else f"thread {x.tids[at]}"
-            segs.append(Segment(int(t0), int(t0 + w), kind, name, where))
+            if at not in lanes:
+                lanes[at] = f"stream {x.streams[at]}" if x.lanes[at] == "gpu" else f"thread {x.tids[at]}"
+            segs.append(Segment(t0, t0 + w, kind, name, lanes[at]))
     return CriticalPath(
         start_ns=int(start_ns),
         end_ns=int(end_ns),
@@ -702,15 +712,20 @@ def critical_path(
         contributors=[(nm, kd, int(ns)) for (nm, kd), ns in by_name.most_common()],
         segments=segs,
         events=len({g.attr[e] for e in path if g.attr[e] >= 0}),
-        nodes=len(nodes),
+        nodes=len(path) + 1 if path else 0,  # a path's nodes: one more than its edges
         sequence=[(s[0], s[1], int(s[2]), int(s[3]), inside(s[4])) for s in sequence],
     )
 
 
 SHORT_NS = 50_000
 """A kernel (CPU op) this short is dominated by what surrounds it (launch, dispatch): worth fusing."""
-MAX_STEPS = 12
-"""Steps whose path is computed (evenly spread over the trace's): enough for medians."""
+MAX_STEPS = 3
+"""Steps whose path the analysis computes (the first, middle and last profiled ones): a path is a
+Python walk over every event of its step (0.05-0.3 s a step of 5k-40k events), and the steps of one
+trace differ little; ``perfkit whatif`` replays every step."""
+MANY_RANKS = 4
+"""In a job of more ranks, each rank's path is its middle step's alone: the job's ranks together
+give the spread, and a 1024-rank analysis stays within its time."""
 _NOT_FUSED = re.compile(
     r"gemm|cutlass|xmma|nvjet|wgmma|flash|fmha|attention|conv|aten::(mm|bmm|addmm|linear|matmul)\b|nccl", re.I
 )
@@ -873,9 +888,14 @@ def trace_path(trace: Trace) -> PathSummary | None:
         windows = [(int(ev["ts"].min()), int(ev["end"].max()))]
     else:
         windows = list(zip(steps["ts"].astype("int64"), steps["end"].astype("int64"), strict=True))
-        if len(windows) > MAX_STEPS:
-            pick = np.linspace(0, len(windows) - 1, MAX_STEPS).round().astype(int)
-            windows = [windows[i] for i in sorted(set(pick.tolist()))]
+        most = 1 if (trace.world_size or 1) > MANY_RANKS else MAX_STEPS
+        if len(windows) > most:
+            pick = (
+                np.linspace(0, len(windows) - 1, most + 2)[1:-1]
+                if most == 1
+                else np.linspace(0, len(windows) - 1, most)
+            )
+            windows = [windows[i] for i in sorted(set(pick.round().astype(int).tolist()))]
     paths = [
         p for t0, t1 in windows if (p := critical_path(trace, int(t0), int(t1), segments=True)) is not None
     ]

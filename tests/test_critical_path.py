@@ -171,7 +171,7 @@ def test_fusion_candidates_recur_every_step(tmp_path: Path) -> None:
             k.launch(op, t0 + 640 + 15 * i, t0 + 649 + 15 * i, 3)
     trace = load_trace(k.save(tmp_path / "fuse.json"))
     summary = trace_path(trace)
-    assert summary is not None and summary.steps == 6
+    assert summary is not None and summary.steps == 3  # the first, middle and last of the 6
     best = summary.fusion[0]
     assert best.ops == ["aten::mul", "aten::add", "aten::mul"] and best.per_step == 1
     assert 0.01 < best.saving_ms < 0.05 and summary.fusable_ms >= best.saving_ms
