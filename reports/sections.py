@@ -395,7 +395,7 @@ def _critical_path(a: Analysis) -> Body:
         return None, _no_trace(m) if not m.trace else "the traces mark no step with events in it"
     lines = []
     for r, p in rows[:8]:
-        parts = ", ".join(f"{k} {v:.3g}" for k, v in p.by_kind_ms.items())
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in p.by_kind_ms.items() if v > 0)
         lines.append(
             Markup("<li>rank {}: {} ms of its {} ms step ({} steps): {} ms</li>").format(
                 r, f"{p.length_ms:.3g}", f"{p.step_ms:.3g}", p.steps, parts
