@@ -19,7 +19,8 @@ A dependency graph is built from one rank's trace, in the sense of HTA's critica
 
 The critical path is the graph's longest path; its edges, by what they are the time of, give the
 step's breakdown (compute, communication, host, launch and gaps between kernels, input) and its top
-contributors. ``bench/analyze_vs_hta.py`` and tests/test_hta_parity.py hold HTA's own figures.
+contributors. With ``hta=True`` the graph is HTA's exactly (a thread's top-level ops linked at no
+weight); tests/test_critical_path.py holds HTA 0.5.0's own figures on its test trace.
 """
 
 from __future__ import annotations
