@@ -345,11 +345,16 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
     head += f"; {data['repeats']} run(s) of {steps} steps for the full runs"
     lines = [
         head,
-        f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'predicted':>10} {'vs best':>8} {'peak MiB':>9} {'predicted':>10}  runs",
+        f"{'#':>3}  {'layout':<28} {'ms/step':>9} {'predicted':>10}{'±':<5} {'vs best':>8} {'peak MiB':>9} {'predicted':>10}  runs",
     ]
     for i, c in enumerate(data["candidates"], 1):
         p = c.get("predicted") or {}
-        pms = f"{p['step_ms']:>10.1f}" if p.get("step_ms") else f"{'–':>10}"
+        pms = (
+            f"{p['step_ms']:>10.1f}"
+            + (f"±{p['uncertainty_ms']:<4.1f}" if p.get("uncertainty_ms") else " " * 5)
+            if p.get("step_ms")
+            else f"{'–':>10}     "
+        )
         pmem = f"{p['peak_memory_bytes'] / 2**20:>10,.0f}" if p.get("peak_memory_bytes") else f"{'–':>10}"
         if c["step_ms"]:
             runs = ", ".join(

@@ -485,5 +485,9 @@ def _measure_rung(
                 if m.ok and m.step_ms
                 else (f"failed: {m.error}" if not m.ok else "done")
             )
-            predicted = f" (predicted {c.predicted['step_ms']:.1f})" if c.predicted else ""
+            predicted = (
+                f" (predicted {c.predicted['step_ms']:.1f} ± {c.predicted.get('uncertainty_ms') or 0:.1f})"
+                if c.predicted
+                else ""
+            )
             progress(f"[{done}/{total}] {c.label} ({where}): {figure}{predicted}", done, total)
