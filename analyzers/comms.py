@@ -7,6 +7,22 @@ import numpy as np
 import pandas as pd
 from perfkit.analyzers.trace import Trace, by_name
 
+COLLECTIVE_NAMES = (
+    "gloo:",
+    "nccl:",
+    "c10d::",
+    "record_param_comms",
+    "kernel nccl",
+    "ProcessGroup",
+    "torch.distributed",
+)
+"""How the ops, annotations and kernels of a collective begin (the NCCL kernels' names hold "nccl")."""
+
+
+def is_collective(name: str) -> bool:
+    """A collective's op, annotation or kernel: its time includes waiting for the other ranks."""
+    return name.startswith(COLLECTIVE_NAMES) or "nccl" in name.lower()
+
 
 def bus_factor(op: str, n: int) -> float:
     """nccl-tests' PERFORMANCE.md: busbw = algbw × factor."""

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from perfkit.analyzers.breakdown import profiler_steps
+from perfkit.analyzers.comms import is_collective
 from perfkit.analyzers.kernels import category
 from perfkit.analyzers.metrics import FusionCandidate, PathSummary
 from perfkit.analyzers.trace import GPU_CATS, Trace, by_name
@@ -90,9 +91,6 @@ class CriticalPath:
     """The path's kernels (a CPU trace's innermost ops) in order: (name, kind, own ns on the path,
     ns on the path after it before the next one: launch delays, gaps, host time; the CPU ops it ran
     inside, outermost first)."""
-
-
-_COMM_OP = re.compile(r"c10d::|^gloo:|^nccl:|record_param_comms|ProcessGroup|^torch\.distributed")
 
 
 def _kind_of_gpu(name: str, cat: str) -> str:
@@ -252,7 +250,7 @@ def _prepare(trace: Trace) -> _Prepared:
         cpu=cpu,
         coll=coll,
         gpu=gpu,
-        comm=by_name(ev["name"], lambda nm: bool(_COMM_OP.search(nm)), bool),
+        comm=by_name(ev["name"], is_collective, bool),
         has_sync=bool(sync.any()),
         inputs=spans,
         waits=waits,
@@ -471,16 +469,14 @@ def _inferred_syncs(g: _Graph, x: _Events, gpu: list[int], runtime_of: dict[int,
             g.add(2 * work[k] + 1, 2 * c + 1, 0, -1, "sync")
 
 
-def _collective_edges(g: _Graph, x: _Events, by_tid: dict[str, list[int]]) -> None:
+def _collective_edges(g: _Graph, x: _Events, by_tid: dict[str, list[int]], comm_ops: set[int]) -> None:
     """gloo's collectives run on their own threads: each starts after the op that issued it (the
     latest collective op on a CPU thread to start before it), and the op blocked waiting for it (the
     innermost op open at its end that ends within ``WAIT_AFTER_NS``) ends after it."""
     coll = [i for i in range(len(x.names)) if x.lanes[i] == "collective"]
     if not coll:
         return
-    issuers = sorted(
-        (i for idx in by_tid.values() for i in idx if _COMM_OP.search(x.names[i])), key=lambda i: x.ts[i]
-    )
+    issuers = sorted(comm_ops, key=lambda i: x.ts[i])
     issue_ts = np.array([x.ts[i] for i in issuers], dtype=np.int64)
     ops = sorted((i for idx in by_tid.values() for i in idx), key=lambda i: x.te[i])
     op_end = np.array([x.te[i] for i in ops], dtype=np.int64)
@@ -543,7 +539,6 @@ class Change:
 
 
 _OP_FAMILIES: list[tuple[str, re.Pattern[str]]] = [
-    ("communication", _COMM_OP),
     ("attention", re.compile(r"attention|flash|sdpa", re.I)),
     ("gemm", re.compile(r"^aten::(mm|bmm|addmm|baddbmm|matmul|linear|_?addmm_activation)$|conv", re.I)),
     ("normalization", re.compile(r"norm", re.I)),
@@ -556,7 +551,7 @@ _OP_FAMILIES: list[tuple[str, re.Pattern[str]]] = [
 def family(name: str, lane: str = "gpu") -> str:
     """What an event is, for ``--speedup``: a kernel's category (``kernels.category``); a CPU op's
     by its ATen name (aten::mm is a gemm, aten::layer_norm normalization, ...), else elementwise."""
-    if lane == "collective":
+    if lane == "collective" or (lane == "cpu" and is_collective(name)):
         return "communication"
     if lane == "gpu":
         return category(name)
@@ -605,10 +600,10 @@ def critical_path(
         if x.lanes[i] == "cpu" and x.corrs[i] >= 0 and x.cats[i] in ("cuda_runtime", "cuda_driver")
     }
     _gpu_edges(g, pre, x, runtime_of, hta)
-    _collective_edges(g, x, by_tid)
+    comm_ops = {i for i in np.flatnonzero(pre.comm[rows]).tolist() if x.lanes[i] == "cpu"}
+    _collective_edges(g, x, by_tid, comm_ops)
     has_gpu = "gpu" in x.lanes
     inputs = pre.inputs
-    comm_ops = {i for i in np.flatnonzero(pre.comm[rows]).tolist() if x.lanes[i] == "cpu"}
 
     def cpu_kind(i: int) -> str:
         j = i
@@ -727,9 +722,8 @@ trace differ little; ``perfkit whatif`` replays every step."""
 MANY_RANKS = 4
 """In a job of more ranks, each rank's path is its middle step's alone: the job's ranks together
 give the spread, and a 1024-rank analysis stays within its time."""
-_NOT_FUSED = re.compile(
-    r"gemm|cutlass|xmma|nvjet|wgmma|flash|fmha|attention|conv|aten::(mm|bmm|addmm|linear|matmul)\b|nccl", re.I
-)
+NOT_FUSED = frozenset(("gemm", "attention", "communication"))
+"""Families a fusion leaves alone: library GEMMs and attention kernels, and collectives."""
 
 
 def short_name(name: str) -> str:
@@ -741,7 +735,10 @@ def short_name(name: str) -> str:
 
 
 def _fusable(it: tuple[str, str, int, int, tuple[str, ...]]) -> bool:
-    return it[1] in ("compute", "memory", "host") and it[2] <= SHORT_NS and not _NOT_FUSED.search(it[0])
+    lane = "cpu" if it[0].startswith("aten::") else "gpu"  # an item is a kernel or an outermost ATen op
+    return (
+        it[1] in ("compute", "memory", "host") and it[2] <= SHORT_NS and family(it[0], lane) not in NOT_FUSED
+    )
 
 
 def _link_ns(
@@ -889,14 +886,11 @@ def trace_path(trace: Trace) -> PathSummary | None:
         windows = [(int(ev["ts"].min()), int(ev["end"].max()))]
     else:
         windows = list(zip(steps["ts"].astype("int64"), steps["end"].astype("int64"), strict=True))
-        most = 1 if (trace.world_size or 1) > MANY_RANKS else MAX_STEPS
-        if len(windows) > most:
-            pick = (
-                np.linspace(0, len(windows) - 1, most + 2)[1:-1]
-                if most == 1
-                else np.linspace(0, len(windows) - 1, most)
-            )
-            windows = [windows[i] for i in sorted(set(pick.round().astype(int).tolist()))]
+        if (trace.world_size or 1) > MANY_RANKS:
+            windows = [windows[len(windows) // 2]]
+        elif len(windows) > MAX_STEPS:
+            pick = np.linspace(0, len(windows) - 1, MAX_STEPS).round().astype(int)
+            windows = [windows[i] for i in sorted(set(pick.tolist()))]
     paths = [
         p for t0, t1 in windows if (p := critical_path(trace, int(t0), int(t1), segments=True)) is not None
     ]

@@ -261,10 +261,10 @@ class _Columns:
         stream[gpu] = [s if isinstance(s := xs[i].args.stream, int) else -1 for i in gpu.tolist()]
         a["stream"].append(stream)
         # what a stream waits on (cuda_sync events): the stream and cudaEventRecord it waits for
+        sync = [i for i, c in enumerate(cats) if c == "cuda_sync"]
         for key in _WAITS:
             waits = np.full(n, -1, dtype=np.int64)
-            sync = np.flatnonzero(np.fromiter((c == "cuda_sync" for c in cats), dtype=bool, count=n))
-            waits[sync] = [_id(getattr(xs[i].args, key)) for i in sync.tolist()]
+            waits[sync] = [_id(getattr(xs[i].args, key)) for i in sync]
             a[key].append(waits)
         for i, e in enumerate(xs):
             if e.args.collective is not None or e.name == "record_param_comms":
@@ -408,12 +408,9 @@ def _dict_events(events: list[Any]) -> tuple[dict[str, Any], dict[int, dict[str,
         tids.append(str(e.get("tid")))
         ts.append(t)
         durs.append(d)
-        s = args.get("stream", -1) if cat in STREAM_CATS else -1
-        streams.append(s if isinstance(s, int) and _INT64[0] <= s < _INT64[1] else -1)
-        c = args.get("correlation", -1)
-        corrs.append(c if isinstance(c, int) and _INT64[0] <= c < _INT64[1] else -1)
-        x = args.get("External id", -1)
-        ext.append(x if isinstance(x, int) and _INT64[0] <= x < _INT64[1] else -1)
+        streams.append(_id(args.get("stream")) if cat in STREAM_CATS else -1)
+        corrs.append(_id(args.get("correlation")))
+        ext.append(_id(args.get("External id")))
         sync = cat == "cuda_sync"
         waits["wait_stream"].append(_id(args.get("wait_on_stream")) if sync else -1)
         waits["wait_corr"].append(_id(args.get("wait_on_cuda_event_record_corr_id")) if sync else -1)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import pandas as pd
-from perfkit.analyzers.comms import transfer_ns
+from perfkit.analyzers.comms import is_collective, transfer_ns
 from perfkit.analyzers.runtables import matched_calls, waits
 
 BASELINE_WINDOWS = 8
@@ -404,14 +404,6 @@ def op_times(trace: Any, steps: int) -> tuple[dict[str, float], float]:
     return {k: (v / 1e6 / steps if not k.startswith("kernel ") else v) for k, v in own.items()}, outside
 
 
-COMM_NAMES = ("gloo:", "nccl:", "c10d::", "record_param_comms", "kernel nccl", "ProcessGroup")
-
-
-def is_communication(name: str) -> bool:
-    """A collective's op, annotation or kernel: its time includes waiting for the other ranks."""
-    return name.startswith(COMM_NAMES) or "nccl" in name.lower()
-
-
 def diagnose(
     baseline: dict[int, Any], capture: dict[int, Any], base_steps: int, capture_steps: int
 ) -> dict[str, Any]:
@@ -424,7 +416,7 @@ def diagnose(
     for rank in sorted(set(baseline) & set(capture)):
         b, b_out = op_times(baseline[rank], base_steps)
         c, c_out = op_times(capture[rank], capture_steps)
-        work = [n for n in set(b) | set(c) if not is_communication(n)]
+        work = [n for n in set(b) | set(c) if not is_collective(n)]
         names = sorted(work, key=lambda n: b.get(n, 0.0) - c.get(n, 0.0))[:TOP]
         grew: list[dict[str, Any]] = [
             {
@@ -435,7 +427,7 @@ def diagnose(
             }
             for n in names
         ]
-        comm = [n for n in set(b) | set(c) if is_communication(n)]
+        comm = [n for n in set(b) | set(c) if is_collective(n)]
         comm_b, comm_c = sum(b.get(n, 0.0) for n in comm), sum(c.get(n, 0.0) for n in comm)
         entry: dict[str, Any] = {
             "grew": [g for g in grew if g["delta_ms"] > 0],

@@ -187,31 +187,44 @@ def straggler_heatmap(steps: pd.DataFrame | None) -> go.Figure | None:
     return fig
 
 
+def _parts_by_rank(
+    ranks: list[int],
+    parts: dict[str, list[float]],
+    title: str,
+    yaxis: str,
+    colors: dict[str, str] | None = None,
+) -> go.Figure:
+    """Each rank's parts stacked, a bar a rank; over ``MANY`` ranks each part's distribution, the
+    outlier ranks named."""
+    fig = go.Figure()
+    if len(ranks) > MANY:
+        _boxes(fig, ranks, parts)
+        fig.update_layout(title=f"{title}, over {len(ranks)} ranks", yaxis_title=yaxis, **_LAYOUT)
+        return fig
+    for key, values in parts.items():
+        fig.add_bar(name=key, x=[str(r) for r in ranks], y=values, marker_color=(colors or {}).get(key))
+    fig.update_layout(
+        barmode="stack",
+        title=title,
+        xaxis_title="rank",
+        xaxis=_rank_axis(ranks),
+        yaxis_title=yaxis,
+        **_LAYOUT,
+    )
+    return fig
+
+
 def gpu_breakdown(metrics: Metrics) -> go.Figure | None:
     rows = [(r, v.temporal_breakdown) for r, v in sorted(metrics.trace.items()) if v.temporal_breakdown]
     if not rows:
         return None
-    fig = go.Figure()
     keys = ("compute", "communication", "memory", "idle")
-    if len(rows) > MANY:
-        _boxes(fig, [r for r, _ in rows], {k: [b[f"{k}_pct"] for _, b in rows] for k in keys})
-        fig.update_layout(
-            title=f"GPU time over {len(rows)} ranks: compute, communication, memory, idle (%)",
-            yaxis_title="% of the profiled span",
-            **_LAYOUT,
-        )
-        return fig
-    for key in keys:
-        fig.add_bar(name=key, x=[str(r) for r, _ in rows], y=[b[f"{key}_pct"] for _, b in rows])
-    fig.update_layout(
-        barmode="stack",
-        title="GPU time: compute, communication, memory, idle (%)",
-        xaxis_title="rank",
-        xaxis=_rank_axis(r for r, _ in rows),
-        yaxis_title="% of the profiled span",
-        **_LAYOUT,
+    return _parts_by_rank(
+        [r for r, _ in rows],
+        {k: [b[f"{k}_pct"] for _, b in rows] for k in keys},
+        "GPU time: compute, communication, memory, idle (%)",
+        "% of the profiled span",
     )
-    return fig
 
 
 def kernel_categories(table: pd.DataFrame | None) -> go.Figure | None:
@@ -377,38 +390,23 @@ def critical_path_kinds(metrics: Metrics) -> go.Figure | None:
     rows = [(r, t.critical_path) for r, t in sorted(metrics.trace.items()) if t.critical_path]
     if not rows:
         return None
-    fig = go.Figure()
     kinds = [k for k in PATH_COLORS if any(p.by_kind_ms.get(k) for _, p in rows)]
-    if len(rows) > MANY:
-        _boxes(fig, [r for r, _ in rows], {k: [p.by_kind_ms.get(k, 0.0) for _, p in rows] for k in kinds})
-        fig.update_layout(
-            title=f"Critical path a step over {len(rows)} ranks, by what it is (ms)",
-            yaxis_title="ms a step",
-            **_LAYOUT,
-        )
-        return fig
-    for kind in kinds:
-        fig.add_bar(
-            name=kind,
-            x=[str(r) for r, _ in rows],
-            y=[p.by_kind_ms.get(kind, 0.0) for _, p in rows],
-            marker_color=PATH_COLORS[kind],
-        )
-    fig.update_layout(
-        barmode="stack",
-        title="Critical path a step, by what it is (ms; the step's span marked)",
-        xaxis_title="rank",
-        xaxis=_rank_axis(r for r, _ in rows),
-        yaxis_title="ms a step",
-        **_LAYOUT,
+    ranks = [r for r, _ in rows]
+    fig = _parts_by_rank(
+        ranks,
+        {k: [p.by_kind_ms.get(k, 0.0) for _, p in rows] for k in kinds},
+        "Critical path a step, by what it is (ms; the step's span marked)",
+        "ms a step",
+        PATH_COLORS,
     )
-    fig.add_scatter(
-        x=[str(r) for r, _ in rows],
-        y=[p.step_ms for _, p in rows],
-        mode="markers",
-        marker=dict(symbol="line-ew-open", size=28, color="black"),
-        name="step span",
-    )
+    if len(ranks) <= MANY:
+        fig.add_scatter(
+            x=[str(r) for r in ranks],
+            y=[p.step_ms for _, p in rows],
+            mode="markers",
+            marker=dict(symbol="line-ew-open", size=28, color="black"),
+            name="step span",
+        )
     return fig
 
 
@@ -418,12 +416,10 @@ def critical_path_timeline(rank: int, segments: list[dict[str, Any]]) -> go.Figu
     if not segments:
         return None
     fig = go.Figure()
-    seen: set[str] = set()
     for kind, color in PATH_COLORS.items():
         part = [s for s in segments if s["kind"] == kind]
         if not part:
             continue
-        seen.add(kind)
         fig.add_bar(
             orientation="h",
             base=[s["start_ms"] for s in part],

@@ -220,3 +220,18 @@ def test_whatif_replay_refuses_what_it_cannot_reproduce(tmp_path: Path) -> None:
         assert r.returncode == 2 and says in r.stderr, r.stderr
     r = run_perfkit("whatif", str(H100), "--speedup", "gemm=2", "--set", "parallel.tp=2")
     assert r.returncode == 2 and "separate perfkit whatif" in r.stderr
+
+
+def test_the_h100_eager_step_is_host_bound_and_its_fusion_candidates_add_up() -> None:
+    """The README's figures of the H100 eager capture: the path is nearly the whole step and nearly
+    all host, and short ops back to back on it add up to about a third of the step."""
+    s = trace_path(load_trace(H100))
+    assert (
+        s is not None
+        and s.length_ms == pytest.approx(50.1, abs=0.5)
+        and s.step_ms == pytest.approx(51.2, abs=0.5)
+    )
+    assert s.by_kind_ms["host"] > 0.9 * s.length_ms and s.by_kind_ms["compute"] < 0.05 * s.length_ms
+    assert s.fusable_ms == pytest.approx(17.1, abs=0.5)
+    top = s.fusion[0]
+    assert top.ops == ["aten::view", "aten::t", "aten::reshape", "aten::to"] and top.per_step == 29

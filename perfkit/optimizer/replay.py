@@ -46,7 +46,7 @@ class Replay:
     source: str
     change: Change
     step_ms: float
-    """The measured step (the run's step table's median, else the traces' profiled steps')."""
+    """The measured step (the analysis's median step, else the traces' profiled steps')."""
     ranks: list[RankReplay]
 
     @property
@@ -103,11 +103,10 @@ def replay(source: Path, change: Change) -> Replay:
     if source.is_dir() and RunLayout(source).is_run():
         run = Run.open(source)
         traces = run.layout.traces()
-        from perfkit.analyzers.runtables import load_tables, steady
+        from perfkit.analyzers.runtables import load_tables, step_metrics
 
-        steps = steady(load_tables(run).steps)
-        if not steps.empty:
-            step_ms = float(steps.groupby("rank")["step_time_s"].median().median() * 1e3)
+        measured = step_metrics(load_tables(run))
+        step_ms = measured.step_time_ms if measured else None
     elif source.is_file():
         traces = [source]
     else:
