@@ -11,6 +11,8 @@ COLLECTIVE_NAMES = (
     "gloo:",
     "nccl:",
     "c10d::",
+    "_c10d_functional::",
+    "c10d_functional::",
     "record_param_comms",
     "kernel nccl",
     "ProcessGroup",

@@ -39,9 +39,9 @@ class RunTables:
     frames: dict[str, pd.DataFrame]
     notes: list[str] = field(default_factory=list)
     link_probe: pd.DataFrame = field(default_factory=pd.DataFrame)
-    """The comms table's rows of ``perfkit.probe_links()`` (source "probe"): all-reduces of a few
-    sizes outside the steps, every rank arriving together. They are not the job's collectives, so
-    ``comms`` leaves them out."""
+    """The comms table's rows of ``perfkit.probe_links()``: all-reduces of a few sizes outside the
+    steps, every rank arriving together (source "probe"), then all-reduces each after a burst of
+    compute (source "probe-step"). They are not the job's collectives, so ``comms`` leaves them out."""
 
     @property
     def steps(self) -> pd.DataFrame:
@@ -78,7 +78,11 @@ def load_tables(run: Run) -> RunTables:
             pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*table.columns, "rank"])
         )
     c = frames["comms"]
-    probed = c["source"].eq("probe") if "source" in c.columns else pd.Series(False, index=c.index)
+    probed = (
+        c["source"].astype(str).str.startswith("probe")
+        if "source" in c.columns
+        else pd.Series(False, index=c.index)
+    )
     if probed.any():
         frames["comms"] = c[~probed].reset_index(drop=True)
         return RunTables(run, frames, notes, c[probed].reset_index(drop=True))

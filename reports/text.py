@@ -100,7 +100,7 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
         for table in collector_tables().values():
             texts = [f.read_bytes() for f in run.layout.table_files(rank, table)]
             n = sum(t.count(b"\n") for t in texts)
-            probe = sum(t.count(b'"source":"probe"') for t in texts)  # RowWriter's compact JSON
+            probe = sum(t.count(b'"source":"probe') for t in texts)  # RowWriter's compact JSON
             if n:
                 counts.append(f"{table.name} {n - probe}" + (f" (+{probe} link probe)" if probe else ""))
         trace = run.layout.trace(rank)

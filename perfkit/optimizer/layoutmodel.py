@@ -139,10 +139,11 @@ class Collective(NamedTuple):
     """Bytes a call."""
     group: int
     calls: int
-    blocking: bool
-    """Issued inside forward or backward and waited for at once (tensor parallel, FSDP2): each call
-    also waits for the slowest rank of its group. DDP's buckets and ZeRO-1's broadcasts run
-    asynchronously; a pipeline's waits are its bubble."""
+    waits: int
+    """Calls that also wait for the slowest rank of the group: every call issued inside forward or
+    backward and waited for at once (tensor parallel, FSDP2, the gradient norm); one for DDP's
+    buckets and ZeRO-1's broadcasts, which run asynchronously until the end of backward or of the
+    optimizer step waits for the last; none for a pipeline's sends, whose waits are its bubble."""
 
 
 def collectives(shape: Shape) -> list[Collective]:
@@ -155,33 +156,48 @@ def collectives(shape: Shape) -> list[Collective]:
         zero = cfg.parallel.zero
         if zero <= 1:
             buckets = max(1, math.ceil(p / (cfg.overlap.bucket_cap_mb * 2**20)))
-            out.append(Collective("gradients (DDP)", "all_reduce", p / buckets, lay.dp, buckets, False))
+            out.append(Collective("gradients (DDP)", "all_reduce", p / buckets, lay.dp, buckets, 1))
             if zero == 1:  # torch's ZeroRedundancyOptimizer broadcasts each parameter from its owner
                 n = shape.rank_tensors(shape.busiest)
-                out.append(Collective("parameters (ZeRO-1)", "broadcast", p / n, lay.dp, n, False))
+                out.append(Collective("parameters (ZeRO-1)", "broadcast", p / n, lay.dp, n, 1))
         else:
             units = len(shape.stage_layers[shape.busiest]) + 1  # each block, and the root module
             gathers = (2 if zero == 3 else 1) * (m if zero == 3 else 1)
             param_bytes = p // 2 if cfg.kernels.precision == "bf16" else p
             ag, rs = "parameters (FSDP all-gather)", "gradients (FSDP reduce-scatter)"
-            out.append(Collective(ag, "all_gather", param_bytes / units, lay.dp, units * gathers, True))
-            out.append(Collective(rs, "reduce_scatter", p / units, lay.dp, units * m, True))
+            out.append(
+                Collective(ag, "all_gather", param_bytes / units, lay.dp, units * gathers, units * gathers)
+            )
+            out.append(Collective(rs, "reduce_scatter", p / units, lay.dp, units * m, units * m))
     if lay.tp > 1:
         layers = len(shape.stage_layers[shape.busiest])
         size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
-        calls = 4 * layers * m  # two in forward, two in backward, per block and microbatch
         if cfg.parallel.sequence_parallel:
-            out.append(Collective("activations (TP all-gather)", "all_gather", size, lay.tp, calls, True))
+            # per block: an all-gather before attention and the MLP and a reduce-scatter after each,
+            # their opposites in backward; the first block's input and the last's output one more
+            # all-gather (measured: 18 and 16 a step at tiny-cpu's 4 layers)
+            gathers, scatters = (4 * layers + 2) * m, 4 * layers * m
             out.append(
-                Collective("activations (TP reduce-scatter)", "reduce_scatter", size, lay.tp, calls, True)
+                Collective("activations (TP all-gather)", "all_gather", size, lay.tp, gathers, gathers)
+            )
+            out.append(
+                Collective(
+                    "activations (TP reduce-scatter)", "reduce_scatter", size, lay.tp, scatters, scatters
+                )
             )
         else:
-            out.append(Collective("activations (TP all-reduce)", "all_reduce", size, lay.tp, calls, True))
+            # per block: the attention's output and fc2's in forward; in backward the input gradient
+            # of each column-parallel linear: q, k, v and fc1 (measured: 24 a step at 4 layers)
+            calls = 6 * layers * m
+            out.append(Collective("activations (TP all-reduce)", "all_reduce", size, lay.tp, calls, calls))
+    if lay.tp > 1 or lay.pp > 1 or (lay.dp > 1 and cfg.parallel.zero >= 2):
+        # the gradient norm of sharded gradients: one small all-reduce a step
+        out.append(Collective("gradient norm", "all_reduce", 4, lay.world_size, 1, 1))
     if lay.pp > 1:
         size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
         # a middle rank receives and sends each microbatch forward and its gradient backward
         sends = (2 if lay.pp > 2 or lay.stages_per_rank > 1 else 1) * 2 * m * lay.stages_per_rank
-        out.append(Collective("activations (pipeline send/recv)", "send", size, 2, sends, False))
+        out.append(Collective("activations (pipeline send/recv)", "send", size, 2, sends, 0))
     return out
 
 
@@ -263,6 +279,9 @@ class Basis:
     """Steps after the warm-up that the basis's figures are medians of."""
     spread_s: float = 0.0
     """Half the p10-p90 range of those steps' times: what a prediction is uncertain by, at least."""
+    tp_module_s: float = 0.0
+    """What DTensor costs one module of the tensor-parallel plan, forward and backward, on the
+    basis's hardware (the trainer measures it after its steps: ``tensor_parallel_overhead_s``)."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -318,12 +337,23 @@ class Prediction:
         return {**out, "notes": self.notes} if self.notes else out
 
 
+def tp_modules(shape: Shape) -> int:
+    """Modules of the trainer's tensor-parallel plan the busiest rank runs a step, forward and
+    backward: six linears a block (q, k, v, o, fc1, fc2), and with sequence parallelism its two norms
+    and the two inputs it gathers; once per microbatch."""
+    lay = shape.layout
+    if lay.tp == 1:
+        return 0
+    per_block = 10 if shape.cfg.parallel.sequence_parallel else 6
+    return per_block * len(shape.stage_layers[shape.busiest]) * lay.microbatches
+
+
 def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> dict[str, float]:
     """Seconds a step of each kind of collective: alpha + bus bytes / beta a call, and ``wait`` for
-    the slowest rank a blocking call."""
+    the slowest rank each time one waits (``Collective.waits``)."""
     out: dict[str, float] = {}
     for c in collectives(shape):
-        t = c.calls * (alpha + bus_factor(c.op, c.group) * c.size / beta + (wait if c.blocking else 0.0))
+        t = c.calls * (alpha + bus_factor(c.op, c.group) * c.size / beta) + c.waits * wait
         out[c.what] = out.get(c.what, 0.0) + t
     return out
 
@@ -375,27 +405,48 @@ def _fit_comms(comms: Any, steps_after: int, probe: Any = None) -> tuple[float, 
     latency a step pays: the large messages inside the steps are DDP's buckets sharing the machine
     with backward (fitted to alone, they made ZeRO-1's broadcasts 1.9x slower than measured at
     12.8M parameters). Without one, alpha + bus bytes / beta is fitted to the steps' calls by least
-    squares weighted by count. The wait is the median of the largest in-step collectives' time
-    beyond the fit: what each blocking collective of a step costs on top of its transfer."""
+    squares weighted by count. The wait, what each blocking collective of a step costs on top of its
+    transfer, is the mean time beyond the fit of the probe's calls between bursts of compute
+    (source "probe-step"); without them, of the largest in-step collectives (DDP's buckets, whose
+    ranks drift apart over a whole backward: at 12.8M parameters they made each tensor-parallel
+    call wait ~20 ms, 32% too slow a step)."""
     steps = comms[comms["step"] > steps_after] if not comms.empty else comms
     in_steps = _size_classes(steps) if not steps.empty else []
+    between: Any = None
+    if probe is not None and not probe.empty and "source" in probe.columns:
+        between = probe[probe["source"] == "probe-step"]
+        probe = probe[probe["source"] == "probe"]
     probed = _size_classes(probe) if probe is not None and not probe.empty else []
     if not in_steps and not probed:
         return None
     if probed:
         # the probe's line for the bandwidth; the latency a step pays from its smallest calls
         probe_alpha, slope = _line(_enough(probed))
-        alpha = max(in_steps[0][1] - slope * in_steps[0][0], probe_alpha) if in_steps else probe_alpha
+        # the smallest in-step calls, when 5 or more: the probe's few calls a size swing 10x on a
+        # shared host (4 KiB in 0.4 to 7.6 ms)
+        alpha = (
+            max(in_steps[0][1] - slope * in_steps[0][0], 1e-6)
+            if in_steps and in_steps[0][2] >= 5
+            else probe_alpha
+        )
         used = in_steps + probed
     else:
         used = _enough(in_steps)
         alpha, slope = _line(used)
     wait = 0.0
-    if in_steps:
+    blocking = _size_classes(between) if between is not None and not between.empty else []
+    if blocking:  # the probe's calls between bursts of compute: what a blocking call waits
+        b = max(blocking, key=lambda p: p[2])
+        # the mean, not the median: a step pays every call's wait, and on a shared host one call
+        # in four waits 3-4 ms while the rest wait none (the median said 0.45 ms, TP's calls cost 1.2)
+        wait = max(0.0, float(b[3].mean()) - (alpha + slope * b[0]))
+    elif in_steps:
         largest = _enough(in_steps)[-1]
         wait = max(0.0, float((largest[3] - (alpha + slope * largest[0])).median()))
     recorded = sum(p[2] for p in used) - sum(p[2] for p in probed)
     probe_note = f" and the link probe's {sum(p[2] for p in probed)}" if probed else ""
+    if blocking:
+        probe_note += f", the wait from its {sum(p[2] for p in blocking)} calls between compute"
     return (
         alpha,
         1.0 / slope,
@@ -475,6 +526,14 @@ def basis_from_run(run_path: Path) -> Basis:
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
     comm = sum(comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).values())
+    overhead = run.manifest.model.get("tp_module_overhead_s")
+    if isinstance(overhead, int | float) and overhead >= 0:
+        basis.tp_module_s = float(overhead)
+    elif shape.cfg.device != "cuda":
+        basis.notes.append(
+            "the basis did not measure DTensor's cost: tensor parallelism is predicted without it"
+        )
+    comm += basis.tp_module_s * tp_modules(shape)
     if comm > 0.8 * model_s:
         basis.notes.append("the fitted collectives explain most of forward + backward: compute is uncertain")
     basis.compute_s = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
@@ -529,6 +588,8 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
     for what, seconds in comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).items():
         parts[what] = seconds
+    if tp_modules(shape):
+        parts["tensor parallel (DTensor)"] = basis.tp_module_s * tp_modules(shape)
     parts["outside the model"] = basis.outside_s  # data wait, logging and the loop, as measured
     mem = memory_parts(shape)
     peak = None

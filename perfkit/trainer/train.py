@@ -36,6 +36,7 @@ from perfkit.trainer.parallelize import (
     no_gradient_sync,
     parallelize,
     reduce_gradients,
+    tensor_parallel_overhead_s,
 )
 
 Phase = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -321,6 +322,13 @@ def _train(
             ckpt.wait()
         if probe is not None:
             perfkit.probe_links()  # the link with nothing else running, for whatif and sweep predictions
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                # what a tensor-parallel layout of this model would pay DTensor, for the same
+                perfkit.describe(
+                    tp_module_overhead_s=tensor_parallel_overhead_s(
+                        cfg.model.d_model, layout.micro_batch * cfg.model.seq_len, device
+                    )
+                )
     if rank == 0 and records:
         timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
         median = sorted(timed)[len(timed) // 2]
