@@ -130,8 +130,16 @@ def test_collectives_per_layout() -> None:
         "gradient norm": ("all_reduce", 1),
     }
     assert by(shape("parallel.pp=2", "parallel.microbatches=4"))["activations (pipeline send/recv)"][1] == 8
-    assert shape("parallel.pp=2", "parallel.microbatches=2").pipeline_fill == pytest.approx(1.5)
-    assert shape("parallel.pp=2", "parallel.microbatches=8").pipeline_fill == pytest.approx(9 / 8)
+    # the last stage (two blocks and the head) is the busiest; the first (two blocks) fills and drains
+    two = shape("parallel.pp=2", "parallel.microbatches=2")
+    first, last = two.stage_flops_per_token(0), two.stage_flops_per_token(1)
+    assert two.busiest == 1 and first < last
+    assert two.pipeline_fill == pytest.approx(1 + first / (2 * last)) and 1.4 < two.pipeline_fill < 1.5
+    eight = shape("parallel.pp=2", "parallel.microbatches=8")
+    assert eight.pipeline_fill == pytest.approx(1 + first / (8 * last))
+    # interleaved: (m + (pp - 1) / v) / m
+    looped = shape("parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b")
+    assert looped.layout.stages_per_rank == 2 and looped.pipeline_fill == pytest.approx((4 + 1 / 2) / 4)
 
 
 def test_basis_fits_the_planted_collectives_and_predicts_itself(tmp_path: Path) -> None:

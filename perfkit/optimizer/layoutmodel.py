@@ -47,6 +47,8 @@ class Shape:
 
     cfg: TrainConfig
     layout: Layout
+    recompute_measured: bool = False
+    """Activation checkpointing's cost is measured (``Basis.checkpoint_block_s``), not counted as FLOPs."""
 
     @property
     def block_params(self) -> int:
@@ -101,7 +103,7 @@ class Shape:
     def stage_flops_per_token(self, pp_rank: int) -> float:
         m = self.cfg.model
         blocks: float = len(self.stage_layers[pp_rank]) * (6 * self.block_params + 12 * m.d_model * m.seq_len)
-        if self.cfg.kernels.activation_checkpointing:
+        if self.cfg.kernels.activation_checkpointing and not self.recompute_measured:
             blocks *= 8 / 6  # the forward again in backward
         head = 6 * m.vocab_size * m.d_model if pp_rank == (self.layout.n_stages - 1) % self.layout.pp else 0
         return blocks / self.layout.tp + head
@@ -119,7 +121,15 @@ class Shape:
     def pipeline_fill(self) -> float:
         """Step compute over the compute of the microbatches alone."""
         lay = self.layout
-        return 1.0 if lay.pp == 1 else pipeline_fill(lay.pp, lay.microbatches, lay.stages_per_rank)
+        if lay.pp == 1:
+            return 1.0
+        if lay.stages_per_rank > 1:
+            return pipeline_fill(lay.pp, lay.microbatches, lay.stages_per_rank)
+        # GPipe and 1F1B: the busiest stage's m microbatches, and one microbatch of each other stage
+        # to fill and drain (m + pp - 1 microbatches when the stages are equal)
+        busiest = self.stage_flops_per_token(self.busiest)
+        others = sum(self.stage_flops_per_token(r) for r in range(lay.pp) if r != self.busiest)
+        return 1.0 + others / (busiest * lay.microbatches)
 
     @property
     def act_bytes(self) -> int:
@@ -283,10 +293,36 @@ class Basis:
     """What DTensor costs one module of the tensor-parallel plan, forward and backward, on the
     basis's hardware (the trainer measures it after its steps: ``tensor_parallel_overhead_s``)."""
 
+    chunk_s: float | None = None
+    """A microbatch more of one block and the model's ends, forward and backward (measured by the
+    trainer after its steps: ``perfkit.trainer.costs``); None where the basis did not measure it."""
+    checkpoint_block_s: float | None = None
+    """What activation checkpointing adds to one block a microbatch (measured, as ``chunk_s``)."""
+
     @functools.cached_property
     def shape(self) -> Shape:
         cfg = config_from_dict(self.config)
-        return Shape(cfg, resolve_layout(cfg, self.world_size))
+        return self.shape_of(cfg, self.world_size)
+
+    def shape_of(self, cfg: TrainConfig, world_size: int) -> Shape:
+        return Shape(cfg, resolve_layout(cfg, world_size), self.checkpoint_block_s is not None)
+
+    def measured_parts(self, shape: Shape) -> dict[str, float]:
+        """What the basis's measured costs (``perfkit.trainer.costs``) add to a layout's step beyond
+        its FLOPs, against the basis's own layout: its microbatches' dispatch (a unit: a block, or the
+        model's ends, a microbatch: more units than the basis's, each half of ``chunk_s``), and
+        checkpointing (each block a microbatch)."""
+        out: dict[str, float] = {}
+        if self.chunk_s is not None:
+
+            def units(s: Shape) -> int:
+                return s.layout.microbatches * (len(s.stage_layers[s.busiest]) + 1)
+
+            out["microbatches (dispatch)"] = self.chunk_s / 2 * (units(shape) - units(self.shape))
+        if self.checkpoint_block_s is not None and shape.cfg.kernels.activation_checkpointing:
+            blocks = len(shape.stage_layers[shape.busiest]) * shape.layout.microbatches
+            out["activation checkpointing"] = self.checkpoint_block_s * blocks
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
@@ -526,17 +562,28 @@ def basis_from_run(run_path: Path) -> Basis:
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
     comm = sum(comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).values())
-    overhead = run.manifest.model.get("tp_module_overhead_s")
-    if isinstance(overhead, int | float) and overhead >= 0:
-        basis.tp_module_s = float(overhead)
-    elif shape.cfg.device != "cuda":
+    costs = run.manifest.model.get("layout_costs")
+    if isinstance(costs, dict):
+        for key, attr in (
+            ("chunk_overhead_s", "chunk_s"),
+            ("checkpoint_block_s", "checkpoint_block_s"),
+            ("tp_module_overhead_s", "tp_module_s"),
+        ):
+            if isinstance(costs.get(key), int | float) and costs[key] >= 0:
+                setattr(basis, attr, float(costs[key]))
+        basis.__dict__.pop("shape", None)  # measured checkpointing leaves the FLOPs
+        shape = basis.shape
+    else:
         basis.notes.append(
-            "the basis did not measure DTensor's cost: tensor parallelism is predicted without it"
+            "the basis did not measure what microbatches, checkpointing and DTensor cost here "
+            "(perfkit.trainer.costs): they are predicted from FLOPs alone"
         )
     comm += basis.tp_module_s * tp_modules(shape)
     if comm > 0.8 * model_s:
         basis.notes.append("the fitted collectives explain most of forward + backward: compute is uncertain")
-    basis.compute_s = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
+    # what runs per microbatch, stage by stage (compute, and its measured extras), fills the pipeline
+    staged = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
+    basis.compute_s = max(staged - sum(basis.measured_parts(shape).values()), staged * 0.2)
     basis.optimizer_s = float(mid["optimizer_s"])
     basis.outside_s = max(0.0, step_s - model_s - basis.optimizer_s)
     peak = _logged_peak(run.layout.train_log)
@@ -578,13 +625,18 @@ def memory_parts(shape: Shape) -> dict[str, float]:
 
 def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     """The step time and peak memory of ``cfg`` on ``world_size`` ranks, from ``basis``."""
-    shape = Shape(cfg, resolve_layout(cfg, world_size))
+    shape = basis.shape_of(cfg, world_size)
     base = basis.shape
     rate = base.flops / basis.compute_s if basis.compute_s > 0 else float("inf")
-    compute = shape.flops / rate
+    measured = basis.measured_parts(shape)
+    dispatch = measured.pop("microbatches (dispatch)", 0.0)
+    compute = shape.flops / rate + min(0.0, dispatch)  # fewer microbatch units than the basis's
     parts = {"compute": compute}
-    if shape.pipeline_fill > 1:
-        parts["pipeline bubble"] = compute * (shape.pipeline_fill - 1)
+    if dispatch > 0:
+        parts["microbatches (dispatch)"] = dispatch
+    parts |= measured
+    if shape.pipeline_fill > 1:  # every stage's microbatches, their dispatch and recomputation too
+        parts["pipeline bubble"] = sum(parts.values()) * (shape.pipeline_fill - 1)
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
     for what, seconds in comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).items():
         parts[what] = seconds

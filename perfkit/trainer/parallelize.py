@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,34 +99,6 @@ def _tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         }
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, plan)
-
-
-def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device, repeats: int = 15) -> float:
-    """What DTensor costs one module of the tensor-parallel plan, forward and backward, beyond the
-    same local matmul done plainly: a column-parallel linear over every rank of the job (its input
-    needs no gradient, so no collective runs) timed against a plain linear of its local shape, the
-    median of ``repeats``. On 2 CPU ranks at d_model 48: 0.27 ms against 0.09 (tiny-cpu's
-    tensor-parallel step is 15 ms longer than its compute and collectives explain). Every rank
-    must call it: placing the weight scatters it."""
-    world = dist.get_world_size()
-    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
-    width = max(world, d_model - d_model % world)
-    parallel = parallelize_module(nn.Linear(d_model, width, device=device), mesh, ColwiseParallel())
-    plain = nn.Linear(d_model, width // world, device=device)
-    x = torch.randn(1, max(1, min(tokens, 4096)), d_model, device=device)
-
-    def median_s(layer: nn.Module) -> float:
-        times = []
-        for i in range(repeats + 2):
-            t0 = time.perf_counter()
-            layer(x).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= 2:  # the first two: allocation, DTensor's caches
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
-    return max(0.0, median_s(parallel) - median_s(plain))
 
 
 def _sequence_parallel_ends(part: GPT, tp_mesh: DeviceMesh) -> None:

@@ -27,6 +27,7 @@ from perfkit.errors import ConfigError
 from perfkit.hardware import gpu_peak_tflops, mfu
 from perfkit.trainer.checkpoint import Checkpointer, latest_step
 from perfkit.trainer.config import TrainConfig, flops_per_token, resolve_layout
+from perfkit.trainer.costs import layout_costs
 from perfkit.trainer.data import TokenBatches, make_loader, synthetic_corpus
 from perfkit.trainer.model import GPT, cross_entropy, num_params
 from perfkit.trainer.parallelize import (
@@ -36,7 +37,6 @@ from perfkit.trainer.parallelize import (
     no_gradient_sync,
     parallelize,
     reduce_gradients,
-    tensor_parallel_overhead_s,
 )
 
 Phase = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -322,13 +322,8 @@ def _train(
             ckpt.wait()
         if probe is not None:
             perfkit.probe_links()  # the link with nothing else running, for whatif and sweep predictions
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                # what a tensor-parallel layout of this model would pay DTensor, for the same
-                perfkit.describe(
-                    tp_module_overhead_s=tensor_parallel_overhead_s(
-                        cfg.model.d_model, layout.micro_batch * cfg.model.seq_len, device
-                    )
-                )
+            # what other layouts of this model would cost here beyond their FLOPs, for the same
+            perfkit.describe(layout_costs=layout_costs(cfg, layout.micro_batch, device))
     if rank == 0 and records:
         timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
         median = sorted(timed)[len(timed) // 2]
