@@ -31,6 +31,8 @@ def make_basis(
     rss: int = 400 << 20,
     link_beta: float | None = None,
     n_steps: int = 10,
+    costs: dict[str, float] | None = None,
+    step_wait: float | None = None,
 ) -> Path:
     """A finished run of tiny-cpu with 10 steps a rank: 30 ms a step, 8 forward, 14 backward, 2 optimizer,
     1 data wait; DDP's bucket all-reduce and a 4-byte all-reduce timed exactly by ALPHA and BETA
@@ -38,6 +40,8 @@ def make_basis(
     cfg = load_config("tiny-cpu", list(sets))
     run = Run.create(tmp / "basis", command=["x"], world_size=world, config=cfg.to_dict(),
                      env={"host_memory_bytes": 24 << 30})  # fmt: skip
+    if costs is not None:  # perfkit.trainer.costs, as the trainer describes them
+        run.manifest.model["layout_costs"] = costs
     grads = shape(*sets, world=world).rank_params(0) * 4
     t = 1_000_000_000
     for rank in range(world):
@@ -68,6 +72,13 @@ def make_basis(
                               "group_ranks": "0,1", "group_size": world, "bytes": nbytes, "dtype": "float32",
                               "start_ns": t, "end_ns": t + int(dur * 1e9)})  # fmt: skip
                 t += int(dur * 1e9) + 100_000
+        if link_beta and step_wait is not None:  # then 32 calls after bursts of compute: half wait 2x
+            for i in range(32):
+                dur = ALPHA + (2 * (world - 1) / world) * (192 << 10) / link_beta + step_wait * 2 * (i % 2)
+                comms.append({"step": n_steps + 1, "seq": 200 + i, "op": "all_reduce", "source": "probe-step",
+                              "group": "0", "group_ranks": "0,1", "group_size": world, "bytes": 192 << 10,
+                              "dtype": "float32", "start_ns": t, "end_ns": t + int(dur * 1e9)})  # fmt: skip
+                t += int(dur * 1e9) + 2_000_000
         for name, rows in (("steps", steps), ("comms", comms), ("memory", mem)):
             (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run.manifest.status = "complete"
@@ -328,3 +339,49 @@ def test_the_link_probe_gives_the_bandwidth(tmp_path: Path) -> None:
     # the probe's rows are not the job's: the collectives table and the basis's own prediction ignore them
     p = lm.predict(b, load_config("tiny-cpu"), 2)
     assert p.step_s == pytest.approx(0.030, rel=1e-6)
+
+
+def test_a_blocking_call_waits_what_the_probe_measured_between_compute(tmp_path: Path) -> None:
+    """The wait a blocking collective pays (tensor parallel, FSDP2) is the mean time beyond the fit
+    of the probe's calls after bursts of compute: half of them wait 2 ms here, so 1 ms (the median,
+    0 or 2 by a coin, was what DDP's drifting buckets had given each call: 20 ms at 12.8M)."""
+    b = lm.basis_from_run(make_basis(tmp_path, link_beta=4 * BETA, step_wait=0.001))
+    assert b.wait_s == pytest.approx(0.001, rel=0.05) and "between compute" in b.comm_basis
+    tp = lm.predict(b, load_config("tiny-cpu", ["parallel.tp=2"]), 2)
+    calls = 6 * 4  # six all-reduces a block
+    transfer = b.alpha_s + 196_608 / b.beta_bytes_per_s  # bus bytes of a 2-rank all-reduce: the size
+    assert tp.time_parts["activations (TP all-reduce)"] == pytest.approx(calls * (transfer + b.wait_s))
+    # without the probe's calls, the wait is read from DDP's buckets (the planted 0, 4 and 8 ms)
+    alone = lm.basis_from_run(make_basis(tmp_path / "b", link_beta=4 * BETA))
+    assert alone.wait_s > 0.003 and "between compute" not in alone.comm_basis
+
+
+def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
+    """What the trainer measured after its steps (perfkit.trainer.costs): a microbatch unit more, a
+    checkpointed block, a tensor-parallel module, each charged as often as the layout runs it; the
+    basis still predicts itself."""
+    costs = {"chunk_overhead_s": 0.002, "checkpoint_block_s": 0.001, "tp_module_overhead_s": 0.0005}
+    b = lm.basis_from_run(make_basis(tmp_path, costs=costs))
+    assert (b.chunk_s, b.checkpoint_block_s, b.tp_module_s) == (0.002, 0.001, 0.0005)
+    assert not any("FLOPs alone" in n for n in b.notes)
+
+    def parts(*sets: str) -> dict[str, float]:
+        return lm.predict(b, load_config("tiny-cpu", list(sets)), 2).time_parts
+
+    assert lm.predict(b, load_config("tiny-cpu"), 2).step_s == pytest.approx(0.030)
+    # GPipe with 8 microbatches of 2 blocks and an end: 24 units against the basis's 5 (4 blocks, 1)
+    gpipe = parts("parallel.pp=2", "parallel.microbatches=8", "parallel.pp_schedule=gpipe")
+    assert gpipe["microbatches (dispatch)"] == pytest.approx(0.002 / 2 * (24 - 5))
+    # checkpointing: its measured cost a block, and the FLOPs without the recomputation
+    ckpt = parts("kernels.activation_checkpointing=true")
+    assert ckpt["activation checkpointing"] == pytest.approx(0.001 * 4)
+    assert ckpt["compute"] == pytest.approx(parts()["compute"])
+    assert parts("parallel.tp=2")["tensor parallel (DTensor)"] == pytest.approx(0.0005 * 6 * 4)
+    sp = parts("parallel.tp=2", "parallel.sequence_parallel=true")
+    assert sp["tensor parallel (DTensor)"] == pytest.approx(0.0005 * 10 * 4)
+    # a basis that measured none of it says so, and counts checkpointing's recomputation as FLOPs
+    old = lm.basis_from_run(make_basis(tmp_path / "old"))
+    assert old.chunk_s is None and any("FLOPs alone" in n for n in old.notes)
+    again = lm.predict(old, load_config("tiny-cpu", ["kernels.activation_checkpointing=true"]), 2)
+    assert "activation checkpointing" not in again.time_parts
+    assert again.time_parts["compute"] > lm.predict(old, load_config("tiny-cpu"), 2).time_parts["compute"]

@@ -102,12 +102,18 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         python = comms[comms["source"] == "python"]
         assert python["caller"].str.startswith("perfkit/trainer/train.py:").all(), python["caller"].unique()
         assert (comms["end_ns"] >= comms["start_ns"]).all()
-        # After the last step, the link probe: 4 sizes, a warm-up and 4 timed all-reduces each,
-        # outside every step; the analysis keeps them out of the job's collectives.
-        probe = comms[comms["source"] == "probe"]
+        # After the last step, the link probe: 4 sizes, a warm-up and 8 timed all-reduces each,
+        # outside every step; then 32 all-reduces each after a burst of compute (what a blocking
+        # call waits); the analysis keeps them out of the job's collectives.
+        probe = comms[comms["source"].isin(["probe", "probe-step"])]
         assert (probe["step"] == STEPS_N + 1).all()
-        sizes = probe[probe["op"] == "all_reduce"].groupby("bytes").size()
-        assert sizes.to_dict() == {4 << 10: 5, 256 << 10: 5, 4 << 20: 5, 32 << 20: 5}
+        sizes = (
+            probe[(probe["op"] == "all_reduce") & (probe["bytes"] > 8)].groupby(["source", "bytes"]).size()
+        )
+        assert sizes.to_dict() == {
+            **{("probe", n): 9 for n in (4 << 10, 256 << 10, 4 << 20, 32 << 20)},
+            ("probe-step", 192 << 10): 32,
+        }
         assert len(table(out, rank, MEMORY)) == STEPS_N and (table(out, rank, MEMORY)["rss"] > 0).all()
         cpu = table(out, rank, CPU)
         assert list(cpu["step"]) == list(range(1, STEPS_N + 1)) and (cpu["cpu_s"] > 0).all()
@@ -116,8 +122,17 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
         assert (reads["bytes"] == 8 * 65 * 2).all()
         assert (out / f"rank{rank}" / "trace.json.gz").stat().st_size > 10_000
     tables = load_tables(run)
-    assert not (tables.comms["source"] == "probe").any() and len(tables.link_probe) == 2 * 36
-    assert re.search(r"rank1/  steps \d+, comms \d+ \(\+36 link probe\)", proc.stdout + proc.stderr)
+    assert not tables.comms["source"].str.startswith("probe").any() and len(tables.link_probe) == 2 * 102
+    assert re.search(r"rank1/  steps \d+, comms \d+ \(\+102 link probe\)", proc.stdout + proc.stderr)
+    # and what other layouts would cost here beyond their FLOPs (perfkit.trainer.costs), for the
+    # layout model: DTensor's 0.27 ms a module against its 0.09 of work, checkpointing's forward again
+    costs = run.manifest.model["layout_costs"]
+    assert set(costs) == {"chunk_overhead_s", "checkpoint_block_s", "tp_module_overhead_s"}
+    assert (
+        costs["tp_module_overhead_s"] > 0
+        and costs["checkpoint_block_s"] > 0
+        and costs["chunk_overhead_s"] >= 0
+    )
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 from perfkit.trainer.config import TrainConfig
 from perfkit.trainer.model import GPT, cross_entropy
 
-REPEATS = 15
+REPEATS = 9
 CHUNKS = 4
 
 
