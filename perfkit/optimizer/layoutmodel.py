@@ -298,6 +298,9 @@ class Basis:
     trainer after its steps: ``perfkit.trainer.costs``); None where the basis did not measure it."""
     checkpoint_block_s: float | None = None
     """What activation checkpointing adds to one block a microbatch (measured, as ``chunk_s``)."""
+    fsdp_unit_s: float | None = None
+    """What FSDP2 over the basis's ranks costs one unit (a block) a microbatch: its gathers, scatters
+    and copies (measured, as ``chunk_s``), in place of its modelled collectives."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -391,6 +394,20 @@ def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> 
     for c in collectives(shape):
         t = c.calls * (alpha + bus_factor(c.op, c.group) * c.size / beta) + c.waits * wait
         out[c.what] = out.get(c.what, 0.0) + t
+    return out
+
+
+def comm_parts(basis: Basis, shape: Shape) -> dict[str, float]:
+    """Seconds a step of each kind of collective (``comm_seconds`` at the basis's fit), FSDP2's as
+    the basis measured them where it did (ZeRO-3 over the data-parallel ranks)."""
+    out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
+    lay = shape.layout
+    if basis.fsdp_unit_s is not None and shape.cfg.parallel.zero == 3 and lay.dp > 1:
+        for c in collectives(shape):
+            if c.what.startswith(("parameters (FSDP", "gradients (FSDP")):
+                out.pop(c.what, None)
+        units = len(shape.stage_layers[shape.busiest]) + 1
+        out["FSDP2 gathers and scatters (measured)"] = basis.fsdp_unit_s * units * lay.microbatches / lay.tp
     return out
 
 
@@ -561,13 +578,13 @@ def basis_from_run(run_path: Path) -> Basis:
         )
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
-    comm = sum(comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).values())
     costs = run.manifest.model.get("layout_costs")
     if isinstance(costs, dict):
         for key, attr in (
             ("chunk_overhead_s", "chunk_s"),
             ("checkpoint_block_s", "checkpoint_block_s"),
             ("tp_module_overhead_s", "tp_module_s"),
+            ("fsdp_unit_s", "fsdp_unit_s"),
         ):
             if isinstance(costs.get(key), int | float) and costs[key] >= 0:
                 setattr(basis, attr, float(costs[key]))
@@ -578,7 +595,7 @@ def basis_from_run(run_path: Path) -> Basis:
             "the basis did not measure what microbatches, checkpointing and DTensor cost here "
             "(perfkit.trainer.costs): they are predicted from FLOPs alone"
         )
-    comm += basis.tp_module_s * tp_modules(shape)
+    comm = sum(comm_parts(basis, shape).values()) + basis.tp_module_s * tp_modules(shape)
     if comm > 0.8 * model_s:
         basis.notes.append("the fitted collectives explain most of forward + backward: compute is uncertain")
     # what runs per microbatch, stage by stage (compute, and its measured extras), fills the pipeline
@@ -638,8 +655,7 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     if shape.pipeline_fill > 1:  # every stage's microbatches, their dispatch and recomputation too
         parts["pipeline bubble"] = sum(parts.values()) * (shape.pipeline_fill - 1)
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
-    for what, seconds in comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s).items():
-        parts[what] = seconds
+    parts |= comm_parts(basis, shape)
     if tp_modules(shape):
         parts["tensor parallel (DTensor)"] = basis.tp_module_s * tp_modules(shape)
     parts["outside the model"] = basis.outside_s  # data wait, logging and the loop, as measured

@@ -1,8 +1,9 @@
 """What a layout costs on this hardware that its FLOPs do not say, measured after the steps for the
 layout model (``perfkit.optimizer.layoutmodel``) on a one-block copy of the model: what splitting a
 batch into more microbatches costs (each op's dispatch does not shrink with its data), what
-activation checkpointing adds to a block (its forward again, and the machinery), and what DTensor
-adds to each module of the tensor-parallel plan. Tiny-cpu on 2 CPU ranks: 0.9 ms a microbatch of the
+activation checkpointing adds to a block (its forward again, and the machinery), what DTensor
+adds to each module of the tensor-parallel plan, and what FSDP2 adds to each unit it shards (on CPU
+its gloo reduce-scatters and copies cost 3x what their bytes say). Tiny-cpu on 2 CPU ranks: 0.9 ms a microbatch of the
 whole model, checkpointing more than its FLOPs say, 0.27 ms a tensor-parallel linear against its
 0.09 ms of work.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from perfkit.trainer.config import TrainConfig
@@ -42,8 +44,9 @@ def _median_s(fn: Callable[[], None], device: torch.device, repeats: int = REPEA
 def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> dict[str, float]:
     """``chunk_overhead_s``: a microbatch more of one block and the model's ends, forward and
     backward, at the same tokens; ``checkpoint_block_s``: what checkpointing adds to one block a
-    microbatch; ``tp_module_overhead_s`` (a job of 2 ranks or more: every rank must call this):
-    DTensor's cost per module of the tensor-parallel plan."""
+    microbatch; in a job of 2 ranks or more (every rank must call this): ``tp_module_overhead_s``,
+    DTensor's cost per module of the tensor-parallel plan, and ``fsdp_unit_s``, what FSDP2 (ZeRO-3)
+    over every rank costs a unit (a block) a microbatch: its gathers, scatters and copies."""
     out: dict[str, float] = {}
     m = cfg.model
     model = GPT(dataclasses.replace(m, n_layers=1), cfg.kernels.attention).to(device)
@@ -68,6 +71,13 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     out["checkpoint_block_s"] = max(0.0, _median_s(lambda: run(1), device) - whole)
     if dist.is_initialized() and dist.get_world_size() > 1:
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
+        model.activation_checkpointing = False
+        mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        # two units (the block, the root): their gathers and scatters over every rank, and copies
+        out["fsdp_unit_s"] = max(0.0, (_median_s(lambda: run(1), device) - whole) / 2)
     return out
 
 
