@@ -133,6 +133,17 @@ def probe_links(group: Any = None) -> bool:
     return _probe_links(group)
 
 
+def probing() -> contextlib.AbstractContextManager[None]:
+    """Collectives inside are the workload measuring itself after its steps (the bundled trainer
+    timing what other layouts would cost here): recorded with source "probe-costs", which the
+    analysis keeps out of the job's collectives as it does the link probe's."""
+    if Probe.current is None or Probe.current._stopped:
+        return contextlib.nullcontext()
+    from perfkit.collectors.collectives import probe_source
+
+    return probe_source("probe-costs")
+
+
 def phase(name: str) -> contextlib.AbstractContextManager[None]:
     """Time a phase of the step: data_wait, forward, backward, optimizer, or a name of your own."""
     probe = Probe.current

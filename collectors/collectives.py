@@ -24,6 +24,7 @@ import inspect
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -386,7 +387,8 @@ def _wrap_op(
                     group = c10d._resolve_process_group(funcol._resolve_group_name(group))
                 except Exception:
                     pass
-            rec.finish(None, name, "funcol", group, tensor, start, step, end_known=False)
+            kind = source if source.startswith("probe") else "funcol"  # a probe's stays a probe's
+            rec.finish(None, name, kind, group, tensor, start, step, end_known=False)
         else:
             rec.finish(result, name, source, group, tensor, start, step, key=key, caller=caller)
             if isinstance(result, StreamTimer):
@@ -598,6 +600,18 @@ def probe_links(group: Any = None, sizes: tuple[int, ...] = PROBE_SIZES, repeats
     finally:
         _state.source = None
     return True
+
+
+@contextlib.contextmanager
+def probe_source(source: str) -> Iterator[None]:
+    """Record this thread's collectives inside with ``source`` (a probe's: the analysis keeps every
+    source that begins with "probe" out of the job's collectives)."""
+    previous = getattr(_state, "source", None)
+    _state.source = source
+    try:
+        yield
+    finally:
+        _state.source = previous
 
 
 STEP_PROBE_ROUNDS = 32

@@ -10,7 +10,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attach", "describe", "phase", "probe_links", "profile", "record_read", "step"]
+__all__ = [
+    "__version__",
+    "attach",
+    "describe",
+    "phase",
+    "probe_links",
+    "probing",
+    "profile",
+    "record_read",
+    "step",
+]
 
 
 def profile(out: Any = None, **options: Any) -> Any:
@@ -55,6 +65,14 @@ def probe_links(group: Any = None) -> bool:
     from perfkit.collectors.api import probe_links as _probe_links
 
     return _probe_links(group)
+
+
+def probing() -> Any:
+    """A context: the collectives inside are the script measuring itself after its steps (the
+    bundled trainer timing what other layouts would cost), recorded apart from the job's own."""
+    from perfkit.collectors.api import probing as _probing
+
+    return _probing()
 
 
 def record_read(nbytes: int, seconds: float, start_ns: int, path: str, step: int | None = None) -> None:

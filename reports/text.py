@@ -102,7 +102,10 @@ def profile_summary(run: Run, rc: int, next_step: bool) -> str:
             n = sum(t.count(b"\n") for t in texts)
             probe = sum(t.count(b'"source":"probe') for t in texts)  # RowWriter's compact JSON
             if n:
-                counts.append(f"{table.name} {n - probe}" + (f" (+{probe} link probe)" if probe else ""))
+                counts.append(
+                    f"{table.name} {n - probe}"
+                    + (f" (+{probe} from probes after the steps)" if probe else "")
+                )
         trace = run.layout.trace(rank)
         if trace.exists():
             counts.append(f"{trace.name} {trace.stat().st_size / 1e6:.1f} MB")

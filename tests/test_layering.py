@@ -83,7 +83,17 @@ def test_the_trainer_uses_only_perfkits_public_api() -> None:
     assert not bad, "\n".join(bad)
 
 
-_PUBLIC = {"attach", "describe", "phase", "probe_links", "profile", "step", "record_read", "__version__"}
+_PUBLIC = {
+    "attach",
+    "describe",
+    "phase",
+    "probe_links",
+    "probing",
+    "profile",
+    "step",
+    "record_read",
+    "__version__",
+}
 
 
 # Run-directory names that only perfkit/run.py may spell (tables are named by their schema).

@@ -191,7 +191,7 @@ def test_whatif_prints_one_screen(tmp_path: Path) -> None:
     assert len(lines) <= 40 and "tp2 on 2 rank(s)" in lines[0]
     (step,) = [ln for ln in lines if ln.startswith("time per step (ms)")]
     measured, modelled, change = (float(x) for x in step.split()[4:7])
-    assert measured == modelled == 30.0 and change > measured  # 16 all-reduces of activations a step
+    assert measured == modelled == 30.0 and change > measured  # 24 all-reduces of activations a step
     assert any("activations (TP all-reduce)" in ln for ln in lines) and "alpha 0.500 ms" in r.stdout
     header = next(ln for ln in lines if "measured" in ln and "modelled" in ln)
     assert len(header.split()) == len(step.split()) - 4  # a header over each column of figures
@@ -360,9 +360,10 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     """What the trainer measured after its steps (perfkit.trainer.costs): a microbatch unit more, a
     checkpointed block, a tensor-parallel module, each charged as often as the layout runs it; the
     basis still predicts itself."""
-    costs = {"chunk_overhead_s": 0.002, "checkpoint_block_s": 0.001, "tp_module_overhead_s": 0.0005}
+    costs = {"chunk_overhead_s": 0.002, "checkpoint_block_s": 0.001, "tp_module_overhead_s": 0.0005,
+             "fsdp_unit_s": 0.003, "dtensor_param_s": 0.0001}  # fmt: skip
     b = lm.basis_from_run(make_basis(tmp_path, costs=costs))
-    assert (b.chunk_s, b.checkpoint_block_s, b.tp_module_s) == (0.002, 0.001, 0.0005)
+    assert (b.chunk_s, b.checkpoint_block_s, b.tp_module_s, b.fsdp_unit_s) == (0.002, 0.001, 0.0005, 0.003)
     assert not any("FLOPs alone" in n for n in b.notes)
 
     def parts(*sets: str) -> dict[str, float]:
@@ -377,11 +378,29 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     assert ckpt["activation checkpointing"] == pytest.approx(0.001 * 4)
     assert ckpt["compute"] == pytest.approx(parts()["compute"])
     assert parts("parallel.tp=2")["tensor parallel (DTensor)"] == pytest.approx(0.0005 * 6 * 4)
+    # FSDP2 as measured, a unit (4 blocks and the root) a microbatch, in place of its modelled collectives
+    z3 = parts("parallel.zero=3")
+    assert z3["FSDP2 gathers and scatters (measured)"] == pytest.approx(0.003 * 5)
+    # its 69 parameters are DTensors: the optimizer phase pays each, beyond half of DDP's AdamW
+    assert z3["optimizer"] == pytest.approx(parts()["optimizer"] / 2 + 0.0001 * 69)
+    assert parts("parallel.tp=2")["optimizer"] > parts()["optimizer"] / 2 + 0.0001 * 12 * 4 - 1e-9
+    assert not any(k.startswith(("parameters (FSDP", "gradients (FSDP")) for k in z3)
     sp = parts("parallel.tp=2", "parallel.sequence_parallel=true")
     assert sp["tensor parallel (DTensor)"] == pytest.approx(0.0005 * 10 * 4)
+    r = run_perfkit("whatif", str(b.run), "--set", "parallel.tp=2")
+    assert r.returncode == 0, r.stderr
+    assert "tensor parallel (DTensor)" in r.stdout and (
+        "beyond FLOPs: a microbatch of a block and the ends 2.00 ms, a checkpointed block 1.00 ms, "
+        "a tensor-parallel module (DTensor) 0.50 ms, an FSDP2 unit 3.00 ms, a DTensor parameter's optimizer step "
+        "0.10 ms" in r.stdout
+    )
     # a basis that measured none of it says so, and counts checkpointing's recomputation as FLOPs
     old = lm.basis_from_run(make_basis(tmp_path / "old"))
     assert old.chunk_s is None and any("FLOPs alone" in n for n in old.notes)
+    assert (
+        "parameters (FSDP all-gather)"
+        in lm.predict(old, load_config("tiny-cpu", ["parallel.zero=3"]), 2).time_parts
+    )
     again = lm.predict(old, load_config("tiny-cpu", ["kernels.activation_checkpointing=true"]), 2)
     assert "activation checkpointing" not in again.time_parts
     assert again.time_parts["compute"] > lm.predict(old, load_config("tiny-cpu"), 2).time_parts["compute"]

@@ -298,6 +298,9 @@ class Basis:
     trainer after its steps: ``perfkit.trainer.costs``); None where the basis did not measure it."""
     checkpoint_block_s: float | None = None
     """What activation checkpointing adds to one block a microbatch (measured, as ``chunk_s``)."""
+    dtensor_param_s: float = 0.0
+    """What the optimizer phase (gradient norm, AdamW) pays a parameter tensor that is a DTensor
+    (FSDP2's, tensor parallel's) beyond a plain one (measured, as ``chunk_s``)."""
     fsdp_unit_s: float | None = None
     """What FSDP2 over the basis's ranks costs one unit (a block) a microbatch: its gathers, scatters
     and copies (measured, as ``chunk_s``), in place of its modelled collectives."""
@@ -385,6 +388,19 @@ def tp_modules(shape: Shape) -> int:
         return 0
     per_block = 10 if shape.cfg.parallel.sequence_parallel else 6
     return per_block * len(shape.stage_layers[shape.busiest]) * lay.microbatches
+
+
+def dtensor_params(shape: Shape) -> int:
+    """Parameter tensors of the busiest rank that are DTensors: every one under FSDP2 (ZeRO-3 over
+    data-parallel ranks); under tensor parallelism the plan's linears' weights and biases (12 a
+    block), and with sequence parallelism the norms' too (16)."""
+    lay = shape.layout
+    if shape.cfg.parallel.zero == 3 and lay.dp > 1:
+        return shape.rank_tensors(shape.busiest)
+    if lay.tp > 1:
+        per_block = 16 if shape.cfg.parallel.sequence_parallel else 12
+        return per_block * len(shape.stage_layers[shape.busiest])
+    return 0
 
 
 def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> dict[str, float]:
@@ -585,6 +601,7 @@ def basis_from_run(run_path: Path) -> Basis:
             ("checkpoint_block_s", "checkpoint_block_s"),
             ("tp_module_overhead_s", "tp_module_s"),
             ("fsdp_unit_s", "fsdp_unit_s"),
+            ("dtensor_param_s", "dtensor_param_s"),
         ):
             if isinstance(costs.get(key), int | float) and costs[key] >= 0:
                 setattr(basis, attr, float(costs[key]))
@@ -601,8 +618,9 @@ def basis_from_run(run_path: Path) -> Basis:
     # what runs per microbatch, stage by stage (compute, and its measured extras), fills the pipeline
     staged = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
     basis.compute_s = max(staged - sum(basis.measured_parts(shape).values()), staged * 0.2)
-    basis.optimizer_s = float(mid["optimizer_s"])
-    basis.outside_s = max(0.0, step_s - model_s - basis.optimizer_s)
+    # AdamW's own time: the DTensor parameters' dispatch is charged by the layout (dtensor_params)
+    basis.optimizer_s = max(0.0, float(mid["optimizer_s"]) - basis.dtensor_param_s * dtensor_params(shape))
+    basis.outside_s = max(0.0, step_s - model_s - float(mid["optimizer_s"]))
     peak = _logged_peak(run.layout.train_log)
     mem = t.memory
     col = "max_allocated" if "max_allocated" in mem.columns and mem["max_allocated"].notna().any() else "rss"
@@ -655,6 +673,7 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     if shape.pipeline_fill > 1:  # every stage's microbatches, their dispatch and recomputation too
         parts["pipeline bubble"] = sum(parts.values()) * (shape.pipeline_fill - 1)
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
+    parts["optimizer"] += basis.dtensor_param_s * dtensor_params(shape)
     parts |= comm_parts(basis, shape)
     if tp_modules(shape):
         parts["tensor parallel (DTensor)"] = basis.tp_module_s * tp_modules(shape)
@@ -738,6 +757,22 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
         f"collectives alpha {basis.alpha_s * 1e3:.3f} ms + bytes at {basis.beta_bytes_per_s / 1e9:.2f} GB/s "
         f"bus bandwidth, {basis.wait_s * 1e3:.2f} ms wait a blocking call ({basis.comm_basis}); outside the model {basis.outside_s * 1e3:.1f} ms as measured",
     ]
+    measured = [
+        f"{what} {value * 1e3:.2f} ms"
+        for what, value in (
+            ("a microbatch of a block and the ends", basis.chunk_s),
+            ("a checkpointed block", basis.checkpoint_block_s),
+            ("a tensor-parallel module (DTensor)", basis.tp_module_s if basis.chunk_s is not None else None),
+            ("an FSDP2 unit", basis.fsdp_unit_s),
+            (
+                "a DTensor parameter's optimizer step",
+                basis.dtensor_param_s if basis.chunk_s is not None else None,
+            ),
+        )
+        if value is not None
+    ]
+    if measured:
+        lines.append("measured after the basis's steps, beyond FLOPs: " + ", ".join(measured))
     if basis.base_bytes is not None:
         lines.append(
             f"memory: {basis.base_bytes / mib:,.0f} MiB of the measured peak is libraries and buffers, the same in every layout"

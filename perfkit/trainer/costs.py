@@ -1,11 +1,11 @@
 """What a layout costs on this hardware that its FLOPs do not say, measured after the steps for the
 layout model (``perfkit.optimizer.layoutmodel``) on a one-block copy of the model: what splitting a
 batch into more microbatches costs (each op's dispatch does not shrink with its data), what
-activation checkpointing adds to a block (its forward again, and the machinery), what DTensor
-adds to each module of the tensor-parallel plan, and what FSDP2 adds to each unit it shards (on CPU
-its gloo reduce-scatters and copies cost 3x what their bytes say). Tiny-cpu on 2 CPU ranks: 0.9 ms a microbatch of the
-whole model, checkpointing more than its FLOPs say, 0.27 ms a tensor-parallel linear against its
-0.09 ms of work.
+activation checkpointing adds to a block (its forward again, and the machinery), what DTensor adds
+to each module of the tensor-parallel plan, and what FSDP2 adds to each unit it shards (on CPU its
+gloo reduce-scatters and copies cost 3x what their bytes say). Tiny-cpu on 2 CPU ranks: 0.36 ms a
+microbatch of a block and the ends, 1.1 ms a checkpointed block where its FLOPs say 0.6, 0.32 ms a
+tensor-parallel module against its 0.09 ms of work, 5.2 ms an FSDP2 unit.
 """
 
 from __future__ import annotations
@@ -24,29 +24,36 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 
 from perfkit.trainer.config import TrainConfig
 from perfkit.trainer.model import GPT, cross_entropy
+from perfkit.trainer.parallelize import build_optimizer, clip_grad_norm_
 
-REPEATS = 9
+REPEATS = 15
 CHUNKS = 4
 
 
-def _median_s(fn: Callable[[], None], device: torch.device, repeats: int = REPEATS) -> float:
+def _seconds(fn: Callable[[], None], device: torch.device, repeats: int = REPEATS) -> float:
+    """``fn``'s time: the mean of ``repeats`` calls after two (allocation, caches), the slowest tenth
+    left out. The mean, not the median: a step pays every call's wait for the other ranks, and on a
+    shared host one call in four of them waits 3-4 ms while the rest wait none."""
     times = []
     for i in range(repeats + 2):
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= 2:  # the first two: allocation, caches
+        if i >= 2:
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    kept = sorted(times)[: max(1, len(times) - len(times) // 10)]
+    return sum(kept) / len(kept)
 
 
 def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> dict[str, float]:
     """``chunk_overhead_s``: a microbatch more of one block and the model's ends, forward and
     backward, at the same tokens; ``checkpoint_block_s``: what checkpointing adds to one block a
     microbatch; in a job of 2 ranks or more (every rank must call this): ``tp_module_overhead_s``,
-    DTensor's cost per module of the tensor-parallel plan, and ``fsdp_unit_s``, what FSDP2 (ZeRO-3)
-    over every rank costs a unit (a block) a microbatch: its gathers, scatters and copies."""
+    DTensor's cost per module of the tensor-parallel plan, ``fsdp_unit_s``, what FSDP2 (ZeRO-3)
+    over every rank costs a unit (a block) a microbatch: its gathers, scatters and copies, and
+    ``dtensor_param_s``, what the optimizer phase (gradient norm, AdamW) pays a parameter tensor
+    that is a DTensor (FSDP2, tensor parallel) beyond a plain one."""
     out: dict[str, float] = {}
     m = cfg.model
     model = GPT(dataclasses.replace(m, n_layers=1), cfg.kernels.attention).to(device)
@@ -63,22 +70,59 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
                 loss = cross_entropy(model(part[:, :-1]), part[:, 1:])
             loss.backward()
 
-    whole = _median_s(lambda: run(1), device)
+    whole = _seconds(lambda: run(1), device)
+    repeats = REPEATS if whole < 0.05 else 5  # a large model's step: a few are enough
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank the same count of collectives
+        agreed = torch.tensor([repeats], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        repeats = int(agreed.item())
     chunks = min(CHUNKS, micro_batch)
     if chunks > 1:
-        out["chunk_overhead_s"] = max(0.0, (_median_s(lambda: run(chunks), device) - whole) / (chunks - 1))
+        out["chunk_overhead_s"] = max(
+            0.0, (_seconds(lambda: run(chunks), device, repeats) - whole) / (chunks - 1)
+        )
     model.activation_checkpointing = True
-    out["checkpoint_block_s"] = max(0.0, _median_s(lambda: run(1), device) - whole)
+    out["checkpoint_block_s"] = max(0.0, _seconds(lambda: run(1), device, repeats) - whole)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         model.activation_checkpointing = False
-        mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
+        plain_step = _seconds(_optimizer_step(cfg, model), device, repeats)  # the gradients of the runs above
+        mesh = _world_mesh(device)
         for block in model.layers.values():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         # two units (the block, the root): their gathers and scatters over every rank, and copies
-        out["fsdp_unit_s"] = max(0.0, (_median_s(lambda: run(1), device) - whole) / 2)
+        dist.barrier()
+        out["fsdp_unit_s"] = max(0.0, (_seconds(lambda: run(1), device, repeats) - whole) / 2)
+        # the gradient norm and AdamW over the same parameters as DTensors: each op's sharding
+        # propagation, tensor by tensor (tiny-cpu's FSDP2 and TP optimizer phases: 3.9 and 4.7 ms
+        # against DDP's 2.2, for half the elements)
+        sharded_step = _seconds(_optimizer_step(cfg, model), device, repeats)
+        tensors = sum(1 for _ in model.parameters())
+        out["dtensor_param_s"] = max(0.0, (sharded_step - plain_step) / tensors)
     return out
+
+
+def _world_mesh(device: torch.device) -> DeviceMesh:
+    world = dist.group.WORLD
+    assert world is not None, "the process group is initialized"
+    return DeviceMesh.from_group(world, device.type)
+
+
+def _optimizer_step(cfg: TrainConfig, model: nn.Module) -> Callable[[], None]:
+    """The trainer's optimizer phase for ``model``'s parameters and gradients: the gradient norm,
+    clipped, and an AdamW step of the configured kernel."""
+    params = list(model.parameters())
+    opt = build_optimizer(
+        dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero=0)), params, None
+    )
+
+    def step() -> None:
+        clip_grad_norm_(params, cfg.optimizer.grad_clip, None)
+        opt.step()
+
+    return step
 
 
 def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device) -> float:
@@ -87,13 +131,13 @@ def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device) 
     needs no gradient, so no collective runs) timed against a plain linear of its local shape.
     Every rank must call it: placing the weight scatters it."""
     world = dist.get_world_size()
-    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
+    mesh = _world_mesh(device)
     width = max(world, d_model - d_model % world)
     parallel = parallelize_module(nn.Linear(d_model, width, device=device), mesh, ColwiseParallel())
     plain = nn.Linear(d_model, width // world, device=device)
     x = torch.randn(1, max(1, min(tokens, 4096)), d_model, device=device)
     return max(
         0.0,
-        _median_s(lambda: parallel(x).sum().backward(), device)
-        - _median_s(lambda: plain(x).sum().backward(), device),
+        _seconds(lambda: parallel(x).sum().backward(), device)
+        - _seconds(lambda: plain(x).sum().backward(), device),
     )

@@ -170,8 +170,8 @@ def _unique_params(parts: list[nn.Module]) -> list[nn.Parameter]:
     return list({id(p): p for part in parts for p in part.parameters()}.values())
 
 
-def _optimizer(
-    cfg: TrainConfig, params: list[nn.Parameter], dp_group: dist.ProcessGroup
+def build_optimizer(
+    cfg: TrainConfig, params: list[nn.Parameter], dp_group: dist.ProcessGroup | None
 ) -> torch.optim.Optimizer:
     o, impl = cfg.optimizer, cfg.kernels.optimizer_impl
     # Weight decay on matrices only (not biases, norms), as in GPT-2 and nanoGPT. The foreach and
@@ -214,7 +214,7 @@ def parallelize(
             layout=layout,
             mesh=mesh,
             parts=[whole],
-            optimizers=[_optimizer(cfg, params, mesh["dp"].get_group())],
+            optimizers=[build_optimizer(cfg, params, mesh["dp"].get_group())],
             dp_rank=dp_rank,
             params=params,
         )
@@ -242,7 +242,7 @@ def parallelize(
         layout=layout,
         mesh=mesh,
         parts=parts,
-        optimizers=[_optimizer(cfg, _unique_params([part]), mesh["dp"].get_group()) for part in parts],
+        optimizers=[build_optimizer(cfg, _unique_params([part]), mesh["dp"].get_group()) for part in parts],
         schedule=schedule,
         has_first_stage=0 in stage_ids,
         has_last_stage=layout.n_stages - 1 in stage_ids,

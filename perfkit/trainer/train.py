@@ -324,7 +324,8 @@ def _train(
             # the link with nothing else running, for whatif and sweep predictions; and what other
             # layouts of this model would cost here beyond their FLOPs, for the same
             if perfkit.probe_links():
-                perfkit.describe(layout_costs=layout_costs(cfg, layout.micro_batch, device))
+                with perfkit.probing():
+                    perfkit.describe(layout_costs=layout_costs(cfg, layout.micro_batch, device))
     if rank == 0 and records:
         timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
         median = sorted(timed)[len(timed) // 2]
