@@ -614,7 +614,7 @@ def probe_source(source: str) -> Iterator[None]:
         _state.source = previous
 
 
-STEP_PROBE_ROUNDS = 32
+STEP_PROBE_ROUNDS = 48
 STEP_PROBE_COMPUTE_S = 2e-3
 STEP_PROBE_BYTES = 192 << 10
 

@@ -475,7 +475,7 @@ def _fit_comms(comms: Any, steps_after: int, probe: Any = None) -> tuple[float, 
     with backward (fitted to alone, they made ZeRO-1's broadcasts 1.9x slower than measured at
     12.8M parameters). Without one, alpha + bus bytes / beta is fitted to the steps' calls by least
     squares weighted by count. The wait, what each blocking collective of a step costs on top of its
-    transfer, is the mean time beyond the fit of the probe's calls between bursts of compute
+    transfer, is the mean time (the slowest tenth left out) beyond the fit of the probe's calls between bursts of compute
     (source "probe-step"); without them, of the largest in-step collectives (DDP's buckets, whose
     ranks drift apart over a whole backward: at 12.8M parameters they made each tensor-parallel
     call wait ~20 ms, 32% too slow a step)."""
@@ -507,8 +507,11 @@ def _fit_comms(comms: Any, steps_after: int, probe: Any = None) -> tuple[float, 
     if blocking:  # the probe's calls between bursts of compute: what a blocking call waits
         b = max(blocking, key=lambda p: p[2])
         # the mean, not the median: a step pays every call's wait, and on a shared host one call
-        # in four waits 3-4 ms while the rest wait none (the median said 0.45 ms, TP's calls cost 1.2)
-        wait = max(0.0, float(b[3].mean()) - (alpha + slope * b[0]))
+        # in four waits 3-4 ms while the rest wait none (the median said 0.45 ms, TP's calls cost
+        # 1.2); the slowest tenth left out: one stall of 30 ms had tripled a basis's TP steps
+        d = b[3].sort_values()
+        kept = d.iloc[: max(1, len(d) - len(d) // 10)]
+        wait = max(0.0, float(kept.mean()) - (alpha + slope * b[0]))
     elif in_steps:
         largest = _enough(in_steps)[-1]
         wait = max(0.0, float((largest[3] - (alpha + slope * largest[0])).median()))
