@@ -610,6 +610,11 @@ def basis_from_run(run_path: Path) -> Basis:
                 setattr(basis, attr, float(costs[key]))
         basis.__dict__.pop("shape", None)  # measured checkpointing leaves the FLOPs
         shape = basis.shape
+        if shape.cfg.kernels.compile:
+            basis.notes.append(
+                "the costs beyond FLOPs were measured on an eager copy of a compiled model: "
+                "microbatches and checkpointing may cost less than predicted"
+            )
     else:
         basis.notes.append(
             "the basis did not measure what microbatches, checkpointing and DTensor cost here "
