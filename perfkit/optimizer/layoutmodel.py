@@ -598,7 +598,7 @@ def basis_from_run(run_path: Path) -> Basis:
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
     costs = run.manifest.model.get("layout_costs")
-    if isinstance(costs, dict):
+    if isinstance(costs, dict) and costs:
         for key, attr in (
             ("chunk_overhead_s", "chunk_s"),
             ("checkpoint_block_s", "checkpoint_block_s"),

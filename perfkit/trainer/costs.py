@@ -28,6 +28,7 @@ from perfkit.trainer.parallelize import build_optimizer, clip_grad_norm_
 
 REPEATS = 15
 CHUNKS = 4
+FP32 = 4
 
 
 def _seconds(fn: Callable[[], None], device: torch.device, repeats: int = REPEATS) -> float:
@@ -56,7 +57,17 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     that is a DTensor (FSDP2, tensor parallel) beyond a plain one."""
     out: dict[str, float] = {}
     m = cfg.model
-    model = GPT(dataclasses.replace(m, n_layers=1), cfg.kernels.attention).to(device)
+    one = dataclasses.replace(m, n_layers=1)
+    if device.type == "cuda":
+        # the copy, its gradients, AdamW's two states and its activations beside the job's own
+        free, _ = torch.cuda.mem_get_info(device)
+        need = (
+            6 * FP32 * (12 * m.d_model**2 + 2 * m.vocab_size * m.d_model)
+            + 64 * micro_batch * m.seq_len * m.d_model
+        )
+        if free < 2 * need:
+            return {}
+    model = GPT(one, cfg.kernels.attention).to(device)
     batch = torch.randint(0, m.vocab_size, (micro_batch, m.seq_len + 1), device=device)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)

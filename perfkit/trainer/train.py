@@ -325,7 +325,14 @@ def _train(
             # layouts of this model would cost here beyond their FLOPs, for the same
             if perfkit.probe_links():
                 with perfkit.probing():
-                    perfkit.describe(layout_costs=layout_costs(cfg, layout.micro_batch, device))
+                    try:
+                        costs = layout_costs(cfg, layout.micro_batch, device)
+                    except (RuntimeError, torch.OutOfMemoryError) as e:  # the job's result stands
+                        costs = {}
+                        print(
+                            f"[rank {rank}] perfkit: the layout costs were not measured: {e}", file=sys.stderr
+                        )
+                    perfkit.describe(layout_costs=costs)
     if rank == 0 and records:
         timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
         median = sorted(timed)[len(timed) // 2]
