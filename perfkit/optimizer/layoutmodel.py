@@ -201,8 +201,9 @@ def collectives(shape: Shape) -> list[Collective]:
             calls = 6 * layers * m
             out.append(Collective("activations (TP all-reduce)", "all_reduce", size, lay.tp, calls, calls))
     if lay.tp > 1 or lay.pp > 1 or (lay.dp > 1 and cfg.parallel.zero >= 2):
-        # the gradient norm of sharded gradients: one small all-reduce a step
-        out.append(Collective("gradient norm", "all_reduce", 4, lay.world_size, 1, 1))
+        # the gradient norm of sharded gradients: one small all-reduce a step; in a pipeline its
+        # wait for the last stage's backward is the drain, which the bubble counts
+        out.append(Collective("gradient norm", "all_reduce", 4, lay.world_size, 1, 0 if lay.pp > 1 else 1))
     if lay.pp > 1:
         size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
         # a middle rank receives and sends each microbatch forward and its gradient backward
