@@ -5,8 +5,9 @@
 
 Each case is one ``perfkit sweep`` on 2 CPU ranks: a profiled basis (the first layout), every layout
 predicted from it, then every layout measured in full (interleaved plain runs). Printed per layout:
-predicted step time (± the basis's step spread, scaled) and measured, their error, and peak memory
-predicted and measured; per case: the Spearman correlation of the predicted and measured rankings,
+predicted step time (± the basis's step spread, scaled) and measured, their error, the error of the
+ratio to the basis's own layout (the model predicts that ratio; the absolute error also carries the
+basis run's drift from the runs measured after it), and peak memory predicted and measured; per case: the Spearman correlation of the predicted and measured rankings,
 the step-time and peak-memory errors, and the no-change check (the model's step for the basis's own
 layout against the basis's measured step). Targets (issues 15 and 28): Spearman >= 0.9, step time and
 peak memory within 15%, no-change within 5% or no prediction at all.
@@ -75,18 +76,31 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
     if data.get("no_predictions"):
         print(f"no predictions: {data['no_predictions']}")
     print(
-        f"{'layout':<34} {'pred ms':>8} {'±':>5} {'meas ms':>8} {'err':>7} {'pred MiB':>9} {'meas MiB':>9} {'mem err':>8}"
+        f"{'layout':<34} {'pred ms':>8} {'±':>5} {'meas ms':>8} {'err':>7} {'vs basis':>8} {'pred MiB':>9} "
+        f"{'meas MiB':>9} {'mem err':>8}"
     )
+    # the model predicts each layout against its basis: "vs basis" is the error of that ratio, the
+    # predicted over the basis layout's predicted against the measured over its measured (the
+    # absolute error also carries the basis run's own drift from the runs measured after it)
+    own = next((c for c in data["candidates"] if c["label"] == data.get("basis_layout")), None)
+    own_p = ((own or {}).get("predicted") or {}).get("step_ms")
+    own_m = (own or {}).get("step_ms")
+    ratio_errors = []
     for c in data["candidates"]:
         p = c.get("predicted") or {}
         pm, mm = p.get("peak_memory_bytes"), c.get("peak_memory_bytes")
         merr = f"{pm / mm - 1:>+8.1%}" if pm and mm else f"{'-':>8}"
         pt, mt = p.get("step_ms"), c.get("step_ms")
         terr = f"{pt / mt - 1:>+7.1%}" if pt and mt else f"{'-':>7}"
+        rerr = f"{'-':>8}"
+        if pt and mt and own_p and own_m:
+            ratio_errors.append((pt / own_p) / (mt / own_m) - 1)
+            rerr = f"{ratio_errors[-1]:>+8.1%}"
         print(
-            f"{c['label']:<34} {pt or 0:>8.1f} {p.get('uncertainty_ms') or 0:>5.1f} {mt or 0:>8.1f} {terr} "
+            f"{c['label']:<34} {pt or 0:>8.1f} {p.get('uncertainty_ms') or 0:>5.1f} {mt or 0:>8.1f} {terr} {rerr} "
             f"{(pm or 0) / 2**20:>9.0f} {(mm or 0) / 2**20:>9.0f} {merr}"
         )
+    ratio_max = max((abs(e) for e in ratio_errors), default=None)
     a = data["agreement"]
     basis = data.get("basis") or {}
     own = [c for c in data["candidates"] if c["label"] == data.get("basis_layout") and c.get("predicted")]
@@ -98,8 +112,19 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
             f"{a['time_error_median']:.1%}, max {a['time_error_max']:.1%}; peak memory error median "
             f"{a['memory_error_median']:.1%}, max {a['memory_error_max']:.1%}"
             + (f"; no change {no_change:+.1%}" if no_change is not None else "")
+            + (
+                f"; against the basis layout's measured step, {ratio_max:.1%} at most"
+                if ratio_max is not None
+                else ""
+            )
         )
-    return {"case": name, **a, "no_change": no_change, "no_predictions": data.get("no_predictions")}
+    return {
+        "case": name,
+        **a,
+        "no_change": no_change,
+        "ratio_error_max": ratio_max,
+        "no_predictions": data.get("no_predictions"),
+    }
 
 
 def main() -> None:

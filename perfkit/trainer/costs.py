@@ -28,21 +28,26 @@ from perfkit.trainer.parallelize import build_optimizer, clip_grad_norm_
 
 REPEATS = 15
 CHUNKS = 4
+TP_PAIRS = 60
 FP32 = 4
 
 
-def _seconds(fn: Callable[[], None], device: torch.device, repeats: int = REPEATS) -> float:
-    """``fn``'s time: the mean of ``repeats`` calls after two (allocation, caches), the slowest tenth
-    left out. The mean, not the median: a step pays every call's wait for the other ranks, and on a
-    shared host one call in four of them waits 3-4 ms while the rest wait none."""
+def _seconds(fn: Callable[[], None], device: torch.device, repeats: int = REPEATS, warm: int = 2) -> float:
+    """``fn``'s time: the mean of ``repeats`` calls after ``warm`` (allocation, caches), the slowest
+    tenth left out. The mean, not the median: a step pays every call's wait for the other ranks,
+    and on a shared host one call in four of them waits 3-4 ms while the rest wait none."""
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + warm):
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= 2:
+        if i >= warm:
             times.append(time.perf_counter() - t0)
+    return _trimmed_mean(times)
+
+
+def _trimmed_mean(times: list[float]) -> float:
     kept = sorted(times)[: max(1, len(times) - len(times) // 10)]
     return sum(kept) / len(kept)
 
@@ -147,8 +152,12 @@ def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device) 
     parallel = parallelize_module(nn.Linear(d_model, width, device=device), mesh, ColwiseParallel())
     plain = nn.Linear(d_model, width // world, device=device)
     x = torch.randn(1, max(1, min(tokens, 4096)), d_model, device=device)
-    return max(
-        0.0,
-        _seconds(lambda: parallel(x).sum().backward(), device)
-        - _seconds(lambda: plain(x).sum().backward(), device),
-    )
+    # interleaved, and many: each call is a fraction of a millisecond, and the host drifts
+    with_dtensor, without = [], []
+    for i in range(TP_PAIRS + 2):
+        a = _seconds(lambda: parallel(x).sum().backward(), device, repeats=1, warm=0)
+        b = _seconds(lambda: plain(x).sum().backward(), device, repeats=1, warm=0)
+        if i >= 2:
+            with_dtensor.append(a)
+            without.append(b)
+    return max(0.0, _trimmed_mean(with_dtensor) - _trimmed_mean(without))
