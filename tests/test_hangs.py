@@ -111,11 +111,13 @@ def test_the_rank_that_failed_first_is_named(tmp_path: Path) -> None:
 
 def test_a_rank_killed_by_a_signal_is_named_with_its_line(tmp_path: Path) -> None:
     """A segfault runs no Python, so no failure.json: the rank's faulthandler output (fault.txt) names
-    the signal and its line. A rank that stops cleanly leaves no fault.txt."""
+    the signal and its line. The rank the launcher stops after it records no fault: its fault.txt is
+    gone (it stopped in time to remove it) or empty (a loaded host: killed before it could)."""
     proc, out, _ = _profile(tmp_path, "segfault")
     assert proc.returncode != 0
     assert (out / "rank1" / "fault.txt").read_text().startswith("Fatal Python error: Segmentation fault")
-    assert not (out / "rank0" / "fault.txt").exists()
+    other = out / "rank0" / "fault.txt"
+    assert not other.exists() or not other.read_text()
     f = {f.id: f for f in analyze(out).findings}["first_failure"]
     assert f.ranks == [1] and "Segmentation fault" in f.title
     line = next(i for i, ln in enumerate(SCRIPT.splitlines(), 1) if "string_at(0)" in ln)
