@@ -586,8 +586,7 @@ def probe_links(group: Any = None, sizes: tuple[int, ...] = PROBE_SIZES, repeats
         if dist.get_backend(group) == "nccl"
         else torch.device("cpu")
     )
-    _state.source = "probe"
-    try:
+    with probe_source("probe"):
         for size in sizes:
             t = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
             dist.all_reduce(t, group=group)  # warm-up: buffers, connections
@@ -597,8 +596,6 @@ def probe_links(group: Any = None, sizes: tuple[int, ...] = PROBE_SIZES, repeats
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         _probe_between_compute(group, device)
-    finally:
-        _state.source = None
     return True
 
 
@@ -643,9 +640,9 @@ def _probe_between_compute(group: Any, device: torch.device) -> None:
     iters = int(n.item())
     t = torch.ones(STEP_PROBE_BYTES // 4, dtype=torch.float32, device=device)
     dist.barrier(group)
-    _state.source = "probe-step"
-    for _ in range(STEP_PROBE_ROUNDS):
-        burst(iters)
-        dist.all_reduce(t, group=group)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with probe_source("probe-step"):
+        for _ in range(STEP_PROBE_ROUNDS):
+            burst(iters)
+            dist.all_reduce(t, group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)

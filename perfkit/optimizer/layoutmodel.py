@@ -290,16 +290,15 @@ class Basis:
     """Steps after the warm-up that the basis's figures are medians of."""
     spread_s: float = 0.0
     """Half the p10-p90 range of those steps' times: what a prediction is uncertain by, at least."""
-    tp_module_s: float = 0.0
-    """What DTensor costs one module of the tensor-parallel plan, forward and backward, on the
-    basis's hardware (the trainer measures it after its steps: ``tensor_parallel_overhead_s``)."""
-
     chunk_s: float | None = None
     """A microbatch more of one block and the model's ends, forward and backward (measured by the
     trainer after its steps: ``perfkit.trainer.costs``); None where the basis did not measure it."""
     checkpoint_block_s: float | None = None
     """What activation checkpointing adds to one block a microbatch (measured, as ``chunk_s``)."""
-    dtensor_param_s: float = 0.0
+    tp_module_s: float | None = None
+    """What DTensor costs one module of the tensor-parallel plan, forward and backward (measured,
+    as ``chunk_s``)."""
+    dtensor_param_s: float | None = None
     """What the optimizer phase (gradient norm, AdamW) pays a parameter tensor that is a DTensor
     (FSDP2's, tensor parallel's) beyond a plain one (measured, as ``chunk_s``)."""
     fsdp_unit_s: float | None = None
@@ -414,9 +413,10 @@ def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> 
     return out
 
 
-def comm_parts(basis: Basis, shape: Shape) -> dict[str, float]:
-    """Seconds a step of each kind of collective (``comm_seconds`` at the basis's fit), FSDP2's as
-    the basis measured them where it did (ZeRO-3 over the data-parallel ranks)."""
+def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
+    """What a step spends beside its compute, in seconds: each kind of collective (``comm_seconds``
+    at the basis's fit), FSDP2's as the basis measured them where it did (ZeRO-3 over the
+    data-parallel ranks), and DTensor's dispatch in the tensor-parallel plan's modules."""
     out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
     lay = shape.layout
     if basis.fsdp_unit_s is not None and shape.cfg.parallel.zero == 3 and lay.dp > 1:
@@ -425,6 +425,8 @@ def comm_parts(basis: Basis, shape: Shape) -> dict[str, float]:
                 out.pop(c.what, None)
         units = len(shape.stage_layers[shape.busiest]) + 1
         out["FSDP2 gathers and scatters (measured)"] = basis.fsdp_unit_s * units * lay.microbatches / lay.tp
+    if tp_modules(shape):
+        out["tensor parallel (DTensor)"] = (basis.tp_module_s or 0.0) * tp_modules(shape)
     return out
 
 
@@ -568,7 +570,28 @@ def basis_from_run(run_path: Path) -> Basis:
         steps_used=steps_used,
         spread_s=spread,
     )
-    shape = basis.shape
+    costs = run.manifest.model.get("layout_costs")
+    if isinstance(costs, dict) and costs:
+        for key, attr in (
+            ("chunk_overhead_s", "chunk_s"),
+            ("checkpoint_block_s", "checkpoint_block_s"),
+            ("tp_module_overhead_s", "tp_module_s"),
+            ("fsdp_unit_s", "fsdp_unit_s"),
+            ("dtensor_param_s", "dtensor_param_s"),
+        ):
+            if isinstance(costs.get(key), int | float) and costs[key] >= 0:
+                setattr(basis, attr, float(costs[key]))
+        if config_from_dict(config).kernels.compile:
+            basis.notes.append(
+                "the costs beyond FLOPs were measured on an eager copy of a compiled model: "
+                "microbatches and checkpointing may cost less than predicted"
+            )
+    else:
+        basis.notes.append(
+            "the basis did not measure what microbatches, checkpointing and DTensor cost here "
+            "(perfkit.trainer.costs): they are predicted from FLOPs alone"
+        )
+    shape = basis.shape  # after the costs: measured checkpointing leaves the FLOPs
     fit = _fit_comms(t.comms, WARMUP, t.link_probe)
     if fit is None:
         # nothing to fit (one rank): loopback gloo on this kind of host, or NVLink-class NCCL
@@ -598,37 +621,16 @@ def basis_from_run(run_path: Path) -> Basis:
         )
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
-    costs = run.manifest.model.get("layout_costs")
-    if isinstance(costs, dict) and costs:
-        for key, attr in (
-            ("chunk_overhead_s", "chunk_s"),
-            ("checkpoint_block_s", "checkpoint_block_s"),
-            ("tp_module_overhead_s", "tp_module_s"),
-            ("fsdp_unit_s", "fsdp_unit_s"),
-            ("dtensor_param_s", "dtensor_param_s"),
-        ):
-            if isinstance(costs.get(key), int | float) and costs[key] >= 0:
-                setattr(basis, attr, float(costs[key]))
-        basis.__dict__.pop("shape", None)  # measured checkpointing leaves the FLOPs
-        shape = basis.shape
-        if shape.cfg.kernels.compile:
-            basis.notes.append(
-                "the costs beyond FLOPs were measured on an eager copy of a compiled model: "
-                "microbatches and checkpointing may cost less than predicted"
-            )
-    else:
-        basis.notes.append(
-            "the basis did not measure what microbatches, checkpointing and DTensor cost here "
-            "(perfkit.trainer.costs): they are predicted from FLOPs alone"
-        )
-    comm = sum(comm_parts(basis, shape).values()) + basis.tp_module_s * tp_modules(shape)
+    comm = sum(step_parts(basis, shape).values())
     if comm > 0.8 * model_s:
         basis.notes.append("the fitted collectives explain most of forward + backward: compute is uncertain")
     # what runs per microbatch, stage by stage (compute, and its measured extras), fills the pipeline
     staged = max(model_s - comm, model_s * 0.2) / shape.pipeline_fill
     basis.compute_s = max(staged - sum(basis.measured_parts(shape).values()), staged * 0.2)
     # AdamW's own time: the DTensor parameters' dispatch is charged by the layout (dtensor_params)
-    basis.optimizer_s = max(0.0, float(mid["optimizer_s"]) - basis.dtensor_param_s * dtensor_params(shape))
+    basis.optimizer_s = max(
+        0.0, float(mid["optimizer_s"]) - (basis.dtensor_param_s or 0.0) * dtensor_params(shape)
+    )
     basis.outside_s = max(0.0, step_s - model_s - float(mid["optimizer_s"]))
     peak = _logged_peak(run.layout.train_log)
     mem = t.memory
@@ -682,10 +684,8 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     if shape.pipeline_fill > 1:  # every stage's microbatches, their dispatch and recomputation too
         parts["pipeline bubble"] = sum(parts.values()) * (shape.pipeline_fill - 1)
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
-    parts["optimizer"] += basis.dtensor_param_s * dtensor_params(shape)
-    parts |= comm_parts(basis, shape)
-    if tp_modules(shape):
-        parts["tensor parallel (DTensor)"] = basis.tp_module_s * tp_modules(shape)
+    parts["optimizer"] += (basis.dtensor_param_s or 0.0) * dtensor_params(shape)
+    parts |= step_parts(basis, shape)
     parts["outside the model"] = basis.outside_s  # data wait, logging and the loop, as measured
     mem = memory_parts(shape)
     peak = None
@@ -771,12 +771,9 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
         for what, value in (
             ("a microbatch of a block and the ends", basis.chunk_s),
             ("a checkpointed block", basis.checkpoint_block_s),
-            ("a tensor-parallel module (DTensor)", basis.tp_module_s if basis.chunk_s is not None else None),
+            ("a tensor-parallel module (DTensor)", basis.tp_module_s),
             ("an FSDP2 unit", basis.fsdp_unit_s),
-            (
-                "a DTensor parameter's optimizer step",
-                basis.dtensor_param_s if basis.chunk_s is not None else None,
-            ),
+            ("a DTensor parameter's optimizer step", basis.dtensor_param_s),
         )
         if value is not None
     ]
