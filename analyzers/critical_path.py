@@ -56,6 +56,7 @@ BLOCKING = frozenset(
 """Runtime calls whose time, when they block, is the GPU's: the edge into their end weighs nothing."""
 _ASYNC_COLLECTIVE = re.compile(r"^(gloo|nccl):")
 _INPUT = re.compile(r"DataLoader|dataloader|__next__")
+_OPTIMIZER = re.compile(r"^Optimizer\.(step|zero_grad)")
 WAIT_AFTER_NS = 200_000
 """An op that ends within this long after an async collective ends was waiting for it."""
 KINDS = ("compute", "communication", "memory", "host", "launch", "gpu_gap", "input")
@@ -178,6 +179,9 @@ class _Prepared:
     """CPU ops that are collectives (c10d::, record_param_comms, ...)."""
     has_sync: bool
     inputs: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Per thread, the spans of its input annotations (a DataLoader's next batch): (starts, ends)."""
+    optimizer: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Per thread, the spans of its optimizer annotations (``Optimizer.step#AdamW.step``)."""
     waits: dict[tuple[int, int], tuple[int, int]]
     """(start, correlation) of a stream wait -> (the stream, the cudaEventRecord correlation)."""
     by_stream: dict[int, tuple[np.ndarray, np.ndarray]]
@@ -201,11 +205,15 @@ def _prepare(trace: Trace) -> _Prepared:
     coll = annotation & by_name(ev["name"], lambda nm: bool(_ASYNC_COLLECTIVE.match(nm)), bool)
     sync = (cat == "cuda_sync").to_numpy()
     gpu = cat.isin(GPU_CATS).to_numpy() | sync
-    inputs = ev[annotation & by_name(ev["name"], lambda nm: bool(_INPUT.search(nm)), bool)]
-    spans = {}
-    for tid, d in inputs.groupby(inputs["tid"].astype(str), observed=True):
-        d = d.sort_values("ts")
-        spans[str(tid)] = (d["ts"].to_numpy(), np.maximum.accumulate(d["end"].to_numpy()))
+
+    def spans(pattern: re.Pattern[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        found = ev[annotation & by_name(ev["name"], lambda nm: bool(pattern.search(nm)), bool)]
+        out = {}
+        for tid, d in found.groupby(found["tid"].astype(str), observed=True):
+            d = d.sort_values("ts")
+            out[str(tid)] = (d["ts"].to_numpy(), np.maximum.accumulate(d["end"].to_numpy()))
+        return out
+
     waiting = ev[(ev["wait_corr"] >= 0).to_numpy()]
     waits = {
         (int(t), int(c)): (int(s), int(r))
@@ -252,7 +260,8 @@ def _prepare(trace: Trace) -> _Prepared:
         gpu=gpu,
         comm=by_name(ev["name"], is_collective, bool),
         has_sync=bool(sync.any()),
-        inputs=spans,
+        inputs=spans(_INPUT),
+        optimizer=spans(_OPTIMIZER),
         waits=waits,
         by_stream=by_stream,
         prev_end=prev_end,
@@ -492,20 +501,45 @@ def _collective_edges(g: _Graph, x: _Events, by_tid: dict[str, list[int]], comm_
             g.add(2 * c + 1, 2 * w + 1, 0, -1, "sync")
 
 
-def _apply(g: _Graph, x: _Events, change: Change) -> None:
+def _apply(g: _Graph, x: _Events, change: Change, pre: _Prepared) -> None:
     """Scale each event's own stretches by its change (an op inherits its parents': aten::mm inside
-    a faster aten::linear is faster too)."""
+    a faster aten::linear is faster too; a collective keeps its own), and the Python between ops by
+    ``change.rest``. A CPU op within an optimizer annotation is of the optimizer family; within an
+    input annotation, ``rest`` leaves it (and the Python there) as it is."""
     n = len(x.names)
     factor = [1.0] * n
     on_gpu = "gpu" in x.lanes  # a GPU trace's CPU ops are the host's work, whatever they launch
+
+    def region(tid: str, t: int) -> str | None:
+        if _inside(pre.optimizer, tid, t):
+            return "optimizer"
+        return "input" if _inside(pre.inputs, tid, t) else None
+
     for i in sorted(range(n), key=lambda i: (x.ts[i], -x.te[i])):  # parents first
         fam = "host" if on_gpu and x.lanes[i] == "cpu" else family(x.names[i], x.lanes[i])
-        own = change.factor(x.names[i], fam)
-        up = factor[x.parent[i]] if x.lanes[i] == "cpu" and x.parent[i] >= 0 else 1.0
-        factor[i] = max(own, up)
+        where = region(x.tids[i], int(x.ts[i])) if x.lanes[i] == "cpu" else None
+        if fam == "communication":
+            factor[i] = change.factor(x.names[i], fam)
+            continue
+        if where == "optimizer":
+            fam = "optimizer"
+        own = change.factor(x.names[i], fam, rest=where != "input")
+        inherits = x.lanes[i] == "cpu" and x.parent[i] >= 0
+        factor[i] = max(own, factor[x.parent[i]]) if inherits else own
     for e, a in enumerate(g.attr):
         if a >= 0 and g.kind[e] == "op" and factor[a] != 1.0:
             g.w[e] = int(round(g.w[e] / factor[a]))
+        elif a < 0 and g.kind[e] == "dep" and g.w[e] > 0:  # Python between a thread's ops
+            where = region(x.tids[g.src[e] // 2], x.t(g.src[e]))
+            k = (
+                change.factor("", "optimizer")
+                if where == "optimizer"
+                else 1.0
+                if where == "input"
+                else change.rest
+            )
+            if k != 1.0:
+                g.w[e] = int(round(g.w[e] / k))
 
 
 def _inside(spans: dict[str, tuple[np.ndarray, np.ndarray]], tid: str, t: int) -> bool:
@@ -525,17 +559,21 @@ class Change:
     communication, ...; on a GPU trace "host" for every CPU op) or a piece of a kernel's or op's
     name, to how many times faster it runs."""
     link: float = 1.0
-    """How many times faster every collective transfers (their time on the path, waits included)."""
+    """How many times faster every collective transfers (their time on the path, waits included;
+    ``inf``: the collectives are gone)."""
+    rest: float = 1.0
+    """How many times faster everything no key of ``speedup`` names runs, collectives and input
+    aside: the other ops (kernels) and the Python between ops (a layout's share of the work on one
+    rank, ``perfkit.optimizer.replay``; below 1: more work)."""
 
-    def factor(self, name: str, fam: str) -> float:
-        f = 1.0
+    def factor(self, name: str, fam: str, rest: bool = True) -> float:
+        """How many times faster an event of this name and family runs: the largest factor of the
+        keys that name it; else, for a collective the link's, for the rest ``rest`` (or 1)."""
         low = name.lower()
-        for key, k in self.speedup.items():
-            if key == fam or (len(key) > 2 and key.lower() in low):
-                f = max(f, k)
+        named = [k for key, k in self.speedup.items() if key == fam or (len(key) > 2 and key.lower() in low)]
         if fam == "communication":
-            f = max(f, self.link)
-        return f
+            return max([*named, self.link])
+        return max(named) if named else self.rest if rest else 1.0
 
 
 _OP_FAMILIES: list[tuple[str, re.Pattern[str]]] = [
@@ -616,7 +654,7 @@ def critical_path(
         return "host" if has_gpu else "compute"
 
     if change is not None:
-        _apply(g, x, change)
+        _apply(g, x, change, pre)
     path, length = g.longest()
     by_kind: Counter[str] = Counter()
     by_name: Counter[tuple[str, str]] = Counter()

@@ -76,8 +76,8 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
     if data.get("no_predictions"):
         print(f"no predictions: {data['no_predictions']}")
     print(
-        f"{'layout':<34} {'pred ms':>8} {'±':>5} {'meas ms':>8} {'err':>7} {'vs basis':>8} {'pred MiB':>9} "
-        f"{'meas MiB':>9} {'mem err':>8}"
+        f"{'layout':<34} {'pred ms':>8} {'±':>5} {'meas ms':>8} {'err':>7} {'vs basis':>8} {'model':>7} {'err':>7} "
+        f"{'replay':>7} {'err':>7} {'pred MiB':>9} {'meas MiB':>9} {'mem err':>8}"
     )
     # the model predicts each layout against its basis: "vs basis" is the error of that ratio, the
     # predicted over the basis layout's predicted against the measured over its measured (the
@@ -86,6 +86,8 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
     own_p = ((own or {}).get("predicted") or {}).get("step_ms")
     own_m = (own or {}).get("step_ms")
     ratio_errors = []
+    own_e = ((own or {}).get("predicted") or {}).get("engines") or {}
+    engine_ratio: dict[str, list[float]] = {}
     for c in data["candidates"]:
         p = c.get("predicted") or {}
         pm, mm = p.get("peak_memory_bytes"), c.get("peak_memory_bytes")
@@ -96,9 +98,15 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         if pt and mt and own_p and own_m:
             ratio_errors.append((pt / own_p) / (mt / own_m) - 1)
             rerr = f"{ratio_errors[-1]:>+8.1%}"
+        by_engine = ""
+        for engine in ("model", "replay"):
+            e = (p.get("engines") or {}).get(engine)
+            by_engine += f" {e or 0:>7.1f} " + (f"{e / mt - 1:>+7.1%}" if e and mt else f"{'-':>7}")
+            if e and mt and own_e.get(engine) and own_m:
+                engine_ratio.setdefault(engine, []).append(abs((e / own_e[engine]) / (mt / own_m) - 1))
         print(
-            f"{c['label']:<34} {pt or 0:>8.1f} {p.get('uncertainty_ms') or 0:>5.1f} {mt or 0:>8.1f} {terr} {rerr} "
-            f"{(pm or 0) / 2**20:>9.0f} {(mm or 0) / 2**20:>9.0f} {merr}"
+            f"{c['label']:<34} {pt or 0:>8.1f} {p.get('uncertainty_ms') or 0:>5.1f} {mt or 0:>8.1f} {terr} {rerr}"
+            f"{by_engine} {(pm or 0) / 2**20:>9.0f} {(mm or 0) / 2**20:>9.0f} {merr}"
         )
     ratio_max = max((abs(e) for e in ratio_errors), default=None)
     a = data["agreement"]
@@ -118,8 +126,21 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
                 else ""
             )
         )
+    engines = a.pop("engines", {})
+    for engine, e in engines.items():
+        e["ratio_error_max"] = max(engine_ratio.get(engine, []), default=None)
+        print(
+            f"  {engine:>6}: Spearman {e['spearman']:.2f}, step time error max {e['time_error_max']:.1%}, "
+            f"against the basis layout {e['ratio_error_max'] or 0:.1%} at most"
+        )
+    if data.get("no_replay"):
+        print(f"  no replay: {data['no_replay']}")
     return {
         "case": name,
+        "engine": next(
+            (c["predicted"].get("engine") for c in data["candidates"] if c.get("predicted")), None
+        ),
+        "engines": engines,
         **a,
         "no_change": no_change,
         "ratio_error_max": ratio_max,

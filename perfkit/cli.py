@@ -664,7 +664,7 @@ def whatif(
 
     With --set: RUN is a profiled run of the reference trainer, and each --set changes its
     configuration (the layout, microbatches, ZeRO stage, checkpointing, precision, ...), predicted
-    by the layout model. With --speedup or --link-bandwidth: RUN is any profiled run (or trace) with
+    by the layout model, and where RUN has kernel traces, replayed on its traced steps too. With --speedup or --link-bandwidth: RUN is any profiled run (or trace) with
     kernel traces of 2 steps or more, and the change is replayed on each step's critical path.
     """
     if speedups or link:
@@ -679,10 +679,16 @@ def whatif(
         for line in replay_lines(replay(run, parse_change(speedups, link))):
             click.echo(line)
         return
+    from perfkit.errors import RunDirError
     from perfkit.optimizer.layoutmodel import basis_from_run, whatif_lines
+    from perfkit.optimizer.replay import LayoutReplay
 
     basis = basis_from_run(run)
-    for line in whatif_lines(basis, list(overrides), nproc or basis.world_size):
+    try:
+        replayer: Any = LayoutReplay.of(basis).predict
+    except RunDirError as e:
+        replayer = str(e)
+    for line in whatif_lines(basis, list(overrides), nproc or basis.world_size, replayer):
         click.echo(line)
 
 

@@ -387,6 +387,20 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
         lines.append(f"no predictions: {data['no_predictions']}")
     elif data.get("basis"):
         lines.append(f"predictions from {data['basis']['run']}")
+        engines = a.get("engines") or {}
+        if "replay" in engines:
+            names = {"replay": "replayed", "model": "the layout model alone"}
+            lines.append(
+                "  by replaying its traced steps changed to each layout (ranking Spearman: "
+                + ", ".join(
+                    f"{names[k]} {e['spearman']:.2f}"
+                    for k, e in engines.items()
+                    if e.get("spearman") is not None
+                )
+                + ")"
+            )
+        elif data.get("no_replay"):
+            lines.append(f"  by the layout model alone: {data['no_replay']}")
     return "\n".join(lines)
 
 

@@ -194,6 +194,38 @@ def test_whatif_replays_a_change_on_the_critical_path() -> None:
     assert gemm.predicted_ms == pytest.approx(gemm.step_ms, abs=0.5)
 
 
+def test_a_change_scales_the_rest_the_optimizers_span_and_slows_too(tmp_path: Path) -> None:
+    """A forward op (1000 us), Python (200), another op (200), Python (100), the optimizer's span
+    (an op of 500, Python 100, an op of 400), Python (100), the input (an op of 200): ``rest`` scales
+    all but the optimizer's span and the input; the optimizer's span goes by the optimizer family,
+    its Python too; a factor under 1 slows."""
+    from perfkit.analyzers.critical_path import Change
+
+    k = Kineto()
+    k.x("user_annotation", "ProfilerStep#1", 0, 2800)
+    k.x("cpu_op", "aten::mm", 0, 1000)
+    k.x("cpu_op", "aten::add", 1200, 200)
+    k.x("user_annotation", "Optimizer.step#AdamW.step", 1500, 1000)
+    k.x("cpu_op", "aten::mul_", 1500, 500)
+    k.x("cpu_op", "aten::sqrt", 2100, 400)
+    k.x("user_annotation", "enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__", 2600, 200)
+    k.x("cpu_op", "aten::copy_", 2600, 200)
+    trace = load_trace(k.save(tmp_path / "layout.json"))
+
+    def length(change: Change | None = None) -> float:
+        p = critical_path(trace, 0, 2_800_000, change=change)
+        assert p is not None
+        return p.length_ns / 1e3
+
+    assert length() == pytest.approx(2800)
+    assert length(Change(speedup={"optimizer": 4}, rest=2)) == pytest.approx(
+        (1000 + 200 + 200 + 100 + 100) / 2 + 1000 / 4 + 200
+    )
+    assert length(Change(speedup={"gemm": 0.5})) == pytest.approx(2800 + 1000)  # twice as slow
+    # more work: the optimizer too (no key names it), the input as it was
+    assert length(Change(rest=0.5)) == pytest.approx(2800 + 1600 + 1000)
+
+
 def test_whatif_replay_refuses_what_it_cannot_reproduce(tmp_path: Path) -> None:
     """One profiled step (all warm-up, no spread), or steps whose events do not fill them: no
     prediction, one line that says why."""

@@ -3,6 +3,7 @@ halving: on synthetic basis runs whose figures are known, so every number can be
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import run_perfkit
 
+from perfkit.errors import RunDirError
 from perfkit.optimizer import layoutmodel as lm
 from perfkit.optimizer import sweep as sw
 from perfkit.optimizer.trials import Measurement
@@ -362,7 +364,7 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     checkpointed block, a tensor-parallel module, each charged as often as the layout runs it; the
     basis still predicts itself."""
     costs = {"chunk_overhead_s": 0.002, "checkpoint_block_s": 0.001, "tp_module_overhead_s": 0.0005,
-             "fsdp_unit_s": 0.003, "dtensor_param_s": 0.0001}  # fmt: skip
+             "fsdp_unit_s": 0.003, "dtensor_param_s": 0.0001, "zero1_block_s": 0.004, "zero1_ends_s": 0.003}  # fmt: skip
     b = lm.basis_from_run(make_basis(tmp_path, costs=costs))
     assert (b.chunk_s, b.checkpoint_block_s, b.tp_module_s, b.fsdp_unit_s) == (0.002, 0.001, 0.0005, 0.003)
     assert not any("FLOPs alone" in n for n in b.notes)
@@ -386,6 +388,9 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     assert z3["optimizer"] == pytest.approx(parts()["optimizer"] / 2 + 0.0001 * 69)
     assert parts("parallel.tp=2")["optimizer"] > parts()["optimizer"] / 2 + 0.0001 * 12 * 4 - 1e-9
     assert not any(k.startswith(("parameters (FSDP", "gradients (FSDP")) for k in z3)
+    # ZeRO-1's step as measured, a block (4) and the ends, in place of its 69 modelled broadcasts
+    z1 = parts("parallel.zero=1")["parameters (ZeRO-1)"]
+    assert z1 == pytest.approx(0.003 + 0.004 * 4 + b.wait_s)
     sp = parts("parallel.tp=2", "parallel.sequence_parallel=true")
     assert sp["tensor parallel (DTensor)"] == pytest.approx(0.0005 * 10 * 4)
     r = run_perfkit("whatif", str(b.run), "--set", "parallel.tp=2")
@@ -393,7 +398,7 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     assert "tensor parallel (DTensor)" in r.stdout and (
         "beyond FLOPs: a microbatch of a block and the ends 2.00 ms, a checkpointed block 1.00 ms, "
         "a tensor-parallel module (DTensor) 0.50 ms, an FSDP2 unit 3.00 ms, a DTensor parameter's optimizer step "
-        "0.10 ms" in r.stdout
+        "0.10 ms, ZeRO-1's step a block 4.00 ms, ZeRO-1's step for the ends 3.00 ms" in r.stdout
     )
     # a basis that measured none of it says so, and counts checkpointing's recomputation as FLOPs
     old = lm.basis_from_run(make_basis(tmp_path / "old"))
@@ -405,3 +410,64 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     again = lm.predict(old, load_config("tiny-cpu", ["kernels.activation_checkpointing=true"]), 2)
     assert "activation checkpointing" not in again.time_parts
     assert again.time_parts["compute"] > lm.predict(old, load_config("tiny-cpu"), 2).time_parts["compute"]
+
+
+def _traced(basis: Path) -> Path:
+    """Three profiled 30 ms steps a rank in the basis: 24 ms of a forward-backward op, 1 ms of
+    Python, the optimizer (2 ms within its annotation), 0.5 ms of Python, 2.5 ms of another op."""
+    from test_critical_path import Kineto
+
+    run = Run.open(basis)
+    for rank in range(run.manifest.world_size):
+        k = Kineto()
+        for s in range(3):
+            t0 = 31_000 * s
+            k.x("user_annotation", f"ProfilerStep#{s + 4}", t0, 30_000)
+            k.x("cpu_op", "aten::mm", t0, 24_000)
+            k.x("user_annotation", "Optimizer.step#AdamW.step", t0 + 25_000, 2_000)
+            k.x("cpu_op", "aten::mul_", t0 + 25_000, 2_000)
+            k.x("cpu_op", "aten::add", t0 + 27_500, 2_500)
+        run.layout.trace(rank).write_bytes(gzip.compress(json.dumps({"traceEvents": k.events}).encode()))
+    return basis
+
+
+def test_a_layout_is_predicted_by_replaying_the_basiss_traced_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The basis's steps replayed with the layout's share of the work (the ops and the Python
+    between them at its FLOPs, the optimizer's span at its parameters): the basis itself exactly;
+    ZeRO-1 half the optimizer's 2 ms and its broadcasts as modelled; a layout with more FLOPs a rank
+    slower in proportion; the sweep keeps both engines' figures."""
+    from perfkit.optimizer.replay import LayoutReplay
+
+    b = lm.basis_from_run(_traced(make_basis(tmp_path)))
+    r = LayoutReplay.of(b)
+    assert r.scale == pytest.approx(1.0)
+
+    def replay(*sets: str) -> lm.Prediction:
+        return r.predict(load_config("tiny-cpu", list(sets)), 2)
+
+    assert replay().step_s == pytest.approx(0.030, rel=1e-6)
+    z1 = replay("parallel.zero=1")
+    assert z1.time_parts["the basis's steps, replayed"] == pytest.approx(0.029, rel=1e-3)
+    assert z1.time_parts["parameters (ZeRO-1)"] == pytest.approx(
+        lm.predict(b, load_config("tiny-cpu", ["parallel.zero=1"]), 2).time_parts["parameters (ZeRO-1)"]
+    )
+    tp = load_config("tiny-cpu", ["parallel.tp=2"])
+    change = r.change(tp, 2)
+    assert change.link == math.inf  # DDP's all-reduce is gone: the basis's collectives weigh nothing
+    replayed = 0.028 / change.rest + 0.002 / change.speedup["optimizer"]
+    assert change.rest < 1 and r.predict(tp, 2).time_parts["the basis's steps, replayed"] == pytest.approx(
+        replayed, rel=1e-3
+    )
+    with pytest.raises(RunDirError, match="holds no kernel trace"):
+        LayoutReplay.of(lm.basis_from_run(make_basis(tmp_path / "untraced")))
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(sw, "measure", _fake_measure(calls))
+    data = sw.run_sweep(
+        "tiny-cpu", 2, ["steps=12"], LAYOUTS, 1, tmp_path / "s", basis_run=Path(b.run)
+    ).to_json()
+    for c in data["candidates"]:
+        assert c["predicted"]["engine"] == "replay" and set(c["predicted"]["engines"]) == {"model", "replay"}
+        assert c["predicted"]["step_ms"] == c["predicted"]["engines"]["replay"]
+    assert set(data["agreement"]["engines"]) == {"model", "replay"} and "no_replay" not in data

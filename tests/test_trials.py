@@ -196,6 +196,12 @@ def test_sweep_measures_layouts_side_by_side(tmp_path: Path) -> None:
         assert c["predicted"]["step_ms"] > 0
         assert abs(c["predicted"]["peak_memory_bytes"] / c["peak_memory_bytes"] - 1) < 0.15
     assert "predictions from" in r.stdout
+    # the basis's layout traced apart, to replay: each prediction keeps both engines' figures
+    assert (out / "basis-trace" / "rank1" / "trace.json.gz").exists()
+    for c in (by["dp2"], by["pp2 1f1b"]):
+        engines = c["predicted"]["engines"]
+        assert engines["model"] > 0 and c["predicted"]["step_ms"] == engines[c["predicted"]["engine"]]
+        assert "replay" in engines or "by the layout model alone: " in r.stdout
     page = (out / "sweep.html").read_text()
     assert "plotly-graph-div" in page and "pp2 1f1b" in page and "predicted" in page
 

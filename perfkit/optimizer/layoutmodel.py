@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -304,6 +304,12 @@ class Basis:
     fsdp_unit_s: float | None = None
     """What FSDP2 over the basis's ranks costs one unit (a block) a microbatch: its gathers, scatters
     and copies (measured, as ``chunk_s``), in place of its modelled collectives."""
+    zero1_block_s: float | None = None
+    """What ZeRO-1's optimizer step over the basis's ranks costs a block beyond AdamW on its share:
+    its parameters' broadcasts (measured, as ``chunk_s``), in place of the modelled ones."""
+    zero1_ends_s: float | None = None
+    """The same for the model's ends (embeddings, final norm, head) and ZeroRedundancyOptimizer's
+    own cost a step."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -415,10 +421,14 @@ def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> 
 
 def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     """What a step spends beside its compute, in seconds: each kind of collective (``comm_seconds``
-    at the basis's fit), FSDP2's as the basis measured them where it did (ZeRO-3 over the
-    data-parallel ranks), and DTensor's dispatch in the tensor-parallel plan's modules."""
+    at the basis's fit), ZeRO-1's broadcasts as the basis measured them a block and for the ends,
+    FSDP2's as the basis measured them where it did (ZeRO-3 over the data-parallel ranks), and
+    DTensor's dispatch in the tensor-parallel plan's modules."""
     out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
     lay = shape.layout
+    if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
+        blocks = len(shape.stage_layers[shape.busiest])
+        out["parameters (ZeRO-1)"] = basis.zero1_ends_s + basis.zero1_block_s * blocks + basis.wait_s
     if basis.fsdp_unit_s is not None and shape.cfg.parallel.zero == 3 and lay.dp > 1:
         for c in collectives(shape):
             if c.what.startswith(("parameters (FSDP", "gradients (FSDP")):
@@ -578,6 +588,8 @@ def basis_from_run(run_path: Path) -> Basis:
             ("tp_module_overhead_s", "tp_module_s"),
             ("fsdp_unit_s", "fsdp_unit_s"),
             ("dtensor_param_s", "dtensor_param_s"),
+            ("zero1_block_s", "zero1_block_s"),
+            ("zero1_ends_s", "zero1_ends_s"),
         ):
             if isinstance(costs.get(key), int | float) and costs[key] >= 0:
                 setattr(basis, attr, float(costs[key]))
@@ -717,8 +729,15 @@ def describe(cfg: TrainConfig, lay: Layout) -> str:
     return " ".join(parts)
 
 
-def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[str]:
-    """``perfkit whatif``: the basis as measured and as modelled, and the change, part by part."""
+def whatif_lines(
+    basis: Basis,
+    overrides: list[str],
+    world_size: int,
+    replayer: Callable[[TrainConfig, int], Prediction] | str | None = None,
+) -> list[str]:
+    """``perfkit whatif``: the basis as measured and as modelled, and the change, part by part;
+    with ``replayer`` (``replay.LayoutReplay.predict``) the change replayed on the basis's traced
+    steps too, or (a string) why it cannot be."""
     base_cfg = config_from_dict(basis.config)
     cfg = config_from_dict(basis.config, overrides)
     if cfg.device != base_cfg.device:
@@ -742,6 +761,12 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
         f"{'time per step (ms)':<34}{basis.step_s * 1e3:>10.1f}{before.step_s * 1e3:>10.1f}"
         f"{after.step_s * 1e3:>10.1f}   {after.step_s / before.step_s:.2f}x  ±{after.uncertainty_s * 1e3:.2g}",
     ]
+    if callable(replayer):
+        again = replayer(cfg, world_size)
+        lines.append(
+            f"{'  replayed (its traced steps)':<34}{'':>10}{basis.step_s * 1e3:>10.1f}{again.step_s * 1e3:>10.1f}"
+            f"   {again.step_s / basis.step_s:.2f}x  ±{again.uncertainty_s * 1e3:.2g}"
+        )
     if after.peak_bytes is not None and before.peak_bytes is not None and basis.peak_bytes:
         lines.append(
             f"{'peak memory a rank (MiB)':<34}{basis.peak_bytes / mib:>10,.0f}{before.peak_bytes / mib:>10,.0f}"
@@ -774,6 +799,8 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
             ("a tensor-parallel module (DTensor)", basis.tp_module_s),
             ("an FSDP2 unit", basis.fsdp_unit_s),
             ("a DTensor parameter's optimizer step", basis.dtensor_param_s),
+            ("ZeRO-1's step a block", basis.zero1_block_s),
+            ("ZeRO-1's step for the ends", basis.zero1_ends_s),
         )
         if value is not None
     ]
@@ -787,7 +814,14 @@ def whatif_lines(basis: Basis, overrides: list[str], world_size: int) -> list[st
         f"measured: the median step after the first {WARMUP} (warm-up) steps, a rank's then across ranks; "
         "modelled: the basis as the model sees it; changed: with the change"
     )
+    if callable(replayer):
+        lines.append(
+            "replayed: the basis's traced steps with the layout's share of the work and its cost of the basis's "
+            "collectives, plus what the trace cannot hold (new collectives, the bubble, the measured costs) as modelled"
+        )
     lines += [f"note: {n}" for n in [*basis.notes, *after.notes]]
+    if isinstance(replayer, str):
+        lines.append(f"note: not replayed: {replayer}")
     return lines
 
 

@@ -6,18 +6,31 @@ reproduce that step's span within ``REPRODUCE`` (the trace does not hold what se
 outside any profiled op, a step cut short by the profiler's window), or where the trace has fewer than
 ``MIN_STEPS`` profiled steps, it refuses and says why. A prediction is the measured step time less what
 the change takes off the path; its uncertainty is the spread of that over the profiled steps and ranks.
+
+``LayoutReplay`` predicts another parallel layout of the reference trainer the same way (the sweep's
+predictions where its basis has a trace): the basis's steps replayed with the layout's share of the
+work on a rank (its FLOPs, its optimizer's parameters) and the basis's own collectives at what they
+cost in the layout (gone where it has none), the overlap as the trace has it; to that, what the trace
+cannot hold, from the layout model: the layout's new collectives, its pipeline bubble, the measured
+costs of its microbatches, checkpointing and DTensor parameters.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perfkit.analyzers.breakdown import profiler_steps
-from perfkit.analyzers.critical_path import Change, critical_path
-from perfkit.analyzers.trace import load_trace
+from perfkit.analyzers.critical_path import Change, CriticalPath, critical_path
+from perfkit.analyzers.trace import Trace, load_trace
 from perfkit.errors import ConfigError, RunDirError
+
+if TYPE_CHECKING:
+    from perfkit.optimizer.layoutmodel import Basis, Prediction
+    from perfkit.trainer.config import TrainConfig
 
 REPRODUCE = 0.05
 """How closely the unchanged replay of a step must reproduce the step's span."""
@@ -117,18 +130,11 @@ def replay(source: Path, change: Change) -> Replay:
         )
     ranks = []
     for path in traces:
-        trace = load_trace(path)
-        steps = profiler_steps(trace)
-        if len(steps) < MIN_STEPS:
-            raise RunDirError(
-                f"{path}: {len(steps)} profiled step(s); a replay needs {MIN_STEPS} or more (one step is "
-                "warm-up and has no spread): profile with --profile-steps 3-5"
-            )
+        trace, steps = traced_steps(path)
         r = RankReplay(trace.rank, [], [], [])
-        for t0, t1 in zip(steps["ts"], steps["end"], strict=True):
-            before = critical_path(trace, int(t0), int(t1))
-            after = critical_path(trace, int(t0), int(t1), change=change)
-            if before is None or after is None:
+        for t0, t1, before in steps:
+            after = critical_path(trace, t0, t1, change=change)
+            if after is None:
                 continue
             r.spans_ms.append((t1 - t0) / 1e6)
             r.replayed_ms.append(before.length_ns / 1e6)
@@ -136,23 +142,133 @@ def replay(source: Path, change: Change) -> Replay:
             for kinds, p in ((r.by_kind_before, before), (r.by_kind_after, after)):
                 for k, v in p.by_kind.items():
                     kinds[k] = kinds.get(k, 0.0) + v / 1e6
-        if len(r.spans_ms) < MIN_STEPS:
-            raise RunDirError(f"{path}: its profiled steps hold no events to replay")
         n = len(r.spans_ms)
         r.by_kind_before = {k: v / n for k, v in r.by_kind_before.items()}
         r.by_kind_after = {k: v / n for k, v in r.by_kind_after.items()}
-        span, replayed = statistics.median(r.spans_ms), statistics.median(r.replayed_ms)
-        if abs(replayed - span) > REPRODUCE * span:
-            raise RunDirError(
-                f"{path}: replayed unchanged, its steps' critical path is {replayed:.3g} ms against the "
-                f"{span:.3g} ms the steps took ({replayed / span - 1:+.0%}, more than {REPRODUCE:.0%}): the trace "
-                "does not hold what sets its step, so a replay cannot predict a change; profile more steps "
-                "(--profile-steps) or ask perfkit whatif --set of the layout model"
-            )
         ranks.append(r)
     if step_ms is None:
         step_ms = statistics.median(s for r in ranks for s in r.spans_ms)
     return Replay(str(source), change, step_ms, ranks)
+
+
+def traced_steps(path: Path) -> tuple[Trace, list[tuple[int, int, CriticalPath]]]:
+    """A rank's trace and its profiled steps (start, end, critical path unchanged); a ``RunDirError``
+    that says why where they cannot be replayed: too few, or a path that misses its step's span by
+    more than ``REPRODUCE`` (the trace does not hold what sets the step)."""
+    trace = load_trace(path)
+    found = profiler_steps(trace)
+    if len(found) < MIN_STEPS:
+        raise RunDirError(
+            f"{path}: {len(found)} profiled step(s); a replay needs {MIN_STEPS} or more (one step is "
+            "warm-up and has no spread): profile with --profile-steps 3-5"
+        )
+    steps = []
+    for t0, t1 in zip(found["ts"].tolist(), found["end"].tolist(), strict=True):
+        before = critical_path(trace, int(t0), int(t1))
+        if before is not None:
+            steps.append((int(t0), int(t1), before))
+    if len(steps) < MIN_STEPS:
+        raise RunDirError(f"{path}: its profiled steps hold no events to replay")
+    span = statistics.median((t1 - t0) / 1e6 for t0, t1, _ in steps)
+    replayed = statistics.median(p.length_ns / 1e6 for _, _, p in steps)
+    if abs(replayed - span) > REPRODUCE * span:
+        raise RunDirError(
+            f"{path}: replayed unchanged, its steps' critical path is {replayed:.3g} ms against the "
+            f"{span:.3g} ms the steps took ({replayed / span - 1:+.0%}, more than {REPRODUCE:.0%}): the trace "
+            "does not hold what sets its step, so a replay cannot predict a change; profile more steps "
+            "(--profile-steps) or ask perfkit whatif --set of the layout model"
+        )
+    return trace, steps
+
+
+LAYOUT_STEPS = 3
+"""Profiled steps of each rank a layout's replay takes (its last ones: the first may still warm up);
+the sweep traces its basis's last steps this many."""
+
+
+@dataclass
+class LayoutReplay:
+    """A basis's traced steps, to predict the reference trainer's other layouts by replay."""
+
+    basis: Basis
+    ranks: list[tuple[Trace, list[tuple[int, int, CriticalPath]]]]
+    scale: float
+    """The basis's measured step over its profiled steps' median span: what the profiler adds to a
+    step is taken out of what a change saves."""
+
+    @classmethod
+    def of(cls, basis: Basis, traced: Path | None = None) -> LayoutReplay:
+        """The traces of the basis's run (or of ``traced``, a run of the same layout), ready to
+        replay; a ``RunDirError`` that says why where they cannot be (none, too few steps, a
+        pipeline basis, a path that misses its steps)."""
+        from perfkit.run import Run
+
+        if basis.shape.layout.pp > 1:
+            raise RunDirError(
+                f"{basis.run}: a pipeline basis's traced steps hold its stages' waits for each other, not "
+                "a rank's whole work: layouts are predicted by the layout model alone"
+            )
+        run = traced or Path(basis.run)
+        traces = Run.open(run).layout.traces()
+        if not traces:
+            raise RunDirError(f"{run}: holds no kernel trace to replay (profile it with --profile-steps)")
+        ranks = []
+        for path in traces:
+            trace, steps = traced_steps(path)
+            ranks.append((trace, steps[-LAYOUT_STEPS:]))
+        span = statistics.median((t1 - t0) / 1e9 for _, steps in ranks for t0, t1, _ in steps)
+        return cls(basis, ranks, basis.step_s / span if span > 0 else 1.0)
+
+    def change(self, cfg: TrainConfig, world_size: int) -> Change:
+        """The layout as a change of the basis's steps: its share of the compute (``rest``) and of
+        the optimizer's parameters, and its cost of the basis's own kinds of collectives (``link``)."""
+        from perfkit.optimizer.layoutmodel import step_parts
+
+        b = self.basis
+        shape, base = b.shape_of(cfg, world_size), b.shape
+        own = step_parts(b, base)
+        now = step_parts(b, shape)
+        spent = sum(own.values())
+        ratio = sum(now.get(k, 0.0) for k in own) / spent if spent > 0 else 1.0
+        return Change(
+            speedup={"optimizer": base.optimizer_params / max(1.0, shape.optimizer_params)},
+            link=1 / ratio if ratio > 0 else math.inf,
+            rest=base.flops / shape.flops if shape.flops > 0 else 1.0,
+        )
+
+    def predict(self, cfg: TrainConfig, world_size: int) -> Prediction:
+        """``cfg``'s step: the basis's measured step, less what the change takes off each rank's
+        replayed steps (the slowest rank's median; the ranks wait for each other), scaled to the
+        unprofiled step; plus what the layout model says the trace cannot hold."""
+        from perfkit.optimizer.layoutmodel import Prediction, dtensor_params, predict, step_parts
+
+        b = self.basis
+        shape, base = b.shape_of(cfg, world_size), b.shape
+        change = self.change(cfg, world_size)
+        saved = []
+        for trace, steps in self.ranks:
+            per_step = []
+            for t0, t1, before in steps:
+                after = critical_path(trace, t0, t1, change=change)
+                per_step.append((before.length_ns - (after.length_ns if after else 0)) / 1e9)
+            saved.append(per_step)
+        model = predict(b, cfg, world_size)
+        own = step_parts(b, base)
+        parts = {
+            "the basis's steps, replayed": b.step_s - min(statistics.median(s) for s in saved) * self.scale
+        }
+        parts |= {k: v for k, v in step_parts(b, shape).items() if k not in own}  # its new collectives
+        was = b.measured_parts(base)
+        parts |= {k: v - was.get(k, 0.0) for k, v in b.measured_parts(shape).items()}
+        parts["pipeline bubble"] = model.time_parts.get("pipeline bubble", 0.0)  # a basis without stages
+        parts["optimizer (DTensor parameters)"] = (b.dtensor_param_s or 0.0) * (
+            dtensor_params(shape) - dtensor_params(base)
+        )
+        parts = {k: v for k, v in parts.items() if v}
+        step = sum(parts.values())
+        every = [s * self.scale for per in saved for s in per]
+        spread = max(b.spread_s * step / b.step_s if b.step_s > 0 else 0.0, (max(every) - min(every)) / 2)
+        return Prediction(step, model.peak_bytes, parts, model.memory_parts, model.notes, spread)
 
 
 def replay_lines(r: Replay) -> list[str]:

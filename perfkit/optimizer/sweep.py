@@ -7,8 +7,10 @@ pipeline × tensor × data parallel groups, and for pure data parallelism DDP an
 Layouts this model or world size cannot take are listed with the reason, not run.
 
 Before anything is measured, one profiled run (the *basis*: ``--basis RUN``, or the first layout
-profiled with the cheap collectors) gives every layout a predicted step time and peak memory
-(``layoutmodel``). Layouts predicted not to fit in memory are listed, not run; the rest run in the
+profiled with the cheap collectors and a kernel trace of its last steps) gives every layout a
+predicted step time and peak memory: by replaying the basis's traced steps changed to the layout
+(``replay.LayoutReplay``) where it has a trace that replays, else by the layout model alone
+(``layoutmodel``); both figures are kept. Layouts predicted not to fit in memory are listed, not run; the rest run in the
 predicted order. With ``top``, successive halving: every layout runs short, the faster half runs
 again for twice the steps, until ``top`` are left for the full runs.
 
@@ -35,6 +37,7 @@ from perfkit.errors import ConfigError, RunDirError
 from perfkit.files import write_json_atomic
 from perfkit.launch import ONE_NODE, Nodes
 from perfkit.optimizer.layoutmodel import Basis, basis_from_run, describe, predict_overrides
+from perfkit.optimizer.replay import LAYOUT_STEPS, LayoutReplay
 from perfkit.optimizer.trials import WARMUP, Candidate, Measurement, check, measure
 from perfkit.progress import Reporter, quiet
 from perfkit.run import StudyLayout
@@ -145,6 +148,8 @@ class Sweep:
     """The layout the sweep profiled as its basis (its label), where it profiled one."""
     refusal: str | None = None
     """Why the basis gave no predictions (too few steps, a model that misses the basis itself)."""
+    no_replay: str | None = None
+    """Why the predictions are the layout model's alone (the basis has no trace that replays)."""
     rungs: list[tuple[int, int, int]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     interrupted: bool = False
@@ -182,6 +187,23 @@ class Sweep:
                 if (ms := self.median_at(c, steps)) is not None:
                     by_steps.setdefault(steps, []).append((c.predicted["step_ms"], ms))
         pairs = max(by_steps.values(), key=len, default=[])
+        steps_of = next((s for s, v in by_steps.items() if v is pairs), None)
+        engines: dict[str, dict[str, Any]] = {}
+        for engine in ("replay", "model"):
+            both = [
+                (p[engine], ms)
+                for c in self.candidates
+                if c.predicted
+                and (p := c.predicted.get("engines") or {}).get(engine)
+                and steps_of is not None
+                and (ms := self.median_at(c, steps_of)) is not None
+            ]
+            if both:
+                engines[engine] = {
+                    "spearman": spearman([a for a, _ in both], [m for _, m in both]),
+                    "time_error_max": max(abs(a - m) / m for a, m in both),
+                    "layouts_ranked": len(both),
+                }
         errors = [
             abs(c.predicted["peak_memory_bytes"] - c.peak_memory_bytes) / c.peak_memory_bytes
             for c in self.candidates
@@ -196,6 +218,7 @@ class Sweep:
             "memory_error_median": statistics.median(errors) if errors else None,
             "memory_error_max": max(errors, default=None),
             "layouts_with_memory": len(errors),
+            **({"engines": engines} if engines else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -217,6 +240,7 @@ class Sweep:
             "interrupted": self.interrupted,
             "basis": self.basis.to_json() if self.basis else None,
             **({"no_predictions": self.refusal} if self.refusal else {}),
+            **({"no_replay": self.no_replay} if self.no_replay else {}),
             **({"basis_layout": self.basis_layout} if self.basis_layout else {}),
             "agreement": self.agreement(),
             "candidates": [
@@ -328,31 +352,64 @@ def _basis(sweep: Sweep, basis_run: Path | None, out: Path, nodes: Nodes, progre
     if basis_run is not None:
         return basis_from_run(basis_run)
     from perfkit.collectors.options import CollectOptions
-    from perfkit.profile import reference_request, run_profile
-    from perfkit.run import Run
 
     first = next(c for c in sweep.candidates if not c.skipped)
     sweep.basis_layout = first.label
-    folder = out / "basis"
+    progress(f"profiling the basis ({first.label}) for the predictions", 0, 0)
+    options = CollectOptions(collect=["steps", "comms", "memory", "cpu"], profile_steps=None)
+    return basis_from_run(_profiled(sweep, first.overrides, out / "basis", options, nodes))
+
+
+def _profiled(sweep: Sweep, overrides: list[str], folder: Path, options: Any, nodes: Nodes) -> Path:
+    """``folder``: the reference trainer with ``overrides`` profiled there, or what an earlier start
+    of the sweep completed there; a ``RunDirError`` where the run fails."""
+    import io
+
+    from perfkit.profile import reference_request, run_profile
+    from perfkit.run import Run
+
     if folder.exists():
         try:
             if Run.open(folder).manifest.status == "complete":
-                return basis_from_run(folder)
+                return folder
         except RunDirError:
             pass
         # an earlier start stopped while profiling: keep what it wrote beside, profile again
-        folder.rename(out / f"basis.incomplete-{int(time.time())}")
-    progress(f"profiling the basis ({first.label}) for the predictions", 0, 0)
-    options = CollectOptions(collect=["steps", "comms", "memory", "cpu"], profile_steps=None)
-    req = reference_request(sweep.config, first.overrides, sweep.nproc, folder, "basis", options, nodes)
-    import io
-
+        folder.rename(folder.with_name(f"{folder.name}.incomplete-{int(time.time())}"))
+    req = reference_request(sweep.config, overrides, sweep.nproc, folder, folder.name, options, nodes)
     _, rc = run_profile(req, io.StringIO())
     if rc != 0:
         raise RunDirError(
-            f"the basis run in {folder} failed (exit code {rc}); run it with perfkit profile to see why"
+            f"the {folder.name} run in {folder} failed (exit code {rc}); run it with perfkit profile to see why"
         )
-    return basis_from_run(folder)
+    return folder
+
+
+def _replayer(
+    sweep: Sweep, basis_run: Path | None, out: Path, nodes: Nodes, progress: Reporter
+) -> LayoutReplay | None:
+    """The basis's traced steps, ready to replay each layout: the given basis's trace, or a short
+    run of the basis's layout traced after its warm-up (``out/basis-trace``: the profiler slows the
+    steps it traces and swells the peak, so the basis itself is left untraced). None, and why in
+    the sweep, where no trace replays."""
+    assert sweep.basis is not None
+    try:
+        traces = None
+        if basis_run is None:
+            from perfkit.collectors.options import CollectOptions
+
+            first = next(c for c in sweep.candidates if c.label == sweep.basis_layout)
+            steps = WARMUP + LAYOUT_STEPS
+            progress(f"tracing {LAYOUT_STEPS} steps of the basis ({first.label}) to replay", 0, 0)
+            options = CollectOptions(collect=["steps", "kernels"], profile_steps=(WARMUP + 1, steps))
+            traces = _profiled(
+                sweep, [*first.overrides, f"steps={steps}"], out / "basis-trace", options, nodes
+            )
+        return LayoutReplay.of(sweep.basis, traces)
+    except RunDirError as e:
+        sweep.no_replay = str(e)
+        progress(f"predictions by the layout model alone: {e}", 0, 0)
+        return None
 
 
 def _limit(sweep: Sweep, memory_limit: float | None, basis: Basis) -> tuple[float | None, str]:
@@ -420,11 +477,20 @@ def run_sweep(
                     predict = False
             if predict and sweep.basis is not None:
                 limit, what = _limit(sweep, memory_limit, sweep.basis)
+                replayer = _replayer(sweep, basis_run, out, nodes, progress)
                 for c in sweep.candidates:
                     if c.skipped:
                         continue
                     p = predict_overrides(sweep.basis, config, c.overrides, world)
-                    c.predicted = p.to_json()
+                    engines = {"model": p.step_s * 1e3}
+                    if replayer is not None:
+                        p = replayer.predict(load_config(config, c.overrides), world)
+                        engines["replay"] = p.step_s * 1e3
+                    c.predicted = {
+                        **p.to_json(),
+                        "engine": "replay" if replayer else "model",
+                        "engines": engines,
+                    }
                     if limit and p.peak_bytes and p.peak_bytes > limit:
                         c.skipped = f"predicted peak {p.peak_bytes / 2**30:.2f} GiB a rank exceeds {limit / 2**30:.2f} GiB ({what})"
                 sweep.candidates.sort(key=lambda c: (c.predicted or {}).get("step_ms") or math.inf)

@@ -59,7 +59,9 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     DTensor's cost per module of the tensor-parallel plan, ``fsdp_unit_s``, what FSDP2 (ZeRO-3)
     over every rank costs a unit (a block) a microbatch: its gathers, scatters and copies, and
     ``dtensor_param_s``, what the optimizer phase (gradient norm, AdamW) pays a parameter tensor
-    that is a DTensor (FSDP2, tensor parallel) beyond a plain one."""
+    that is a DTensor (FSDP2, tensor parallel) beyond a plain one, and ``zero1_block_s`` and
+    ``zero1_ends_s``, what ZeRO-1's optimizer step over every rank costs beyond AdamW on a rank's
+    share: a block's parameters, and the model's ends' (their broadcasts, one a tensor)."""
     out: dict[str, float] = {}
     m = cfg.model
     one = dataclasses.replace(m, n_layers=1)
@@ -70,7 +72,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
             6 * FP32 * (12 * m.d_model**2 + 2 * m.vocab_size * m.d_model)
             + 64 * micro_batch * m.seq_len * m.d_model
         )
-        if free < 2 * need:
+        if free < 3 * need:  # and a copy of two blocks for ZeRO-1's step
             return {}
     model = GPT(one, cfg.kernels.attention).to(device)
     batch = torch.randint(0, m.vocab_size, (micro_batch, m.seq_len + 1), device=device)
@@ -102,6 +104,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
+        out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
         model.activation_checkpointing = False
         plain_step = _seconds(_optimizer_step(cfg, model), device, repeats)  # the gradients of the runs above
         mesh = _world_mesh(device)
@@ -130,15 +133,41 @@ def _optimizer_step(cfg: TrainConfig, model: nn.Module) -> Callable[[], None]:
     """The trainer's optimizer phase for ``model``'s parameters and gradients: the gradient norm,
     clipped, and an AdamW step of the configured kernel."""
     params = list(model.parameters())
-    opt = build_optimizer(
-        dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero=0)), params, None
-    )
+    opt = build_optimizer(_with_zero(cfg, 0), params, None)
 
     def step() -> None:
         clip_grad_norm_(params, cfg.optimizer.grad_clip, None)
         opt.step()
 
     return step
+
+
+def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[float, float]:
+    """What ZeroRedundancyOptimizer's step over every rank costs beyond AdamW on a rank's share of
+    the parameters, for copies of one and two blocks: (a block, the model's ends). Each parameter is
+    broadcast from its owner after the step, one call a tensor, all issued then waited for: on 2
+    CPU ranks 0.27 ms a tensor at tiny-cpu's sizes and 3.7 ms a step besides, where the fitted
+    latency of a call (0.28-0.42 ms from run to run) missed tiny-cpu's ZeRO-1 by up to 23%. The two
+    copies hold the job's own tensors (a block's, the ends'), so the step of any depth follows.
+    Every rank must call it."""
+    world = dist.get_world_size()
+    extra = []
+    for layers in (1, 2):
+        model = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        plain = build_optimizer(_with_zero(cfg, 0), params, None)
+        zero = build_optimizer(_with_zero(cfg, 1), params, None)
+        dist.barrier()
+        extra.append(_seconds(zero.step, device, repeats) - _seconds(plain.step, device, repeats) / world)
+        del model, params, plain, zero
+    block = max(0.0, extra[1] - extra[0])
+    return block, max(0.0, extra[0] - block)
+
+
+def _with_zero(cfg: TrainConfig, zero: int) -> TrainConfig:
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero=zero))
 
 
 def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device) -> float:
