@@ -531,13 +531,9 @@ def _apply(g: _Graph, x: _Events, change: Change, pre: _Prepared) -> None:
             g.w[e] = int(round(g.w[e] / factor[a]))
         elif a < 0 and g.kind[e] == "dep" and g.w[e] > 0:  # Python between a thread's ops
             where = region(x.tids[g.src[e] // 2], x.t(g.src[e]))
-            k = (
-                change.factor("", "optimizer")
-                if where == "optimizer"
-                else 1.0
-                if where == "input"
-                else change.rest
-            )
+            # a GPU trace's Python is the host's, as its CPU ops are
+            fam = "optimizer" if where == "optimizer" else "host" if on_gpu else ""
+            k = 1.0 if where == "input" else change.factor("", fam)
             if k != 1.0:
                 g.w[e] = int(round(g.w[e] / k))
 

@@ -185,6 +185,26 @@ def test_basis_fits_the_planted_collectives_and_predicts_itself(tmp_path: Path) 
     )
 
 
+def test_a_basis_with_stalls_predicts_its_mean_step(tmp_path: Path) -> None:
+    """A sweep measures a layout's mean step: one step of the basis's seven after the warm-up stalls
+    30 ms more, so its step is the mean (34.3 ms), its parts add up to the median (30), and every
+    layout carries the same share of stalls."""
+    basis = make_basis(tmp_path)
+    for rank in (0, 1):
+        path = basis / f"rank{rank}" / "steps.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[7]["step_time_s"] = 0.060
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b = lm.basis_from_run(basis)
+    assert b.median_step_s == pytest.approx(0.030) and b.step_s == pytest.approx((6 * 0.030 + 0.060) / 7)
+    own = lm.predict(b, load_config("tiny-cpu"), 2)
+    assert own.step_s == pytest.approx(b.step_s) and b.refusal() is None
+    assert own.time_parts["stalls (mean over median step)"] == pytest.approx(b.step_s - 0.030)
+    z3 = lm.predict(b, load_config("tiny-cpu", ["parallel.zero=3"]), 2)
+    stalls = z3.time_parts.pop("stalls (mean over median step)")
+    assert stalls == pytest.approx(sum(z3.time_parts.values()) * (b.step_s / 0.030 - 1))
+
+
 def test_whatif_prints_one_screen(tmp_path: Path) -> None:
     run = make_basis(tmp_path)
     r = run_perfkit("whatif", str(run), "--set", "parallel.tp=2")
@@ -400,6 +420,18 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
         "a tensor-parallel module (DTensor) 0.50 ms, an FSDP2 unit 3.00 ms, a DTensor parameter's optimizer step "
         "0.10 ms, ZeRO-1's step a block 4.00 ms, ZeRO-1's step for the ends 3.00 ms" in r.stdout
     )
+    # tensor parallelism over every rank as measured a block, where the basis measured it at the
+    # layout's batch: in place of its modelled collectives and DTensor's cost a module
+    tp = lm.basis_from_run(
+        make_basis(tmp_path / "tp", costs={**costs, "tp_block_s": 0.01, "sp_block_s": 0.015})
+    )
+    tp2 = lm.predict(tp, load_config("tiny-cpu", ["parallel.tp=2"]), 2).time_parts
+    assert tp2["tensor parallel (measured)"] == pytest.approx(0.01 * 4)
+    assert not any(k.startswith("activations (TP") or "DTensor)" in k for k in tp2)
+    sp = lm.predict(tp, load_config("tiny-cpu", ["parallel.tp=2", "parallel.sequence_parallel=true"]), 2)
+    assert sp.time_parts["tensor parallel (measured)"] == pytest.approx(0.015 * 4)
+    halves = lm.predict(tp, load_config("tiny-cpu", ["parallel.tp=2", "data.global_batch=8"]), 2).time_parts
+    assert "tensor parallel (measured)" not in halves and "activations (TP all-reduce)" in halves
     # a basis that measured none of it says so, and counts checkpointing's recomputation as FLOPs
     old = lm.basis_from_run(make_basis(tmp_path / "old"))
     assert old.chunk_s is None and any("FLOPs alone" in n for n in old.notes)

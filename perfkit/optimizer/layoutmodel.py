@@ -269,6 +269,10 @@ class Basis:
     world_size: int
     device: str
     step_s: float
+    """The job's mean step after the warm-up, as a sweep measures a layout (the steps' stalls on a
+    shared host included); what a prediction of the basis's own layout must reproduce."""
+    median_step_s: float
+    """The ranks' median step: what the parts below add up to (``stalls`` makes up the rest)."""
     compute_s: float
     """The busiest rank's model compute per step (forward + backward, collectives taken out)."""
     optimizer_s: float
@@ -307,6 +311,12 @@ class Basis:
     zero1_block_s: float | None = None
     """What ZeRO-1's optimizer step over the basis's ranks costs a block beyond AdamW on its share:
     its parameters' broadcasts (measured, as ``chunk_s``), in place of the modelled ones."""
+    tp_block_s: float | None = None
+    """What a block of the tensor-parallel plan over all the basis's ranks costs beyond its share of
+    the FLOPs, forward and backward, at the batch a rank then takes (measured, as ``chunk_s``): its
+    collectives and their waits where they happen, and DTensor's dispatch."""
+    sp_block_s: float | None = None
+    """The same with sequence parallelism."""
     zero1_ends_s: float | None = None
     """The same for the model's ends (embeddings, final norm, head) and ZeroRedundancyOptimizer's
     own cost a step."""
@@ -423,7 +433,8 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     """What a step spends beside its compute, in seconds: each kind of collective (``comm_seconds``
     at the basis's fit), ZeRO-1's broadcasts as the basis measured them a block and for the ends,
     FSDP2's as the basis measured them where it did (ZeRO-3 over the data-parallel ranks), and
-    DTensor's dispatch in the tensor-parallel plan's modules."""
+    tensor parallelism's collectives and DTensor's dispatch, as measured a block where they were
+    (``measured_tp_block``), else modelled and DTensor's a module."""
     out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
     lay = shape.layout
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
@@ -435,9 +446,32 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
                 out.pop(c.what, None)
         units = len(shape.stage_layers[shape.busiest]) + 1
         out["FSDP2 gathers and scatters (measured)"] = basis.fsdp_unit_s * units * lay.microbatches / lay.tp
-    if tp_modules(shape):
+    measured = measured_tp_block(basis, shape)
+    if measured is not None:  # the plan's collectives and DTensor as measured where they happen
+        for key in [k for k in out if k.startswith("activations (TP")]:
+            del out[key]
+        blocks = len(shape.stage_layers[shape.busiest]) * lay.microbatches
+        out["tensor parallel (measured)"] = measured * blocks
+    elif tp_modules(shape):
         out["tensor parallel (DTensor)"] = (basis.tp_module_s or 0.0) * tp_modules(shape)
     return out
+
+
+def measured_tp_block(basis: Basis, shape: Shape) -> float | None:
+    """The basis's measured cost of a tensor-parallel block (``Basis.tp_block_s``, ``sp_block_s``)
+    where it applies to ``shape``: its ranks all one tensor-parallel group, at the batch the
+    measurement took; else None (the collectives and DTensor's dispatch are modelled)."""
+    lay = shape.layout
+    value = basis.sp_block_s if shape.cfg.parallel.sequence_parallel else basis.tp_block_s
+    if value is None or lay.tp != basis.world_size or lay.tp == 1 or lay.pp > 1:
+        return None
+    cfg = config_from_dict(basis.config)  # measured at the basis's batch, every rank one TP group
+    p = dataclasses.replace(cfg.parallel, tp=lay.tp, pp=1, dp=0, zero=0, microbatches=0)
+    try:
+        measured_at = resolve_layout(dataclasses.replace(cfg, parallel=p), lay.tp).micro_batch
+    except ConfigError:
+        return None
+    return value if measured_at == lay.micro_batch else None
 
 
 _FITTED_OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv"]
@@ -560,12 +594,18 @@ def basis_from_run(run_path: Path) -> Basis:
     per_rank = later.groupby("rank")[["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s"]]
     med = per_rank.median()
     step_s = float(med["step_time_s"].median())
+    # a sweep measures a layout's mean step, stalls and all (bench/sweep_prediction.py's bases: their
+    # mean up to 7% over their median): the stalls are the host's, a share of any layout's step
+    stalls = (
+        float(per_step.mean() / per_step.median()) if len(per_step) > 1 and per_step.median() > 0 else 1.0
+    )
     basis = Basis(
         run=str(run_path),
         config=config,
         world_size=run.manifest.world_size,
         device=str(config.get("device", "cpu")),
-        step_s=step_s,
+        step_s=step_s * stalls,
+        median_step_s=step_s,
         compute_s=0.0,
         optimizer_s=0.0,
         outside_s=0.0,
@@ -590,6 +630,8 @@ def basis_from_run(run_path: Path) -> Basis:
             ("dtensor_param_s", "dtensor_param_s"),
             ("zero1_block_s", "zero1_block_s"),
             ("zero1_ends_s", "zero1_ends_s"),
+            ("tp_block_s", "tp_block_s"),
+            ("sp_block_s", "sp_block_s"),
         ):
             if isinstance(costs.get(key), int | float) and costs[key] >= 0:
                 setattr(basis, attr, float(costs[key]))
@@ -710,9 +752,18 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
             "FSDP2 on CPU: a rank's RSS grows step after step (the C allocator keeps freed all-gather "
             "buffers: 591 to 730 MiB over 6 steps at 12.8M parameters), so the peak is a lower bound"
         )
-    step = sum(parts.values())
+    step = with_stalls(basis, parts)
     spread = basis.spread_s * step / basis.step_s if basis.step_s > 0 else 0.0
     return Prediction(step, peak, parts, mem, notes, spread)
+
+
+def with_stalls(basis: Basis, parts: dict[str, float]) -> float:
+    """The step of these parts with the basis's stalls (its mean step over its median) added as a
+    part of their own."""
+    typical = sum(parts.values())
+    if basis.median_step_s > 0 and basis.step_s != basis.median_step_s:
+        parts["stalls (mean over median step)"] = typical * (basis.step_s / basis.median_step_s - 1)
+    return sum(parts.values())
 
 
 def describe(cfg: TrainConfig, lay: Layout) -> str:
@@ -801,6 +852,8 @@ def whatif_lines(
             ("a DTensor parameter's optimizer step", basis.dtensor_param_s),
             ("ZeRO-1's step a block", basis.zero1_block_s),
             ("ZeRO-1's step for the ends", basis.zero1_ends_s),
+            ("a tensor-parallel block", basis.tp_block_s),
+            ("a sequence-parallel block", basis.sp_block_s),
         )
         if value is not None
     ]

@@ -193,7 +193,7 @@ class LayoutReplay:
     basis: Basis
     ranks: list[tuple[Trace, list[tuple[int, int, CriticalPath]]]]
     scale: float
-    """The basis's measured step over its profiled steps' median span: what the profiler adds to a
+    """The basis's median step over its profiled steps' median span: what the profiler adds to a
     step is taken out of what a change saves."""
 
     @classmethod
@@ -217,7 +217,7 @@ class LayoutReplay:
             trace, steps = traced_steps(path)
             ranks.append((trace, steps[-LAYOUT_STEPS:]))
         span = statistics.median((t1 - t0) / 1e9 for _, steps in ranks for t0, t1, _ in steps)
-        return cls(basis, ranks, basis.step_s / span if span > 0 else 1.0)
+        return cls(basis, ranks, basis.median_step_s / span if span > 0 else 1.0)
 
     def change(self, cfg: TrainConfig, world_size: int) -> Change:
         """The layout as a change of the basis's steps: its share of the compute (``rest``) and of
@@ -237,10 +237,11 @@ class LayoutReplay:
         )
 
     def predict(self, cfg: TrainConfig, world_size: int) -> Prediction:
-        """``cfg``'s step: the basis's measured step, less what the change takes off each rank's
+        """``cfg``'s step: the basis's median step, less what the change takes off each rank's
         replayed steps (the slowest rank's median; the ranks wait for each other), scaled to the
-        unprofiled step; plus what the layout model says the trace cannot hold."""
-        from perfkit.optimizer.layoutmodel import Prediction, dtensor_params, predict, step_parts
+        unprofiled step; plus what the layout model says the trace cannot hold, and the basis's
+        stalls."""
+        from perfkit.optimizer.layoutmodel import Prediction, dtensor_params, predict, step_parts, with_stalls
 
         b = self.basis
         shape, base = b.shape_of(cfg, world_size), b.shape
@@ -255,7 +256,8 @@ class LayoutReplay:
         model = predict(b, cfg, world_size)
         own = step_parts(b, base)
         parts = {
-            "the basis's steps, replayed": b.step_s - min(statistics.median(s) for s in saved) * self.scale
+            "the basis's steps, replayed": b.median_step_s
+            - min(statistics.median(s) for s in saved) * self.scale
         }
         parts |= {k: v for k, v in step_parts(b, shape).items() if k not in own}  # its new collectives
         was = b.measured_parts(base)
@@ -265,7 +267,7 @@ class LayoutReplay:
             dtensor_params(shape) - dtensor_params(base)
         )
         parts = {k: v for k, v in parts.items() if v}
-        step = sum(parts.values())
+        step = with_stalls(b, parts)
         every = [s * self.scale for per in saved for s in per]
         spread = max(b.spread_s * step / b.step_s if b.step_s > 0 else 0.0, (max(every) - min(every)) / 2)
         return Prediction(step, model.peak_bytes, parts, model.memory_parts, model.notes, spread)
