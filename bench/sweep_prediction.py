@@ -1,13 +1,17 @@
-"""Does the layout model predict what the sweep then measures?
+"""Do the sweep's predictions (the replay of the basis's traced steps, and the layout model
+alone, side by side) match what the sweep then measures?
 
     python bench/sweep_prediction.py                 # every case, ~12 minutes on 2 CPU cores
     python bench/sweep_prediction.py --case time
 
 Each case is one ``perfkit sweep`` on 2 CPU ranks: a profiled basis (the first layout), every layout
-predicted from it, then every layout measured in full (interleaved plain runs). Printed per layout:
+predicted from it (by replaying a short traced run of the basis's layout, and by the layout model
+alone), then every layout measured in full (interleaved plain runs). Printed per layout:
 predicted step time (± the basis's step spread, scaled) and measured, their error, the error of the
 ratio to the basis's own layout (the model predicts that ratio; the absolute error also carries the
-basis run's drift from the runs measured after it), and peak memory predicted and measured; per case: the Spearman correlation of the predicted and measured rankings,
+basis run's drift from the runs measured after it), each engine's step and error ("model",
+"replay"), and peak memory predicted and measured; per case: the Spearman correlation of the
+predicted and measured rankings (each engine's too),
 the step-time and peak-memory errors, and the no-change check (the model's step for the basis's own
 layout against the basis's measured step). Targets (issues 15 and 28): Spearman >= 0.9, step time and
 peak memory within 15%, no-change within 5% or no prediction at all.

@@ -423,13 +423,16 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     # tensor parallelism over every rank as measured a block, where the basis measured it at the
     # layout's batch: in place of its modelled collectives and DTensor's cost a module
     tp = lm.basis_from_run(
-        make_basis(tmp_path / "tp", costs={**costs, "tp_block_s": 0.01, "sp_block_s": 0.015})
+        make_basis(
+            tmp_path / "tp",
+            costs={**costs, "tp_block_s": 0.01, "tp_ends_s": 0.002, "sp_block_s": 0.015, "sp_ends_s": 0.003},
+        )
     )
     tp2 = lm.predict(tp, load_config("tiny-cpu", ["parallel.tp=2"]), 2).time_parts
-    assert tp2["tensor parallel (measured)"] == pytest.approx(0.01 * 4)
+    assert tp2["tensor parallel (measured)"] == pytest.approx(0.01 * 4 + 0.002)
     assert not any(k.startswith("activations (TP") or "DTensor)" in k for k in tp2)
     sp = lm.predict(tp, load_config("tiny-cpu", ["parallel.tp=2", "parallel.sequence_parallel=true"]), 2)
-    assert sp.time_parts["tensor parallel (measured)"] == pytest.approx(0.015 * 4)
+    assert sp.time_parts["tensor parallel (measured)"] == pytest.approx(0.015 * 4 + 0.003)
     halves = lm.predict(tp, load_config("tiny-cpu", ["parallel.tp=2", "data.global_batch=8"]), 2).time_parts
     assert "tensor parallel (measured)" not in halves and "activations (TP all-reduce)" in halves
     # a basis that measured none of it says so, and counts checkpointing's recomputation as FLOPs

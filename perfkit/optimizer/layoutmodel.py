@@ -315,8 +315,12 @@ class Basis:
     """What a block of the tensor-parallel plan over all the basis's ranks costs beyond its share of
     the FLOPs, forward and backward, at the batch a rank then takes (measured, as ``chunk_s``): its
     collectives and their waits where they happen, and DTensor's dispatch."""
+    tp_ends_s: float | None = None
+    """And the rest of a microbatch (the ranks meeting at its first collective)."""
     sp_block_s: float | None = None
-    """The same with sequence parallelism."""
+    """``tp_block_s`` with sequence parallelism."""
+    sp_ends_s: float | None = None
+    """``tp_ends_s`` with sequence parallelism (its ends' gather and slice too)."""
     zero1_ends_s: float | None = None
     """The same for the model's ends (embeddings, final norm, head) and ZeroRedundancyOptimizer's
     own cost a step."""
@@ -450,20 +454,24 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     if measured is not None:  # the plan's collectives and DTensor as measured where they happen
         for key in [k for k in out if k.startswith("activations (TP")]:
             del out[key]
-        blocks = len(shape.stage_layers[shape.busiest]) * lay.microbatches
-        out["tensor parallel (measured)"] = measured * blocks
+        block, ends = measured
+        out["tensor parallel (measured)"] = (
+            block * len(shape.stage_layers[shape.busiest]) + ends
+        ) * lay.microbatches
     elif tp_modules(shape):
         out["tensor parallel (DTensor)"] = (basis.tp_module_s or 0.0) * tp_modules(shape)
     return out
 
 
-def measured_tp_block(basis: Basis, shape: Shape) -> float | None:
-    """The basis's measured cost of a tensor-parallel block (``Basis.tp_block_s``, ``sp_block_s``)
-    where it applies to ``shape``: its ranks all one tensor-parallel group, at the batch the
-    measurement took; else None (the collectives and DTensor's dispatch are modelled)."""
+def measured_tp_block(basis: Basis, shape: Shape) -> tuple[float, float] | None:
+    """The basis's measured cost of tensor parallelism (``Basis.tp_block_s``, ``tp_ends_s``; with
+    sequence parallelism ``sp_``), a block and the rest a microbatch, where it applies to ``shape``:
+    its ranks all one tensor-parallel group, at the batch the measurement took; else None (the
+    collectives and DTensor's dispatch are modelled)."""
     lay = shape.layout
-    value = basis.sp_block_s if shape.cfg.parallel.sequence_parallel else basis.tp_block_s
-    if value is None or lay.tp != basis.world_size or lay.tp == 1 or lay.pp > 1:
+    sp = shape.cfg.parallel.sequence_parallel
+    block, ends = (basis.sp_block_s, basis.sp_ends_s) if sp else (basis.tp_block_s, basis.tp_ends_s)
+    if block is None or ends is None or lay.tp != basis.world_size or lay.tp == 1 or lay.pp > 1:
         return None
     cfg = config_from_dict(basis.config)  # measured at the basis's batch, every rank one TP group
     p = dataclasses.replace(cfg.parallel, tp=lay.tp, pp=1, dp=0, zero=0, microbatches=0)
@@ -471,7 +479,7 @@ def measured_tp_block(basis: Basis, shape: Shape) -> float | None:
         measured_at = resolve_layout(dataclasses.replace(cfg, parallel=p), lay.tp).micro_batch
     except ConfigError:
         return None
-    return value if measured_at == lay.micro_batch else None
+    return (block, ends) if measured_at == lay.micro_batch else None
 
 
 _FITTED_OPS = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv"]
@@ -632,6 +640,8 @@ def basis_from_run(run_path: Path) -> Basis:
             ("zero1_ends_s", "zero1_ends_s"),
             ("tp_block_s", "tp_block_s"),
             ("sp_block_s", "sp_block_s"),
+            ("tp_ends_s", "tp_ends_s"),
+            ("sp_ends_s", "sp_ends_s"),
         ):
             if isinstance(costs.get(key), int | float) and costs[key] >= 0:
                 setattr(basis, attr, float(costs[key]))
@@ -853,7 +863,9 @@ def whatif_lines(
             ("ZeRO-1's step a block", basis.zero1_block_s),
             ("ZeRO-1's step for the ends", basis.zero1_ends_s),
             ("a tensor-parallel block", basis.tp_block_s),
+            ("its ends", basis.tp_ends_s),
             ("a sequence-parallel block", basis.sp_block_s),
+            ("its ends", basis.sp_ends_s),
         )
         if value is not None
     ]

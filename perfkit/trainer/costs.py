@@ -62,8 +62,8 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     that is a DTensor (FSDP2, tensor parallel) beyond a plain one, and ``zero1_block_s`` and
     ``zero1_ends_s``, what ZeRO-1's optimizer step over every rank costs beyond AdamW on a rank's
     share: a block's parameters, and the model's ends' (their broadcasts, one a tensor), and
-    ``tp_block_s`` and ``sp_block_s``: what a block of the tensor-parallel plan over every rank
-    costs beyond its share of the FLOPs, without and with sequence parallelism."""
+    ``tp_block_s``, ``tp_ends_s`` (and ``sp_``, with sequence parallelism): what the tensor-parallel
+    plan over every rank costs beyond its share of the FLOPs, a block and the rest a microbatch."""
     out: dict[str, float] = {}
     m = cfg.model
     one = dataclasses.replace(m, n_layers=1)
@@ -107,10 +107,10 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         dist.barrier()
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
-        for key, sp in (("tp_block_s", False), ("sp_block_s", True)):
-            measured = tensor_parallel_block_s(cfg, device, repeats, sp)
+        for key, sp in (("tp", False), ("sp", True)):
+            measured = tensor_parallel_costs(cfg, device, repeats, sp)
             if measured is not None:
-                out[key] = measured
+                out[f"{key}_block_s"], out[f"{key}_ends_s"] = measured
         model.activation_checkpointing = False
         plain_step = _seconds(_optimizer_step(cfg, model), device, repeats)  # the gradients of the runs above
         mesh = _world_mesh(device)
@@ -129,15 +129,16 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     return out
 
 
-def tensor_parallel_block_s(
+def tensor_parallel_costs(
     cfg: TrainConfig, device: torch.device, repeats: int, sequence_parallel: bool
-) -> float | None:
-    """What a block of the trainer's tensor-parallel plan over every rank costs beyond its share
-    of the FLOPs, forward and backward, at the batch a rank takes when every rank is one tensor-
-    parallel group: its collectives where they happen, between the block's own compute (each
-    waits for the other ranks: on 2 CPU ranks 1.2-1.5 ms a call where the same call after a barrier
-    takes 0.3), and DTensor's dispatch. A one-block copy with the plan against plain copies of one
-    and two blocks (what a block's compute is); None where the model cannot be split so."""
+) -> tuple[float, float] | None:
+    """What the trainer's tensor-parallel plan over every rank costs beyond its share of the FLOPs,
+    forward and backward, at the batch a rank takes when every rank is one tensor-parallel group:
+    (a block, the rest of a microbatch: the ranks meeting at the first collective, sequence
+    parallelism's ends). Its collectives happen between the block's own compute, and each waits for
+    the other ranks (on 2 CPU ranks 1.2-1.5 ms a call, where the same call after a barrier takes
+    0.3); DTensor dispatches each module. Copies of one and two blocks with the plan against plain
+    ones, interleaved; None where the model cannot be split so."""
     from perfkit.errors import ConfigError
     from perfkit.trainer.config import resolve_layout
     from perfkit.trainer.parallelize import _sequence_parallel_ends, _tensor_parallel
@@ -155,32 +156,33 @@ def tensor_parallel_block_s(
         return None
     m = cfg.model
     batch = torch.randint(0, m.vocab_size, (lay.micro_batch, m.seq_len + 1), device=device)
+    mesh = _world_mesh(device)
 
-    def copy(layers: int) -> GPT:
-        return GPT(dataclasses.replace(m, n_layers=layers), cfg.kernels.attention).to(device)
+    def copy(layers: int, plan: bool) -> Callable[[], None]:
+        model = GPT(dataclasses.replace(m, n_layers=layers), cfg.kernels.attention).to(device)
+        if plan:
+            _tensor_parallel(model, mesh, sequence_parallel)
+            if sequence_parallel:
+                _sequence_parallel_ends(model, mesh)
 
-    def step(model: GPT) -> Callable[[], None]:
         def run() -> None:
             cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
 
         return run
 
-    parallel = copy(1)
-    mesh = _world_mesh(device)
-    _tensor_parallel(parallel, mesh, sequence_parallel)
-    if sequence_parallel:
-        _sequence_parallel_ends(parallel, mesh)
-    runs = [step(parallel), step(copy(1)), step(copy(2))]
+    runs = [copy(1, True), copy(2, True), copy(1, False), copy(2, False)]
     for run in runs:  # warm
         _seconds(run, device, repeats=1, warm=1)
-    # interleaved, and thrice the repeats: one measurement of 15 calls each moved 9.8 to 14.0 ms
-    times: list[list[float]] = [[], [], []]
+    # interleaved, and for a small model thrice the repeats: one measurement of 15 calls each moved
+    # 9.8 to 14.0 ms a block at tiny-cpu (a large model's calls are longer, and steadier)
+    times: list[list[float]] = [[] for _ in runs]
     dist.barrier()
-    for _ in range(3 * repeats):
+    for _ in range(3 * repeats if repeats >= REPEATS else repeats):
         for run, kept in zip(runs, times, strict=True):
             kept.append(_seconds(run, device, repeats=1, warm=0))
-    with_plan, one, two = (_trimmed_mean(t) for t in times)
-    return max(0.0, with_plan - one + (two - one) * (1 - 1 / world))
+    plan1, plan2, one, two = (_trimmed_mean(t) for t in times)
+    block = max(0.0, plan2 - plan1 - (two - one) / world)
+    return block, max(0.0, plan1 - one + (two - one) * (1 - 1 / world) - block)
 
 
 def _world_mesh(device: torch.device) -> DeviceMesh:
