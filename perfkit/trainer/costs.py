@@ -107,10 +107,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         dist.barrier()
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
-        for key, sp in (("tp", False), ("sp", True)):
-            measured = tensor_parallel_costs(cfg, device, repeats, sp)
-            if measured is not None:
-                out[f"{key}_block_s"], out[f"{key}_ends_s"] = measured
+        out |= tensor_parallel_costs(cfg, device, repeats)
         model.activation_checkpointing = False
         plain_step = _seconds(_optimizer_step(cfg, model), device, repeats)  # the gradients of the runs above
         mesh = _world_mesh(device)
@@ -129,40 +126,41 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     return out
 
 
-def tensor_parallel_costs(
-    cfg: TrainConfig, device: torch.device, repeats: int, sequence_parallel: bool
-) -> tuple[float, float] | None:
+def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> dict[str, float]:
     """What the trainer's tensor-parallel plan over every rank costs beyond its share of the FLOPs,
     forward and backward, at the batch a rank takes when every rank is one tensor-parallel group:
-    (a block, the rest of a microbatch: the ranks meeting at the first collective, sequence
-    parallelism's ends). Its collectives happen between the block's own compute, and each waits for
-    the other ranks (on 2 CPU ranks 1.2-1.5 ms a call, where the same call after a barrier takes
-    0.3); DTensor dispatches each module. Copies of one and two blocks with the plan against plain
-    ones, interleaved; None where the model cannot be split so."""
+    ``tp_block_s`` a block, ``tp_ends_s`` the rest of a microbatch (the ranks meeting at its first
+    collective), and ``sp_block_s``, ``sp_ends_s`` with sequence parallelism (its ends' slice and
+    gather too). Its collectives happen between the block's own compute, and each waits for the
+    other ranks (on 2 CPU ranks 1.2-1.5 ms a call, where the same call after a barrier takes 0.3);
+    DTensor dispatches each module. Copies of one and two blocks with each plan against plain ones,
+    interleaved; none where the model cannot be split so (SP: none where only SP cannot)."""
     from perfkit.errors import ConfigError
     from perfkit.trainer.config import resolve_layout
     from perfkit.trainer.parallelize import _sequence_parallel_ends, _tensor_parallel
 
     world = dist.get_world_size()
-    tp_cfg = dataclasses.replace(
-        cfg,
-        parallel=dataclasses.replace(
-            cfg.parallel, tp=world, pp=1, dp=0, zero=0, microbatches=0, sequence_parallel=sequence_parallel
-        ),
-    )
-    try:
-        lay = resolve_layout(tp_cfg, world)
-    except ConfigError:
-        return None
+    plans = []
+    for sp in (False, True):
+        p = dataclasses.replace(
+            cfg.parallel, tp=world, pp=1, dp=0, zero=0, microbatches=0, sequence_parallel=sp
+        )
+        try:
+            micro_batch = resolve_layout(dataclasses.replace(cfg, parallel=p), world).micro_batch
+        except ConfigError:
+            continue
+        plans.append(sp)
+    if not plans:
+        return {}
     m = cfg.model
-    batch = torch.randint(0, m.vocab_size, (lay.micro_batch, m.seq_len + 1), device=device)
+    batch = torch.randint(0, m.vocab_size, (micro_batch, m.seq_len + 1), device=device)
     mesh = _world_mesh(device)
 
-    def copy(layers: int, plan: bool) -> Callable[[], None]:
+    def copy(layers: int, plan: bool | None) -> Callable[[], None]:
         model = GPT(dataclasses.replace(m, n_layers=layers), cfg.kernels.attention).to(device)
-        if plan:
-            _tensor_parallel(model, mesh, sequence_parallel)
-            if sequence_parallel:
+        if plan is not None:
+            _tensor_parallel(model, mesh, plan)
+            if plan:
                 _sequence_parallel_ends(model, mesh)
 
         def run() -> None:
@@ -170,19 +168,25 @@ def tensor_parallel_costs(
 
         return run
 
-    runs = [copy(1, True), copy(2, True), copy(1, False), copy(2, False)]
+    runs = [copy(layers, plan) for plan in [None, *plans] for layers in (1, 2)]
     for run in runs:  # warm
         _seconds(run, device, repeats=1, warm=1)
-    # interleaved, and for a small model thrice the repeats: one measurement of 15 calls each moved
+    # interleaved, and for a small model twice the repeats: one measurement of 15 calls each moved
     # 9.8 to 14.0 ms a block at tiny-cpu (a large model's calls are longer, and steadier)
     times: list[list[float]] = [[] for _ in runs]
     dist.barrier()
-    for _ in range(3 * repeats if repeats >= REPEATS else repeats):
+    for _ in range(2 * repeats if repeats >= REPEATS else repeats):
         for run, kept in zip(runs, times, strict=True):
             kept.append(_seconds(run, device, repeats=1, warm=0))
-    plan1, plan2, one, two = (_trimmed_mean(t) for t in times)
-    block = max(0.0, plan2 - plan1 - (two - one) / world)
-    return block, max(0.0, plan1 - one + (two - one) * (1 - 1 / world) - block)
+    one, two, *planned = (_trimmed_mean(t) for t in times)
+    out = {}
+    for k, sp in enumerate(plans):
+        plan1, plan2 = planned[2 * k : 2 * k + 2]
+        block = max(0.0, plan2 - plan1 - (two - one) / world)
+        key = "sp" if sp else "tp"
+        out[f"{key}_block_s"] = block
+        out[f"{key}_ends_s"] = max(0.0, plan1 - one + (two - one) * (1 - 1 / world) - block)
+    return out
 
 
 def _world_mesh(device: torch.device) -> DeviceMesh:
