@@ -311,6 +311,9 @@ class Basis:
     zero1_block_s: float | None = None
     """What ZeRO-1's optimizer step over the basis's ranks costs a block beyond AdamW on its share:
     its parameters' broadcasts (measured, as ``chunk_s``), in place of the modelled ones."""
+    zero1_ends_s: float | None = None
+    """The same for the model's ends (embeddings, final norm, head) and ZeroRedundancyOptimizer's
+    own cost a step."""
     tp_block_s: float | None = None
     """What a block of the tensor-parallel plan over all the basis's ranks costs beyond its share of
     the FLOPs, forward and backward, at the batch a rank then takes (measured, as ``chunk_s``): its
@@ -321,9 +324,6 @@ class Basis:
     """``tp_block_s`` with sequence parallelism."""
     sp_ends_s: float | None = None
     """``tp_ends_s`` with sequence parallelism (its ends' gather and slice too)."""
-    zero1_ends_s: float | None = None
-    """The same for the model's ends (embeddings, final norm, head) and ZeroRedundancyOptimizer's
-    own cost a step."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -399,6 +399,14 @@ class Prediction:
         return {**out, "notes": self.notes} if self.notes else out
 
 
+MEASURED_COSTS = frozenset(
+    f.name
+    for f in dataclasses.fields(Basis)
+    if f.name.endswith("_s") and f.default is None and f.name not in ("step_s", "median_step_s")
+)
+"""The Basis fields ``perfkit.trainer.costs`` measures (None where the basis did not)."""
+
+
 def tp_modules(shape: Shape) -> int:
     """Modules of the trainer's tensor-parallel plan the busiest rank runs a step, forward and
     backward: six linears a block (q, k, v, o, fc1, fc2), and with sequence parallelism its two norms
@@ -438,7 +446,7 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     at the basis's fit), ZeRO-1's broadcasts as the basis measured them a block and for the ends,
     FSDP2's as the basis measured them where it did (ZeRO-3 over the data-parallel ranks), and
     tensor parallelism's collectives and DTensor's dispatch, as measured a block where they were
-    (``measured_tp_block``), else modelled and DTensor's a module."""
+    (``measured_tp``), else modelled and DTensor's a module."""
     out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
     lay = shape.layout
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
@@ -450,7 +458,7 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
                 out.pop(c.what, None)
         units = len(shape.stage_layers[shape.busiest]) + 1
         out["FSDP2 gathers and scatters (measured)"] = basis.fsdp_unit_s * units * lay.microbatches / lay.tp
-    measured = measured_tp_block(basis, shape)
+    measured = measured_tp(basis, shape)
     if measured is not None:  # the plan's collectives and DTensor as measured where they happen
         for key in [k for k in out if k.startswith("activations (TP")]:
             del out[key]
@@ -463,7 +471,7 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     return out
 
 
-def measured_tp_block(basis: Basis, shape: Shape) -> tuple[float, float] | None:
+def measured_tp(basis: Basis, shape: Shape) -> tuple[float, float] | None:
     """The basis's measured cost of tensor parallelism (``Basis.tp_block_s``, ``tp_ends_s``; with
     sequence parallelism ``sp_``), a block and the rest a microbatch, where it applies to ``shape``:
     its ranks all one tensor-parallel group, at the batch the measurement took; else None (the
@@ -630,21 +638,10 @@ def basis_from_run(run_path: Path) -> Basis:
     )
     costs = run.manifest.model.get("layout_costs")
     if isinstance(costs, dict) and costs:
-        for key, attr in (
-            ("chunk_overhead_s", "chunk_s"),
-            ("checkpoint_block_s", "checkpoint_block_s"),
-            ("tp_module_overhead_s", "tp_module_s"),
-            ("fsdp_unit_s", "fsdp_unit_s"),
-            ("dtensor_param_s", "dtensor_param_s"),
-            ("zero1_block_s", "zero1_block_s"),
-            ("zero1_ends_s", "zero1_ends_s"),
-            ("tp_block_s", "tp_block_s"),
-            ("sp_block_s", "sp_block_s"),
-            ("tp_ends_s", "tp_ends_s"),
-            ("sp_ends_s", "sp_ends_s"),
-        ):
-            if isinstance(costs.get(key), int | float) and costs[key] >= 0:
-                setattr(basis, attr, float(costs[key]))
+        for key, value in costs.items():  # perfkit.trainer.costs's keys: the fields', two renamed
+            attr = {"chunk_overhead_s": "chunk_s", "tp_module_overhead_s": "tp_module_s"}.get(key, key)
+            if attr in MEASURED_COSTS and isinstance(value, int | float) and value >= 0:
+                setattr(basis, attr, float(value))
         if config_from_dict(config).kernels.compile:
             basis.notes.append(
                 "the costs beyond FLOPs were measured on an eager copy of a compiled model: "

@@ -7,11 +7,11 @@ pipeline × tensor × data parallel groups, and for pure data parallelism DDP an
 Layouts this model or world size cannot take are listed with the reason, not run.
 
 Before anything is measured, one profiled run (the *basis*: ``--basis RUN``, or the first layout
-profiled with the cheap collectors and a kernel trace of its last steps) gives every layout a
-predicted step time and peak memory: by replaying the basis's traced steps changed to the layout
-(``replay.LayoutReplay``) where it has a trace that replays, else by the layout model alone
-(``layoutmodel``); both figures are kept. Layouts predicted not to fit in memory are listed, not run; the rest run in the
-predicted order. With ``top``, successive halving: every layout runs short, the faster half runs
+profiled with the cheap collectors) gives every layout a predicted step time and peak memory: by
+replaying traced steps of the basis's layout changed to the layout (``replay.LayoutReplay``: the
+given basis's trace, or a short traced run of its own) where they replay, else by the layout model
+alone (``layoutmodel``); both figures are kept. Layouts predicted not to fit in memory are listed,
+not run; the rest run in the predicted order. With ``top``, successive halving: every layout runs short, the faster half runs
 again for twice the steps, until ``top`` are left for the full runs.
 
 ``sweep.json`` is a ledger, written after every run: the same sweep started again in the same folder
