@@ -192,6 +192,16 @@ def test_whatif_replays_a_change_on_the_critical_path() -> None:
     assert abs(statistics.median(r.replayed_ms) / statistics.median(r.spans_ms) - 1) < 0.05  # no change
     gemm = replay(H100, parse_change(("gemm=2",), None))
     assert gemm.predicted_ms == pytest.approx(gemm.step_ms, abs=0.5)
+    # a layout's share of the work (LayoutReplay): everything twice as fast, kernels, the host's ops
+    # and its Python, but the launches' delays and the GPU's gaps: a little over half the path;
+    # the host's share alone (a layout's modules) leaves the GPU's 28 ms bound
+    from perfkit.analyzers.critical_path import Change
+
+    half = replay(H100, Change(rest=2))
+    r = half.ranks[0]
+    ratio = statistics.median(r.changed_ms) / statistics.median(r.replayed_ms)
+    assert 0.5 <= ratio < 0.6, ratio
+    assert 25 < replay(H100, Change(speedup={"host": 100})).predicted_ms < 40
 
 
 def test_a_change_scales_the_rest_the_optimizers_span_and_slows_too(tmp_path: Path) -> None:

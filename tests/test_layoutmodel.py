@@ -495,6 +495,11 @@ def test_a_layout_is_predicted_by_replaying_the_basiss_traced_steps(
     assert change.rest < 1 and r.predict(tp, 2).time_parts["the basis's steps, replayed"] == pytest.approx(
         replayed, rel=1e-3
     )
+    # on CPU, what the trace shows of the basis's collectives beside its compute (here: all of
+    # DDP's all-reduce, none on the path) goes with them: gloo's threads share the cores
+    gone = r.predict(tp, 2).time_parts["the basis's collectives beside its compute"]
+    assert gone == pytest.approx(-sum(lm.step_parts(b, b.shape).values()))
+    assert "the basis's collectives beside its compute" not in z1.time_parts  # DDP's all-reduce stays
     with pytest.raises(RunDirError, match="holds no kernel trace"):
         LayoutReplay.of(lm.basis_from_run(make_basis(tmp_path / "untraced")))
     calls: list[tuple[str, ...]] = []

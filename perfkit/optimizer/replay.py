@@ -260,6 +260,18 @@ class LayoutReplay:
             - min(statistics.median(s) for s in saved) * self.scale
         }
         parts |= {k: v for k, v in step_parts(b, shape).items() if k not in own}  # its new collectives
+        if shape.cfg.device != "cuda" and change.link != 1.0:
+            # gloo runs its collectives on threads of the same cores as the compute: what the trace
+            # shows them overlap still slowed it (pipelines replayed 1-2 ms high on 2 CPU cores
+            # where only the path's share of DDP's all-reduce went)
+            exposed = (
+                statistics.median(
+                    p.by_kind.get("communication", 0) / 1e9 for _, steps in self.ranks for _, _, p in steps
+                )
+                * self.scale
+            )
+            hidden = max(0.0, sum(own.values()) - exposed)
+            parts["the basis's collectives beside its compute"] = hidden * (1 / change.link - 1)
         was = b.measured_parts(base)
         parts |= {k: v - was.get(k, 0.0) for k, v in b.measured_parts(shape).items()}
         parts["pipeline bubble"] = model.time_parts.get("pipeline bubble", 0.0)  # a basis without stages
