@@ -204,6 +204,7 @@ def test_sweep_measures_layouts_side_by_side(tmp_path: Path) -> None:
         assert "replay" in engines or "by the layout model alone: " in r.stdout
     page = (out / "sweep.html").read_text()
     assert "plotly-graph-div" in page and "pp2 1f1b" in page and "predicted" in page
+    assert ("layout model ms/step" in page) == (by["dp2"]["predicted"]["engine"] == "replay")
 
 
 def test_optimize_keeps_the_fix_for_a_planted_problem(tmp_path: Path) -> None:
