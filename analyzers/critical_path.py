@@ -523,7 +523,7 @@ def _apply(g: _Graph, x: _Events, change: Change, pre: _Prepared) -> None:
             continue
         if where == "optimizer":
             fam = "optimizer"
-        own = change.factor(x.names[i], fam, rest=where != "input")
+        own = change.factor(x.names[i], fam, scaled=where != "input")
         inherits = x.lanes[i] == "cpu" and x.parent[i] >= 0
         factor[i] = max(own, factor[x.parent[i]]) if inherits else own
     for e, a in enumerate(g.attr):
@@ -562,14 +562,15 @@ class Change:
     aside: the other ops (kernels) and the Python between ops (a layout's share of the work on one
     rank, ``perfkit.optimizer.replay``; below 1: more work)."""
 
-    def factor(self, name: str, fam: str, rest: bool = True) -> float:
+    def factor(self, name: str, fam: str, scaled: bool = True) -> float:
         """How many times faster an event of this name and family runs: the largest factor of the
-        keys that name it; else, for a collective the link's, for the rest ``rest`` (or 1)."""
+        keys that name it; else, for a collective the link's, for the rest ``rest`` (1 where not
+        ``scaled``: the input)."""
         low = name.lower()
         named = [k for key, k in self.speedup.items() if key == fam or (len(key) > 2 and key.lower() in low)]
         if fam == "communication":
             return max([*named, self.link])
-        return max(named) if named else self.rest if rest else 1.0
+        return max(named) if named else self.rest if scaled else 1.0
 
 
 _OP_FAMILIES: list[tuple[str, re.Pattern[str]]] = [

@@ -47,6 +47,18 @@ def _seconds(fn: Callable[[], None], device: torch.device, repeats: int = REPEAT
     return _trimmed_mean(times)
 
 
+def _interleaved(fns: list[Callable[[], None]], device: torch.device, rounds: int) -> list[float]:
+    """Each of ``fns``'s time (``_seconds``), measured in turn, one call each, ``rounds`` times
+    after one warm call each: the host's drift falls on all alike."""
+    for fn in fns:
+        _seconds(fn, device, repeats=1, warm=1)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, kept in zip(fns, times, strict=True):
+            kept.append(_seconds(fn, device, repeats=1, warm=0))
+    return [_trimmed_mean(t) for t in times]
+
+
 def _trimmed_mean(times: list[float]) -> float:
     kept = sorted(times)[: max(1, len(times) - len(times) // 10)]
     return sum(kept) / len(kept)
@@ -169,16 +181,10 @@ def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) 
         return run
 
     runs = [copy(layers, plan) for plan in [None, *plans] for layers in (1, 2)]
-    for run in runs:  # warm
-        _seconds(run, device, repeats=1, warm=1)
+    dist.barrier()
     # interleaved, and for a small model twice the repeats: one measurement of 15 calls each moved
     # 9.8 to 14.0 ms a block at tiny-cpu (a large model's calls are longer, and steadier)
-    times: list[list[float]] = [[] for _ in runs]
-    dist.barrier()
-    for _ in range(2 * repeats if repeats >= REPEATS else repeats):
-        for run, kept in zip(runs, times, strict=True):
-            kept.append(_seconds(run, device, repeats=1, warm=0))
-    one, two, *planned = (_trimmed_mean(t) for t in times)
+    one, two, *planned = _interleaved(runs, device, 2 * repeats if repeats >= REPEATS else repeats)
     out = {}
     for k, sp in enumerate(plans):
         plan1, plan2 = planned[2 * k : 2 * k + 2]
@@ -217,23 +223,18 @@ def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[f
     copies hold the job's own tensors (a block's, the ends'), so the step of any depth follows.
     Every rank must call it."""
     world = dist.get_world_size()
-    steps = []  # ZeRO-1's and plain AdamW's, for one block and two
+    steps: list[Callable[[], None]] = []  # ZeRO-1's and plain AdamW's, for one block and two
     for layers in (1, 2):
         model = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
         params = list(model.parameters())
         for p in params:
             p.grad = torch.zeros_like(p)
-        steps += [build_optimizer(_with_zero(cfg, 1), params, None).step]
-        steps += [build_optimizer(_with_zero(cfg, 0), params, None).step]
-    for step in steps:  # warm
-        _seconds(step, device, repeats=1, warm=1)
-    # interleaved, twice the repeats: measured one after the other, a block's 4 ms once came out 0
-    times: list[list[float]] = [[] for _ in steps]
+        for zero in (1, 0):
+            opt = build_optimizer(_with_zero(cfg, zero), params, None)
+            steps.append(lambda opt=opt: opt.step())  # type: ignore[misc]
     dist.barrier()
-    for _ in range(2 * repeats):
-        for step, kept in zip(steps, times, strict=True):
-            kept.append(_seconds(step, device, repeats=1, warm=0))
-    zero1, plain1, zero2, plain2 = (_trimmed_mean(t) for t in times)
+    # interleaved, twice the repeats: measured one after the other, a block's 4 ms once came out 0
+    zero1, plain1, zero2, plain2 = _interleaved(steps, device, 2 * repeats)
     extra = [zero1 - plain1 / world, zero2 - plain2 / world]
     block = max(0.0, extra[1] - extra[0])
     return block, max(0.0, extra[0] - block)
@@ -255,11 +256,7 @@ def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device) 
     plain = nn.Linear(d_model, width // world, device=device)
     x = torch.randn(1, max(1, min(tokens, 4096)), d_model, device=device)
     # interleaved, and many: each call is a fraction of a millisecond, and the host drifts
-    with_dtensor, without = [], []
-    for i in range(TP_PAIRS + 2):
-        a = _seconds(lambda: parallel(x).sum().backward(), device, repeats=1, warm=0)
-        b = _seconds(lambda: plain(x).sum().backward(), device, repeats=1, warm=0)
-        if i >= 2:
-            with_dtensor.append(a)
-            without.append(b)
-    return max(0.0, _trimmed_mean(with_dtensor) - _trimmed_mean(without))
+    with_dtensor, without = _interleaved(
+        [lambda: parallel(x).sum().backward(), lambda: plain(x).sum().backward()], device, TP_PAIRS
+    )
+    return max(0.0, with_dtensor - without)
