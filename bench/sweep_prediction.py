@@ -1,16 +1,19 @@
 """Do the sweep's predictions (the replay of the basis's traced steps, and the layout model
 alone, side by side) match what the sweep then measures?
 
-    python bench/sweep_prediction.py                 # every case, ~12 minutes on 2 CPU cores
+    python bench/sweep_prediction.py                 # every case, ~15 minutes on 2 CPU cores
     python bench/sweep_prediction.py --case time
 
 Each case is one ``perfkit sweep`` on 2 CPU ranks: a profiled basis (the first layout), every layout
 predicted from it (by replaying a short traced run of the basis's layout, and by the layout model
-alone), then every layout measured in full (interleaved plain runs). Printed per layout:
+alone), then every layout measured in full: three plain runs each, interleaved, their median the
+measured figure (one run of a layout on these shared cores has come out 15% off its others; the
+median of three leaves one such run out). Printed per layout:
 predicted step time (± the basis's step spread, scaled) and measured, their error, the error of the
 ratio to the basis's own layout (the model predicts that ratio; the absolute error also carries the
 basis run's drift from the runs measured after it), each engine's step and error ("model",
-"replay"), and peak memory predicted and measured; per case: the Spearman correlation of the
+"replay"), how far its runs are from their median ("runs": the measurement's own noise), and peak
+memory predicted and measured; per case: the Spearman correlation of the
 predicted and measured rankings (each engine's too),
 the step-time and peak-memory errors, and the no-change check (the model's step for the basis's own
 layout against the basis's measured step). Targets (issues 15 and 28): Spearman >= 0.9, step time and
@@ -51,13 +54,13 @@ CASES: dict[str, tuple[list[str], list[str], int, int]] = {
             "tp=1,kernels.activation_checkpointing=true",
         ],
         20,
-        2,
+        3,
     ),
     "memory": (
         ["model.d_model=512", "model.n_heads=8"],
         ["tp=1", "zero=1", "zero=3", "tp=2", "pp=2"],
         6,
-        1,
+        3,
     ),
     "short": ([], ["tp=1", "tp=2", "pp=2"], 4, 1),
 }
@@ -81,7 +84,7 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         print(f"no predictions: {data['no_predictions']}")
     print(
         f"{'layout':<34} {'pred ms':>8} {'±':>5} {'meas ms':>8} {'err':>7} {'vs basis':>8} {'model':>7} {'err':>7} "
-        f"{'replay':>7} {'err':>7} {'pred MiB':>9} {'meas MiB':>9} {'mem err':>8}"
+        f"{'replay':>7} {'err':>7} {'runs':>6} {'pred MiB':>9} {'meas MiB':>9} {'mem err':>8}"
     )
     # the model predicts each layout against its basis: "vs basis" is the error of that ratio, the
     # predicted over the basis layout's predicted against the measured over its measured (the
@@ -92,6 +95,9 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
     ratio_errors = []
     own_e = ((own or {}).get("predicted") or {}).get("engines") or {}
     engine_ratio: dict[str, list[float]] = {}
+    # the measurement's own noise: how far a layout's runs are from their median (the figure the
+    # predictions are held to), the largest over the layouts
+    spreads = []
     for c in data["candidates"]:
         p = c.get("predicted") or {}
         pm, mm = p.get("peak_memory_bytes"), c.get("peak_memory_bytes")
@@ -108,9 +114,14 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
             by_engine += f" {e or 0:>7.1f} " + (f"{e / mt - 1:>+7.1%}" if e and mt else f"{'-':>7}")
             if e and mt and own_e.get(engine) and own_m:
                 engine_ratio.setdefault(engine, []).append(abs((e / own_e[engine]) / (mt / own_m) - 1))
+        runs = [r["step_ms"] for r in c.get("runs", []) if r.get("ok") and r.get("step_ms")]
+        spread = max((abs(r / mt - 1) for r in runs), default=None) if mt else None
+        if spread is not None and len(runs) > 1:
+            spreads.append(spread)
         print(
             f"{c['label']:<34} {pt or 0:>8.1f} {p.get('uncertainty_ms') or 0:>5.1f} {mt or 0:>8.1f} {terr} {rerr}"
-            f"{by_engine} {(pm or 0) / 2**20:>9.0f} {(mm or 0) / 2**20:>9.0f} {merr}"
+            f"{by_engine} {f'{spread:.1%}' if len(runs) > 1 and spread is not None else '-':>6}"
+            f" {(pm or 0) / 2**20:>9.0f} {(mm or 0) / 2**20:>9.0f} {merr}"
         )
     ratio_max = max((abs(e) for e in ratio_errors), default=None)
     a = data["agreement"]
@@ -139,6 +150,9 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         )
     if data.get("no_replay"):
         print(f"  no replay: {data['no_replay']}")
+    noise = max(spreads, default=None)
+    if noise is not None:
+        print(f"  the measurement's own noise: a layout's runs {noise:.1%} from their median at most")
     return {
         "case": name,
         "engine": next(
@@ -148,6 +162,7 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         **a,
         "no_change": no_change,
         "ratio_error_max": ratio_max,
+        "runs_from_median_max": noise,
         "no_predictions": data.get("no_predictions"),
     }
 

@@ -125,8 +125,9 @@ def step(tokens: int | None = None, loss: Any = None) -> None:
 def probe_links(group: Any = None) -> bool:
     """At the end of training, on every rank: all-reduce a few message sizes with nothing else
     running, so the analysis knows the link's latency and bandwidth (``perfkit whatif`` and the
-    sweep's predictions fit their collectives to it). Does nothing unless the comms collector runs."""
-    if Probe.current is None or Probe.current._stopped:
+    sweep's predictions fit their collectives to it). Does nothing unless the comms collector runs,
+    or under ``perfkit profile --no-probe``."""
+    if Probe.current is None or Probe.current._stopped or Probe.current.options.no_probe:
         return False
     from perfkit.collectors.collectives import probe_links as _probe_links
 

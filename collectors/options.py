@@ -217,6 +217,17 @@ class CollectOptions:
         parse=_positive_int,
     )
     """Steps per captured trace under --watch."""
+    no_probe: bool = _option(
+        False,
+        flag="--no-probe",
+        env="PERFKIT_NO_PROBE",
+        help="Skip what the bundled trainer measures after its last step for whatif and the sweep "
+        "(the link probe, and what other layouts cost here beyond their FLOPs: ~5 s on 2 CPU ranks); "
+        "their predictions then fit the link to the job's own collectives and leave those costs out",
+        parse=lambda text, what: _flag(text, what),
+        format=lambda on: "1" if on else "0",
+    )
+    """No link probe and no layout costs after the steps (``perfkit.probe_links()`` does nothing)."""
 
     def __post_init__(self) -> None:
         if self.nvml_hz > 1000 or self.nvml_hz < 0.1:

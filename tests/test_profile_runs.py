@@ -25,8 +25,10 @@ pytestmark = pytest.mark.slow
 STEPS_N = 6
 
 
-def profile(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_perfkit("profile", "--out", str(out), *args, env=env)
+def profile(
+    out: Path, *args: str, env: dict[str, str] | None = None, probe: bool = False
+) -> subprocess.CompletedProcess[str]:
+    return run_perfkit("profile", "--out", str(out), *args, env=env, probe=probe)
 
 
 def reference(
@@ -63,7 +65,7 @@ def per_step(comms: pd.DataFrame, op: str, source: str | None = None) -> pd.Seri
 
 def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
     out = tmp_path / "dp"
-    proc = reference(out, profile_steps="2-3")
+    proc = reference(out, profile_steps="2-3", probe=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = Run.open(out)
     assert run.manifest.status == "complete" and run.manifest.world_size == 2
@@ -157,9 +159,12 @@ def test_layout_collective_counts(tmp_path: Path, name: str, sets: list[str]) ->
     out = tmp_path / name
     proc = reference(out, *sets, "checkpoint.every=3", f"checkpoint.dir={tmp_path / 'ck'}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # profiled with --no-probe (the suite's default): nothing measured after the steps
+    assert "layout_costs" not in Run.open(out).manifest.model
     counts = {}
     for rank in (0, 1):
         comms = table(out, rank, COMMS)
+        assert not comms["source"].str.startswith("probe").any()
         steady = comms[comms["step"].between(2, STEPS_N)]
         counts[rank] = steady.groupby(["step", "op"]).size().unstack(fill_value=0)
         # The same collectives every step (checkpoint steps aside), on both ranks.

@@ -233,10 +233,14 @@ def baseline_from_run(run_path: Path, out: Path) -> tuple[str, int]:
 
 
 def profile_reference(config: str, nproc: int, overrides: Sequence[str], out: Path, name: str) -> Run:
-    """A profiled run of the trainer (every collector, the default kernel window) into ``out``."""
+    """A profiled run of the trainer (every collector, the default kernel window) into ``out``;
+    without the measurements after its steps that only the layout predictions read (the link probe
+    and the layout costs: 5 of a 10 s run at tiny-cpu), which the optimizer's fixes do not use."""
+    from perfkit.collectors.options import CollectOptions
     from perfkit.profile import reference_request, run_profile
 
-    run, rc = run_profile(reference_request(config, overrides, nproc, out, name))
+    options = CollectOptions(no_probe=True)
+    run, rc = run_profile(reference_request(config, overrides, nproc, out, name, options))
     if rc != 0:
         raise RunDirError(f"the profiled run in {out} failed (exit code {rc}); see its output above")
     return run
