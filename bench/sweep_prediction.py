@@ -1,7 +1,7 @@
 """Do the sweep's predictions (the replay of the basis's traced steps, and the layout model
 alone, side by side) match what the sweep then measures?
 
-    python bench/sweep_prediction.py                 # every case, ~15 minutes on 2 CPU cores
+    python bench/sweep_prediction.py                 # every case, ~25 minutes on 2 CPU cores
     python bench/sweep_prediction.py --case time
 
 Each case is one ``perfkit sweep`` on 2 CPU ranks: a profiled basis (the first layout), every layout
@@ -23,6 +23,8 @@ peak memory within 15%, no-change within 5% or no prediction at all.
   sequence parallelism, pipelines of 2, 4 and 8 microbatches (1F1B and GPipe), checkpointing.
 - ``memory``: tiny-cpu widened to d_model 512 (12.8M parameters: model state is a third of a rank's
   RSS, no longer lost in the libraries' 400 MiB) over DDP, ZeRO-1, FSDP2, TP and a pipeline, 6 steps.
+- ``shape``: a shape the model was never tuned on (d_model 128, 6 blocks, 128 tokens: 1.2M
+  parameters) over eight layouts, 12 steps.
 - ``short``: a 4-step basis (1 step after the warm-up): the sweep must say why it predicts nothing
   and measure the layouts anyway (such a basis had predicted 2368 ms for a layout that measured 119).
 """
@@ -63,6 +65,22 @@ CASES: dict[str, tuple[list[str], list[str], int, int]] = {
         3,
     ),
     "short": ([], ["tp=1", "tp=2", "pp=2"], 4, 1),
+    # a shape nothing here was tuned on: 1.2M parameters, 6 blocks (3 a pipeline stage), 128 tokens
+    "shape": (
+        ["model.d_model=128", "model.n_layers=6", "model.seq_len=128"],
+        [
+            "tp=1",
+            "zero=1",
+            "zero=3",
+            "tp=2",
+            "tp=2,sequence_parallel=true",
+            "pp=2",
+            "pp=2,microbatches=4",
+            "tp=1,kernels.activation_checkpointing=true",
+        ],
+        12,
+        3,
+    ),
 }
 WITHIN = 0.15
 

@@ -384,9 +384,10 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     checkpointed block, a tensor-parallel module, each charged as often as the layout runs it; the
     basis still predicts itself."""
     costs = {"chunk_overhead_s": 0.002, "checkpoint_block_s": 0.001, "tp_module_overhead_s": 0.0005,
-             "fsdp_unit_s": 0.003, "dtensor_param_s": 0.0001, "zero1_block_s": 0.004, "zero1_ends_s": 0.003}  # fmt: skip
+             "fsdp_block_s": 0.003, "fsdp_ends_s": 0.0005, "dtensor_param_s": 0.0001, "zero1_block_s": 0.004,
+             "zero1_ends_s": 0.003}  # fmt: skip
     b = lm.basis_from_run(make_basis(tmp_path, costs=costs))
-    assert (b.chunk_s, b.checkpoint_block_s, b.tp_module_s, b.fsdp_unit_s) == (0.002, 0.001, 0.0005, 0.003)
+    assert (b.chunk_s, b.checkpoint_block_s, b.tp_module_s, b.fsdp_block_s) == (0.002, 0.001, 0.0005, 0.003)
     assert not any("FLOPs alone" in n for n in b.notes)
 
     def parts(*sets: str) -> dict[str, float]:
@@ -401,9 +402,19 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     assert ckpt["activation checkpointing"] == pytest.approx(0.001 * 4)
     assert ckpt["compute"] == pytest.approx(parts()["compute"])
     assert parts("parallel.tp=2")["tensor parallel (DTensor)"] == pytest.approx(0.0005 * 6 * 4)
-    # FSDP2 as measured, a unit (4 blocks and the root) a microbatch, in place of its modelled collectives
+    # FSDP2 as measured, 4 blocks and the root (each at its own cost: their bytes differ) a
+    # microbatch, in place of its modelled collectives
     z3 = parts("parallel.zero=3")
-    assert z3["FSDP2 gathers and scatters (measured)"] == pytest.approx(0.003 * 5)
+    assert z3["FSDP2 gathers and scatters (measured)"] == pytest.approx(0.003 * 4 + 0.0005)
+    assert parts("parallel.zero=3", "model.n_layers=8")[
+        "FSDP2 gathers and scatters (measured)"
+    ] == pytest.approx(0.003 * 8 + 0.0005)
+    # a run profiled before the two were measured apart: one unit's average for each
+    old = dict(costs, fsdp_unit_s=0.002)
+    del old["fsdp_block_s"], old["fsdp_ends_s"]
+    older = lm.basis_from_run(make_basis(tmp_path / "older", costs=old))
+    z3_older = lm.predict(older, load_config("tiny-cpu", ["parallel.zero=3"]), 2).time_parts
+    assert z3_older["FSDP2 gathers and scatters (measured)"] == pytest.approx(0.002 * 5)
     # its 69 parameters are DTensors: the optimizer phase pays each, beyond half of DDP's AdamW
     assert z3["optimizer"] == pytest.approx(parts()["optimizer"] / 2 + 0.0001 * 69)
     assert parts("parallel.tp=2")["optimizer"] > parts()["optimizer"] / 2 + 0.0001 * 12 * 4 - 1e-9
@@ -417,7 +428,7 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "tensor parallel (DTensor)" in r.stdout and (
         "beyond FLOPs: a microbatch of a block and the ends 2.00 ms, a checkpointed block 1.00 ms, "
-        "a tensor-parallel module (DTensor) 0.50 ms, an FSDP2 unit 3.00 ms, a DTensor parameter's optimizer step "
+        "a tensor-parallel module (DTensor) 0.50 ms, an FSDP2 block 3.00 ms, its root 0.50 ms, a DTensor parameter's optimizer step "
         "0.10 ms, ZeRO-1's step a block 4.00 ms, ZeRO-1's step for the ends 3.00 ms" in r.stdout
     )
     # tensor parallelism over every rank as measured a block, where the basis measured it at the

@@ -305,9 +305,14 @@ class Basis:
     dtensor_param_s: float | None = None
     """What the optimizer phase (gradient norm, AdamW) pays a parameter tensor that is a DTensor
     (FSDP2's, tensor parallel's) beyond a plain one (measured, as ``chunk_s``)."""
-    fsdp_unit_s: float | None = None
-    """What FSDP2 over the basis's ranks costs one unit (a block) a microbatch: its gathers, scatters
+    fsdp_block_s: float | None = None
+    """What FSDP2 over the basis's ranks costs a block (one unit) a microbatch: its gathers, scatters
     and copies (measured, as ``chunk_s``), in place of its modelled collectives."""
+    fsdp_ends_s: float | None = None
+    """The same for the root unit (embeddings, final norm, head)."""
+    fsdp_unit_s: float | None = None
+    """One unit's average over a block and the root: what runs profiled before the two were
+    measured apart hold (used for both there)."""
     zero1_block_s: float | None = None
     """What ZeRO-1's optimizer step over the basis's ranks costs a block beyond AdamW on its share:
     its parameters' broadcasts (measured, as ``chunk_s``), in place of the modelled ones."""
@@ -452,12 +457,19 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
         blocks = len(shape.stage_layers[shape.busiest])
         out["parameters (ZeRO-1)"] = basis.zero1_ends_s + basis.zero1_block_s * blocks + basis.wait_s
-    if basis.fsdp_unit_s is not None and shape.cfg.parallel.zero == 3 and lay.dp > 1:
+    fsdp_block, fsdp_ends = (
+        (basis.fsdp_block_s, basis.fsdp_ends_s)
+        if basis.fsdp_block_s is not None and basis.fsdp_ends_s is not None
+        else (basis.fsdp_unit_s, basis.fsdp_unit_s)
+    )
+    if fsdp_block is not None and fsdp_ends is not None and shape.cfg.parallel.zero == 3 and lay.dp > 1:
         for c in collectives(shape):
             if c.what.startswith(("parameters (FSDP", "gradients (FSDP")):
                 out.pop(c.what, None)
-        units = len(shape.stage_layers[shape.busiest]) + 1
-        out["FSDP2 gathers and scatters (measured)"] = basis.fsdp_unit_s * units * lay.microbatches / lay.tp
+        blocks = len(shape.stage_layers[shape.busiest])
+        out["FSDP2 gathers and scatters (measured)"] = (
+            (fsdp_block * blocks + fsdp_ends) * lay.microbatches / lay.tp
+        )
     measured = measured_tp(basis, shape)
     if measured is not None:  # the plan's collectives and DTensor as measured where they happen
         for key in [k for k in out if k.startswith("activations (TP")]:
@@ -855,6 +867,8 @@ def whatif_lines(
             ("a microbatch of a block and the ends", basis.chunk_s),
             ("a checkpointed block", basis.checkpoint_block_s),
             ("a tensor-parallel module (DTensor)", basis.tp_module_s),
+            ("an FSDP2 block", basis.fsdp_block_s),
+            ("its root", basis.fsdp_ends_s),
             ("an FSDP2 unit", basis.fsdp_unit_s),
             ("a DTensor parameter's optimizer step", basis.dtensor_param_s),
             ("ZeRO-1's step a block", basis.zero1_block_s),

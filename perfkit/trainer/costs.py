@@ -5,7 +5,7 @@ activation checkpointing adds to a block (its forward again, and the machinery),
 to each module of the tensor-parallel plan, and what FSDP2 adds to each unit it shards (on CPU its
 gloo reduce-scatters and copies cost 3x what their bytes say). Tiny-cpu on 2 CPU ranks: 0.36 ms a
 microbatch of a block and the ends, 1.1 ms a checkpointed block where its FLOPs say 0.6, 0.32 ms a
-tensor-parallel module against its 0.09 ms of work, 5.2 ms an FSDP2 unit.
+tensor-parallel module against its 0.09 ms of work, 2.5-4.4 ms an FSDP2 block.
 """
 
 from __future__ import annotations
@@ -47,16 +47,37 @@ def _seconds(fn: Callable[[], None], device: torch.device, repeats: int = REPEAT
     return _trimmed_mean(times)
 
 
-def _interleaved(fns: list[Callable[[], None]], device: torch.device, rounds: int) -> list[float]:
-    """Each of ``fns``'s time (``_seconds``), measured in turn, one call each, ``rounds`` times
-    after one warm call each: the host's drift falls on all alike."""
+def _interleaved(
+    fns: list[Callable[[], None]],
+    device: torch.device,
+    rounds: int,
+    estimate: Callable[..., tuple[float, ...]],
+) -> tuple[float, ...]:
+    """``estimate`` of ``fns``'s times (differences of them), taken round by round: ``rounds``
+    rounds of one call of each in turn, after one warm call each; each figure averaged over the
+    rounds, the fifth largest and the fifth smallest left out. A round's calls run close together,
+    so the host's drift cancels in its differences: at 12.8M parameters, differences of each copy's
+    mean over the rounds put a tensor-parallel block at 0 to 39 ms from run to run. In a job of
+    several ranks each call starts with the ranks together (a barrier, untimed), as a step's
+    collectives keep them; else a call's first collective waits out how far the ranks drifted
+    apart in the call before."""
+    together = dist.is_initialized() and dist.get_world_size() > 1
+
+    def timed(fn: Callable[[], None], warm: int) -> float:
+        if together:
+            dist.barrier()
+        return _seconds(fn, device, repeats=1, warm=warm)
+
     for fn in fns:
-        _seconds(fn, device, repeats=1, warm=1)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, kept in zip(fns, times, strict=True):
-            kept.append(_seconds(fn, device, repeats=1, warm=0))
-    return [_trimmed_mean(t) for t in times]
+        timed(fn, 1)
+    rows = [estimate(*[timed(fn, 0) for fn in fns]) for _ in range(rounds)]
+    out = []
+    for column in zip(*rows, strict=True):
+        ordered = sorted(column)
+        cut = len(ordered) // 5
+        kept = ordered[cut : len(ordered) - cut]
+        out.append(sum(kept) / len(kept))
+    return tuple(out)
 
 
 def _trimmed_mean(times: list[float]) -> float:
@@ -68,8 +89,9 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     """``chunk_overhead_s``: a microbatch more of one block and the model's ends, forward and
     backward, at the same tokens; ``checkpoint_block_s``: what checkpointing adds to one block a
     microbatch; in a job of 2 ranks or more (every rank must call this): ``tp_module_overhead_s``,
-    DTensor's cost per module of the tensor-parallel plan, ``fsdp_unit_s``, what FSDP2 (ZeRO-3)
-    over every rank costs a unit (a block) a microbatch: its gathers, scatters and copies, and
+    DTensor's cost per module of the tensor-parallel plan, ``fsdp_block_s`` and ``fsdp_ends_s``, what
+    FSDP2 (ZeRO-3) over every rank costs a block and the root a microbatch: their gathers, scatters
+    and copies (``fsdp_costs``), and
     ``dtensor_param_s``, what the optimizer phase (gradient norm, AdamW) pays a parameter tensor
     that is a DTensor (FSDP2, tensor parallel) beyond a plain one, and ``zero1_block_s`` and
     ``zero1_ends_s``, what ZeRO-1's optimizer step over every rank costs beyond AdamW on a rank's
@@ -120,15 +142,15 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
         out |= tensor_parallel_costs(cfg, device, repeats)
+        out["fsdp_block_s"], out["fsdp_ends_s"] = fsdp_costs(cfg, batch, device, repeats)
         model.activation_checkpointing = False
         plain_step = _seconds(_optimizer_step(cfg, model), device, repeats)  # the gradients of the runs above
         mesh = _world_mesh(device)
         for block in model.layers.values():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        # two units (the block, the root): their gathers and scatters over every rank, and copies
+        run(1)  # the sharded parameters' gradients
         dist.barrier()
-        out["fsdp_unit_s"] = max(0.0, (_seconds(lambda: run(1), device, repeats) - whole) / 2)
         # the gradient norm and AdamW over the same parameters as DTensors: each op's sharding
         # propagation, tensor by tensor (tiny-cpu's FSDP2 and TP optimizer phases: 3.9 and 4.7 ms
         # against DDP's 2.2, for half the elements)
@@ -182,17 +204,56 @@ def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) 
 
     runs = [copy(layers, plan) for plan in [None, *plans] for layers in (1, 2)]
     dist.barrier()
+
     # interleaved, and for a small model twice the repeats: one measurement of 15 calls each moved
     # 9.8 to 14.0 ms a block at tiny-cpu (a large model's calls are longer, and steadier)
-    one, two, *planned = _interleaved(runs, device, 2 * repeats if repeats >= REPEATS else repeats)
+    def estimate(one: float, two: float, *planned: float) -> tuple[float, ...]:
+        out = []
+        for plan1, plan2 in zip(planned[::2], planned[1::2], strict=True):
+            block = plan2 - plan1 - (two - one) / world
+            out += [block, plan1 - one + (two - one) * (1 - 1 / world) - block]
+        return tuple(out)
+
+    figures = _interleaved(runs, device, 2 * repeats if repeats >= REPEATS else repeats, estimate)
     out = {}
     for k, sp in enumerate(plans):
-        plan1, plan2 = planned[2 * k : 2 * k + 2]
-        block = max(0.0, plan2 - plan1 - (two - one) / world)
         key = "sp" if sp else "tp"
-        out[f"{key}_block_s"] = block
-        out[f"{key}_ends_s"] = max(0.0, plan1 - one + (two - one) * (1 - 1 / world) - block)
+        out[f"{key}_block_s"] = max(0.0, figures[2 * k])
+        out[f"{key}_ends_s"] = max(0.0, figures[2 * k + 1])
     return out
+
+
+def fsdp_costs(
+    cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int
+) -> tuple[float, float]:
+    """What FSDP2 (ZeRO-3) over every rank costs a microbatch beyond the same copy unsharded, for
+    copies of one and two blocks, each block a unit and the root (embeddings, final norm, head)
+    another, interleaved: (a block, the root). A unit's gathers and scatters move its parameters'
+    bytes, so a block and the root differ as their sizes do: at d_model 512 a block holds 3.1M
+    parameters and the root 0.26M, where one unit's average (the block and the root over two) had
+    charged the four blocks of that model at half their cost (FSDP2 predicted 8-14% under). Every
+    rank must call it."""
+    mesh = _world_mesh(device)
+    runs: list[Callable[[], None]] = []
+    for layers in (1, 2):
+        for shard in (False, True):
+            model = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
+            if shard:
+                for unit in model.layers.values():
+                    fully_shard(unit, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+
+            def run(model: nn.Module = model) -> None:
+                cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
+
+            runs.append(run)
+
+    def estimate(plain1: float, fsdp1: float, plain2: float, fsdp2: float) -> tuple[float, float]:
+        block = (fsdp2 - plain2) - (fsdp1 - plain1)
+        return block, fsdp1 - plain1 - block
+
+    block, ends = _interleaved(runs, device, 2 * repeats if repeats >= REPEATS else repeats, estimate)
+    return max(0.0, block), max(0.0, ends)
 
 
 def _world_mesh(device: torch.device) -> DeviceMesh:
@@ -233,11 +294,14 @@ def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[f
             opt = build_optimizer(_with_zero(cfg, zero), params, None)
             steps.append(lambda opt=opt: opt.step())  # type: ignore[misc]
     dist.barrier()
+
+    def estimate(zero1: float, plain1: float, zero2: float, plain2: float) -> tuple[float, float]:
+        one, two = zero1 - plain1 / world, zero2 - plain2 / world
+        return two - one, 2 * one - two
+
     # interleaved, twice the repeats: measured one after the other, a block's 4 ms once came out 0
-    zero1, plain1, zero2, plain2 = _interleaved(steps, device, 2 * repeats)
-    extra = [zero1 - plain1 / world, zero2 - plain2 / world]
-    block = max(0.0, extra[1] - extra[0])
-    return block, max(0.0, extra[0] - block)
+    block, ends = _interleaved(steps, device, 2 * repeats, estimate)
+    return max(0.0, block), max(0.0, ends)
 
 
 def _with_zero(cfg: TrainConfig, zero: int) -> TrainConfig:
@@ -256,7 +320,10 @@ def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device) 
     plain = nn.Linear(d_model, width // world, device=device)
     x = torch.randn(1, max(1, min(tokens, 4096)), d_model, device=device)
     # interleaved, and many: each call is a fraction of a millisecond, and the host drifts
-    with_dtensor, without = _interleaved(
-        [lambda: parallel(x).sum().backward(), lambda: plain(x).sum().backward()], device, TP_PAIRS
+    (extra,) = _interleaved(
+        [lambda: parallel(x).sum().backward(), lambda: plain(x).sum().backward()],
+        device,
+        TP_PAIRS,
+        lambda with_dtensor, without: (with_dtensor - without,),
     )
-    return max(0.0, with_dtensor - without)
+    return max(0.0, extra)
