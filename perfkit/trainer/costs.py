@@ -142,21 +142,9 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
         out |= tensor_parallel_costs(cfg, device, repeats)
-        out["fsdp_block_s"], out["fsdp_ends_s"] = fsdp_costs(cfg, batch, device, repeats)
-        model.activation_checkpointing = False
-        plain_step = _seconds(_optimizer_step(cfg, model), device, repeats)  # the gradients of the runs above
-        mesh = _world_mesh(device)
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        run(1)  # the sharded parameters' gradients
-        dist.barrier()
-        # the gradient norm and AdamW over the same parameters as DTensors: each op's sharding
-        # propagation, tensor by tensor (tiny-cpu's FSDP2 and TP optimizer phases: 3.9 and 4.7 ms
-        # against DDP's 2.2, for half the elements)
-        sharded_step = _seconds(_optimizer_step(cfg, model), device, repeats)
-        tensors = sum(1 for _ in model.parameters())
-        out["dtensor_param_s"] = max(0.0, (sharded_step - plain_step) / tensors)
+        out["fsdp_block_s"], out["fsdp_ends_s"], out["dtensor_param_s"] = fsdp_costs(
+            cfg, batch, device, repeats
+        )
     return out
 
 
@@ -225,16 +213,20 @@ def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) 
 
 def fsdp_costs(
     cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """What FSDP2 (ZeRO-3) over every rank costs a microbatch beyond the same copy unsharded, for
     copies of one and two blocks, each block a unit and the root (embeddings, final norm, head)
-    another, interleaved: (a block, the root). A unit's gathers and scatters move its parameters'
+    another, interleaved: (a block, the root, and a parameter tensor in the optimizer phase). A unit's gathers and scatters move its parameters'
     bytes, so a block and the root differ as their sizes do: at d_model 512 a block holds 3.1M
     parameters and the root 0.26M, where one unit's average (the block and the root over two) had
-    charged the four blocks of that model at half their cost (FSDP2 predicted 8-14% under). Every
-    rank must call it."""
+    charged the four blocks of that model at half their cost (FSDP2 predicted 8-14% under). The
+    optimizer phase (the gradient norm, AdamW) of the one-block copy, sharded against plain, a
+    tensor: each op dispatched through DTensor, tensor by tensor (measured one after the other, this
+    moved 0.07-0.20 ms at tiny-cpu from run to run, and tensor parallelism's optimizer phase then
+    measured 4.0 ms where 48 DTensor parameters at 0.18 had predicted 9.9). Every rank must call it."""
     mesh = _world_mesh(device)
     runs: list[Callable[[], None]] = []
+    copies: list[nn.Module] = []
     for layers in (1, 2):
         for shard in (False, True):
             model = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
@@ -247,13 +239,22 @@ def fsdp_costs(
                 cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
 
             runs.append(run)
+            copies.append(model)
 
     def estimate(plain1: float, fsdp1: float, plain2: float, fsdp2: float) -> tuple[float, float]:
         block = (fsdp2 - plain2) - (fsdp1 - plain1)
         return block, fsdp1 - plain1 - block
 
-    block, ends = _interleaved(runs, device, 2 * repeats if repeats >= REPEATS else repeats, estimate)
-    return max(0.0, block), max(0.0, ends)
+    rounds = 2 * repeats if repeats >= REPEATS else repeats
+    block, ends = _interleaved(runs, device, rounds, estimate)
+    tensors = sum(1 for _ in copies[0].parameters())
+    (per_tensor,) = _interleaved(  # over the gradients of the runs above
+        [_optimizer_step(cfg, copies[0]), _optimizer_step(cfg, copies[1])],
+        device,
+        rounds,
+        lambda plain, sharded: ((sharded - plain) / tensors,),
+    )
+    return max(0.0, block), max(0.0, ends), max(0.0, per_tensor)
 
 
 def _world_mesh(device: torch.device) -> DeviceMesh:
