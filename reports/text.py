@@ -382,6 +382,12 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
                 if a.get("memory_error_median") is not None
                 else ""
             )
+            + (
+                f"; {a['memory_lower_bounds_held']} of {a['memory_lower_bounds']} peaks predicted as a lower bound"
+                " were at or above it"
+                if a.get("memory_lower_bounds")
+                else ""
+            )
         )
     if data.get("no_predictions"):
         lines.append(f"no predictions: {data['no_predictions']}")

@@ -610,3 +610,30 @@ def test_one_sweep_at_a_time_in_a_folder(tmp_path: Path) -> None:
     lock.write_text(f"999999999 {socket.gethostname()}")  # no such process: a killed sweep's claim
     with _claimed(tmp_path):
         assert lock.read_text().startswith(str(os.getpid()))
+
+
+def test_a_peak_predicted_as_a_lower_bound_is_held_not_scored() -> None:
+    """FSDP2's RSS on CPU grows step after step, so its peak is predicted as a lower bound: the
+    sweep counts whether the measured peak reached it, and keeps it out of the point predictions'
+    error (which a 24% shortfall there had dominated in every run)."""
+    from perfkit.optimizer.sweep import Sweep
+
+    def layout(name: str, predicted_mib: float, measured_mib: float, bound: bool = False) -> Candidate:
+        c = Candidate(
+            name, [], [Measurement(ok=True, step_ms=10.0, peak_memory_bytes=int(measured_mib * 2**20))]
+        )
+        c.runs[0].steps = 8
+        c.predicted = {"step_ms": 10.0, "peak_memory_bytes": predicted_mib * 2**20}
+        if bound:
+            c.predicted["peak_memory_lower_bound"] = True
+        return c
+
+    sweep = Sweep("tiny-cpu", 2, [], 1)
+    sweep.candidates = [layout("dp2", 100, 110), layout("zero3", 100, 130, bound=True), layout("tp2", 90, 90)]
+    a = sweep.agreement()
+    assert a["memory_error_max"] == pytest.approx(10 / 110) and a["layouts_with_memory"] == 2
+    assert (a["memory_lower_bounds"], a["memory_lower_bounds_held"]) == (1, 1)
+    sweep.candidates[1] = layout("zero3", 100, 80, bound=True)  # under its own lower bound: not held
+    assert sweep.agreement()["memory_lower_bounds_held"] == 0
+    sweep.candidates.pop(1)
+    assert "memory_lower_bounds" not in sweep.agreement()

@@ -392,6 +392,8 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
     uncertainty_s: float = 0.0
     """The basis's step spread, scaled to this step."""
+    peak_lower_bound: bool = False
+    """The peak can only be bounded from below (FSDP2's RSS on CPU grows step after step)."""
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -400,6 +402,7 @@ class Prediction:
             "peak_memory_bytes": self.peak_bytes,
             "time_ms": {k: v * 1e3 for k, v in self.time_parts.items()},
             "memory_bytes": self.memory_parts,
+            **({"peak_memory_lower_bound": True} if self.peak_lower_bound else {}),
         }
         return {**out, "notes": self.notes} if self.notes else out
 
@@ -766,14 +769,17 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
         mem = {"libraries and buffers (basis)": basis.base_bytes, **mem}
         peak = sum(mem.values())
     notes = []
-    if peak is not None and cfg.parallel.zero >= 2 and shape.layout.dp > 1 and not basis.gpu_memory_bytes:
+    lower_bound = (
+        peak is not None and cfg.parallel.zero >= 2 and shape.layout.dp > 1 and not basis.gpu_memory_bytes
+    )
+    if lower_bound:
         notes.append(
             "FSDP2 on CPU: a rank's RSS grows step after step (the C allocator keeps freed all-gather "
             "buffers: 591 to 730 MiB over 6 steps at 12.8M parameters), so the peak is a lower bound"
         )
     step = with_stalls(basis, parts)
     spread = basis.spread_s * step / basis.step_s if basis.step_s > 0 else 0.0
-    return Prediction(step, peak, parts, mem, notes, spread)
+    return Prediction(step, peak, parts, mem, notes, spread, lower_bound)
 
 
 def with_stalls(basis: Basis, parts: dict[str, float]) -> float:

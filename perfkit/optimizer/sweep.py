@@ -204,10 +204,18 @@ class Sweep:
                     "time_error_max": max(abs(a - m) / m for a, m in both),
                     "layouts_ranked": len(both),
                 }
-        errors = [
-            abs(c.predicted["peak_memory_bytes"] - c.peak_memory_bytes) / c.peak_memory_bytes
+        with_memory = [
+            c
             for c in self.candidates
             if c.predicted and c.predicted.get("peak_memory_bytes") and c.peak_memory_bytes
+        ]
+        # a peak predicted as a lower bound (FSDP2's RSS on CPU) is right when the measured one is
+        # at or above it: not an error of a point prediction
+        bounds = [c for c in with_memory if (c.predicted or {}).get("peak_memory_lower_bound")]
+        errors = [
+            abs(p["peak_memory_bytes"] - c.peak_memory_bytes) / c.peak_memory_bytes
+            for c in with_memory
+            if c not in bounds and (p := c.predicted)
         ]
         time_errors = [abs(p - m) / m for p, m in pairs if m]
         return {
@@ -218,6 +226,18 @@ class Sweep:
             "memory_error_median": statistics.median(errors) if errors else None,
             "memory_error_max": max(errors, default=None),
             "layouts_with_memory": len(errors),
+            **(
+                {
+                    "memory_lower_bounds": len(bounds),
+                    "memory_lower_bounds_held": sum(
+                        1
+                        for c in bounds
+                        if (c.peak_memory_bytes or 0) >= (c.predicted or {})["peak_memory_bytes"]
+                    ),
+                }
+                if bounds
+                else {}
+            ),
             **({"engines": engines} if engines else {}),
         }
 
