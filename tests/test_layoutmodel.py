@@ -513,6 +513,12 @@ def test_a_layout_is_predicted_by_replaying_the_basiss_traced_steps(
     gone = r.predict(tp, 2).time_parts["the basis's collectives beside its compute"]
     assert gone == pytest.approx(-sum(lm.step_parts(b, b.shape).values()))
     assert "the basis's collectives beside its compute" not in z1.time_parts  # DDP's all-reduce stays
+    # memory as the model predicts it, FSDP2's peak on CPU a lower bound there too
+    z3 = replay("parallel.zero=3")
+    assert (
+        z3.peak_lower_bound
+        and z3.peak_bytes == lm.predict(b, load_config("tiny-cpu", ["parallel.zero=3"]), 2).peak_bytes
+    )
     with pytest.raises(RunDirError, match="holds no kernel trace"):
         LayoutReplay.of(lm.basis_from_run(make_basis(tmp_path / "untraced")))
     calls: list[tuple[str, ...]] = []

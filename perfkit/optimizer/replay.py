@@ -17,6 +17,7 @@ costs of its microbatches, checkpointing and DTensor parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -241,7 +242,7 @@ class LayoutReplay:
         replayed steps (the slowest rank's median; the ranks wait for each other), scaled to the
         unprofiled step; plus what the layout model says the trace cannot hold, and the basis's
         stalls."""
-        from perfkit.optimizer.layoutmodel import Prediction, dtensor_params, predict, step_parts, with_stalls
+        from perfkit.optimizer.layoutmodel import dtensor_params, predict, step_parts, with_stalls
 
         b = self.basis
         shape, base = b.shape_of(cfg, world_size), b.shape
@@ -282,7 +283,8 @@ class LayoutReplay:
         step = with_stalls(b, parts)
         every = [s * self.scale for per in saved for s in per]
         spread = max(b.spread_s * step / b.step_s if b.step_s > 0 else 0.0, (max(every) - min(every)) / 2)
-        return Prediction(step, model.peak_bytes, parts, model.memory_parts, model.notes, spread)
+        # the memory as the model predicts it (a trace holds no other layout's memory)
+        return dataclasses.replace(model, step_s=step, time_parts=parts, uncertainty_s=spread)
 
 
 def replay_lines(r: Replay) -> list[str]:
