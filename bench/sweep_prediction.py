@@ -1,7 +1,7 @@
 """Do the sweep's predictions (the replay of the basis's traced steps, and the layout model
 alone, side by side) match what the sweep then measures?
 
-    python bench/sweep_prediction.py                 # every case, ~25 minutes on 2 CPU cores
+    python bench/sweep_prediction.py                 # every case, ~10 minutes on 2 CPU cores
     python bench/sweep_prediction.py --case time
 
 Each case is one ``perfkit sweep`` on 2 CPU ranks: a profiled basis (the first layout), every layout
