@@ -211,11 +211,15 @@ class Sweep:
         ]
         # a peak predicted as a lower bound (FSDP2's RSS on CPU) is right when the measured one is
         # at or above it: not an error of a point prediction
-        bounds = [c for c in with_memory if (c.predicted or {}).get("peak_memory_lower_bound")]
+        held = [
+            (c.predicted or {})["peak_memory_bytes"] <= (c.peak_memory_bytes or 0)
+            for c in with_memory
+            if (c.predicted or {}).get("peak_memory_lower_bound")
+        ]
         errors = [
             abs(p["peak_memory_bytes"] - c.peak_memory_bytes) / c.peak_memory_bytes
             for c in with_memory
-            if c not in bounds and (p := c.predicted)
+            if (p := c.predicted) and not p.get("peak_memory_lower_bound")
         ]
         time_errors = [abs(p - m) / m for p, m in pairs if m]
         return {
@@ -228,14 +232,10 @@ class Sweep:
             "layouts_with_memory": len(errors),
             **(
                 {
-                    "memory_lower_bounds": len(bounds),
-                    "memory_lower_bounds_held": sum(
-                        1
-                        for c in bounds
-                        if (c.peak_memory_bytes or 0) >= (c.predicted or {})["peak_memory_bytes"]
-                    ),
+                    "memory_lower_bounds": len(held),
+                    "memory_lower_bounds_held": sum(held),
                 }
-                if bounds
+                if held
                 else {}
             ),
             **({"engines": engines} if engines else {}),

@@ -53,9 +53,9 @@ def _interleaved(
     rounds: int,
     estimate: Callable[..., tuple[float, ...]],
 ) -> tuple[float, ...]:
-    """``estimate`` of ``fns``'s times (differences of them), taken round by round: ``rounds``
+    """``estimate`` of ``fns``'s times (differences of them: costs), taken round by round: ``rounds``
     rounds of one call of each in turn, after one warm call each; each figure averaged over the
-    rounds, the fifth largest and the fifth smallest left out. A round's calls run close together,
+    rounds, the fifth largest and the fifth smallest left out, and under 0 (noise) taken as 0. A round's calls run close together,
     so the host's drift cancels in its differences: at 12.8M parameters, differences of each copy's
     mean over the rounds put a tensor-parallel block at 0 to 39 ms from run to run. In a job of
     several ranks each call starts with the ranks together (a barrier, untimed), as a step's
@@ -76,7 +76,7 @@ def _interleaved(
         ordered = sorted(column)
         cut = len(ordered) // 5
         kept = ordered[cut : len(ordered) - cut]
-        out.append(sum(kept) / len(kept))
+        out.append(max(0.0, sum(kept) / len(kept)))
     return tuple(out)
 
 
@@ -191,7 +191,6 @@ def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) 
         return run
 
     runs = [copy(layers, plan) for plan in [None, *plans] for layers in (1, 2)]
-    dist.barrier()
 
     # interleaved, and for a small model twice the repeats: one measurement of 15 calls each moved
     # 9.8 to 14.0 ms a block at tiny-cpu (a large model's calls are longer, and steadier)
@@ -202,13 +201,18 @@ def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) 
             out += [block, plan1 - one + (two - one) * (1 - 1 / world) - block]
         return tuple(out)
 
-    figures = _interleaved(runs, device, 2 * repeats if repeats >= REPEATS else repeats, estimate)
+    figures = _interleaved(runs, device, _rounds(repeats), estimate)
     out = {}
     for k, sp in enumerate(plans):
         key = "sp" if sp else "tp"
-        out[f"{key}_block_s"] = max(0.0, figures[2 * k])
-        out[f"{key}_ends_s"] = max(0.0, figures[2 * k + 1])
+        out[f"{key}_block_s"], out[f"{key}_ends_s"] = figures[2 * k : 2 * k + 2]
     return out
+
+
+def _rounds(repeats: int) -> int:
+    """Rounds of the copies' interleaved calls: for a small model twice the repeats (its calls are
+    short, and the host drifts as much as they last)."""
+    return 2 * repeats if repeats >= REPEATS else repeats
 
 
 def fsdp_costs(
@@ -216,8 +220,9 @@ def fsdp_costs(
 ) -> tuple[float, float, float]:
     """What FSDP2 (ZeRO-3) over every rank costs a microbatch beyond the same copy unsharded, for
     copies of one and two blocks, each block a unit and the root (embeddings, final norm, head)
-    another, interleaved: (a block, the root, and a parameter tensor in the optimizer phase). A unit's gathers and scatters move its parameters'
-    bytes, so a block and the root differ as their sizes do: at d_model 512 a block holds 3.1M
+    another, interleaved: (a block, the root, and a parameter tensor in the optimizer phase). A
+    unit's gathers and scatters move its parameters' bytes, so a block and the root differ as their
+    sizes do: at d_model 512 a block holds 3.1M
     parameters and the root 0.26M, where one unit's average (the block and the root over two) had
     charged the four blocks of that model at half their cost (FSDP2 predicted 8-14% under). The
     optimizer phase (the gradient norm, AdamW) of the one-block copy, sharded against plain, a
@@ -245,16 +250,15 @@ def fsdp_costs(
         block = (fsdp2 - plain2) - (fsdp1 - plain1)
         return block, fsdp1 - plain1 - block
 
-    rounds = 2 * repeats if repeats >= REPEATS else repeats
-    block, ends = _interleaved(runs, device, rounds, estimate)
+    block, ends = _interleaved(runs, device, _rounds(repeats), estimate)
     tensors = sum(1 for _ in copies[0].parameters())
     (per_tensor,) = _interleaved(  # over the gradients of the runs above
         [_optimizer_step(cfg, copies[0]), _optimizer_step(cfg, copies[1])],
         device,
-        rounds,
+        _rounds(repeats),
         lambda plain, sharded: ((sharded - plain) / tensors,),
     )
-    return max(0.0, block), max(0.0, ends), max(0.0, per_tensor)
+    return block, ends, per_tensor
 
 
 def _world_mesh(device: torch.device) -> DeviceMesh:
@@ -294,7 +298,6 @@ def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[f
         for zero in (1, 0):
             opt = build_optimizer(_with_zero(cfg, zero), params, None)
             steps.append(lambda opt=opt: opt.step())  # type: ignore[misc]
-    dist.barrier()
 
     def estimate(zero1: float, plain1: float, zero2: float, plain2: float) -> tuple[float, float]:
         one, two = zero1 - plain1 / world, zero2 - plain2 / world
@@ -302,7 +305,7 @@ def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[f
 
     # interleaved, twice the repeats: measured one after the other, a block's 4 ms once came out 0
     block, ends = _interleaved(steps, device, 2 * repeats, estimate)
-    return max(0.0, block), max(0.0, ends)
+    return block, ends
 
 
 def _with_zero(cfg: TrainConfig, zero: int) -> TrainConfig:
@@ -327,4 +330,4 @@ def tensor_parallel_overhead_s(d_model: int, tokens: int, device: torch.device) 
         TP_PAIRS,
         lambda with_dtensor, without: (with_dtensor - without,),
     )
-    return max(0.0, extra)
+    return extra
