@@ -410,7 +410,8 @@ def _wrap_batch(fn: Any, recorder_ref: list[_Recorder | None]) -> Any:
             "send" if getattr(p2p.op, "__name__", "") in ("isend", "send") else "recv" for p2p in p2p_op_list
         ]
         keys = [rec.enter(op, p2p.group, p2p.tensor, start, step) for op, p2p in zip(ops, p2p_op_list)]
-        caller = _caller()
+        source = getattr(_state, "source", None) or "python"  # a probe's sends stay a probe's
+        caller = _caller() if source == "python" else None
         _state.inside = True
         try:
             works = fn(p2p_op_list, *args, **kwargs)
@@ -421,7 +422,7 @@ def _wrap_batch(fn: Any, recorder_ref: list[_Recorder | None]) -> Any:
         finally:
             _state.inside = False
         for p2p, work, op, key in zip(p2p_op_list, works or [], ops, keys):
-            rec.finish(work, op, "python", p2p.group, p2p.tensor, start, step, key=key, caller=caller)
+            rec.finish(work, op, source, p2p.group, p2p.tensor, start, step, key=key, caller=caller)
         return works
 
     wrapper.__perfkit_wrapped__ = True  # type: ignore[attr-defined]

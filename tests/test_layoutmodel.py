@@ -387,7 +387,7 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     basis still predicts itself."""
     costs = {"chunk_overhead_s": 0.002, "checkpoint_block_s": 0.001, "tp_module_overhead_s": 0.0005,
              "fsdp_block_s": 0.003, "fsdp_ends_s": 0.0005, "dtensor_param_s": 0.0001, "zero1_block_s": 0.004,
-             "zero1_ends_s": 0.003}  # fmt: skip
+             "zero1_ends_s": 0.003, "pipeline_microbatch_s": 0.0015}  # fmt: skip
     b = lm.basis_from_run(make_basis(tmp_path, costs=costs))
     assert (b.chunk_s, b.checkpoint_block_s, b.tp_module_s, b.fsdp_block_s) == (0.002, 0.001, 0.0005, 0.003)
     assert not any("FLOPs alone" in n for n in b.notes)
@@ -399,6 +399,30 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     # GPipe with 8 microbatches of 2 blocks and an end: 24 units against the basis's 5 (4 blocks, 1)
     gpipe = parts("parallel.pp=2", "parallel.microbatches=8", "parallel.pp_schedule=gpipe")
     assert gpipe["microbatches (dispatch)"] == pytest.approx(0.002 / 2 * (24 - 5))
+    # its schedule as measured a stage's microbatch, in place of the modelled sends; in the bubble
+    # too (each other stage pays it), and twice a microbatch for two stages a rank
+    assert gpipe["pipeline schedule (measured)"] == pytest.approx(0.0015 * 8)
+    assert (
+        lm.PIPELINE_SENDS not in gpipe
+        and lm.PIPELINE_SENDS
+        in lm.predict(
+            lm.basis_from_run(make_basis(tmp_path / "sends")), load_config("tiny-cpu", ["parallel.pp=2"]), 2
+        ).time_parts
+    )
+    staged = sum(
+        v
+        for k, v in gpipe.items()
+        if k in ("compute", "microbatches (dispatch)", "pipeline schedule (measured)")
+    )
+    assert gpipe["pipeline bubble"] == pytest.approx(
+        staged
+        * (
+            b.shape_of(load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=8"]), 2).pipeline_fill
+            - 1
+        )
+    )
+    looped = parts("parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b")
+    assert looped["pipeline schedule (measured)"] == pytest.approx(0.0015 * 4 * 2)
     # checkpointing: its measured cost a block, and the FLOPs without the recomputation
     ckpt = parts("kernels.activation_checkpointing=true")
     assert ckpt["activation checkpointing"] == pytest.approx(0.001 * 4)
@@ -431,7 +455,8 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     assert "tensor parallel (DTensor)" in r.stdout and (
         "beyond FLOPs: a microbatch of a block and the ends 2.00 ms, a checkpointed block 1.00 ms, "
         "a tensor-parallel module (DTensor) 0.50 ms, an FSDP2 block 3.00 ms, its root 0.50 ms, a DTensor parameter's optimizer step "
-        "0.10 ms, ZeRO-1's step a block 4.00 ms, ZeRO-1's step for the ends 3.00 ms" in r.stdout
+        "0.10 ms, ZeRO-1's step a block 4.00 ms, ZeRO-1's step for the ends 3.00 ms, "
+        "a pipeline stage's microbatch 1.50 ms" in r.stdout
     )
     # tensor parallelism over every rank as measured a block, where the basis measured it at the
     # layout's batch: in place of its modelled collectives and DTensor's cost a module

@@ -208,8 +208,11 @@ def collectives(shape: Shape) -> list[Collective]:
         size = lay.micro_batch * cfg.model.seq_len * cfg.model.d_model * shape.act_bytes
         # a middle rank receives and sends each microbatch forward and its gradient backward
         sends = (2 if lay.pp > 2 or lay.stages_per_rank > 1 else 1) * 2 * m * lay.stages_per_rank
-        out.append(Collective("activations (pipeline send/recv)", "send", size, 2, sends, 0))
+        out.append(Collective(PIPELINE_SENDS, "send", size, 2, sends, 0))
     return out
+
+
+PIPELINE_SENDS = "activations (pipeline send/recv)"
 
 
 def activation_bytes(shape: Shape) -> float:
@@ -329,6 +332,9 @@ class Basis:
     """``tp_block_s`` with sequence parallelism."""
     sp_ends_s: float | None = None
     """``tp_ends_s`` with sequence parallelism (its ends' gather and slice too)."""
+    pipeline_microbatch_s: float | None = None
+    """What a pipeline stage pays a microbatch beyond its forward and backward: the schedule's
+    machinery and its sends and receives (measured, as ``chunk_s``), in place of the modelled sends."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -341,8 +347,9 @@ class Basis:
     def measured_parts(self, shape: Shape) -> dict[str, float]:
         """What the basis's measured costs (``perfkit.trainer.costs``) add to a layout's step beyond
         its FLOPs, against the basis's own layout: its microbatches' dispatch (a unit: a block, or the
-        model's ends, a microbatch: more units than the basis's, each half of ``chunk_s``), and
-        checkpointing (each block a microbatch)."""
+        model's ends, a microbatch: more units than the basis's, each half of ``chunk_s``),
+        checkpointing (each block a microbatch), and a pipeline's schedule (each stage a microbatch,
+        its sends and receives included)."""
         out: dict[str, float] = {}
         if self.chunk_s is not None:
 
@@ -353,6 +360,11 @@ class Basis:
         if self.checkpoint_block_s is not None and shape.cfg.kernels.activation_checkpointing:
             blocks = len(shape.stage_layers[shape.busiest]) * shape.layout.microbatches
             out["activation checkpointing"] = self.checkpoint_block_s * blocks
+        if self.pipeline_microbatch_s is not None and shape.layout.pp > 1:
+            lay = shape.layout
+            out["pipeline schedule (measured)"] = (
+                self.pipeline_microbatch_s * lay.microbatches * lay.stages_per_rank
+            )
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -457,6 +469,8 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     (``measured_tp``), else modelled and DTensor's a module."""
     out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
     lay = shape.layout
+    if basis.pipeline_microbatch_s is not None:  # measured with the schedule (``measured_parts``)
+        out.pop(PIPELINE_SENDS, None)
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
         blocks = len(shape.stage_layers[shape.busiest])
         out["parameters (ZeRO-1)"] = basis.zero1_ends_s + basis.zero1_block_s * blocks + basis.wait_s
@@ -883,6 +897,7 @@ def whatif_lines(
             ("its ends", basis.tp_ends_s),
             ("a sequence-parallel block", basis.sp_block_s),
             ("its ends", basis.sp_ends_s),
+            ("a pipeline stage's microbatch", basis.pipeline_microbatch_s),
         )
         if value is not None
     ]

@@ -2,10 +2,11 @@
 layout model (``perfkit.optimizer.layoutmodel``) on a one-block copy of the model: what splitting a
 batch into more microbatches costs (each op's dispatch does not shrink with its data), what
 activation checkpointing adds to a block (its forward again, and the machinery), what DTensor adds
-to each module of the tensor-parallel plan, and what FSDP2 adds to each unit it shards (on CPU its
-gloo reduce-scatters and copies cost 3x what their bytes say). Tiny-cpu on 2 CPU ranks: 0.36 ms a
-microbatch of a block and the ends, 1.1 ms a checkpointed block where its FLOPs say 0.6, 0.32 ms a
-tensor-parallel module against its 0.09 ms of work, 2.5-4.4 ms an FSDP2 block.
+to each module of the tensor-parallel plan, what FSDP2 adds to each unit it shards (on CPU its
+gloo reduce-scatters and copies cost 3x what their bytes say), and what a pipeline's schedule adds
+to each stage's microbatch. Tiny-cpu on 2 CPU ranks: 0.36 ms a microbatch of a block and the ends,
+1.1 ms a checkpointed block where its FLOPs say 0.6, 0.32 ms a tensor-parallel module against its
+0.09 ms of work, 2.5-4.4 ms an FSDP2 block, 1.1-1.7 ms a pipeline stage's microbatch.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     ``zero1_ends_s``, what ZeRO-1's optimizer step over every rank costs beyond AdamW on a rank's
     share: a block's parameters, and the model's ends' (their broadcasts, one a tensor), and
     ``tp_block_s``, ``tp_ends_s`` (and ``sp_``, with sequence parallelism): what the tensor-parallel
-    plan over every rank costs beyond its share of the FLOPs, a block and the rest a microbatch."""
+    plan over every rank costs beyond its share of the FLOPs, a block and the rest a microbatch, and
+    ``pipeline_microbatch_s``, what a pipeline stage over every rank pays a microbatch beyond its
+    compute (``pipeline_costs``)."""
     out: dict[str, float] = {}
     m = cfg.model
     one = dataclasses.replace(m, n_layers=1)
@@ -145,7 +148,67 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         out["fsdp_block_s"], out["fsdp_ends_s"], out["dtensor_param_s"] = fsdp_costs(
             cfg, batch, device, repeats
         )
+        out["pipeline_microbatch_s"] = pipeline_costs(cfg, micro_batch, device, repeats)
     return out
+
+
+PIPE_MICROBATCHES = (2, 6)
+"""The pipelined copy's microbatches, in multiples of its stages (1F1B takes one a stage at least)."""
+
+
+def pipeline_costs(cfg: TrainConfig, micro_batch: int, device: torch.device, repeats: int) -> float:
+    """What a pipeline stage pays a microbatch beyond its forward and backward: the schedule's
+    machinery (each microbatch's inputs detached and kept, its backward run on the stage's outputs)
+    and its sends and receives. A copy of one block a rank, a pipeline over every rank (the first
+    with the embeddings, the last with the head), under 1F1B with few and with many microbatches of
+    the same size: its step grows by the busiest stage's work and this a microbatch, the fill and
+    drain the same (on 2 CPU ranks at tiny-cpu 1.4-1.8 ms, where a block's microbatch computes in
+    2 and the sends' latency said 0.8: pipelines of 8 microbatches were predicted 11% under).
+    The stage's own work, a microbatch plainly forward and backward on each rank, is taken out (the
+    busiest rank's). Every rank must call it."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    from perfkit.trainer.parallelize import _split_stage
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    m = cfg.model
+    model = GPT(dataclasses.replace(m, n_layers=world), cfg.kernels.attention).to(device)
+    rows = max(1, micro_batch // 2)  # a pipeline's microbatch: a share of a rank's batch
+    counts = [k * world for k in PIPE_MICROBATCHES]
+    runs: list[Callable[[], None]] = []
+    for n in counts:
+        stage = PipelineStage(_split_stage(model, rank, world), rank, world, device, group=dist.group.WORLD)
+        schedule = Schedule1F1B(stage, n_microbatches=n, loss_fn=cross_entropy)
+        batch = torch.randint(0, m.vocab_size, (n * rows, m.seq_len + 1), device=device)
+
+        def step(schedule: Schedule1F1B = schedule, batch: torch.Tensor = batch) -> None:
+            if rank == 0:
+                schedule.step(batch[:, :-1])
+            elif rank == world - 1:
+                schedule.step(target=batch[:, 1:], losses=[])
+            else:
+                schedule.step()
+
+        runs.append(step)
+    part = _split_stage(model, rank, world)
+    tokens = torch.randint(0, m.vocab_size, (rows, m.seq_len + 1), device=device)
+    hidden = torch.randn(rows, m.seq_len, m.d_model, device=device)
+
+    def plain() -> None:  # this rank's stage, a microbatch, forward and backward
+        x = tokens[:, :-1] if rank == 0 else hidden.clone().requires_grad_(True)
+        out = part(x)
+        if rank == world - 1:
+            cross_entropy(out, tokens[:, 1:]).backward()
+        else:
+            out.backward(torch.ones_like(out))
+
+    runs.append(plain)
+    few, many = counts
+    slope, own = _interleaved(runs, device, _rounds(repeats), lambda a, b, one: ((b - a) / (many - few), one))
+    # the step is the busiest stage's: the slowest rank's growth less the busiest rank's work
+    figures = torch.tensor([slope, own], dtype=torch.float64, device=device)
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    return max(0.0, float(figures[0] - figures[1]))
 
 
 def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> dict[str, float]:
