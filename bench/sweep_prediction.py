@@ -116,6 +116,7 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
     # the measurement's own noise: how far a layout's runs are from their median (the figure the
     # predictions are held to), the largest over the layouts
     spreads = []
+    rows = []
     for c in data["candidates"]:
         p = c.get("predicted") or {}
         pm, mm = p.get("peak_memory_bytes"), c.get("peak_memory_bytes")
@@ -136,6 +137,18 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         spread = max((abs(r / mt - 1) for r in runs), default=None) if mt else None
         if spread is not None and len(runs) > 1:
             spreads.append(spread)
+        rows.append(
+            {
+                "layout": c["label"],
+                "predicted_ms": pt,
+                "uncertainty_ms": p.get("uncertainty_ms"),
+                "measured_ms": mt,
+                "runs_ms": runs,
+                **{f"{e}_ms": v for e, v in (p.get("engines") or {}).items()},
+                "predicted_peak_bytes": pm,
+                "measured_peak_bytes": mm,
+            }
+        )
         print(
             f"{c['label']:<34} {pt or 0:>8.1f} {p.get('uncertainty_ms') or 0:>5.1f} {mt or 0:>8.1f} {terr} {rerr}"
             f"{by_engine} {f'{spread:.1%}' if len(runs) > 1 and spread is not None else '-':>6}"
@@ -187,6 +200,7 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         "ratio_error_max": ratio_max,
         "runs_from_median_max": noise,
         "no_predictions": data.get("no_predictions"),
+        "layouts": rows,
     }
 
 

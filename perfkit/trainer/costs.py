@@ -159,8 +159,8 @@ PIPE_MICROBATCHES = (2, 6)
 def pipeline_costs(cfg: TrainConfig, micro_batch: int, device: torch.device, repeats: int) -> float:
     """What a pipeline stage pays a microbatch beyond its forward and backward: the schedule's
     machinery (each microbatch's inputs detached and kept, its backward run on the stage's outputs)
-    and its sends and receives. A copy of one block a rank, a pipeline over every rank (the first
-    with the embeddings, the last with the head), under 1F1B with few and with many microbatches of
+    and its sends and receives. A block a rank, a pipeline over every rank (the first with the
+    embeddings, the last with the head), under 1F1B with few and with many microbatches of
     the same size: its step grows by the busiest stage's work and this a microbatch, the fill and
     drain the same (on 2 CPU ranks at tiny-cpu 1.4-1.8 ms, where a block's microbatch computes in
     2 and the sends' latency said 0.8: pipelines of 8 microbatches were predicted 11% under).
@@ -168,16 +168,17 @@ def pipeline_costs(cfg: TrainConfig, micro_batch: int, device: torch.device, rep
     busiest rank's). Every rank must call it."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    from perfkit.trainer.parallelize import _split_stage
+    from perfkit.trainer.parallelize import stage_ends
 
     world, rank = dist.get_world_size(), dist.get_rank()
     m = cfg.model
-    model = GPT(dataclasses.replace(m, n_layers=world), cfg.kernels.attention).to(device)
+    part = GPT(dataclasses.replace(m, n_layers=1), cfg.kernels.attention).to(device)  # this rank's block
+    part = stage_ends(part, first=rank == 0, last=rank == world - 1)
     rows = max(1, micro_batch // 2)  # a pipeline's microbatch: a share of a rank's batch
     counts = [k * world for k in PIPE_MICROBATCHES]
     runs: list[Callable[[], None]] = []
     for n in counts:
-        stage = PipelineStage(_split_stage(model, rank, world), rank, world, device, group=dist.group.WORLD)
+        stage = PipelineStage(part, rank, world, device, group=dist.group.WORLD)
         schedule = Schedule1F1B(stage, n_microbatches=n, loss_fn=cross_entropy)
         batch = torch.randint(0, m.vocab_size, (n * rows, m.seq_len + 1), device=device)
 
@@ -190,7 +191,6 @@ def pipeline_costs(cfg: TrainConfig, micro_batch: int, device: torch.device, rep
                 schedule.step()
 
         runs.append(step)
-    part = _split_stage(model, rank, world)
     tokens = torch.randint(0, m.vocab_size, (rows, m.seq_len + 1), device=device)
     hidden = torch.randn(rows, m.seq_len, m.d_model, device=device)
 

@@ -127,9 +127,15 @@ def _split_stage(model: GPT, stage: int, n_stages: int) -> GPT:
     for key in list(part.layers.keys()):
         if not lo <= int(key) < hi:
             del part.layers[key]
-    if stage != 0:
+    return stage_ends(part, first=stage == 0, last=stage == n_stages - 1)
+
+
+def stage_ends(part: GPT, first: bool, last: bool) -> GPT:
+    """``part`` as a pipeline stage: the embeddings only on the first, the final norm and head only
+    on the last (a stage between takes and gives hidden states)."""
+    if not first:
         part.tok_emb = part.pos_emb = None
-    if stage != n_stages - 1:
+    if not last:
         part.norm = part.head = None
     return part
 
