@@ -363,6 +363,18 @@ def test_pipeline_bubble_saving_and_its_absence() -> None:
     assert f.evidence["bubble_pct"] == pytest.approx(100 * 3 / 7, abs=0.1)
     assert f.saving_ms_per_step == pytest.approx(70 * (1 - (19 / 16) / (7 / 4)), rel=1e-3)
     assert f.remedy == "pipeline_microbatches" and "told_by" in f.evidence
+    # where the trainer measured what a microbatch more costs, less that: 0.5 ms a stage and half of
+    # 0.4 a unit (4 blocks over 4 ranks: a block and the ends), 0.9 ms for each of the 12 more
+    costs = {"pipeline_microbatch_s": 0.0005, "chunk_overhead_s": 0.0004}
+    m.model = {"layout_costs": costs}
+    m.config["model"] = {"n_layers": 4}
+    (g,) = [g for g in _run_rules(m) if g.id == "pipeline_bubble"]
+    assert g.saving_ms_per_step == pytest.approx(f.saving_ms_per_step - 0.9 * 12, rel=1e-3)
+    assert g.evidence["extra_ms_per_microbatch"] == pytest.approx(0.9) and "measured" in g.estimate
+    # and where they cost more than the bubble gives back (tiny-cpu on 2 CPU ranks: 2 microbatches
+    # 28 ms a step, 8 microbatches 42), no finding: its fix would slow the run
+    m.model = {"layout_costs": {**costs, "pipeline_microbatch_s": 0.005}}
+    assert not [g for g in _run_rules(m) if g.id == "pipeline_bubble"]
     # enough microbatches already (3 of 35 slots: under the 10% bar), or no pipeline: nothing
     for parallel in ({"pp": 4, "microbatches": 32}, {"pp": 1}):
         m = Metrics(steps=_steps(forward=0.2, backward=0.5), config={"parallel": parallel})

@@ -77,7 +77,11 @@ def small_ddp_buckets(m: Metrics, t: Thresholds) -> Diagnosis | None:
 def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """Every pipeline rank idles while the pipeline fills and drains: (pp - 1) / v microbatch slots of
     m + (pp - 1) / v. More microbatches (or two stages a rank) shrink that share. Told by the run's
-    configuration (pp, microbatches, schedule); the saving scales the measured forward + backward."""
+    configuration (pp, microbatches, schedule); the saving scales the measured forward + backward,
+    less what each microbatch more costs where the trainer measured it (``perfkit.trainer.costs``:
+    its schedule's machinery and sends a stage, and its ops' dispatch a block and the ends): on 2 CPU
+    ranks at tiny-cpu 2.3 ms a microbatch, so 8 microbatches in place of 2 cost 14 ms more than the
+    5 the bubble gave back (measured 42 ms a step against 28), and no finding is made."""
     par = m.config.get("parallel", {})
     pp = int(par.get("pp") or 1)
     if pp <= 1 or m.steps is None:
@@ -92,17 +96,36 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
         m.steps.phase_share.get("forward", 0.0) + m.steps.phase_share.get("backward", 0.0)
     )
     better = pipeline_fill(pp, 4 * mb, v)  # the largest change the remedy tries
+    saving = compute_ms * (1 - better / fill)
+    estimate = (
+        f"forward + backward × (1 - fill with {4 * mb} microbatches / fill with {mb}); "
+        "assumes a microbatch's time scales with its size"
+    )
+    costs = m.model.get("layout_costs") or {}
+    per_stage, dispatch = costs.get("pipeline_microbatch_s"), costs.get("chunk_overhead_s")
+    measured: dict[str, float] = {}
+    if isinstance(per_stage, int | float):
+        blocks = int(m.config.get("model", {}).get("n_layers") or pp) // pp
+        # a stage's schedule a microbatch, each of the rank's stages; half a measured chunk a unit
+        # (a block, the ends) a microbatch, as the layout model charges it
+        extra_ms = 1e3 * (per_stage * v + (dispatch or 0.0) / 2 * (blocks + 1))
+        saving -= extra_ms * 3 * mb
+        estimate += f", less {extra_ms:.2f} ms each microbatch more costs (measured after the run's steps)"
+        measured["extra_ms_per_microbatch"] = round(extra_ms, 3)
+        if saving <= 0:  # more microbatches would cost more than the bubble gives back
+            return None
     return Diagnosis(
         title="Pipeline ranks idle while the pipeline fills and drains",
-        saving_ms=compute_ms * (1 - better / fill),
-        estimate=f"forward + backward × (1 - fill with {4 * mb} microbatches / fill with {mb}); "
-        "assumes a microbatch's time scales with its size",
+        saving_ms=saving,
+        estimate=estimate,
         evidence={
             "pp": pp,
             "microbatches": mb,
             "pp_schedule": par.get("pp_schedule", "1f1b"),
             "bubble_pct": round(100 * share, 1),
-            "told_by": "the run's config (parallel.pp, parallel.microbatches, parallel.pp_schedule)",
+            **measured,
+            "told_by": "the run's config (parallel.pp, parallel.microbatches, parallel.pp_schedule)"
+            + (" and what the trainer measured a microbatch costs" if measured else ""),
         },
     )
 
