@@ -228,7 +228,9 @@ def test_optimize_keeps_the_fix_for_a_planted_problem(tmp_path: Path) -> None:
     assert chosen.startswith("overlap.bucket_cap_mb=") and data["speedup"] > 1.1
     assert first["predicted_ms"] > 0 and first["measured_ms"] > 0  # predicted beside measured
     assert all(t["skipped"] for t in data["trials"][1:])
-    assert data["stopped"] == "--max-trials 1 reached" and len(data["rounds"]) == 1
+    # one round: its trial kept, or (on a noisy host, 25 MB's screen undecided) kept when refined
+    # to 50 or 100 MB after a round that kept nothing
+    assert data["stopped"] in ("--max-trials 1 reached", "a round kept nothing") and len(data["rounds"]) == 1
     assert f"train with: perfkit train --config tiny-cpu --nproc 2 --set {chosen}" in r.stdout
     (gone,) = [line for line in r.stdout.splitlines() if line.startswith("findings gone after: ")]
     assert (
