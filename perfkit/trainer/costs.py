@@ -148,7 +148,8 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         out["fsdp_block_s"], out["fsdp_ends_s"], out["dtensor_param_s"] = fsdp_costs(
             cfg, batch, device, repeats
         )
-        out["pipeline_microbatch_s"] = pipeline_costs(cfg, micro_batch, device, repeats)
+        if m.n_layers >= 2 and not m.tie_embeddings:  # else no layout of this model is a pipeline
+            out["pipeline_microbatch_s"] = pipeline_costs(cfg, micro_batch, device, repeats)
     return out
 
 
