@@ -355,6 +355,31 @@ def test_small_buckets_on_nccl_are_estimated_from_their_gpu_time(tmp_path: Path)
     assert {x.id: x for x in m}["small_ddp_buckets"].evidence["exposed_after_backward_ms"] == 30.0
 
 
+def test_a_pipeline_stage_is_no_straggler_for_its_share_of_the_work() -> None:
+    """The bundled trainer's pipeline: its last stage holds the head and the loss, and the others
+    wait for it by design. Alone in its stage (pp2), the busier rank is no straggler; among its
+    stage's ranks (pp2 x dp2: ranks 2 and 3 the last stage), it is one against them only."""
+    m = Metrics(
+        steps=_steps(), stragglers=_two_ranks(slow=[1]), model={"layout": {"pp": 2, "dp": 1, "tp": 1}}
+    )
+    assert not [f for f in _run_rules(m) if f.id == "straggler"]
+    busy = {0: 50.0, 1: 52.0, 2: 70.0, 3: 100.0}
+    four = Stragglers(
+        ranks=[
+            StragglerRank(rank=r, busy_ms=b, score=50.0 / b, arrival_late_ms=None, last_to_arrive_share=None)
+            for r, b in busy.items()
+        ],
+        slow=[2, 3],
+        host_bound=[],
+    )
+    m = Metrics(steps=_steps(), stragglers=four, model={"layout": {"pp": 2, "dp": 2, "tp": 1}})
+    (f,) = [f for f in _run_rules(m) if f.id == "straggler"]
+    assert f.ranks == [3] and f.saving_ms_per_step == pytest.approx(30.0) and "pipeline stage" in f.estimate
+    # not the bundled trainer's pipeline: every rank against the fastest, as before
+    (g,) = [g for g in _run_rules(Metrics(steps=_steps(), stragglers=four)) if g.id == "straggler"]
+    assert g.ranks == [2, 3] and g.saving_ms_per_step == pytest.approx(50.0)
+
+
 def test_pipeline_bubble_saving_and_its_absence() -> None:
     """pp=4 with 4 microbatches (1F1B): 3 of 7 slots idle (43%); with 16 microbatches, 3 of 19. The
     saving scales the measured forward + backward (70 of a 100 ms step) by 1 - fill(16) / fill(4)."""
