@@ -79,6 +79,15 @@ class Stragglers:
     host_bound: list[int] = field(default_factory=list)
     """Ranks the others wait for because their host gave their cores to something else: the run-queue
     wait explains at least half of their extra busy time."""
+    stages: dict[int, int] = field(default_factory=dict)
+    """A pipeline's stage of each rank that sends and receives (its place in its send/recv group's
+    ranks, ascending: Megatron's, torchtitan's and the bundled trainer's order); ranks are compared
+    with their own stage's only, the stages differing in work by design."""
+
+    def fastest_peer_ms(self, rank: int) -> float:
+        """The least busy time among the ranks ``rank`` is compared with (itself included)."""
+        stage = self.stages.get(rank)
+        return min(r.busy_ms for r in self.ranks if self.stages.get(r.rank) == stage)
 
 
 @dataclass(kw_only=True)

@@ -213,6 +213,21 @@ def share_at_least(share: float, n: int, z: float = 1.96) -> float:
     return (centre - spread) / (1 + z * z / n)
 
 
+def pipeline_stages(comms: pd.DataFrame) -> dict[int, int]:
+    """Each rank that sends and receives (a pipeline's point-to-point calls), by its place in that
+    group's ranks, ascending: the stage order of Megatron's, torchtitan's and the bundled trainer's
+    pipeline groups. Empty where no rank does."""
+    if comms.empty or "group_ranks" not in comms.columns:
+        return {}
+    p2p = comms[comms["op"].isin(["send", "recv"]) & (comms["group_size"] > 1)]
+    out: dict[int, int] = {}
+    for rank, members in p2p[["rank", "group_ranks"]].drop_duplicates().itertuples(index=False):
+        ranks = sorted(int(x) for x in str(members).split(",") if x.strip().isdigit())
+        if int(rank) in ranks:
+            out[int(rank)] = ranks.index(int(rank))
+    return out
+
+
 def straggler_metrics(t: RunTables) -> Stragglers | None:
     """Per rank: median busy time and how late it arrives at collectives.
 
@@ -245,12 +260,15 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
             last_share = last.groupby("rank").size() / n_matched
     busy = step_s - wait
     busy_med = busy.groupby(level="rank").median()
+    # a pipeline's stages differ in work by design: each rank against its own stage's ranks only
+    stages = pipeline_stages(c)
+    stage = pd.Series([stages.get(int(r), -1) for r in busy.index.get_level_values("rank")], index=busy.index)
     # Step by step: who was busiest, and by how much beyond that step's fastest rank. A rank that
     # sleeps 50 ms a step is the busiest in nearly every step, by ~50 ms, however slow a busy host makes
     # every rank; host noise makes each rank the busiest by turns.
-    by_step = busy.groupby(level="step")
+    by_step = busy.groupby([busy.index.get_level_values("step"), stage])
     extra = (busy - by_step.transform("min")).groupby(level="rank").median()
-    busiest = busy.groupby(level="step").idxmax().map(lambda k: k[0]).value_counts()
+    busiest = by_step.idxmax().map(lambda k: k[0]).value_counts()
     n_steps = busy.index.get_level_values("step").nunique()
     slowest_share = busiest / max(1, n_steps)
     # The training thread's run-queue wait (ready to run, but the host ran something else; the cpu
@@ -258,7 +276,8 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
     # the rank is not a straggler to fix in the job. A rank that sleeps or computes longer is.
     cpu = t.frames["cpu"].dropna(subset=["runq_wait_s"])
     runq_med = cpu.groupby("rank")["runq_wait_s"].median() if not cpu.empty else None
-    score = busy_med.min() / busy_med
+    rank_stage = pd.Series({r: stages.get(int(r), -1) for r in busy_med.index})
+    score = busy_med.groupby(rank_stage).transform("min") / busy_med
     wait_med = wait.groupby(level="rank").median()
     ranks = [
         StragglerRank(
@@ -291,8 +310,8 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
         by_steps = share_at_least(x.slowest_share or 0.0, n_steps) >= CLEAN_BUSIEST_SHARE and (
             x.extra_ms or 0.0
         ) >= max(5.0, 0.15 * step_ms)
-        if by_ratio or by_steps:
-            fastest = int(busy_med.idxmin())  # type: ignore[call-overload]
+        if (by_ratio or by_steps) and (rank_stage == rank_stage[x.rank]).sum() > 1:  # peers to wait
+            fastest = int(busy_med[rank_stage == rank_stage[x.rank]].idxmin())
             extra = busy_med[x.rank] - busy_med[fastest]
             if runq_med is not None and {x.rank, fastest} <= set(runq_med.index):
                 if runq_med[x.rank] - runq_med[fastest] >= 0.5 * extra:
@@ -303,6 +322,7 @@ def straggler_metrics(t: RunTables) -> Stragglers | None:
         ranks=ranks,
         slow=slow,
         host_bound=host_bound,
+        stages=stages,
         host_busy=float(host["host_busy"].median()) if not host.empty else None,
     )
 

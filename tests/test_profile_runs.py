@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from helpers import run_perfkit, user_env
-from perfkit.analyzers.runtables import load_tables
+from perfkit.analyzers.runtables import load_tables, straggler_metrics
 
 from perfkit.run import Run, RunLayout
 from perfkit.tables import COMMS, CPU, IO, MEMORY, STEPS, Table, read_table
@@ -195,6 +195,10 @@ def test_layout_collective_counts(tmp_path: Path, name: str, sets: list[str]) ->
         # 1F1B, 2 microbatches: stage 0 sends 2 activations and receives 2 gradients.
         assert c["send"] == 2 and c["recv"] == 2
         assert counts[1].loc[2]["send"] == 2 and counts[1].loc[2]["recv"] == 2
+        # its stages read from the sends and receives: each rank alone in its stage, compared with
+        # no other (the last stage, with the head and the loss, is busier by design)
+        st = straggler_metrics(load_tables(Run.open(out)))
+        assert st is not None and st.stages == {0: 0, 1: 1} and not st.slow
 
 
 UNMODIFIED = """

@@ -9,6 +9,7 @@ import pickle
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from perfkit.analyzers.analyze import analyze
 from perfkit.analyzers.hangs import HangMetrics
@@ -25,6 +26,7 @@ from perfkit.analyzers.metrics import (
     Throughput,
 )
 from perfkit.analyzers.rules import RULES, Finding, evaluate
+from perfkit.analyzers.runtables import pipeline_stages
 from synth import snapshot, step_loop_trace
 from test_gc import gc_findings
 from test_watch import health_findings, quiet_watch_findings, watch_findings
@@ -355,29 +357,32 @@ def test_small_buckets_on_nccl_are_estimated_from_their_gpu_time(tmp_path: Path)
     assert {x.id: x for x in m}["small_ddp_buckets"].evidence["exposed_after_backward_ms"] == 30.0
 
 
-def test_a_pipeline_stage_is_no_straggler_for_its_share_of_the_work() -> None:
-    """The bundled trainer's pipeline: its last stage holds the head and the loss, and the others
-    wait for it by design. Alone in its stage (pp2), the busier rank is no straggler; among its
-    stage's ranks (pp2 x dp2: ranks 2 and 3 the last stage), it is one against them only."""
-    m = Metrics(
-        steps=_steps(), stragglers=_two_ranks(slow=[1]), model={"layout": {"pp": 2, "dp": 1, "tp": 1}}
+def test_a_pipeline_rank_is_compared_with_its_own_stage() -> None:
+    """A pipeline's stages, from its sends and receives (a rank's place in its group's ranks:
+    pp2 x dp2, groups 0,2 and 1,3): the straggler's saving is its busy time beyond its own stage's
+    fastest rank, not beyond a rank of a lighter stage."""
+    comms = pd.DataFrame(
+        {
+            "rank": [0, 2, 1, 3, 0],
+            "op": ["send", "recv", "send", "recv", "all_reduce"],
+            "group_size": [2, 2, 2, 2, 4],
+            "group_ranks": ["0,2", "0,2", "1,3", "1,3", "0,1,2,3"],
+        }
     )
-    assert not [f for f in _run_rules(m) if f.id == "straggler"]
+    stages = pipeline_stages(comms)
+    assert stages == {0: 0, 2: 1, 1: 0, 3: 1} and pipeline_stages(comms[comms["op"] == "all_reduce"]) == {}
     busy = {0: 50.0, 1: 52.0, 2: 70.0, 3: 100.0}
-    four = Stragglers(
-        ranks=[
-            StragglerRank(rank=r, busy_ms=b, score=50.0 / b, arrival_late_ms=None, last_to_arrive_share=None)
-            for r, b in busy.items()
-        ],
-        slow=[2, 3],
-        host_bound=[],
-    )
-    m = Metrics(steps=_steps(), stragglers=four, model={"layout": {"pp": 2, "dp": 2, "tp": 1}})
+    ranks = [
+        StragglerRank(rank=r, busy_ms=b, score=1.0, arrival_late_ms=None, last_to_arrive_share=None)
+        for r, b in busy.items()
+    ]
+    m = Metrics(steps=_steps(), stragglers=Stragglers(ranks=ranks, slow=[3], stages=stages))
     (f,) = [f for f in _run_rules(m) if f.id == "straggler"]
-    assert f.ranks == [3] and f.saving_ms_per_step == pytest.approx(30.0) and "pipeline stage" in f.estimate
-    # not the bundled trainer's pipeline: every rank against the fastest, as before
-    (g,) = [g for g in _run_rules(Metrics(steps=_steps(), stragglers=four)) if g.id == "straggler"]
-    assert g.ranks == [2, 3] and g.saving_ms_per_step == pytest.approx(50.0)
+    assert f.saving_ms_per_step == pytest.approx(30.0) and "pipeline stage" in f.estimate
+    # no pipeline: against the fastest rank of all
+    m = Metrics(steps=_steps(), stragglers=Stragglers(ranks=ranks, slow=[3]))
+    (g,) = [g for g in _run_rules(m) if g.id == "straggler"]
+    assert g.saving_ms_per_step == pytest.approx(50.0) and "pipeline" not in g.estimate
 
 
 def test_pipeline_bubble_saving_and_its_absence() -> None:

@@ -136,20 +136,8 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
     if st is None or not st.slow:
         return None
     ranks = {r.rank: r for r in st.ranks}
-    slow, fastest_of = list(st.slow), {k: min(r.busy_ms for r in st.ranks) for k in st.slow}
-    stage_width = _pipeline_stage_width(m)
-    if stage_width:
-        # a pipeline's stages differ in work by design (the last holds the head and the loss): a
-        # rank is a straggler among its own stage's ranks only, as busy as the analysis asks of it
-        # against the fastest rank (4/3); alone in its stage, it is not one
-        for k in st.slow:
-            peers = [r.busy_ms for r in st.ranks if r.rank != k and r.rank // stage_width == k // stage_width]
-            fastest_of[k] = min(peers, default=ranks[k].busy_ms)
-        slow = [k for k in st.slow if fastest_of[k] < 0.75 * ranks[k].busy_ms]
-        if not slow:
-            return None
-    worst = max(slow, key=lambda k: ranks[k].busy_ms)
-    fastest = fastest_of[worst]
+    worst = max(st.slow, key=lambda k: ranks[k].busy_ms)
+    fastest = st.fastest_peer_ms(worst)  # of its pipeline stage, in a pipeline
     # Python's collector pausing the rank is a cause the gc rule names: said here with its share
     gc = m.signals.get("gc")
     paused = {r.rank: r.pause_ms_per_step for r in gc.ranks} if isinstance(gc, GcMetrics) else {}
@@ -162,8 +150,7 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
     return Diagnosis(
         title=f"Rank {worst} is a straggler: the others wait for it in every collective{because}",
         saving_ms=ranks[worst].busy_ms - fastest,
-        estimate="its busy time beyond the fastest rank's"
-        + (" of its pipeline stage" if stage_width else ""),
+        estimate="its busy time beyond the fastest rank's" + (" of its pipeline stage" if st.stages else ""),
         evidence={
             "ranks": [
                 {
@@ -179,23 +166,14 @@ def straggler(m: Metrics, t: Thresholds) -> Diagnosis | None:
                     ),
                     **({"gc_pause_ms": round(paused[k], 2)} if paused.get(k) else {}),
                 }
-                for k in slow
+                for k in st.slow
             ],
             "fastest_busy_ms": round(fastest, 2),
             # how busy the host was: a straggler named on a loaded host is read with that in mind
             **({"host_busy_share": round(st.host_busy, 2)} if st.host_busy is not None else {}),
         },
-        ranks=slow,
+        ranks=list(st.slow),
     )
-
-
-def _pipeline_stage_width(m: Metrics) -> int | None:
-    """Ranks a pipeline stage of the bundled trainer spans (its mesh is pp x dp x tp, so stage
-    ``rank // width``), where the run is a pipeline; else None."""
-    lay = m.model.get("layout") or {}
-    if int(lay.get("pp") or 1) <= 1:
-        return None
-    return int(lay.get("dp") or 1) * int(lay.get("tp") or 1)
 
 
 @rule("late_rank", remedy="straggler", reads="run", needs_steps=False)
