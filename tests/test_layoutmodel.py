@@ -14,6 +14,7 @@ from helpers import run_perfkit
 from perfkit.errors import RunDirError
 from perfkit.optimizer import layoutmodel as lm
 from perfkit.optimizer import sweep as sw
+from perfkit.optimizer.pipesim import step_seconds
 from perfkit.optimizer.trials import Measurement
 from perfkit.run import Run
 from perfkit.trainer.config import load_config, resolve_layout
@@ -381,6 +382,56 @@ def test_a_blocking_call_waits_what_the_probe_measured_between_compute(tmp_path:
     assert alone.wait_s > 0.003 and "between compute" not in alone.comm_basis
 
 
+def test_pipeline_schedule_is_simulated_where_its_stages_were_measured(tmp_path: Path) -> None:
+    """With the pipelined copy's stages measured, the bubble is the schedule simulated as torch
+    runs it (each send waits for its receive, at the link's latency) and the machinery a microbatch
+    is the copy's growth less its simulated schedule's: both less than the closed form said."""
+    costs = {"chunk_overhead_s": 0.0005, "pipeline_microbatch_s": 0.0015, "pipeline_first_s": 0.002,
+             "pipeline_last_s": 0.0024, "pipeline_middle_s": 0.0}  # fmt: skip
+    b = lm.basis_from_run(make_basis(tmp_path / "sim", costs=costs))
+    old = lm.basis_from_run(
+        make_basis(tmp_path / "closed", costs={"chunk_overhead_s": 0.0005, "pipeline_microbatch_s": 0.0015})
+    )
+    machinery = b.pipeline_machinery_s()
+    assert machinery is not None and 0 < machinery < 0.0015 and old.pipeline_machinery_s() == 0.0015
+    # the copy's slope as the simulation has it (2 stages, 1F1B, 4 and 12 microbatches): the rest
+    fwd, bwd = [0.002 / 3, 0.0024 / 3], [0.004 / 3, 0.0048 / 3]
+    latency = b.pipeline_latency_s(b.shape.layout.micro_batch // 2, 4)
+    slope = (step_seconds("1f1b", fwd, bwd, 12, latency) - step_seconds("1f1b", fwd, bwd, 4, latency)) / 8
+    assert machinery == pytest.approx(0.0015 + 0.0024 - slope)
+    for sets in (["parallel.pp=2"], ["parallel.pp=2", "parallel.microbatches=8"],
+                 ["parallel.pp=2", "parallel.microbatches=8", "parallel.pp_schedule=gpipe"]):  # fmt: skip
+        cfg = load_config("tiny-cpu", sets)
+        parts = lm.predict(b, cfg, 2).time_parts
+        busiest = sum(
+            parts[k]
+            for k in ("compute", "microbatches (dispatch)", "pipeline schedule (measured)")
+            if k in parts
+        )
+        shape = b.shape_of(cfg, 2)
+        m = shape.layout.microbatches
+        w = [shape.stage_flops_per_token(r) for r in range(2)]
+        chunks = [busiest / m * x / max(w) for x in w]
+        step = step_seconds(cfg.parallel.pp_schedule, [c / 3 for c in chunks], [2 * c / 3 for c in chunks], m,
+                            b.pipeline_latency_s(shape.layout.micro_batch, 4))  # fmt: skip
+        assert parts["pipeline bubble"] == pytest.approx(step - busiest)
+        # the sends' waits: more than the closed form's fill and drain at these parts
+        assert parts["pipeline bubble"] > busiest * (shape.pipeline_fill - 1)
+    # GPipe waits on every send, 1F1B on fewer: at 8 microbatches GPipe's bubble is the larger
+    one, gp = (lm.predict(b, load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=8", f"parallel.pp_schedule={s}"]), 2)
+               for s in ("1f1b", "gpipe"))  # fmt: skip
+    assert gp.time_parts["pipeline bubble"] > one.time_parts["pipeline bubble"]
+    # interleaved schedules keep the closed form
+    looped = lm.predict(b, load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b"]), 2)  # fmt: skip
+    shape = b.shape_of(load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b"]), 2)  # fmt: skip
+    staged = sum(
+        looped.time_parts[k]
+        for k in ("compute", "microbatches (dispatch)", "pipeline schedule (measured)")
+        if k in looped.time_parts
+    )
+    assert looped.time_parts["pipeline bubble"] == pytest.approx(staged * (shape.pipeline_fill - 1))
+
+
 def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     """What the trainer measured after its steps (perfkit.trainer.costs): a microbatch unit more, a
     checkpointed block, a tensor-parallel module, each charged as often as the layout runs it; the
@@ -456,7 +507,7 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
         "beyond FLOPs: a microbatch of a block and the ends 2.00 ms, a checkpointed block 1.00 ms, "
         "a tensor-parallel module (DTensor) 0.50 ms, an FSDP2 block 3.00 ms, its root 0.50 ms, a DTensor parameter's optimizer step "
         "0.10 ms, ZeRO-1's step a block 4.00 ms, ZeRO-1's step for the ends 3.00 ms, "
-        "a pipeline stage's microbatch 1.50 ms" in r.stdout
+        "a pipeline stage's microbatch (its schedule's machinery) 1.50 ms" in r.stdout
     )
     # tensor parallelism over every rank as measured a block, where the basis measured it at the
     # layout's batch: in place of its modelled collectives and DTensor's cost a module

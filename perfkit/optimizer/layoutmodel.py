@@ -335,6 +335,12 @@ class Basis:
     pipeline_microbatch_s: float | None = None
     """What a pipeline stage pays a microbatch beyond its forward and backward: the schedule's
     machinery and its sends and receives (measured, as ``chunk_s``), in place of the modelled sends."""
+    pipeline_first_s: float | None = None
+    """The pipelined copy's stages' own work a microbatch (``perfkit.trainer.costs.pipeline_costs``):
+    the first's (the embeddings and a block), the last's (a block and the head), a middle one's (0
+    with 2 ranks), each forward and backward at half the basis's microbatch."""
+    pipeline_last_s: float | None = None
+    pipeline_middle_s: float | None = None
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -360,12 +366,45 @@ class Basis:
         if self.checkpoint_block_s is not None and shape.cfg.kernels.activation_checkpointing:
             blocks = len(shape.stage_layers[shape.busiest]) * shape.layout.microbatches
             out["activation checkpointing"] = self.checkpoint_block_s * blocks
-        if self.pipeline_microbatch_s is not None and shape.layout.pp > 1:
+        machinery = self.pipeline_machinery_s()
+        if machinery is not None and shape.layout.pp > 1:
             lay = shape.layout
-            out["pipeline schedule (measured)"] = (
-                self.pipeline_microbatch_s * lay.microbatches * lay.stages_per_rank
-            )
+            out["pipeline schedule (measured)"] = machinery * lay.microbatches * lay.stages_per_rank
         return out
+
+    def pipeline_latency_s(self, rows: int, act_bytes: int) -> float:
+        """A pipeline send's transfer at the basis's link fit: ``rows`` sequences of activations."""
+        m = config_from_dict(self.config).model
+        return self.alpha_s + rows * m.seq_len * m.d_model * act_bytes / self.beta_bytes_per_s
+
+    def pipeline_machinery_s(self) -> float | None:
+        """What a pipeline stage pays a microbatch beyond its work and its sends' waits: the measured
+        copy's growth a microbatch less what its simulated schedule (``pipesim``: its stages' own
+        work and the link's latency) grows by; ``pipeline_microbatch_s`` itself where the basis
+        measured no stage's own work (its sends' waits in it, and the model adds no other)."""
+        if self.pipeline_microbatch_s is None:
+            return None
+        stages = self.pipeline_stages_s()
+        if stages is None:
+            return self.pipeline_microbatch_s
+        from perfkit.optimizer.pipesim import step_seconds
+        from perfkit.trainer.costs import PIPE_MICROBATCHES
+
+        slope = self.pipeline_microbatch_s + max(stages)
+        few, many = (k * len(stages) for k in PIPE_MICROBATCHES)
+        latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
+        fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
+        simulated = step_seconds("1f1b", fwd, bwd, many, latency) - step_seconds(
+            "1f1b", fwd, bwd, few, latency
+        )
+        return max(0.0, slope - simulated / (many - few))
+
+    def pipeline_stages_s(self) -> list[float] | None:
+        """The measured copy's stages' own work a microbatch, in order, or None (not measured)."""
+        first, last, middle = self.pipeline_first_s, self.pipeline_last_s, self.pipeline_middle_s
+        if first is None or last is None or self.world_size < 2:
+            return None
+        return [first, *[middle or 0.0] * (self.world_size - 2), last]
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
@@ -772,7 +811,7 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
         parts["microbatches (dispatch)"] = dispatch
     parts |= measured
     if shape.pipeline_fill > 1:  # every stage's microbatches, their dispatch and recomputation too
-        parts["pipeline bubble"] = sum(parts.values()) * (shape.pipeline_fill - 1)
+        parts["pipeline bubble"] = pipeline_bubble(basis, shape, sum(parts.values()))
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
     parts["optimizer"] += (basis.dtensor_param_s or 0.0) * dtensor_params(shape)
     parts |= step_parts(basis, shape)
@@ -794,6 +833,28 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     step = with_stalls(basis, parts)
     spread = basis.spread_s * step / basis.step_s if basis.step_s > 0 else 0.0
     return Prediction(step, peak, parts, mem, notes, spread, lower_bound)
+
+
+def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> float:
+    """What a pipeline's step spends beyond its busiest stage's own microbatches (``busiest_s``):
+    its schedule simulated as torch runs it (``pipesim``: each stage's chunks, its sends waiting for
+    their receives, the link's latency) where the basis measured the copy's stages (so the
+    machinery a microbatch is known apart from the waits), else the closed form's fill and drain
+    (one microbatch of each other stage). Interleaved schedules take the closed form."""
+    lay = shape.layout
+    closed = busiest_s * (shape.pipeline_fill - 1)
+    if lay.stages_per_rank > 1 or basis.pipeline_stages_s() is None:
+        return closed
+    from perfkit.optimizer.pipesim import step_seconds
+
+    m = lay.microbatches
+    weight = [shape.stage_flops_per_token(r) for r in range(lay.pp)]
+    chunks = [busiest_s / m * w / weight[shape.busiest] for w in weight]
+    latency = basis.pipeline_latency_s(lay.micro_batch, shape.act_bytes)
+    step = step_seconds(
+        shape.cfg.parallel.pp_schedule, [c / 3 for c in chunks], [2 * c / 3 for c in chunks], m, latency
+    )
+    return max(0.0, step - busiest_s)
 
 
 def with_stalls(basis: Basis, parts: dict[str, float]) -> float:
@@ -897,7 +958,7 @@ def whatif_lines(
             ("its ends", basis.tp_ends_s),
             ("a sequence-parallel block", basis.sp_block_s),
             ("its ends", basis.sp_ends_s),
-            ("a pipeline stage's microbatch", basis.pipeline_microbatch_s),
+            ("a pipeline stage's microbatch (its schedule's machinery)", basis.pipeline_machinery_s()),
         )
         if value is not None
     ]

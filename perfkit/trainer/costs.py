@@ -149,7 +149,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
             cfg, batch, device, repeats
         )
         if m.n_layers >= 2 and not m.tie_embeddings:  # else no layout of this model is a pipeline
-            out["pipeline_microbatch_s"] = pipeline_costs(cfg, micro_batch, device, repeats)
+            out |= pipeline_costs(cfg, micro_batch, device, repeats)
     return out
 
 
@@ -157,7 +157,9 @@ PIPE_MICROBATCHES = (2, 6)
 """The pipelined copy's microbatches, in multiples of its stages (1F1B takes one a stage at least)."""
 
 
-def pipeline_costs(cfg: TrainConfig, micro_batch: int, device: torch.device, repeats: int) -> float:
+def pipeline_costs(
+    cfg: TrainConfig, micro_batch: int, device: torch.device, repeats: int
+) -> dict[str, float]:
     """What a pipeline stage pays a microbatch beyond its forward and backward: the schedule's
     machinery (each microbatch's inputs detached and kept, its backward run on the stage's outputs)
     and its sends and receives. A block a rank, a pipeline over every rank (the first with the
@@ -166,7 +168,9 @@ def pipeline_costs(cfg: TrainConfig, micro_batch: int, device: torch.device, rep
     drain the same (on 2 CPU ranks at tiny-cpu 1.4-1.8 ms, where a block's microbatch computes in
     2 and the sends' latency said 0.8: pipelines of 8 microbatches were predicted 11% under).
     The stage's own work, a microbatch plainly forward and backward on each rank, is taken out (the
-    busiest rank's). Every rank must call it."""
+    busiest rank's). With it, each stage's own work a microbatch (``pipeline_first_s``,
+    ``pipeline_last_s``, ``pipeline_middle_s``: 0 with 2 ranks), forward and backward, at half
+    ``micro_batch``'s rows. Every rank must call it."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     from perfkit.trainer.parallelize import stage_ends
@@ -206,10 +210,20 @@ def pipeline_costs(cfg: TrainConfig, micro_batch: int, device: torch.device, rep
     runs.append(plain)
     few, many = counts
     slope, own = _interleaved(runs, device, _rounds(repeats), lambda a, b, one: ((b - a) / (many - few), one))
-    # the step is the busiest stage's: the slowest rank's growth less the busiest rank's work
-    figures = torch.tensor([slope, own], dtype=torch.float64, device=device)
+    # the step is the busiest stage's: the slowest rank's growth less the busiest rank's work; each
+    # stage's own work kept too (the first, the last, the busiest middle), for the layout model's
+    # simulation of the copy's schedule (``perfkit.optimizer.pipesim``)
+    where = 0 if rank == 0 else 1 if rank == world - 1 else 2
+    figures = torch.zeros(5, dtype=torch.float64, device=device)
+    figures[0], figures[1], figures[2 + where] = slope, own, own
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-    return max(0.0, float(figures[0] - figures[1]))
+    slope, own, first, last, middle = (float(x) for x in figures)
+    return {
+        "pipeline_microbatch_s": max(0.0, slope - own),
+        "pipeline_first_s": first,
+        "pipeline_last_s": last,
+        "pipeline_middle_s": middle,
+    }
 
 
 def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> dict[str, float]:

@@ -1,0 +1,39 @@
+"""The pipeline schedule simulation (perfkit.optimizer.pipesim) against what the schedules are."""
+
+from __future__ import annotations
+
+import pytest
+
+from perfkit.optimizer.pipesim import gpipe, one_f_one_b, simulate, step_seconds
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize(("p", "m"), [(2, 1), (2, 2), (2, 8), (3, 4), (4, 2), (4, 8)])
+def test_without_latency_a_schedule_is_its_microbatches_and_the_fill(schedule: str, p: int, m: int) -> None:
+    """Equal stages and free sends: m + p - 1 microbatches' work, as the closed form has it."""
+    assert step_seconds(schedule, [1.0] * p, [2.0] * p, m, 0.0) == pytest.approx((m + p - 1) * 3.0)
+
+
+def test_the_busiest_stage_sets_the_step_and_the_others_fill_it() -> None:
+    """1F1B over 2 stages: the last stage's microbatches and one microbatch of the first."""
+    assert step_seconds("1f1b", [1.0, 2.0], [2.0, 4.0], 4, 0.0) == pytest.approx(4 * 6.0 + 3.0)
+
+
+def test_sends_wait_for_their_receives() -> None:
+    """A send completes when both ends posted it: the stages' exchanges couple them, so 1F1B at 8
+    microbatches pays far more than the two latencies on its fill and drain; GPipe, which waits
+    on each receive before each chunk, more again."""
+    free = step_seconds("1f1b", [1.0, 1.0], [2.0, 2.0], 8, 0.0)
+    one = step_seconds("1f1b", [1.0, 1.0], [2.0, 2.0], 8, 0.5)
+    assert one - free > 4 * 0.5
+    assert step_seconds("gpipe", [1.0, 1.0], [2.0, 2.0], 8, 0.5) > one
+
+
+def test_programs_pair_their_sends_and_receives() -> None:
+    """Every send of one stage is a receive of its neighbour's, in both schedules, for any count
+    of stages and microbatches (the simulation would deadlock otherwise)."""
+    for build in (one_f_one_b, gpipe):
+        for p in range(2, 6):
+            for m in range(1, 9):
+                ends = simulate([build(r, p, m, 1.0, 2.0) for r in range(p)], 0.1)
+                assert len(ends) == p and min(ends) > 0
