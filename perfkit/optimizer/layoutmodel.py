@@ -49,6 +49,10 @@ class Shape:
     layout: Layout
     recompute_measured: bool = False
     """Activation checkpointing's cost is measured (``Basis.checkpoint_block_s``), not counted as FLOPs."""
+    ends_in_blocks: tuple[float, float] | None = None
+    """The first stage's ends (the embeddings) and the last's (the final norm, the head and the
+    loss) in blocks' work, as the basis measured them (``Basis.ends_in_blocks``); None: by FLOPs
+    (the embeddings none, the head its matmul)."""
 
     @property
     def block_params(self) -> int:
@@ -105,8 +109,14 @@ class Shape:
         blocks: float = len(self.stage_layers[pp_rank]) * (6 * self.block_params + 12 * m.d_model * m.seq_len)
         if self.cfg.kernels.activation_checkpointing and not self.recompute_measured:
             blocks *= 8 / 6  # the forward again in backward
-        head = 6 * m.vocab_size * m.d_model if pp_rank == (self.layout.n_stages - 1) % self.layout.pp else 0
-        return blocks / self.layout.tp + head
+        last = pp_rank == (self.layout.n_stages - 1) % self.layout.pp
+        if self.ends_in_blocks is None:
+            return blocks / self.layout.tp + (6 * m.vocab_size * m.d_model if last else 0)
+        block = 6 * self.block_params + 12 * m.d_model * m.seq_len
+        first_end, last_end = self.ends_in_blocks
+        return blocks / self.layout.tp + block * (
+            (first_end if pp_rank == 0 else 0) + (last_end if last else 0)
+        )
 
     @property
     def tokens_per_rank(self) -> int:
@@ -322,6 +332,12 @@ class Basis:
     zero1_ends_s: float | None = None
     """The same for the model's ends (embeddings, final norm, head) and ZeroRedundancyOptimizer's
     own cost a step."""
+    ddp_block_s: float | None = None
+    """What DDP over every rank costs a step beyond forward and backward, a block (measured on
+    copies of one and two blocks: ``perfkit.trainer.costs.ddp_costs``)."""
+    ddp_ends_s: float | None = None
+    """And for the model's ends, with what a step of DDP costs whatever its size (its bucket's
+    latency and wait)."""
     tp_block_s: float | None = None
     """What a block of the tensor-parallel plan over all the basis's ranks costs beyond its share of
     the FLOPs, forward and backward, at the batch a rank then takes (measured, as ``chunk_s``): its
@@ -341,6 +357,9 @@ class Basis:
     with 2 ranks), each forward and backward at half the basis's microbatch."""
     pipeline_last_s: float | None = None
     pipeline_middle_s: float | None = None
+    pipeline_block_s: float | None = None
+    """A block alone the same way (no ends), on every rank: what the ends add to the first and the
+    last stage (``ends_in_blocks``)."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -348,7 +367,21 @@ class Basis:
         return self.shape_of(cfg, self.world_size)
 
     def shape_of(self, cfg: TrainConfig, world_size: int) -> Shape:
-        return Shape(cfg, resolve_layout(cfg, world_size), self.checkpoint_block_s is not None)
+        return Shape(
+            cfg, resolve_layout(cfg, world_size), self.checkpoint_block_s is not None, self.ends_in_blocks()
+        )
+
+    def ends_in_blocks(self) -> tuple[float, float] | None:
+        """The model's ends in blocks' work, from the pipelined copy's stages run plainly: the first
+        (the embeddings and a block) and the last (a block, the final norm, the head and the loss)
+        less a block alone. At tiny-cpu the head's matmul is a third of a block's FLOPs and its
+        time with the loss nearly half, the embeddings none and a fifth; a pipeline's last stage of
+        2 blocks and the head at twice the rows was predicted 1.08x DDP's rank where it measured
+        1.02x. None where not measured."""
+        block, first, last = self.pipeline_block_s, self.pipeline_first_s, self.pipeline_last_s
+        if block is None or first is None or last is None or block <= 0:
+            return None
+        return max(0.0, first - block) / block, max(0.0, last - block) / block
 
     def measured_parts(self, shape: Shape) -> dict[str, float]:
         """What the basis's measured costs (``perfkit.trainer.costs``) add to a layout's step beyond
@@ -510,6 +543,16 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     lay = shape.layout
     if basis.pipeline_microbatch_s is not None:  # measured with the schedule (``measured_parts``)
         out.pop(PIPELINE_SENDS, None)
+    if (
+        basis.ddp_block_s is not None
+        and basis.ddp_ends_s is not None
+        and "gradients (DDP)" in out
+        and lay.dp == basis.world_size  # measured over every rank
+    ):
+        # its hooks, copies and all-reduces as measured, in place of the fitted all-reduce alone:
+        # on gloo what runs beside backward still takes the compute's cores
+        blocks = len(shape.stage_layers[shape.busiest])
+        out["gradients (DDP)"] = basis.ddp_ends_s + basis.ddp_block_s * blocks
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
         blocks = len(shape.stage_layers[shape.busiest])
         out["parameters (ZeRO-1)"] = basis.zero1_ends_s + basis.zero1_block_s * blocks + basis.wait_s
@@ -954,6 +997,8 @@ def whatif_lines(
             ("a DTensor parameter's optimizer step", basis.dtensor_param_s),
             ("ZeRO-1's step a block", basis.zero1_block_s),
             ("ZeRO-1's step for the ends", basis.zero1_ends_s),
+            ("DDP's step a block", basis.ddp_block_s),
+            ("DDP's step for the ends", basis.ddp_ends_s),
             ("a tensor-parallel block", basis.tp_block_s),
             ("its ends", basis.tp_ends_s),
             ("a sequence-parallel block", basis.sp_block_s),

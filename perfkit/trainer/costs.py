@@ -96,7 +96,9 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     ``dtensor_param_s``, what the optimizer phase (gradient norm, AdamW) pays a parameter tensor
     that is a DTensor (FSDP2, tensor parallel) beyond a plain one, and ``zero1_block_s`` and
     ``zero1_ends_s``, what ZeRO-1's optimizer step over every rank costs beyond AdamW on a rank's
-    share: a block's parameters, and the model's ends' (their broadcasts, one a tensor), and
+    share: a block's parameters, and the model's ends' (their broadcasts, one a tensor),
+    ``ddp_block_s`` and ``ddp_ends_s``, what DDP over every rank costs a step, a block and the ends
+    (``ddp_costs``), and
     ``tp_block_s``, ``tp_ends_s`` (and ``sp_``, with sequence parallelism): what the tensor-parallel
     plan over every rank costs beyond its share of the FLOPs, a block and the rest a microbatch, and
     ``pipeline_microbatch_s``, what a pipeline stage over every rank pays a microbatch beyond its
@@ -144,6 +146,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         dist.barrier()
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
+        out["ddp_block_s"], out["ddp_ends_s"] = ddp_costs(cfg, batch, device, repeats)
         out |= tensor_parallel_costs(cfg, device, repeats)
         out["fsdp_block_s"], out["fsdp_ends_s"], out["dtensor_param_s"] = fsdp_costs(
             cfg, batch, device, repeats
@@ -169,8 +172,9 @@ def pipeline_costs(
     2 and the sends' latency said 0.8: pipelines of 8 microbatches were predicted 11% under).
     The stage's own work, a microbatch plainly forward and backward on each rank, is taken out (the
     busiest rank's). With it, each stage's own work a microbatch (``pipeline_first_s``,
-    ``pipeline_last_s``, ``pipeline_middle_s``: 0 with 2 ranks), forward and backward, at half
-    ``micro_batch``'s rows. Every rank must call it."""
+    ``pipeline_last_s``, ``pipeline_middle_s``: 0 with 2 ranks) and a block alone
+    (``pipeline_block_s``, the ranks' mean), forward and backward, at half ``micro_batch``'s rows.
+    Every rank must call it."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     from perfkit.trainer.parallelize import stage_ends
@@ -207,9 +211,19 @@ def pipeline_costs(
         else:
             out.backward(torch.ones_like(out))
 
-    runs.append(plain)
+    block = stage_ends(
+        GPT(dataclasses.replace(m, n_layers=1), cfg.kernels.attention).to(device), False, False
+    )
+
+    def alone() -> None:  # a block without the ends, a microbatch, forward and backward
+        out = block(hidden.clone().requires_grad_(True))
+        out.backward(torch.ones_like(out))
+
+    runs += [plain, alone]
     few, many = counts
-    slope, own = _interleaved(runs, device, _rounds(repeats), lambda a, b, one: ((b - a) / (many - few), one))
+    slope, own, one = _interleaved(
+        runs, device, _rounds(repeats), lambda a, b, own, one: ((b - a) / (many - few), own, one)
+    )
     # the step is the busiest stage's: the slowest rank's growth less the busiest rank's work; each
     # stage's own work kept too (the first, the last, the busiest middle), for the layout model's
     # simulation of the copy's schedule (``perfkit.optimizer.pipesim``)
@@ -218,7 +232,10 @@ def pipeline_costs(
     figures[0], figures[1], figures[2 + where] = slope, own, own
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     slope, own, first, last, middle = (float(x) for x in figures)
+    block_s = torch.tensor([one / world], dtype=torch.float64, device=device)
+    dist.all_reduce(block_s)  # the ranks' mean
     return {
+        "pipeline_block_s": float(block_s[0]),
         "pipeline_microbatch_s": max(0.0, slope - own),
         "pipeline_first_s": first,
         "pipeline_last_s": last,
@@ -384,6 +401,40 @@ def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[f
     # interleaved, twice the repeats: measured one after the other, a block's 4 ms once came out 0
     block, ends = _interleaved(steps, device, 2 * repeats, estimate)
     return block, ends
+
+
+def ddp_costs(
+    cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int
+) -> tuple[float, float]:
+    """What DDP over every rank costs a step beyond forward and backward, for copies of one and two
+    blocks: (a block, the model's ends). Its hooks, its buckets' copies and all-reduces (their
+    waits too), on gloo run by threads of the same cores as the compute: on 2 CPU ranks at
+    tiny-cpu 3.5-4 ms of the 17-19 a step DDP's forward and backward take, where the fitted
+    all-reduce said 0.9 and the rest was counted as compute, which a layout without DDP (a
+    pipeline, tensor parallelism over every rank) does not pay. Every rank must call it."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    runs: list[Callable[[], None]] = []
+    for layers in (1, 2):
+        plain = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
+        wrapped = DDP(
+            GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device),
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.overlap.bucket_cap_mb,
+            gradient_as_bucket_view=cfg.overlap.gradient_as_bucket_view,
+        )
+        for model in (wrapped, plain):
+
+            def step(model: nn.Module = model) -> None:
+                cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
+
+            runs.append(step)
+
+    def estimate(ddp1: float, plain1: float, ddp2: float, plain2: float) -> tuple[float, float]:
+        one, two = ddp1 - plain1, ddp2 - plain2
+        return two - one, 2 * one - two
+
+    return _interleaved(runs, device, _rounds(repeats), estimate)  # type: ignore[return-value]
 
 
 def _with_zero(cfg: TrainConfig, zero: int) -> TrainConfig:
