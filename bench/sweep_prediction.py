@@ -1,14 +1,16 @@
 """Do the sweep's predictions (the replay of the basis's traced steps, and the layout model
 alone, side by side) match what the sweep then measures?
 
-    python bench/sweep_prediction.py                 # every case, ~10 minutes on 2 CPU cores
+    python bench/sweep_prediction.py                 # every case, ~14 minutes on 2 CPU cores
     python bench/sweep_prediction.py --case time
 
 Each case is one ``perfkit sweep`` on 2 CPU ranks: a profiled basis (the first layout), every layout
 predicted from it (by replaying a short traced run of the basis's layout, and by the layout model
-alone), then every layout measured in full: three plain runs each, interleaved, their median the
-measured figure (one run of a layout on these shared cores has come out 15% off its others; the
-median of three leaves one such run out). Printed per layout:
+alone), then every layout measured in full: three plain runs each (five in the ``time`` case), interleaved,
+their median the measured figure (one run of a layout on these shared cores has come out 15% off
+its others; the median of three leaves one such run out; at tiny-cpu a pipeline's step came out in
+two states 10-20% apart from run to run, 28 and 34 ms for 4 microbatches, and the median of five
+leaves two such runs out). Printed per layout:
 predicted step time (± the basis's step spread, scaled) and measured, their error, the error of the
 ratio to the basis's own layout (the model predicts that ratio; the absolute error also carries the
 basis run's drift from the runs measured after it), each engine's step and error ("model",
@@ -56,7 +58,7 @@ CASES: dict[str, tuple[list[str], list[str], int, int]] = {
             "tp=1,kernels.activation_checkpointing=true",
         ],
         20,
-        3,
+        5,
     ),
     "memory": (
         ["model.d_model=512", "model.n_heads=8"],

@@ -332,12 +332,6 @@ class Basis:
     zero1_ends_s: float | None = None
     """The same for the model's ends (embeddings, final norm, head) and ZeroRedundancyOptimizer's
     own cost a step."""
-    ddp_block_s: float | None = None
-    """What DDP over every rank costs a step beyond forward and backward, a block (measured on
-    copies of one and two blocks: ``perfkit.trainer.costs.ddp_costs``)."""
-    ddp_ends_s: float | None = None
-    """And for the model's ends, with what a step of DDP costs whatever its size (its bucket's
-    latency and wait)."""
     tp_block_s: float | None = None
     """What a block of the tensor-parallel plan over all the basis's ranks costs beyond its share of
     the FLOPs, forward and backward, at the batch a rank then takes (measured, as ``chunk_s``): its
@@ -543,16 +537,6 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     lay = shape.layout
     if basis.pipeline_microbatch_s is not None:  # measured with the schedule (``measured_parts``)
         out.pop(PIPELINE_SENDS, None)
-    if (
-        basis.ddp_block_s is not None
-        and basis.ddp_ends_s is not None
-        and "gradients (DDP)" in out
-        and lay.dp == basis.world_size  # measured over every rank
-    ):
-        # its hooks, copies and all-reduces as measured, in place of the fitted all-reduce alone:
-        # on gloo what runs beside backward still takes the compute's cores
-        blocks = len(shape.stage_layers[shape.busiest])
-        out["gradients (DDP)"] = basis.ddp_ends_s + basis.ddp_block_s * blocks
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
         blocks = len(shape.stage_layers[shape.busiest])
         out["parameters (ZeRO-1)"] = basis.zero1_ends_s + basis.zero1_block_s * blocks + basis.wait_s
@@ -997,8 +981,6 @@ def whatif_lines(
             ("a DTensor parameter's optimizer step", basis.dtensor_param_s),
             ("ZeRO-1's step a block", basis.zero1_block_s),
             ("ZeRO-1's step for the ends", basis.zero1_ends_s),
-            ("DDP's step a block", basis.ddp_block_s),
-            ("DDP's step for the ends", basis.ddp_ends_s),
             ("a tensor-parallel block", basis.tp_block_s),
             ("its ends", basis.tp_ends_s),
             ("a sequence-parallel block", basis.sp_block_s),

@@ -96,9 +96,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     ``dtensor_param_s``, what the optimizer phase (gradient norm, AdamW) pays a parameter tensor
     that is a DTensor (FSDP2, tensor parallel) beyond a plain one, and ``zero1_block_s`` and
     ``zero1_ends_s``, what ZeRO-1's optimizer step over every rank costs beyond AdamW on a rank's
-    share: a block's parameters, and the model's ends' (their broadcasts, one a tensor),
-    ``ddp_block_s`` and ``ddp_ends_s``, what DDP over every rank costs a step, a block and the ends
-    (``ddp_costs``), and
+    share: a block's parameters, and the model's ends' (their broadcasts, one a tensor), and
     ``tp_block_s``, ``tp_ends_s`` (and ``sp_``, with sequence parallelism): what the tensor-parallel
     plan over every rank costs beyond its share of the FLOPs, a block and the rest a microbatch, and
     ``pipeline_microbatch_s``, what a pipeline stage over every rank pays a microbatch beyond its
@@ -146,7 +144,6 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         dist.barrier()
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
-        out["ddp_block_s"], out["ddp_ends_s"] = ddp_costs(cfg, batch, device, repeats)
         out |= tensor_parallel_costs(cfg, device, repeats)
         out["fsdp_block_s"], out["fsdp_ends_s"], out["dtensor_param_s"] = fsdp_costs(
             cfg, batch, device, repeats
@@ -401,40 +398,6 @@ def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[f
     # interleaved, twice the repeats: measured one after the other, a block's 4 ms once came out 0
     block, ends = _interleaved(steps, device, 2 * repeats, estimate)
     return block, ends
-
-
-def ddp_costs(
-    cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int
-) -> tuple[float, float]:
-    """What DDP over every rank costs a step beyond forward and backward, for copies of one and two
-    blocks: (a block, the model's ends). Its hooks, its buckets' copies and all-reduces (their
-    waits too), on gloo run by threads of the same cores as the compute: on 2 CPU ranks at
-    tiny-cpu 3.5-4 ms of the 17-19 a step DDP's forward and backward take, where the fitted
-    all-reduce said 0.9 and the rest was counted as compute, which a layout without DDP (a
-    pipeline, tensor parallelism over every rank) does not pay. Every rank must call it."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    runs: list[Callable[[], None]] = []
-    for layers in (1, 2):
-        plain = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
-        wrapped = DDP(
-            GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device),
-            device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=cfg.overlap.bucket_cap_mb,
-            gradient_as_bucket_view=cfg.overlap.gradient_as_bucket_view,
-        )
-        for model in (wrapped, plain):
-
-            def step(model: nn.Module = model) -> None:
-                cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
-
-            runs.append(step)
-
-    def estimate(ddp1: float, plain1: float, ddp2: float, plain2: float) -> tuple[float, float]:
-        one, two = ddp1 - plain1, ddp2 - plain2
-        return two - one, 2 * one - two
-
-    return _interleaved(runs, device, _rounds(repeats), estimate)  # type: ignore[return-value]
 
 
 def _with_zero(cfg: TrainConfig, zero: int) -> TrainConfig:
