@@ -351,6 +351,13 @@ class Basis:
     with 2 ranks), each forward and backward at half the basis's microbatch."""
     pipeline_last_s: float | None = None
     pipeline_middle_s: float | None = None
+    model_plain_s: float | None = None
+    """The whole model's forward and backward of a microbatch, plainly, every rank at once (CPU:
+    ``perfkit.trainer.costs.model_plain_s``)."""
+    ddp_step_s: float | None = None
+    """What DDP took of a DDP basis's forward and backward beyond that (its hooks, copies and
+    all-reduces, on gloo on the compute's cores), where more than its fitted all-reduce: charged
+    in place of it to the layouts with DDP over the same ranks."""
     pipeline_block_s: float | None = None
     """A block alone the same way (no ends), on every rank: what the ends add to the first and the
     last stage (``ends_in_blocks``)."""
@@ -488,7 +495,7 @@ class Prediction:
 MEASURED_COSTS = frozenset(
     f.name
     for f in dataclasses.fields(Basis)
-    if f.name.endswith("_s") and f.default is None and f.name not in ("step_s", "median_step_s")
+    if f.name.endswith("_s") and f.default is None and f.name not in ("step_s", "median_step_s", "ddp_step_s")
 )
 """The Basis fields ``perfkit.trainer.costs`` measures (None where the basis did not)."""
 
@@ -537,6 +544,8 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     lay = shape.layout
     if basis.pipeline_microbatch_s is not None:  # measured with the schedule (``measured_parts``)
         out.pop(PIPELINE_SENDS, None)
+    if basis.ddp_step_s is not None and "gradients (DDP)" in out and lay.dp == basis.shape.layout.dp:
+        out["gradients (DDP)"] = basis.ddp_step_s
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
         blocks = len(shape.stage_layers[shape.busiest])
         out["parameters (ZeRO-1)"] = basis.zero1_ends_s + basis.zero1_block_s * blocks + basis.wait_s
@@ -777,7 +786,16 @@ def basis_from_run(run_path: Path) -> Basis:
         )
     mid = med.median()  # the ranks' medians: a prediction of the basis itself gives its step time
     model_s = float(mid["forward_s"] + mid["backward_s"])
-    comm = sum(step_parts(basis, shape).values())
+    fitted = step_parts(basis, shape)
+    comm = sum(fitted.values())
+    lay = shape.layout
+    if basis.model_plain_s is not None and "gradients (DDP)" in fitted and lay.pp == lay.tp == 1:
+        # DDP as it took the step: its forward and backward beyond the model's plainly
+        others = comm - fitted["gradients (DDP)"]
+        ddp = model_s - others - basis.model_plain_s * lay.microbatches
+        if ddp > fitted["gradients (DDP)"]:
+            basis.ddp_step_s = ddp
+            comm = others + ddp
     if comm > 0.8 * model_s:
         basis.notes.append("the fitted collectives explain most of forward + backward: compute is uncertain")
     # what runs per microbatch, stage by stage (compute, and its measured extras), fills the pipeline
@@ -972,6 +990,8 @@ def whatif_lines(
     measured = [
         f"{what} {value * 1e3:.2f} ms"
         for what, value in (
+            ("the whole model plainly, a microbatch", basis.model_plain_s),
+            ("DDP's step beyond it (the basis's forward and backward)", basis.ddp_step_s),
             ("a microbatch of a block and the ends", basis.chunk_s),
             ("a checkpointed block", basis.checkpoint_block_s),
             ("a tensor-parallel module (DTensor)", basis.tp_module_s),

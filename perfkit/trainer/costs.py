@@ -141,6 +141,8 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     model.activation_checkpointing = True
     out["checkpoint_block_s"] = max(0.0, _seconds(lambda: run(1), device, repeats) - whole)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        if device.type == "cpu":  # the whole model plainly: a DDP basis's compute without DDP
+            out["model_plain_s"] = model_plain_s(cfg, batch, device, repeats)
         dist.barrier()
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
@@ -151,6 +153,23 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         if m.n_layers >= 2 and not m.tie_embeddings:  # else no layout of this model is a pipeline
             out |= pipeline_costs(cfg, micro_batch, device, repeats)
     return out
+
+
+def model_plain_s(cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int) -> float:
+    """The whole model's forward and backward of ``batch``, plainly, every rank at once: what a
+    step of a DDP basis computes, without DDP. On gloo DDP's hooks, bucket copies and all-reduces
+    run on threads of the compute's cores: at tiny-cpu DDP's forward and backward took 17-19 ms a
+    step where the same model plainly took 13-14 and the fitted all-reduce said 0.9, so a layout
+    without DDP (a pipeline, tensor parallelism over every rank) was predicted with the rest as
+    compute. The model's own copy (CPU only: a GPU's memory holds one model, and NCCL's
+    all-reduces run on their own streams)."""
+    model = GPT(cfg.model, cfg.kernels.attention).to(device)
+
+    def step() -> None:
+        cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
+
+    (seconds,) = _interleaved([step], device, _rounds(repeats), lambda t: (t,))
+    return seconds
 
 
 PIPE_MICROBATCHES = (2, 6)
