@@ -454,6 +454,29 @@ def test_the_models_ends_as_measured(tmp_path: Path) -> None:
     assert ratio == pytest.approx(2 * 2.3 / 4.4) and ratio < flops.flops / plain.shape.flops
 
 
+def test_a_ddp_basis_compute_is_the_model_measured_plainly(tmp_path: Path) -> None:
+    """Where the basis measured its whole model plainly, its compute is that and DDP the rest of
+    its forward and backward (on gloo, its hooks and all-reduces take the compute's cores): charged
+    to the layouts with DDP, not to a pipeline; the basis still predicts itself. Where the plain
+    model leaves DDP less than its fitted all-reduce, the fit stands."""
+    b = lm.basis_from_run(make_basis(tmp_path / "m", costs={"model_plain_s": 0.012}))
+    fitted = lm.basis_from_run(make_basis(tmp_path / "f"))
+    assert b.ddp_step_s is not None and b.compute_s == pytest.approx(0.012)
+    others = sum(v for k, v in lm.step_parts(fitted, fitted.shape).items() if k != "gradients (DDP)")
+    assert b.ddp_step_s == pytest.approx(0.022 - others - 0.012)
+    assert b.ddp_step_s > lm.step_parts(fitted, fitted.shape)["gradients (DDP)"]
+    assert lm.predict(b, load_config("tiny-cpu"), 2).step_s == pytest.approx(0.030)
+    z1 = lm.predict(b, load_config("tiny-cpu", ["parallel.zero=1"]), 2).time_parts
+    assert z1["gradients (DDP)"] == pytest.approx(b.ddp_step_s)
+    pp, pp_fitted = (lm.predict(x, load_config("tiny-cpu", ["parallel.pp=2"]), 2) for x in (b, fitted))
+    assert (
+        "gradients (DDP)" not in pp.time_parts and pp.time_parts["compute"] < pp_fitted.time_parts["compute"]
+    )
+    high = lm.basis_from_run(make_basis(tmp_path / "h", costs={"model_plain_s": 0.0215}))
+    assert high.ddp_step_s is None and high.compute_s == pytest.approx(fitted.compute_s)
+    assert "ddp_step_s" not in lm.MEASURED_COSTS and "model_plain_s" in lm.MEASURED_COSTS
+
+
 def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     """What the trainer measured after its steps (perfkit.trainer.costs): a microbatch unit more, a
     checkpointed block, a tensor-parallel module, each charged as often as the layout runs it; the
