@@ -149,6 +149,7 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
                 **{f"{e}_ms": v for e, v in (p.get("engines") or {}).items()},
                 "predicted_peak_bytes": pm,
                 "measured_peak_bytes": mm,
+                "time_parts_ms": p.get("time_ms"),  # the prediction part by part, to read a miss by
             }
         )
         print(
@@ -203,6 +204,7 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         "runs_from_median_max": noise,
         "no_predictions": data.get("no_predictions"),
         "layouts": rows,
+        "basis": data.get("basis"),  # what it measured (its costs beyond FLOPs, its link fit)
     }
 
 
