@@ -981,9 +981,14 @@ def whatif_lines(
                 f"{after.memory_parts.get(key, 0) / mib:>10.1f}"
             )
     rate = basis.shape.flops / basis.compute_s / 1e9 if basis.compute_s else 0.0
+    source = (
+        "its whole model's forward + backward measured plainly; DDP the rest"
+        if basis.ddp_step_s is not None
+        else "forward + backward less modelled collectives"
+    )
     lines += [
         "",
-        f"basis: compute at {rate:.2f} GFLOP/s a rank (forward + backward less modelled collectives); "
+        f"basis: compute at {rate:.2f} GFLOP/s a rank ({source}); "
         f"collectives alpha {basis.alpha_s * 1e3:.3f} ms + bytes at {basis.beta_bytes_per_s / 1e9:.2f} GB/s "
         f"bus bandwidth, {basis.wait_s * 1e3:.2f} ms wait a blocking call ({basis.comm_basis}); outside the model {basis.outside_s * 1e3:.1f} ms as measured",
     ]
