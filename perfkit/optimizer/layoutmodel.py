@@ -375,10 +375,9 @@ class Basis:
     def ends_in_blocks(self) -> tuple[float, float] | None:
         """The model's ends in blocks' work, from the pipelined copy's stages run plainly: the first
         (the embeddings and a block) and the last (a block, the final norm, the head and the loss)
-        less a block alone. At tiny-cpu the head's matmul is a third of a block's FLOPs and its
-        time with the loss nearly half, the embeddings none and a fifth; a pipeline's last stage of
-        2 blocks and the head at twice the rows was predicted 1.08x DDP's rank where it measured
-        1.02x. None where not measured."""
+        less a block alone. At tiny-cpu the head's matmul is 0.36 of a block's FLOPs and its time
+        with the loss 0.25-0.35 of a block's, the embeddings none and 0.01-0.02
+        (``bench/pipeline_schedule.py``). None where not measured."""
         block, first, last = self.pipeline_block_s, self.pipeline_first_s, self.pipeline_last_s
         if block is None or first is None or last is None or block <= 0:
             return None

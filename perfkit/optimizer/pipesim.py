@@ -4,8 +4,9 @@ forward and backward chunks, sends and receives, in the order ``Schedule1F1B`` a
 both its ends have posted it (gloo's and NCCL's point-to-point calls meet: a send waits for its
 receive), so a stage that waits on a batch holding its send to a busy neighbour waits for that
 neighbour too. The closed form (the busiest stage's microbatches and one of each other stage) has
-no such waits: on 2 CPU ranks at tiny-cpu, where each exchange waits 1.5-3 ms, the ranks were idle
-44% of a step of 8 microbatches, not the 11% it says.
+no such waits. Not modelled: what GPipe costs beyond 1F1B with the same chunks (every microbatch's
+activations kept at once): on tiny-cpu's pp2 with 8 microbatches it measured 36.8 ms against
+1F1B's 29.6 (``bench/pipeline_schedule.py``), where this gives both 30.1.
 """
 
 from __future__ import annotations
