@@ -361,6 +361,9 @@ class Basis:
     pipeline_block_s: float | None = None
     """A block alone the same way (no ends), on every rank: what the ends add to the first and the
     last stage (``ends_in_blocks``)."""
+    pipeline_gpipe_extra_s: float | None = None
+    """The pipelined copy's step under GPipe over its step under 1F1B, with the many microbatches
+    (``pipeline_costs``): what a receive posted late costs (``pipeline_late_receive_s``)."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -427,10 +430,27 @@ class Basis:
         few, many = (k * len(stages) for k in PIPE_MICROBATCHES)
         latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
         fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
-        simulated = step_seconds("1f1b", fwd, bwd, many, latency) - step_seconds(
-            "1f1b", fwd, bwd, few, latency
+        late = self.pipeline_late_receive_s()
+        simulated = step_seconds("1f1b", fwd, bwd, many, latency, late) - step_seconds(
+            "1f1b", fwd, bwd, few, latency, late
         )
         return max(0.0, slope - simulated / (many - few))
+
+    def pipeline_late_receive_s(self) -> float:
+        """What a receive posted after its send costs while the sender computes, fitted so that the
+        simulated copy (its stages' own work, the link's latency) takes as much longer under GPipe
+        than under 1F1B as the measured copy did (``pipeline_gpipe_extra_s``): GPipe meets it on
+        each forward its first stage runs ahead of, 1F1B hardly ever (``pipesim``). 0 where not
+        measured."""
+        stages, extra = self.pipeline_stages_s(), self.pipeline_gpipe_extra_s
+        if stages is None or not extra:
+            return 0.0
+        from perfkit.optimizer.pipesim import fit_late_receive
+        from perfkit.trainer.costs import PIPE_MICROBATCHES
+
+        latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
+        fwd, bwd = tuple(t / 3 for t in stages), tuple(2 * t / 3 for t in stages)
+        return fit_late_receive(fwd, bwd, PIPE_MICROBATCHES[1] * len(stages), latency, extra)
 
     def pipeline_stages_s(self) -> list[float] | None:
         """The measured copy's stages' own work a microbatch, in order, or None (not measured)."""
@@ -896,7 +916,12 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> float:
     chunks = [busiest_s / m * w / weight[shape.busiest] for w in weight]
     latency = basis.pipeline_latency_s(lay.micro_batch, shape.act_bytes)
     step = step_seconds(
-        shape.cfg.parallel.pp_schedule, [c / 3 for c in chunks], [2 * c / 3 for c in chunks], m, latency
+        shape.cfg.parallel.pp_schedule,
+        [c / 3 for c in chunks],
+        [2 * c / 3 for c in chunks],
+        m,
+        latency,
+        basis.pipeline_late_receive_s(),
     )
     return max(0.0, step - busiest_s)
 
@@ -1010,6 +1035,7 @@ def whatif_lines(
             ("a sequence-parallel block", basis.sp_block_s),
             ("its ends", basis.sp_ends_s),
             ("a pipeline stage's microbatch (its schedule's machinery)", basis.pipeline_machinery_s()),
+            ("a receive posted late, its sender computing", basis.pipeline_late_receive_s() or None),
         )
         if value is not None
     ]

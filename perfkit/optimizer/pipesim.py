@@ -4,13 +4,24 @@ forward and backward chunks, sends and receives, in the order ``Schedule1F1B`` a
 both its ends have posted it (gloo's and NCCL's point-to-point calls meet: a send waits for its
 receive), so a stage that waits on a batch holding its send to a busy neighbour waits for that
 neighbour too. The closed form (the busiest stage's microbatches and one of each other stage) has
-no such waits. Not modelled: what GPipe costs beyond 1F1B with the same chunks (every microbatch's
-activations kept at once): on tiny-cpu's pp2 with 8 microbatches it measured 36.8 ms against
-1F1B's 29.6 (``bench/pipeline_schedule.py``), where this gives both 30.1.
+no such waits.
+
+A receive posted after its send, while the sender computes, costs the receiver ``late_receive``
+more: on gloo the post itself blocks until the sender's side answers (on 2 CPU cores 0.1 ms most
+times, 2-6 ms one time in three; under 0.1 where the sender waits). GPipe meets it on its
+forwards (its first stage runs ahead, its sends unwaited), 1F1B hardly ever (each stage waits on
+its neighbour's batch first). Its cost is fitted to the pipelined copy's step under GPipe over
+its step under 1F1B (``perfkit.trainer.costs.pipeline_costs``, ``fit_late_receive``): the
+trainer's tiny-cpu pp2 with 8 microbatches took 42.4 ms under GPipe against 37.7 under 1F1B, and
+was predicted 41.6 and 37.8 (one sweep). The excess moves with the host: a stand-alone pp2
+(``bench/pipeline_schedule.py``) measured 0.7-7.2 ms over eight runs.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import math
 from dataclasses import dataclass
 
 Op = tuple[str, int, int, int]
@@ -122,45 +133,85 @@ def gpipe(r: int, p: int, m: int, f: float, b: float) -> list[Action]:
     return prog
 
 
-def simulate(programs: list[list[Action]], latency: float) -> list[float]:
-    """Each stage's finishing time, every stage starting at 0."""
+def simulate(programs: list[list[Action]], latency: float, late_receive: float = 0.0) -> list[float]:
+    """Each stage's finishing time, every stage starting at 0. Stages move in time order (the
+    earliest that can), so when a stage posts, every other stage's chunks up to then are known:
+    a receive posted after its send while the sender computes costs ``late_receive``."""
     posted: dict[tuple[Op, int], float] = {}  # (op, the end that posted it: 0 sender, 1 receiver)
     now = [0.0] * len(programs)
     pc = [0] * len(programs)
+    computing: list[list[tuple[float, float]]] = [[] for _ in programs]
 
     def done(op: Op) -> float | None:
         a, b = posted.get((op, 0)), posted.get((op, 1))
         return None if a is None or b is None else max(a, b) + latency
 
+    def busy(r: int, t: float) -> bool:  # stage r computing at t (its chunks, in order)
+        k = bisect.bisect_right(computing[r], (t, math.inf)) - 1
+        return k >= 0 and t < computing[r][k][1]
+
+    def ready(r: int) -> bool:
+        act = programs[r][pc[r]]
+        return not isinstance(act, Wait) or all(done(op) is not None for op in act.ops)
+
     while True:
-        moved = False
-        for r, prog in enumerate(programs):
-            while pc[r] < len(prog):
-                act = prog[pc[r]]
-                if isinstance(act, Compute):
-                    now[r] += act.seconds
-                elif isinstance(act, Post):
-                    for op in act.ops:
-                        posted[(op, 0 if op[1] == r else 1)] = now[r]
-                else:
-                    ends = [done(op) for op in act.ops]
-                    if any(e is None for e in ends):
-                        break
-                    now[r] = max([now[r], *(e for e in ends if e is not None)])
-                pc[r] += 1
-                moved = True
-        if all(pc[r] == len(prog) for r, prog in enumerate(programs)):
+        live = [r for r, prog in enumerate(programs) if pc[r] < len(prog)]
+        if not live:
             return now
-        if not moved:
+        movable = [r for r in live if ready(r)]
+        if not movable:
             raise RuntimeError("the simulated schedule deadlocks: its sends and receives do not pair")
+        r = min(movable, key=lambda k: now[k])
+        act = programs[r][pc[r]]
+        if isinstance(act, Compute):
+            computing[r].append((now[r], now[r] + act.seconds))
+            now[r] += act.seconds
+        elif isinstance(act, Post):
+            late = any(op[2] == r and (op, 0) in posted and busy(op[1], now[r]) for op in act.ops)
+            now[r] += late_receive if late else 0.0
+            for op in act.ops:
+                posted[(op, 0 if op[1] == r else 1)] = now[r]
+        else:
+            now[r] = max([now[r], *(e for op in act.ops if (e := done(op)) is not None)])
+        pc[r] += 1
 
 
 def step_seconds(
-    schedule: str, forward: list[float], backward: list[float], microbatches: int, latency: float
+    schedule: str,
+    forward: list[float],
+    backward: list[float],
+    microbatches: int,
+    latency: float,
+    late_receive: float = 0.0,
 ) -> float:
     """The pipeline's step (its slowest stage's finish) under ``schedule`` ("1f1b" or "gpipe"),
     stage ``r``'s forward chunk taking ``forward[r]`` and its backward ``backward[r]``."""
     p = len(forward)
     build = gpipe if schedule == "gpipe" else one_f_one_b
     programs = [build(r, p, microbatches, forward[r], backward[r]) for r in range(p)]
-    return max(simulate(programs, latency))
+    return max(simulate(programs, latency, late_receive))
+
+
+@functools.lru_cache(maxsize=64)
+def fit_late_receive(
+    forward: tuple[float, ...], backward: tuple[float, ...], microbatches: int, latency: float, extra: float
+) -> float:
+    """The late receive's cost that makes GPipe's simulated step ``extra`` longer than 1F1B's
+    with these stages and microbatches: bisected, as that excess only grows with it (in steps: a
+    costlier receive can leave the sender waiting by the next one). 0 where GPipe's excess without
+    it is already ``extra``; ``extra`` where not even that much reaches it."""
+
+    def over(late: float) -> float:
+        return step_seconds(
+            "gpipe", list(forward), list(backward), microbatches, latency, late
+        ) - step_seconds("1f1b", list(forward), list(backward), microbatches, latency, late)
+
+    low, high = 0.0, extra
+    if over(low) >= extra:
+        return low
+    if over(high) < extra:
+        return high
+    for _ in range(24):  # to a millionth of the extra
+        mid = (low + high) / 2
+        low, high = (mid, high) if over(mid) < extra else (low, mid)
+    return (low + high) / 2

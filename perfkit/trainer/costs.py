@@ -190,8 +190,15 @@ def pipeline_costs(
     busiest rank's). With it, each stage's own work a microbatch (``pipeline_first_s``,
     ``pipeline_last_s``, ``pipeline_middle_s``: 0 with 2 ranks) and a block alone
     (``pipeline_block_s``, the ranks' mean), forward and backward, at half ``micro_batch``'s rows.
-    Every rank must call it."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    And ``pipeline_gpipe_extra_s``: the same pipeline under GPipe with the many microbatches, its
+    step over 1F1B's, in the same rounds. The two schedules' chunks are the same, but GPipe's first
+    stage runs ahead, so each receive of its forwards is posted after its send while the sender
+    computes; on gloo that post blocks until the sender's side answers (on 2 CPU cores 0.1 ms most
+    times and 2-6 ms one time in three, against under 0.1 where the sender waits): the trainer's
+    tiny-cpu pp2 took 42.4 ms a step under GPipe with 8 microbatches against 37.7 under 1F1B, 30.8
+    against 28.7 with 4 (one sweep). The layout model fits that post's cost to this
+    (``Basis.pipeline_late_receive_s``: 0.33 ms there). Every rank must call it."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from perfkit.trainer.parallelize import stage_ends
 
@@ -202,12 +209,12 @@ def pipeline_costs(
     rows = max(1, micro_batch // 2)  # a pipeline's microbatch: a share of a rank's batch
     counts = [k * world for k in PIPE_MICROBATCHES]
     runs: list[Callable[[], None]] = []
-    for n in counts:
+    for n, kind in ((counts[0], Schedule1F1B), (counts[1], Schedule1F1B), (counts[1], ScheduleGPipe)):
         stage = PipelineStage(part, rank, world, device, group=dist.group.WORLD)
-        schedule = Schedule1F1B(stage, n_microbatches=n, loss_fn=cross_entropy)
+        schedule = kind(stage, n_microbatches=n, loss_fn=cross_entropy)
         batch = torch.randint(0, m.vocab_size, (n * rows, m.seq_len + 1), device=device)
 
-        def step(schedule: Schedule1F1B = schedule, batch: torch.Tensor = batch) -> None:
+        def step(schedule: Schedule1F1B | ScheduleGPipe = schedule, batch: torch.Tensor = batch) -> None:
             if rank == 0:
                 schedule.step(batch[:, :-1])
             elif rank == world - 1:
@@ -237,20 +244,24 @@ def pipeline_costs(
 
     runs += [plain, alone]
     few, many = counts
-    slope, own, one = _interleaved(
-        runs, device, _rounds(repeats), lambda a, b, own, one: ((b - a) / (many - few), own, one)
+    slope, gpipe_extra, own, one = _interleaved(
+        runs,
+        device,
+        _rounds(repeats),
+        lambda a, b, g, own, one: ((b - a) / (many - few), g - b, own, one),
     )
     # the step is the busiest stage's: the slowest rank's growth less the busiest rank's work; each
     # stage's own work kept too (the first, the last, the busiest middle), for the layout model's
     # simulation of the copy's schedule (``perfkit.optimizer.pipesim``)
     where = 0 if rank == 0 else 1 if rank == world - 1 else 2
-    figures = torch.zeros(5, dtype=torch.float64, device=device)
-    figures[0], figures[1], figures[2 + where] = slope, own, own
+    figures = torch.zeros(6, dtype=torch.float64, device=device)
+    figures[0], figures[1], figures[2], figures[3 + where] = slope, gpipe_extra, own, own
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-    slope, own, first, last, middle = (float(x) for x in figures)
+    slope, gpipe_extra, own, first, last, middle = (float(x) for x in figures)
     block_s = torch.tensor([one / world], dtype=torch.float64, device=device)
     dist.all_reduce(block_s)  # the ranks' mean
     return {
+        "pipeline_gpipe_extra_s": gpipe_extra,
         "pipeline_block_s": float(block_s[0]),
         "pipeline_microbatch_s": max(0.0, slope - own),
         "pipeline_first_s": first,
