@@ -14,7 +14,7 @@ its neighbour's batch first). Its cost is fitted to the pipelined copy's step un
 its step under 1F1B (``perfkit.trainer.costs.pipeline_costs``, ``fit_late_receive``): the
 trainer's tiny-cpu pp2 with 8 microbatches took 42.4 ms under GPipe against 37.7 under 1F1B, and
 was predicted 41.6 and 37.8 (one sweep). The excess moves with the host: a stand-alone pp2
-(``bench/pipeline_schedule.py``) measured 0.7-7.2 ms over eight runs.
+(``bench/pipeline_schedule.py``) measured -1.2 to +7.2 ms over nine runs.
 """
 
 from __future__ import annotations
