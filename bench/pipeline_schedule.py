@@ -2,17 +2,19 @@
 step as torch runs it, where the closed form (the busiest stage's microbatches and one of each
 other stage) does not? And what do the model's ends and DDP cost against a plain block?
 
-    python bench/pipeline_schedule.py            # ~1 minute on 2 CPU cores (2 gloo ranks)
+    python bench/pipeline_schedule.py            # ~15 seconds on 2 CPU cores (2 gloo ranks)
 
 On 2 ranks at tiny-cpu, interleaved round by round (``perfkit.trainer.costs._interleaved``): a
 pipeline of 2 blocks a stage (tiny-cpu's pp2) over 16 sequences under 1F1B with 2, 4 and 8
-microbatches and GPipe with 8, each stage run plainly at each microbatch's rows, a block alone,
-the whole model plainly and under DDP at 8 rows (a DDP rank's microbatch), and a 16 KiB-to-96 KiB
-send/recv ping-pong (the link's latency). Printed: each pipeline measured beside the simulation
-(its stages' measured work, the measured latency, and the machinery a microbatch fitted as the
-model fits it: 1F1B's growth from 4 to 8 microbatches less the simulation's) and beside the closed
-form; the ends in blocks' work against their FLOPs; DDP's forward and backward beyond the plain
-model's.
+microbatches and GPipe with 4 and 8, each stage run plainly at each microbatch's rows, a block
+alone, the whole model plainly and under DDP at 8 rows (a DDP rank's microbatch), and a 16
+KiB-to-96 KiB send/recv ping-pong (the link's latency). Printed: each pipeline measured beside the
+simulation (its stages' measured work, the measured latency, the cost of a receive posted late
+fitted as the model fits it, here to GPipe's step over 1F1B's at 4 microbatches, so GPipe with 8
+is held out, and the machinery a microbatch fitted as the model fits it: 1F1B's growth from 4 to 8
+microbatches less the simulation's), beside the simulation without the late receives, and beside
+the closed form; the ends in blocks' work against their FLOPs; DDP's forward and backward beyond
+the plain model's.
 """
 
 from __future__ import annotations
