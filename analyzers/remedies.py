@@ -278,6 +278,17 @@ register(
 )
 register(
     Remedy(
+        id="pipeline_1f1b",
+        description="Run the pipeline under 1F1B, not GPipe: each stage waits on its neighbour's "
+        "batch, so no receive is posted after its send while the sender computes, and a stage keeps "
+        "at most its stages' count of microbatches' activations, not every one.",
+        trainer={"parallel.pp_schedule": "1f1b"},
+        script="torch.distributed.pipelining.Schedule1F1B in place of ScheduleGPipe (Megatron and "
+        "DeepSpeed's pipelines run 1F1B already)",
+    )
+)
+register(
+    Remedy(
         id="sequence_parallel",
         description="Sequence parallelism: shard the activations outside attention and MLP over the "
         "tensor-parallel ranks (then activation checkpointing if still short).",

@@ -460,6 +460,12 @@ def test_gpipe_pays_its_late_receives_as_the_copy_measured(tmp_path: Path) -> No
 
     assert step(b, "1f1b") == pytest.approx(step(plain, "1f1b"))
     assert step(b, "gpipe") > step(plain, "gpipe") + late  # several receives late at 8 microbatches
+    # a part of its own, so a user sees what GPipe pays that 1F1B does not
+    gp = lm.predict(b, load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=8", "parallel.pp_schedule=gpipe"]), 2)  # fmt: skip
+    one = lm.predict(b, load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=8"]), 2)
+    assert gp.time_parts[lm.LATE_RECEIVES] > late and lm.LATE_RECEIVES not in one.time_parts
+    without = lm.predict(plain, load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=8", "parallel.pp_schedule=gpipe"]), 2)  # fmt: skip
+    assert gp.time_parts["pipeline bubble"] == pytest.approx(without.time_parts["pipeline bubble"])
     out = run_perfkit("whatif", str(run), "--set", "parallel.pp=2")
     assert f"a receive posted late, its sender computing {late * 1e3:.2f} ms" in out.stdout
 

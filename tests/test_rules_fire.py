@@ -121,6 +121,14 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
             config={"parallel": {"pp": 4, "microbatches": 4, "pp_schedule": "1f1b"}},
         )
     ),
+    "gpipe_late_receives": lambda tmp: _run_rules(
+        Metrics(
+            steps=_steps(forward=0.2, backward=0.5),
+            config={"parallel": {"pp": 2, "microbatches": 8, "pp_schedule": "gpipe"}},
+            model={"layout_costs": {"pipeline_gpipe_extra_s": 0.005}},
+            run=_run_info(),
+        )
+    ),
     "small_ddp_buckets": lambda tmp: _run_rules(
         Metrics(
             steps=_steps(backward=0.5),
@@ -411,6 +419,28 @@ def test_pipeline_bubble_saving_and_its_absence() -> None:
         assert not [f for f in _run_rules(m) if f.id == "pipeline_bubble"]
 
 
+def test_gpipe_late_receives_saving_and_its_absence() -> None:
+    """GPipe's copy took 5 ms longer than 1F1B's at 12 microbatches (2 ranks): 11 late receives, so
+    0.45 ms each, and a run of 8 microbatches pays 7 of them. 1F1B, no pipeline, or no measurement:
+    nothing."""
+    gpipe = {"pp": 2, "microbatches": 8, "pp_schedule": "gpipe"}
+    m = Metrics(
+        steps=_steps(forward=0.2, backward=0.5),
+        config={"parallel": gpipe},
+        model={"layout_costs": {"pipeline_gpipe_extra_s": 0.005}},
+        run=_run_info(),
+    )
+    (f,) = [f for f in _run_rules(m) if f.id == "gpipe_late_receives"]
+    assert f.saving_ms_per_step == pytest.approx(5.0 * 7 / 11, rel=1e-3) and f.remedy == "pipeline_1f1b"
+    assert f.evidence["copy_microbatches"] == 12 and "told_by" in f.evidence
+    for parallel, costs in (({**gpipe, "pp_schedule": "1f1b"}, {"pipeline_gpipe_extra_s": 0.005}),
+                            ({"pp": 1}, {"pipeline_gpipe_extra_s": 0.005}), (gpipe, {})):  # fmt: skip
+        m = Metrics(
+            steps=_steps(), config={"parallel": parallel}, model={"layout_costs": costs}, run=_run_info()
+        )
+        assert not [f for f in _run_rules(m) if f.id == "gpipe_late_receives"]
+
+
 # ---- and every rule stays quiet on input that could fool it ------------------------------------
 
 
@@ -474,6 +504,14 @@ QUIET: dict[str, Callable[[Path], list[Finding]]] = {
             memory=MemoryMetrics(rss_max_bytes=0.35 * 2**34, alloc_retries=0),
         )
     ),  # fmt: skip
+    "gpipe_late_receives": lambda tmp: _run_rules(  # GPipe, but its copy measured no excess over 1F1B
+        Metrics(
+            steps=_steps(forward=0.2, backward=0.5),
+            config={"parallel": {"pp": 2, "microbatches": 8, "pp_schedule": "gpipe"}},
+            model={"layout_costs": {"pipeline_gpipe_extra_s": 0.0}},
+            run=_run_info(),
+        )
+    ),
     "pipeline_bubble": lambda tmp: _run_rules(  # pp=4 with 32 microbatches: 3 of 35 slots idle
         Metrics(steps=_steps(forward=0.2, backward=0.5), config={"parallel": {"pp": 4, "microbatches": 32}})
     ),

@@ -423,8 +423,7 @@ class Basis:
         stages = self.pipeline_stages_s()
         if stages is None:
             return self.pipeline_microbatch_s
-        from perfkit.optimizer.pipesim import step_seconds
-        from perfkit.trainer.costs import PIPE_MICROBATCHES
+        from perfkit.optimizer.pipesim import PIPE_MICROBATCHES, step_seconds
 
         slope = self.pipeline_microbatch_s + max(stages)
         few, many = (k * len(stages) for k in PIPE_MICROBATCHES)
@@ -445,8 +444,7 @@ class Basis:
         stages, extra = self.pipeline_stages_s(), self.pipeline_gpipe_extra_s
         if stages is None or not extra:
             return 0.0
-        from perfkit.optimizer.pipesim import fit_late_receive
-        from perfkit.trainer.costs import PIPE_MICROBATCHES
+        from perfkit.optimizer.pipesim import PIPE_MICROBATCHES, fit_late_receive
 
         latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
         fwd, bwd = tuple(t / 3 for t in stages), tuple(2 * t / 3 for t in stages)
@@ -875,7 +873,7 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
         parts["microbatches (dispatch)"] = dispatch
     parts |= measured
     if shape.pipeline_fill > 1:  # every stage's microbatches, their dispatch and recomputation too
-        parts["pipeline bubble"] = pipeline_bubble(basis, shape, sum(parts.values()))
+        parts |= pipeline_bubble(basis, shape, sum(parts.values()))
     parts["optimizer"] = basis.optimizer_s * shape.optimizer_params / max(1.0, base.optimizer_params)
     parts["optimizer"] += (basis.dtensor_param_s or 0.0) * dtensor_params(shape)
     parts |= step_parts(basis, shape)
@@ -899,31 +897,36 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
     return Prediction(step, peak, parts, mem, notes, spread, lower_bound)
 
 
-def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> float:
+LATE_RECEIVES = "pipeline receives posted late"
+"""The part of a pipeline's step its receives posted after their sends cost (``pipesim``)."""
+
+
+def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, float]:
     """What a pipeline's step spends beyond its busiest stage's own microbatches (``busiest_s``):
     its schedule simulated as torch runs it (``pipesim``: each stage's chunks, its sends waiting for
     their receives, the link's latency) where the basis measured the copy's stages (so the
     machinery a microbatch is known apart from the waits), else the closed form's fill and drain
-    (one microbatch of each other stage). Interleaved schedules take the closed form."""
+    (one microbatch of each other stage). Interleaved schedules take the closed form. Where the
+    basis measured what a receive posted late costs, what the schedule's late receives add is a
+    part of its own (GPipe's, mostly: a user's reason to choose 1F1B)."""
     lay = shape.layout
     closed = busiest_s * (shape.pipeline_fill - 1)
     if lay.stages_per_rank > 1 or basis.pipeline_stages_s() is None:
-        return closed
+        return {"pipeline bubble": closed}
     from perfkit.optimizer.pipesim import step_seconds
 
     m = lay.microbatches
     weight = [shape.stage_flops_per_token(r) for r in range(lay.pp)]
     chunks = [busiest_s / m * w / weight[shape.busiest] for w in weight]
     latency = basis.pipeline_latency_s(lay.micro_batch, shape.act_bytes)
-    step = step_seconds(
-        shape.cfg.parallel.pp_schedule,
-        [c / 3 for c in chunks],
-        [2 * c / 3 for c in chunks],
-        m,
-        latency,
-        basis.pipeline_late_receive_s(),
-    )
-    return max(0.0, step - busiest_s)
+    fwd, bwd = [c / 3 for c in chunks], [2 * c / 3 for c in chunks]
+    schedule = shape.cfg.parallel.pp_schedule
+    step = step_seconds(schedule, fwd, bwd, m, latency)
+    parts = {"pipeline bubble": max(0.0, step - busiest_s)}
+    late = step_seconds(schedule, fwd, bwd, m, latency, basis.pipeline_late_receive_s()) - step
+    if late > 0:
+        parts[LATE_RECEIVES] = late
+    return parts
 
 
 def with_stalls(basis: Basis, parts: dict[str, float]) -> float:

@@ -242,7 +242,13 @@ class LayoutReplay:
         replayed steps (the slowest rank's median; the ranks wait for each other), scaled to the
         unprofiled step; plus what the layout model says the trace cannot hold, and the basis's
         stalls."""
-        from perfkit.optimizer.layoutmodel import dtensor_params, predict, step_parts, with_stalls
+        from perfkit.optimizer.layoutmodel import (
+            LATE_RECEIVES,
+            dtensor_params,
+            predict,
+            step_parts,
+            with_stalls,
+        )
 
         b = self.basis
         shape, base = b.shape_of(cfg, world_size), b.shape
@@ -275,7 +281,8 @@ class LayoutReplay:
             parts["the basis's collectives beside its compute"] = hidden * (1 / change.link - 1)
         was = b.measured_parts(base)
         parts |= {k: v - was.get(k, 0.0) for k, v in b.measured_parts(shape).items()}
-        parts["pipeline bubble"] = model.time_parts.get("pipeline bubble", 0.0)  # a basis without stages
+        for k in ("pipeline bubble", LATE_RECEIVES):  # as the layout model simulates the schedule
+            parts[k] = model.time_parts.get(k, 0.0)
         parts["optimizer (DTensor parameters)"] = (b.dtensor_param_s or 0.0) * (
             dtensor_params(shape) - dtensor_params(base)
         )

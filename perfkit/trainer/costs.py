@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
+from perfkit.optimizer.pipesim import PIPE_MICROBATCHES
 from perfkit.trainer.config import TrainConfig
 from perfkit.trainer.model import GPT, cross_entropy
 from perfkit.trainer.parallelize import build_optimizer, clip_grad_norm_
@@ -170,10 +171,6 @@ def model_plain_s(cfg: TrainConfig, batch: torch.Tensor, device: torch.device, r
 
     (seconds,) = _interleaved([step], device, _rounds(repeats), lambda t: (t,))
     return seconds
-
-
-PIPE_MICROBATCHES = (2, 6)
-"""The pipelined copy's microbatches, in multiples of its stages (1F1B takes one a stage at least)."""
 
 
 def pipeline_costs(
