@@ -409,6 +409,13 @@ def test_pipeline_bubble_saving_and_its_absence() -> None:
     (g,) = [g for g in _run_rules(m) if g.id == "pipeline_bubble"]
     assert g.saving_ms_per_step == pytest.approx(f.saving_ms_per_step - 0.9 * 12, rel=1e-3)
     assert g.evidence["extra_ms_per_microbatch"] == pytest.approx(0.9) and "measured" in g.estimate
+    # under GPipe, a receive more posted late too: the copy's 5.5 ms excess over its 11 late ones
+    m.config["parallel"]["pp_schedule"] = "gpipe"
+    m.model = {"layout_costs": {**costs, "pipeline_gpipe_extra_s": 0.0055}}
+    m.run = _run_info()
+    (h,) = [h for h in _run_rules(m) if h.id == "pipeline_bubble"]
+    assert h.evidence["extra_ms_per_microbatch"] == pytest.approx(0.9 + 0.5)
+    m.config["parallel"].pop("pp_schedule")
     # and where they cost more than the bubble gives back (tiny-cpu on 2 CPU ranks: 2 microbatches
     # 28 ms a step, 8 microbatches 42), no finding: its fix would slow the run
     m.model = {"layout_costs": {**costs, "pipeline_microbatch_s": 0.005}}

@@ -81,7 +81,8 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
     m + (pp - 1) / v. More microbatches (or two stages a rank) shrink that share. Told by the run's
     configuration (pp, microbatches, schedule); the saving scales the measured forward + backward,
     less what each microbatch more costs where the trainer measured it (``perfkit.trainer.costs``:
-    its schedule's machinery and sends a stage, and its ops' dispatch a block and the ends): on 2 CPU
+    its schedule's machinery and sends a stage, its ops' dispatch a block and the ends, and under
+    GPipe a receive more posted late, ``gpipe_late_receives``): on 2 CPU
     ranks at tiny-cpu 2.3 ms a microbatch, so 8 microbatches in place of 2 cost 14 ms more than the
     5 the bubble gave back (measured 42 ms a step against 28), and no finding is made."""
     par = m.config.get("parallel", {})
@@ -111,6 +112,9 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
         # a stage's schedule a microbatch, each of the rank's stages; half a measured chunk a unit
         # (a block, the ends) a microbatch, as the layout model charges it
         extra_ms = 1e3 * (per_stage * v + (dispatch or 0.0) / 2 * (blocks + 1))
+        late = costs.get("pipeline_gpipe_extra_s")
+        if par.get("pp_schedule") == "gpipe" and isinstance(late, int | float):  # a receive more late
+            extra_ms += 1e3 * late / (PIPE_MICROBATCHES[1] * _world(m, pp) - 1)
         saving -= extra_ms * 3 * mb
         estimate += f", less {extra_ms:.2f} ms each microbatch more costs (measured after the run's steps)"
         measured["extra_ms_per_microbatch"] = round(extra_ms, 3)
@@ -132,6 +136,11 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
+def _world(m: Metrics, pp: int) -> int:
+    """The run's ranks: the pipelined copy's stages (it ran over every rank)."""
+    return m.run.world_size if m.run is not None and m.run.world_size else pp
+
+
 @rule("gpipe_late_receives", remedy="pipeline_1f1b", reads="run", min_saving_ms=0.5)
 def gpipe_late_receives(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """A GPipe pipeline whose copy, measured after the run's steps, took longer under GPipe than
@@ -147,8 +156,7 @@ def gpipe_late_receives(m: Metrics, t: Thresholds) -> Diagnosis | None:
     extra = (m.model.get("layout_costs") or {}).get("pipeline_gpipe_extra_s")
     if pp <= 1 or par.get("pp_schedule") != "gpipe" or not isinstance(extra, int | float) or extra <= 0:
         return None
-    world = m.run.world_size if m.run is not None else pp
-    copy = PIPE_MICROBATCHES[1] * world  # the copy's microbatches: each forward but the first late
+    copy = PIPE_MICROBATCHES[1] * _world(m, pp)  # the copy's microbatches: each forward but the first late
     mb = int(par.get("microbatches") or pp)
     saving = 1e3 * extra * (mb - 1) / (copy - 1)
     if saving < t["min_saving_ms"]:
