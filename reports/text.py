@@ -389,6 +389,12 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
                 else ""
             )
         )
+    if a.get("basis_drift") is not None:
+        lines.append(
+            f"  the basis's profiled run took {a['basis_drift']:+.0%} against its layout's plain runs here"
+            f" (the host's drift between them, in every prediction); each layout's ratio to that layout"
+            f" was predicted within {a['ratio_error_max']:.0%}"
+        )
     if data.get("no_predictions"):
         lines.append(f"no predictions: {data['no_predictions']}")
     elif data.get("basis"):

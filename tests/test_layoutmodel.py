@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_perfkit
+from perfkit.reports.text import sweep_summary
 
 from perfkit.errors import RunDirError
 from perfkit.optimizer import layoutmodel as lm
@@ -305,6 +306,17 @@ def test_sweep_ledger_resumes_without_measuring_twice(
     data = result.to_json()
     assert [c["label"] for c in data["candidates"]] == ["dp2", "dp2 zero3", "tp2", "pp2 1f1b"]
     assert data["agreement"]["layouts_ranked"] == 4 and data["agreement"]["spearman"] is not None
+    # the basis's own layout (dp2, the basis's 30 ms against the 10 ms its plain runs took here):
+    # the host's drift every prediction carries, and each layout's ratio to it without that drift
+    a = data["agreement"]
+    own = data["candidates"][0]["predicted"]["step_ms"]
+    assert a["basis_drift"] == pytest.approx(own / 10.0 - 1)
+    ratios = [(c["predicted"]["step_ms"] / own) / (c["step_ms"] / 10.0) - 1 for c in data["candidates"]]
+    assert a["ratio_error_max"] == pytest.approx(max(abs(r) for r in ratios))
+    assert (
+        f"the basis's profiled run took {a['basis_drift']:+.0%} against its layout's plain runs"
+        in sweep_summary(data, 12)
+    )
     assert all(c["predicted"]["step_ms"] > 0 for c in data["candidates"])
     # a third start measures nothing; a different sweep in the same folder is refused in one line
     sw.run_sweep("tiny-cpu", 2, ["steps=12"], LAYOUTS, 2, out, basis_run=basis)

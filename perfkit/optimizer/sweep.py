@@ -222,6 +222,7 @@ class Sweep:
             if (p := c.predicted) and not p.get("peak_memory_lower_bound")
         ]
         time_errors = [abs(p - m) / m for p, m in pairs if m]
+        own = self._basis_drift(steps_of, pairs)
         return {
             "spearman": spearman([p for p, _ in pairs], [m for _, m in pairs]),
             "layouts_ranked": len(pairs),
@@ -239,6 +240,30 @@ class Sweep:
                 else {}
             ),
             **({"engines": engines} if engines else {}),
+            **own,
+        }
+
+    def _basis_drift(self, steps: int | None, pairs: list[tuple[float, float]]) -> dict[str, float]:
+        """Where the basis's own layout was measured: its predicted step (the basis's profiled run)
+        against its plain runs (``basis_drift``: the host's drift between them, which every
+        prediction carries), and each layout's predicted ratio to it against the measured ratio
+        (``ratio_error_max``: what the model says, without that drift). On 2 CPU ranks a basis run
+        took 30.6% longer than its layout's plain runs minutes later (bench 2026-12-06f)."""
+        if self.basis is None or steps is None:
+            return {}
+        from perfkit.trainer.config import config_from_dict
+
+        name = self.basis_layout
+        if name is None and self.basis.world_size == self.nproc * self.nodes:
+            name = describe(config_from_dict(self.basis.config), self.basis.shape.layout)
+        own = next((c for c in self.candidates if c.label == name and c.predicted), None)
+        measured = self.median_at(own, steps) if own is not None else None
+        if own is None or not measured or not own.predicted:
+            return {}
+        predicted = own.predicted["step_ms"]
+        return {
+            "basis_drift": predicted / measured - 1,
+            "ratio_error_max": max(abs((p / predicted) / (m / measured) - 1) for p, m in pairs if m),
         }
 
     def to_json(self) -> dict[str, Any]:
