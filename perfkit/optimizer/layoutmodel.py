@@ -447,7 +447,7 @@ class Basis:
         from perfkit.optimizer.pipesim import PIPE_MICROBATCHES, fit_late_receive
 
         latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
-        fwd, bwd = tuple(t / 3 for t in stages), tuple(2 * t / 3 for t in stages)
+        fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
         return fit_late_receive(fwd, bwd, PIPE_MICROBATCHES[1] * len(stages), latency, extra)
 
     def pipeline_stages_s(self) -> list[float] | None:

@@ -6,22 +6,23 @@ receive), so a stage that waits on a batch holding its send to a busy neighbour 
 neighbour too. The closed form (the busiest stage's microbatches and one of each other stage) has
 no such waits.
 
-A receive posted after its send, while the sender computes, costs the receiver ``late_receive``
-more: on gloo the post itself blocks until the sender's side answers (on 2 CPU cores 0.1 ms most
-times, 2-6 ms one time in three; under 0.1 where the sender waits). GPipe meets it on its
-forwards (its first stage runs ahead, its sends unwaited), 1F1B hardly ever (each stage waits on
-its neighbour's batch first). Its cost is fitted to the pipelined copy's step under GPipe over
-its step under 1F1B (``perfkit.trainer.costs.pipeline_costs``, ``fit_late_receive``): the
-trainer's tiny-cpu pp2 with 8 microbatches took 42.4 ms under GPipe against 37.7 under 1F1B, and
-was predicted 41.6 and 37.8 (one sweep). The excess moves with the host: a stand-alone pp2
-(``bench/pipeline_schedule.py``) measured -1.2 to +7.2 ms over nine runs.
+A receive posted after its send, while the sender computes, costs more: on gloo the post itself
+blocks until the sender's side answers (on 2 CPU cores 0.1 ms most times, 2-6 ms one time in three;
+under 0.1 where the sender waits). GPipe meets it on each forward but the first (its first stage
+runs ahead, its sends unwaited), 1F1B hardly ever (each stage waits on its neighbour's batch
+first). Each adds ``late_receive`` to GPipe's step, fitted to the pipelined copy's step under GPipe
+over its step under 1F1B (``perfkit.trainer.costs.pipeline_costs``, ``fit_late_receive``). Counted
+so, not simulated: simulated, a costly receive moves the stages so that fewer of the next are late
+(the count then hung on how the stages balance), and a fit through that had turned a copy's 9.5 ms
+of GPipe excess at 12 microbatches into 28 ms at 8 (bench 2026-12-06h: 67.5 ms predicted, 43.3
+measured). The trainer's tiny-cpu pp2 with 8 microbatches took 42.4 ms under GPipe against 37.7
+under 1F1B in one sweep; a stand-alone pp2 (``bench/pipeline_schedule.py``) measured the excess at
+-1.2 to +7.2 ms over nine runs.
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PIPE_MICROBATCHES = (2, 6)
@@ -137,85 +138,65 @@ def gpipe(r: int, p: int, m: int, f: float, b: float) -> list[Action]:
     return prog
 
 
-def simulate(programs: list[list[Action]], latency: float, late_receive: float = 0.0) -> list[float]:
-    """Each stage's finishing time, every stage starting at 0. Stages move in time order (the
-    earliest that can), so when a stage posts, every other stage's chunks up to then are known:
-    a receive posted after its send while the sender computes costs ``late_receive``."""
+def simulate(programs: list[list[Action]], latency: float) -> list[float]:
+    """Each stage's finishing time, every stage starting at 0."""
     posted: dict[tuple[Op, int], float] = {}  # (op, the end that posted it: 0 sender, 1 receiver)
     now = [0.0] * len(programs)
     pc = [0] * len(programs)
-    computing: list[list[tuple[float, float]]] = [[] for _ in programs]
 
     def done(op: Op) -> float | None:
         a, b = posted.get((op, 0)), posted.get((op, 1))
         return None if a is None or b is None else max(a, b) + latency
 
-    def busy(r: int, t: float) -> bool:  # stage r computing at t (its chunks, in order)
-        k = bisect.bisect_right(computing[r], (t, math.inf)) - 1
-        return k >= 0 and t < computing[r][k][1]
-
-    def ready(r: int) -> bool:
-        act = programs[r][pc[r]]
-        return not isinstance(act, Wait) or all(done(op) is not None for op in act.ops)
-
     while True:
-        live = [r for r, prog in enumerate(programs) if pc[r] < len(prog)]
-        if not live:
+        moved = False
+        for r, prog in enumerate(programs):
+            while pc[r] < len(prog):
+                act = prog[pc[r]]
+                if isinstance(act, Compute):
+                    now[r] += act.seconds
+                elif isinstance(act, Post):
+                    for op in act.ops:
+                        posted[(op, 0 if op[1] == r else 1)] = now[r]
+                else:
+                    ends = [done(op) for op in act.ops]
+                    if any(e is None for e in ends):
+                        break
+                    now[r] = max([now[r], *(e for e in ends if e is not None)])
+                pc[r] += 1
+                moved = True
+        if all(pc[r] == len(prog) for r, prog in enumerate(programs)):
             return now
-        movable = [r for r in live if ready(r)]
-        if not movable:
+        if not moved:
             raise RuntimeError("the simulated schedule deadlocks: its sends and receives do not pair")
-        r = min(movable, key=lambda k: now[k])
-        act = programs[r][pc[r]]
-        if isinstance(act, Compute):
-            computing[r].append((now[r], now[r] + act.seconds))
-            now[r] += act.seconds
-        elif isinstance(act, Post):
-            late = any(op[2] == r and (op, 0) in posted and busy(op[1], now[r]) for op in act.ops)
-            now[r] += late_receive if late else 0.0
-            for op in act.ops:
-                posted[(op, 0 if op[1] == r else 1)] = now[r]
-        else:
-            now[r] = max([now[r], *(e for op in act.ops if (e := done(op)) is not None)])
-        pc[r] += 1
 
 
 def step_seconds(
     schedule: str,
-    forward: list[float],
-    backward: list[float],
+    forward: Sequence[float],
+    backward: Sequence[float],
     microbatches: int,
     latency: float,
     late_receive: float = 0.0,
 ) -> float:
     """The pipeline's step (its slowest stage's finish) under ``schedule`` ("1f1b" or "gpipe"),
-    stage ``r``'s forward chunk taking ``forward[r]`` and its backward ``backward[r]``."""
+    stage ``r``'s forward chunk taking ``forward[r]`` and its backward ``backward[r]``; under GPipe
+    ``late_receive`` more for each forward but the first (its receive posted after its send while
+    the sender computes, ahead)."""
     p = len(forward)
     build = gpipe if schedule == "gpipe" else one_f_one_b
     programs = [build(r, p, microbatches, forward[r], backward[r]) for r in range(p)]
-    return max(simulate(programs, latency, late_receive))
+    late = late_receive * (microbatches - 1) if schedule == "gpipe" else 0.0
+    return max(simulate(programs, latency)) + late
 
 
-@functools.lru_cache(maxsize=64)
 def fit_late_receive(
-    forward: tuple[float, ...], backward: tuple[float, ...], microbatches: int, latency: float, extra: float
+    forward: Sequence[float], backward: Sequence[float], microbatches: int, latency: float, extra: float
 ) -> float:
-    """The late receive's cost that makes GPipe's simulated step ``extra`` longer than 1F1B's
-    with these stages and microbatches: bisected, as that excess only grows with it (in steps: a
-    costlier receive can leave the sender waiting by the next one). 0 where GPipe's excess without
-    it is already ``extra``; ``extra`` where not even that much reaches it."""
-
-    def over(late: float) -> float:
-        return step_seconds(
-            "gpipe", list(forward), list(backward), microbatches, latency, late
-        ) - step_seconds("1f1b", list(forward), list(backward), microbatches, latency, late)
-
-    low, high = 0.0, extra
-    if over(low) >= extra:
-        return low
-    if over(high) < extra:
-        return high
-    for _ in range(24):  # to a millionth of the extra
-        mid = (low + high) / 2
-        low, high = (mid, high) if over(mid) < extra else (low, mid)
-    return (low + high) / 2
+    """What each late receive costs, from GPipe's step measured ``extra`` longer than 1F1B's with
+    these stages and microbatches: that excess less the simulation's own (GPipe's waits at the
+    link's latency), over GPipe's late receives (each forward's but the first). 0 where the
+    simulation's excess is already ``extra``."""
+    args = (forward, backward, microbatches, latency)
+    own = step_seconds("gpipe", *args) - step_seconds("1f1b", *args)
+    return max(0.0, extra - own) / max(1, microbatches - 1)
