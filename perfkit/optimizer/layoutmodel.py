@@ -429,18 +429,16 @@ class Basis:
         few, many = (k * len(stages) for k in PIPE_MICROBATCHES)
         latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
         fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
-        late = self.pipeline_late_receive_s()
-        simulated = step_seconds("1f1b", fwd, bwd, many, latency, late) - step_seconds(
-            "1f1b", fwd, bwd, few, latency, late
+        simulated = step_seconds("1f1b", fwd, bwd, many, latency) - step_seconds(
+            "1f1b", fwd, bwd, few, latency
         )
         return max(0.0, slope - simulated / (many - few))
 
     def pipeline_late_receive_s(self) -> float:
-        """What a receive posted after its send costs while the sender computes, fitted so that the
-        simulated copy (its stages' own work, the link's latency) takes as much longer under GPipe
-        than under 1F1B as the measured copy did (``pipeline_gpipe_extra_s``): GPipe meets it on
-        each forward its first stage runs ahead of, 1F1B hardly ever (``pipesim``). 0 where not
-        measured."""
+        """What a receive posted after its send costs while the sender computes: the measured
+        copy's GPipe step over its 1F1B step (``pipeline_gpipe_extra_s``) less the simulated copy's
+        (its stages' own work, the link's latency), over GPipe's late receives, each forward's but
+        the first (``pipesim.fit_late_receive``); 1F1B meets none. 0 where not measured."""
         stages, extra = self.pipeline_stages_s(), self.pipeline_gpipe_extra_s
         if stages is None or not extra:
             return 0.0
