@@ -125,7 +125,7 @@ FIRES: dict[str, Callable[[Path], list[Finding]]] = {
         Metrics(
             steps=_steps(forward=0.2, backward=0.5),
             config={"parallel": {"pp": 2, "microbatches": 8, "pp_schedule": "gpipe"}},
-            model={"layout_costs": {"pipeline_gpipe_extra_s": 0.005}},
+            model={"layout_costs": {"pipeline_gpipe_extra_s": 0.005, "pipeline_gpipe_microbatches": 12.0}},
             run=_run_info(),
         )
     ),
@@ -411,7 +411,9 @@ def test_pipeline_bubble_saving_and_its_absence() -> None:
     assert g.evidence["extra_ms_per_microbatch"] == pytest.approx(0.9) and "measured" in g.estimate
     # under GPipe, a receive more posted late too: the copy's 5.5 ms excess over its 11 late ones
     m.config["parallel"]["pp_schedule"] = "gpipe"
-    m.model = {"layout_costs": {**costs, "pipeline_gpipe_extra_s": 0.0055}}
+    m.model = {
+        "layout_costs": {**costs, "pipeline_gpipe_extra_s": 0.0055, "pipeline_gpipe_microbatches": 12.0}
+    }
     m.run = _run_info()
     (h,) = [h for h in _run_rules(m) if h.id == "pipeline_bubble"]
     assert h.evidence["extra_ms_per_microbatch"] == pytest.approx(0.9 + 0.5)
@@ -434,14 +436,14 @@ def test_gpipe_late_receives_saving_and_its_absence() -> None:
     m = Metrics(
         steps=_steps(forward=0.2, backward=0.5),
         config={"parallel": gpipe},
-        model={"layout_costs": {"pipeline_gpipe_extra_s": 0.005}},
+        model={"layout_costs": {"pipeline_gpipe_extra_s": 0.005, "pipeline_gpipe_microbatches": 12.0}},
         run=_run_info(),
     )
     (f,) = [f for f in _run_rules(m) if f.id == "gpipe_late_receives"]
     assert f.saving_ms_per_step == pytest.approx(5.0 * 7 / 11, rel=1e-3) and f.remedy == "pipeline_1f1b"
     assert f.evidence["copy_microbatches"] == 12 and "told_by" in f.evidence
-    for parallel, costs in (({**gpipe, "pp_schedule": "1f1b"}, {"pipeline_gpipe_extra_s": 0.005}),
-                            ({"pp": 1}, {"pipeline_gpipe_extra_s": 0.005}), (gpipe, {})):  # fmt: skip
+    copy = {"pipeline_gpipe_extra_s": 0.005, "pipeline_gpipe_microbatches": 12.0}
+    for parallel, costs in (({**gpipe, "pp_schedule": "1f1b"}, copy), ({"pp": 1}, copy), (gpipe, {})):
         m = Metrics(
             steps=_steps(), config={"parallel": parallel}, model={"layout_costs": costs}, run=_run_info()
         )
@@ -515,7 +517,7 @@ QUIET: dict[str, Callable[[Path], list[Finding]]] = {
         Metrics(
             steps=_steps(forward=0.2, backward=0.5),
             config={"parallel": {"pp": 2, "microbatches": 8, "pp_schedule": "gpipe"}},
-            model={"layout_costs": {"pipeline_gpipe_extra_s": 0.0}},
+            model={"layout_costs": {"pipeline_gpipe_extra_s": 0.0, "pipeline_gpipe_microbatches": 12.0}},
             run=_run_info(),
         )
     ),

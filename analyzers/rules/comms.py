@@ -10,8 +10,6 @@ from perfkit.analyzers.metrics import Metrics
 from perfkit.analyzers.rules import Diagnosis, Thresholds, rule
 from perfkit.collectors.signals.gc import GcMetrics
 
-from perfkit.optimizer.pipesim import PIPE_MICROBATCHES
-
 
 @rule("exposed_communication", remedy="overlap", reads="trace", min_exposed_share=0.10)
 def exposed_communication(f: TraceFacts, t: Thresholds) -> Diagnosis | None:
@@ -112,9 +110,13 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
         # a stage's schedule a microbatch, each of the rank's stages; half a measured chunk a unit
         # (a block, the ends) a microbatch, as the layout model charges it
         extra_ms = 1e3 * (per_stage * v + (dispatch or 0.0) / 2 * (blocks + 1))
-        late = costs.get("pipeline_gpipe_extra_s")
-        if par.get("pp_schedule") == "gpipe" and isinstance(late, int | float):  # a receive more late
-            extra_ms += 1e3 * late / (PIPE_MICROBATCHES[1] * _world(m, pp) - 1)
+        late, copy = costs.get("pipeline_gpipe_extra_s"), costs.get("pipeline_gpipe_microbatches")
+        if (
+            par.get("pp_schedule") == "gpipe"
+            and isinstance(late, int | float)
+            and isinstance(copy, int | float)
+        ):
+            extra_ms += 1e3 * late / max(1.0, copy - 1)  # a receive more posted late
         saving -= extra_ms * 3 * mb
         estimate += f", less {extra_ms:.2f} ms each microbatch more costs (measured after the run's steps)"
         measured["extra_ms_per_microbatch"] = round(extra_ms, 3)
@@ -136,11 +138,6 @@ def pipeline_bubble(m: Metrics, t: Thresholds) -> Diagnosis | None:
     )
 
 
-def _world(m: Metrics, pp: int) -> int:
-    """The run's ranks: the pipelined copy's stages (it ran over every rank)."""
-    return m.run.world_size if m.run is not None and m.run.world_size else pp
-
-
 @rule("gpipe_late_receives", remedy="pipeline_1f1b", reads="run", min_saving_ms=0.5)
 def gpipe_late_receives(m: Metrics, t: Thresholds) -> Diagnosis | None:
     """A GPipe pipeline whose copy, measured after the run's steps, took longer under GPipe than
@@ -153,10 +150,15 @@ def gpipe_late_receives(m: Metrics, t: Thresholds) -> Diagnosis | None:
     the first. No finding without the measurement, or where the copy measured none."""
     par = m.config.get("parallel", {})
     pp = int(par.get("pp") or 1)
-    extra = (m.model.get("layout_costs") or {}).get("pipeline_gpipe_extra_s")
+    costs = m.model.get("layout_costs") or {}
+    extra, copy = costs.get("pipeline_gpipe_extra_s"), costs.get("pipeline_gpipe_microbatches")
     if pp <= 1 or par.get("pp_schedule") != "gpipe" or not isinstance(extra, int | float) or extra <= 0:
         return None
-    copy = PIPE_MICROBATCHES[1] * _world(m, pp)  # the copy's microbatches: each forward but the first late
+    if (
+        not isinstance(copy, int | float) or copy < 2
+    ):  # the copy's microbatches: each forward but the first late
+        return None
+    copy = int(copy)
     mb = int(par.get("microbatches") or pp)
     saving = 1e3 * extra * (mb - 1) / (copy - 1)
     if saving < t["min_saving_ms"]:

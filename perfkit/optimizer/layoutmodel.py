@@ -423,7 +423,8 @@ class Basis:
         stages = self.pipeline_stages_s()
         if stages is None:
             return self.pipeline_microbatch_s
-        from perfkit.optimizer.pipesim import PIPE_MICROBATCHES, step_seconds
+        from perfkit.optimizer.pipesim import step_seconds
+        from perfkit.trainer.costs import PIPE_MICROBATCHES
 
         slope = self.pipeline_microbatch_s + max(stages)
         few, many = (k * len(stages) for k in PIPE_MICROBATCHES)
@@ -442,7 +443,8 @@ class Basis:
         stages, extra = self.pipeline_stages_s(), self.pipeline_gpipe_extra_s
         if stages is None or not extra:
             return 0.0
-        from perfkit.optimizer.pipesim import PIPE_MICROBATCHES, fit_late_receive
+        from perfkit.optimizer.pipesim import fit_late_receive
+        from perfkit.trainer.costs import PIPE_MICROBATCHES
 
         latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
         fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]

@@ -25,10 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PIPE_MICROBATCHES = (2, 6)
-"""The pipelined copy's microbatches (``perfkit.trainer.costs.pipeline_costs``), in multiples of its
-stages (1F1B takes one a stage at least): the few and the many; GPipe runs the many."""
-
 Op = tuple[str, int, int, int]
 """A transfer: its kind ("f" activations forward, "b" gradients back), its sender, its receiver
 and its microbatch."""

@@ -23,7 +23,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-from perfkit.optimizer.pipesim import PIPE_MICROBATCHES
 from perfkit.trainer.config import TrainConfig
 from perfkit.trainer.model import GPT, cross_entropy
 from perfkit.trainer.parallelize import build_optimizer, clip_grad_norm_
@@ -188,6 +187,11 @@ def model_plain_s(cfg: TrainConfig, batch: torch.Tensor, device: torch.device, r
     return seconds
 
 
+PIPE_MICROBATCHES = (2, 6)
+"""The pipelined copy's microbatches, in multiples of its stages (1F1B takes one a stage at least):
+the few and the many; GPipe runs the many."""
+
+
 def pipeline_costs(
     cfg: TrainConfig, micro_batch: int, device: torch.device, repeats: int
 ) -> dict[str, float]:
@@ -274,6 +278,7 @@ def pipeline_costs(
     dist.all_reduce(block_s)  # the ranks' mean
     return {
         "pipeline_gpipe_extra_s": gpipe_extra,
+        "pipeline_gpipe_microbatches": float(many),  # what the analysis reads the excess by
         "pipeline_block_s": float(block_s[0]),
         "pipeline_microbatch_s": max(0.0, slope - own),
         "pipeline_first_s": first,
