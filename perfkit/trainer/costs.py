@@ -213,7 +213,7 @@ def pipeline_costs(
     times and 2-6 ms one time in three, against under 0.1 where the sender waits): the trainer's
     tiny-cpu pp2 took 42.4 ms a step under GPipe with 8 microbatches against 37.7 under 1F1B, 30.8
     against 28.7 with 4 (one sweep). The layout model fits that post's cost to this
-    (``Basis.pipeline_late_receive_s``: 0.33 ms there). Every rank must call it."""
+    (``Basis.pipeline_late_receive_s``: 0.29 ms there, counted on each GPipe forward but the first). Every rank must call it."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from perfkit.trainer.parallelize import stage_ends
