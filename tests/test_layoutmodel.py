@@ -518,6 +518,19 @@ def test_a_ddp_basis_compute_is_the_model_measured_plainly(tmp_path: Path) -> No
     assert lm.predict(b, load_config("tiny-cpu"), 2).step_s == pytest.approx(0.030)
     z1 = lm.predict(b, load_config("tiny-cpu", ["parallel.zero=1"]), 2).time_parts
     assert z1["gradients (DDP)"] == pytest.approx(b.ddp_step_s)
+    # smaller buckets: DDP as the basis took it, and an all-reduce more a bucket as modelled
+    small = lm.predict(b, load_config("tiny-cpu", ["overlap.bucket_cap_mb=0.05"]), 2).time_parts
+    modelled = {
+        cap: lm.comm_seconds(
+            b.shape_of(load_config("tiny-cpu", [f"overlap.bucket_cap_mb={cap}"]), 2),
+            b.alpha_s,
+            b.beta_bytes_per_s,
+            b.wait_s,
+        )["gradients (DDP)"]
+        for cap in (0.05, 25)
+    }
+    assert modelled[0.05] > modelled[25] + 5 * b.alpha_s  # 0.56 MB of gradients in 11 buckets, not 1
+    assert small["gradients (DDP)"] == pytest.approx(b.ddp_step_s + modelled[0.05] - modelled[25])
     pp, pp_fitted = (lm.predict(x, load_config("tiny-cpu", ["parallel.pp=2"]), 2) for x in (b, fitted))
     assert (
         "gradients (DDP)" not in pp.time_parts and pp.time_parts["compute"] < pp_fitted.time_parts["compute"]
@@ -587,6 +600,19 @@ def test_measured_costs_are_charged_beyond_the_flops(tmp_path: Path) -> None:
     older = lm.basis_from_run(make_basis(tmp_path / "older", costs=old))
     z3_older = lm.predict(older, load_config("tiny-cpu", ["parallel.zero=3"]), 2).time_parts
     assert z3_older["FSDP2 gathers and scatters (measured)"] == pytest.approx(0.002 * 5)
+    # ZeRO-2 (the parameters kept gathered from forward to backward): its own measured costs, else
+    # ZeRO-3's (where the basis measured only those), never its modelled collectives alone
+    z2 = parts("parallel.zero=2")
+    assert z2["FSDP2 gathers and scatters (measured)"] == pytest.approx(0.003 * 4 + 0.0005)
+    kept = lm.basis_from_run(
+        make_basis(tmp_path / "kept", costs=dict(costs, fsdp_keep_block_s=0.002, fsdp_keep_ends_s=0.0004))
+    )
+    z2_kept = lm.predict(kept, load_config("tiny-cpu", ["parallel.zero=2"]), 2).time_parts
+    assert z2_kept["FSDP2 gathers and scatters (measured)"] == pytest.approx(0.002 * 4 + 0.0004)
+    assert lm.predict(kept, load_config("tiny-cpu", ["parallel.zero=3"]), 2).time_parts[
+        "FSDP2 gathers and scatters (measured)"
+    ] == pytest.approx(0.003 * 4 + 0.0005)
+    assert z2["optimizer"] == pytest.approx(parts()["optimizer"] / 2 + 0.0001 * 69)
     # its 69 parameters are DTensors: the optimizer phase pays each, beyond half of DDP's AdamW
     assert z3["optimizer"] == pytest.approx(parts()["optimizer"] / 2 + 0.0001 * 69)
     assert parts("parallel.tp=2")["optimizer"] > parts()["optimizer"] / 2 + 0.0001 * 12 * 4 - 1e-9

@@ -136,11 +136,12 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
     # and what other layouts would cost here beyond their FLOPs (perfkit.trainer.costs), for the
     # layout model: DTensor's 0.27 ms a module against its 0.09 of work, checkpointing's forward again
     costs = run.manifest.model["layout_costs"]
-    assert set(costs) == {"chunk_overhead_s", "checkpoint_block_s", "tp_module_overhead_s", "fsdp_block_s", "fsdp_ends_s",
+    assert set(costs) == {"chunk_overhead_s", "checkpoint_block_s", "tp_module_overhead_s", "fsdp_block_s", "fsdp_ends_s", "fsdp_keep_block_s", "fsdp_keep_ends_s",
                           "dtensor_param_s", "zero1_block_s", "zero1_ends_s", "tp_block_s", "tp_ends_s", "sp_block_s", "sp_ends_s", "pipeline_microbatch_s",
                           "pipeline_first_s", "pipeline_last_s", "pipeline_middle_s", "pipeline_block_s", "model_plain_s",
                           "pipeline_gpipe_extra_s", "pipeline_gpipe_microbatches"}  # fmt: skip
     assert costs["tp_module_overhead_s"] > 0 and costs["checkpoint_block_s"] > 0 and costs["fsdp_block_s"] > 0
+    assert costs["fsdp_keep_block_s"] > 0  # ZeRO-2's block: its gathers once, its copies and scatters
     assert costs["zero1_block_s"] > 0  # a block's 12 broadcasts
     assert (
         costs["sp_block_s"] > 0 and costs["tp_block_s"] > costs["tp_module_overhead_s"]

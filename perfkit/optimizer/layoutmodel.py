@@ -323,6 +323,11 @@ class Basis:
     and copies (measured, as ``chunk_s``), in place of its modelled collectives."""
     fsdp_ends_s: float | None = None
     """The same for the root unit (embeddings, final norm, head)."""
+    fsdp_keep_block_s: float | None = None
+    """What FSDP2 that keeps a unit's parameters gathered from forward to backward (ZeRO-2) costs a
+    block a microbatch (measured, as ``chunk_s``); where not measured, ZeRO-3's is charged."""
+    fsdp_keep_ends_s: float | None = None
+    """The same for its root unit."""
     fsdp_unit_s: float | None = None
     """One unit's average over a block and the root: what runs profiled before the two were
     measured apart hold (used for both there)."""
@@ -435,6 +440,18 @@ class Basis:
         )
         return max(0.0, slope - simulated / (many - few))
 
+    def fsdp_costs(self, zero: int) -> tuple[float | None, float | None]:
+        """What FSDP2 costs a block and the root a microbatch under ``zero`` (2: the parameters kept
+        gathered from forward to backward; 3: resharded after forward), as the basis measured it:
+        ZeRO-3's where ZeRO-2's was not measured, one unit's average where neither was apart."""
+        for block, ends in (
+            (self.fsdp_keep_block_s, self.fsdp_keep_ends_s) if zero == 2 else (None, None),
+            (self.fsdp_block_s, self.fsdp_ends_s),
+        ):
+            if block is not None and ends is not None:
+                return block, ends
+        return self.fsdp_unit_s, self.fsdp_unit_s
+
     def pipeline_late_receive_s(self) -> float:
         """What a receive posted after its send costs while the sender computes: the measured
         copy's GPipe step over its 1F1B step (``pipeline_gpipe_extra_s``) less the simulated copy's
@@ -529,11 +546,11 @@ def tp_modules(shape: Shape) -> int:
 
 
 def dtensor_params(shape: Shape) -> int:
-    """Parameter tensors of the busiest rank that are DTensors: every one under FSDP2 (ZeRO-3 over
-    data-parallel ranks); under tensor parallelism the plan's linears' weights and biases (12 a
+    """Parameter tensors of the busiest rank that are DTensors: every one under FSDP2 (ZeRO-2 or 3
+    over data-parallel ranks); under tensor parallelism the plan's linears' weights and biases (12 a
     block), and with sequence parallelism the norms' too (16)."""
     lay = shape.layout
-    if shape.cfg.parallel.zero == 3 and lay.dp > 1:
+    if shape.cfg.parallel.zero >= 2 and lay.dp > 1:
         return shape.rank_tensors(shape.busiest)
     if lay.tp > 1:
         per_block = 16 if shape.cfg.parallel.sequence_parallel else 12
@@ -562,16 +579,17 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     if basis.pipeline_microbatch_s is not None:  # measured with the schedule (``measured_parts``)
         out.pop(PIPELINE_SENDS, None)
     if basis.ddp_step_s is not None and "gradients (DDP)" in out and lay.dp == basis.shape.layout.dp:
-        out["gradients (DDP)"] = basis.ddp_step_s
+        # as the basis took it, and what other buckets change of it as modelled (an all-reduce more
+        # a bucket: at tiny-cpu's shape 0.05 MB buckets measured 7.2 ms a step over 25 MB's, the
+        # basis's; taken as the basis's, they were predicted 17% under)
+        modelled = comm_seconds(basis.shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
+        change = out["gradients (DDP)"] - modelled.get("gradients (DDP)", 0.0)
+        out["gradients (DDP)"] = max(out["gradients (DDP)"], basis.ddp_step_s + change)
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
         blocks = len(shape.stage_layers[shape.busiest])
         out["parameters (ZeRO-1)"] = basis.zero1_ends_s + basis.zero1_block_s * blocks + basis.wait_s
-    fsdp_block, fsdp_ends = (
-        (basis.fsdp_block_s, basis.fsdp_ends_s)
-        if basis.fsdp_block_s is not None and basis.fsdp_ends_s is not None
-        else (basis.fsdp_unit_s, basis.fsdp_unit_s)
-    )
-    if fsdp_block is not None and fsdp_ends is not None and shape.cfg.parallel.zero == 3 and lay.dp > 1:
+    fsdp_block, fsdp_ends = basis.fsdp_costs(shape.cfg.parallel.zero)
+    if fsdp_block is not None and fsdp_ends is not None and shape.cfg.parallel.zero >= 2 and lay.dp > 1:
         for c in collectives(shape):
             if c.what.startswith(("parameters (FSDP", "gradients (FSDP")):
                 out.pop(c.what, None)
@@ -1029,6 +1047,8 @@ def whatif_lines(
             ("a tensor-parallel module (DTensor)", basis.tp_module_s),
             ("an FSDP2 block", basis.fsdp_block_s),
             ("its root", basis.fsdp_ends_s),
+            ("an FSDP2 block kept gathered (ZeRO-2)", basis.fsdp_keep_block_s),
+            ("its root", basis.fsdp_keep_ends_s),
             ("an FSDP2 unit", basis.fsdp_unit_s),
             ("a DTensor parameter's optimizer step", basis.dtensor_param_s),
             ("ZeRO-1's step a block", basis.zero1_block_s),

@@ -107,7 +107,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
     microbatch; in a job of 2 ranks or more (every rank must call this): ``tp_module_overhead_s``,
     DTensor's cost per module of the tensor-parallel plan, ``fsdp_block_s`` and ``fsdp_ends_s``, what
     FSDP2 (ZeRO-3) over every rank costs a block and the root a microbatch: their gathers, scatters
-    and copies (``fsdp_costs``), and
+    and copies (``fsdp_costs``; ``fsdp_keep_`` the same for ZeRO-2), and
     ``dtensor_param_s``, what the optimizer phase (gradient norm, AdamW) pays a parameter tensor
     that is a DTensor (FSDP2, tensor parallel) beyond a plain one, and ``zero1_block_s`` and
     ``zero1_ends_s``, what ZeRO-1's optimizer step over every rank costs beyond AdamW on a rank's
@@ -162,9 +162,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         out["tp_module_overhead_s"] = tensor_parallel_overhead_s(m.d_model, micro_batch * m.seq_len, device)
         out["zero1_block_s"], out["zero1_ends_s"] = zero1_costs(cfg, device, repeats)
         out |= tensor_parallel_costs(cfg, device, repeats)
-        out["fsdp_block_s"], out["fsdp_ends_s"], out["dtensor_param_s"] = fsdp_costs(
-            cfg, batch, device, repeats
-        )
+        out |= fsdp_costs(cfg, batch, device, repeats)
         if m.n_layers >= 2 and not m.tie_embeddings:  # else no layout of this model is a pipeline
             out |= pipeline_costs(cfg, micro_batch, device, repeats)
     return out
@@ -360,12 +358,11 @@ def _rounds(repeats: int) -> int:
     return 2 * repeats if repeats >= REPEATS else repeats
 
 
-def fsdp_costs(
-    cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int
-) -> tuple[float, float, float]:
+def fsdp_costs(cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int) -> dict[str, float]:
     """What FSDP2 (ZeRO-3) over every rank costs a microbatch beyond the same copy unsharded, for
     copies of one and two blocks, each block a unit and the root (embeddings, final norm, head)
-    another, interleaved: (a block, the root, and a parameter tensor in the optimizer phase). A
+    another, interleaved: (``fsdp_block_s``, a block; ``fsdp_ends_s``, the root; ``dtensor_param_s``,
+    a parameter tensor in the optimizer phase). A
     unit's gathers and scatters move its parameters' bytes, so a block and the root differ as their
     sizes do: at d_model 512 a block holds 3.1M
     parameters and the root 0.26M, where one unit's average (the block and the root over two) had
@@ -373,17 +370,22 @@ def fsdp_costs(
     optimizer phase (the gradient norm, AdamW) of the one-block copy, sharded against plain, a
     tensor: each op dispatched through DTensor, tensor by tensor (measured one after the other, this
     moved 0.07-0.20 ms at tiny-cpu from run to run, and tensor parallelism's optimizer phase then
-    measured 4.0 ms where 48 DTensor parameters at 0.18 had predicted 9.9). Every rank must call it."""
+    measured 4.0 ms where 48 DTensor parameters at 0.18 had predicted 9.9). The same for FSDP2 that
+    keeps the parameters gathered from forward to backward (ZeRO-2: ``reshard_after_forward=False``,
+    ``fsdp_keep_block_s`` and ``fsdp_keep_ends_s``): it gathers once a microbatch where ZeRO-3
+    gathers twice, yet at tiny-cpu's shape on 2 CPU ranks it cost nearly as much (its copies and
+    reduce-scatters stay), and ZeRO-2 modelled from its collectives alone was predicted 29% under.
+    Every rank must call it."""
     mesh = _world_mesh(device)
     runs: list[Callable[[], None]] = []
     copies: list[nn.Module] = []
     for layers in (1, 2):
-        for shard in (False, True):
+        for reshard in (None, True, False):  # plain, ZeRO-3, ZeRO-2
             model = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
-            if shard:
+            if reshard is not None:
                 for unit in model.layers.values():
-                    fully_shard(unit, mesh=mesh)
-                fully_shard(model, mesh=mesh)
+                    fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+                fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
             def run(model: nn.Module = model) -> None:
                 cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
@@ -391,11 +393,13 @@ def fsdp_costs(
             runs.append(run)
             copies.append(model)
 
-    def estimate(plain1: float, fsdp1: float, plain2: float, fsdp2: float) -> tuple[float, float]:
-        return fsdp1 - plain1, fsdp2 - plain2
+    def estimate(*t: float) -> tuple[float, ...]:
+        plain1, fsdp1, keep1, plain2, fsdp2, keep2 = t
+        return fsdp1 - plain1, fsdp2 - plain2, keep1 - plain1, keep2 - plain2
 
-    one, two = _interleaved(runs, device, _rounds(repeats), estimate)
+    one, two, keep_one, keep_two = _interleaved(runs, device, _rounds(repeats), estimate)
     block, ends = _block_and_ends(one, two, cfg.model.n_layers)
+    keep_block, keep_ends = _block_and_ends(keep_one, keep_two, cfg.model.n_layers)
     tensors = sum(1 for _ in copies[0].parameters())
     (per_tensor,) = _interleaved(  # over the gradients of the runs above
         [_optimizer_step(cfg, copies[0]), _optimizer_step(cfg, copies[1])],
@@ -403,7 +407,13 @@ def fsdp_costs(
         _rounds(repeats),
         lambda plain, sharded: ((sharded - plain) / tensors,),
     )
-    return block, ends, per_tensor
+    return {
+        "fsdp_block_s": block,
+        "fsdp_ends_s": ends,
+        "fsdp_keep_block_s": keep_block,
+        "fsdp_keep_ends_s": keep_ends,
+        "dtensor_param_s": per_tensor,
+    }
 
 
 def _world_mesh(device: torch.device) -> DeviceMesh:
