@@ -3,6 +3,7 @@ halving: on synthetic basis runs whose figures are known, so every number can be
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -727,3 +728,27 @@ def test_a_layout_is_predicted_by_replaying_the_basiss_traced_steps(
         assert c["predicted"]["engine"] == "replay" and set(c["predicted"]["engines"]) == {"model", "replay"}
         assert c["predicted"]["step_ms"] == c["predicted"]["engines"]["replay"]
     assert set(data["agreement"]["engines"]) == {"model", "replay"} and "no_replay" not in data
+
+
+def test_a_cpu_basis_on_fewer_cores_than_ranks_and_another_group_size(tmp_path: Path) -> None:
+    """4 CPU ranks of a thread on 2 cores: each had half a core while all computed, so a pipeline's
+    waiting stages hand theirs to the others (its bubble shrinks); the latency, fitted over the
+    4 ranks' ring, is charged by the hops of a call's own group (tensor parallelism's 2-rank
+    all-reduces a third of it, a pipeline's send one hop)."""
+    assert lm.core_share({"cpu_count": 2, "local_world_size": 4, "threads": 1}, "cpu") == 0.5
+    assert lm.core_share({"cpu_count": 16, "local_world_size": 4, "threads": 2}, "cpu") == 1.0
+    assert (
+        lm.core_share({"cpu_count": 2, "local_world_size": 4, "threads": 1, "gpus": ["H100"]}, "cuda") == 1.0
+    )
+    assert lm.core_share({}, "cpu") == 1.0  # an older manifest: as before
+    b = lm.basis_from_run(make_basis(tmp_path, world=4))
+    assert b.fit_group == 4 and b.core_share == 1.0
+    tp = b.shape_of(load_config("tiny-cpu", ["parallel.tp=2"]), 4)
+    ring = lm.comm_seconds(tp, b.alpha_s, b.beta_bytes_per_s, 0.0)["activations (TP all-reduce)"]
+    hops = lm.comm_seconds(tp, b.alpha_s, b.beta_bytes_per_s, 0.0, fit_group=4)["activations (TP all-reduce)"]
+    calls = next(c.calls for c in lm.collectives(tp) if c.what == "activations (TP all-reduce)")
+    assert ring - hops == pytest.approx(calls * b.alpha_s * (1 - 1 / 3))
+    shared = dataclasses.replace(b, core_share=0.5)
+    pp4 = load_config("tiny-cpu", ["parallel.pp=4"])
+    whole, half = (lm.predict(x, pp4, 4).time_parts["pipeline bubble"] for x in (b, shared))
+    assert 0 <= half < whole

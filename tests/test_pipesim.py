@@ -57,3 +57,20 @@ def test_the_late_receive_is_fitted_back_from_gpipes_excess(late: float) -> None
     excess = step_seconds("gpipe", f, b, 12, 0.1, late) - step_seconds("1f1b", f, b, 12, 0.1, late)
     assert fit_late_receive(f, b, 12, 0.1, excess) == pytest.approx(late)
     assert fit_late_receive(f, b, 12, 0.1, 0.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ranks_sharing_cores_compute_faster_while_their_neighbours_wait() -> None:
+    """Chunks timed while every rank computed on half a core (4 ranks of a thread on 2 cores): the
+    schedule runs them at twice the pace while the others wait, and the step is at least the
+    stages' work shared over the cores. At a whole core (share 1) nothing changes."""
+    f, b = [1.0] * 4, [2.0] * 4
+    assert step_seconds("1f1b", f, b, 4, 0.0, share=1.0) == step_seconds("1f1b", f, b, 4, 0.0)
+    shared = step_seconds("1f1b", f, b, 4, 0.0, share=0.5)
+    # the fill and drain at half the time: 7 microbatches of 1.5, over the work bound's 4 of 3
+    assert shared == pytest.approx(max(7 * 1.5, 4 * 3.0))
+    assert shared < step_seconds("1f1b", f, b, 4, 0.0) == pytest.approx(7 * 3.0)
+    # many microbatches: the cores' work bounds it, each stage's microbatches at the timed pace
+    assert step_seconds("gpipe", f, b, 16, 0.0, share=0.5) == pytest.approx(16 * 3.0)
+    # the late receive's fit sees the same schedule
+    late = step_seconds("gpipe", f, b, 12, 0.1, 0.2, 0.5) - step_seconds("1f1b", f, b, 12, 0.1, 0.0, 0.5)
+    assert fit_late_receive(f, b, 12, 0.1, late, share=0.5) == pytest.approx(0.2)

@@ -303,6 +303,9 @@ class Basis:
     host_memory_bytes: float | None = None
     """The basis's device and host capacities (its manifest), what a sweep's layouts must fit in."""
     notes: list[str] = field(default_factory=list)
+    core_share: float = 1.0
+    """The part of a core each rank had while every rank computed (``core_share``): under 1 where a
+    CPU basis's ranks and their threads outnumber the host's cores."""
     steps_used: int = 0
     """Steps after the warm-up that the basis's figures are medians of."""
     spread_s: float = 0.0
@@ -414,9 +417,11 @@ class Basis:
         return out
 
     def pipeline_latency_s(self, rows: int, act_bytes: int) -> float:
-        """A pipeline send's transfer at the basis's link fit: ``rows`` sequences of activations."""
+        """A pipeline send's transfer at the basis's link fit: ``rows`` sequences of activations,
+        over one hop of the ring the latency was fitted to (``comm_seconds``)."""
         m = config_from_dict(self.config).model
-        return self.alpha_s + rows * m.seq_len * m.d_model * act_bytes / self.beta_bytes_per_s
+        hop = self.alpha_s / max(1, self.fit_group - 1)
+        return hop + rows * m.seq_len * m.d_model * act_bytes / self.beta_bytes_per_s
 
     def pipeline_machinery_s(self) -> float | None:
         """What a pipeline stage pays a microbatch beyond its work and its sends' waits: the measured
@@ -435,10 +440,16 @@ class Basis:
         few, many = (k * len(stages) for k in PIPE_MICROBATCHES)
         latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
         fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
-        simulated = step_seconds("1f1b", fwd, bwd, many, latency) - step_seconds(
-            "1f1b", fwd, bwd, few, latency
+        simulated = step_seconds("1f1b", fwd, bwd, many, latency, share=self.core_share) - step_seconds(
+            "1f1b", fwd, bwd, few, latency, share=self.core_share
         )
         return max(0.0, slope - simulated / (many - few))
+
+    @property
+    def fit_group(self) -> int:
+        """The ranks the collectives' latency was fitted over: the link probe's, every rank's
+        (``_fit_comms``)."""
+        return self.shape.layout.world_size
 
     def fsdp_costs(self, zero: int) -> tuple[float | None, float | None]:
         """What FSDP2 costs a block and the root a microbatch under ``zero`` (2: the parameters kept
@@ -465,7 +476,9 @@ class Basis:
 
         latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
         fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
-        return fit_late_receive(fwd, bwd, PIPE_MICROBATCHES[1] * len(stages), latency, extra)
+        return fit_late_receive(
+            fwd, bwd, PIPE_MICROBATCHES[1] * len(stages), latency, extra, share=self.core_share
+        )
 
     def pipeline_stages_s(self) -> list[float] | None:
         """The measured copy's stages' own work a microbatch, in order, or None (not measured)."""
@@ -558,12 +571,18 @@ def dtensor_params(shape: Shape) -> int:
     return 0
 
 
-def comm_seconds(shape: Shape, alpha: float, beta: float, wait: float = 0.0) -> dict[str, float]:
+def comm_seconds(
+    shape: Shape, alpha: float, beta: float, wait: float = 0.0, fit_group: int | None = None
+) -> dict[str, float]:
     """Seconds a step of each kind of collective: alpha + bus bytes / beta a call, and ``wait`` for
-    the slowest rank each time one waits (``Collective.waits``)."""
+    the slowest rank each time one waits (``Collective.waits``). Where alpha was fitted to calls
+    over ``fit_group`` ranks, a call over another group pays it by the ring's hops, ``group - 1``
+    against the fit's (a 4-rank basis's alpha had charged tensor parallelism's 2-rank all-reduces
+    at 4 ranks' latency: dp2 tp2 predicted 244 ms a step where it took 144 on 4 CPU ranks)."""
     out: dict[str, float] = {}
     for c in collectives(shape):
-        t = c.calls * (alpha + bus_factor(c.op, c.group) * c.size / beta) + c.waits * wait
+        latency = alpha * (c.group - 1) / (fit_group - 1) if fit_group and fit_group > 1 else alpha
+        t = c.calls * (latency + bus_factor(c.op, c.group) * c.size / beta) + c.waits * wait
         out[c.what] = out.get(c.what, 0.0) + t
     return out
 
@@ -574,7 +593,7 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     FSDP2's as the basis measured them where it did (ZeRO-3 over the data-parallel ranks), and
     tensor parallelism's collectives and DTensor's dispatch, as measured a block where they were
     (``measured_tp``), else modelled and DTensor's a module."""
-    out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
+    out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s, basis.fit_group)
     lay = shape.layout
     if basis.pipeline_microbatch_s is not None:  # measured with the schedule (``measured_parts``)
         out.pop(PIPELINE_SENDS, None)
@@ -582,7 +601,9 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
         # as the basis took it, and what other buckets change of it as modelled (an all-reduce more
         # a bucket: at tiny-cpu's shape 0.05 MB buckets measured 7.2 ms a step over 25 MB's, the
         # basis's; taken as the basis's, they were predicted 17% under)
-        modelled = comm_seconds(basis.shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s)
+        modelled = comm_seconds(
+            basis.shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s, basis.fit_group
+        )
         change = out["gradients (DDP)"] - modelled.get("gradients (DDP)", 0.0)
         out["gradients (DDP)"] = max(out["gradients (DDP)"], basis.ddp_step_s + change)
     if basis.zero1_block_s is not None and basis.zero1_ends_s is not None and "parameters (ZeRO-1)" in out:
@@ -729,6 +750,23 @@ def _fit_comms(comms: Any, steps_after: int, probe: Any = None) -> tuple[float, 
     )
 
 
+def core_share(env: dict[str, Any], device: str) -> float:
+    """The part of a core each rank has while every rank computes: a CPU job's ranks on a host
+    (``local_world_size``) and each one's threads over the host's cores (the manifest's ``env``),
+    at most 1; 1 on GPUs, and where the manifest does not say."""
+    if device == "cuda" or env.get("gpus"):
+        return 1.0
+    cores, ranks, threads = (env.get(k) for k in ("cpu_count", "local_world_size", "threads"))
+    if (
+        isinstance(cores, int)
+        and isinstance(ranks, int)
+        and isinstance(threads, int)
+        and min(cores, ranks, threads) > 0
+    ):
+        return min(1.0, cores / (ranks * threads))
+    return 1.0
+
+
 def basis_from_run(run_path: Path) -> Basis:
     """Read a profiled run of the reference trainer as a basis for predictions."""
     from perfkit.analyzers.runtables import load_tables
@@ -772,9 +810,17 @@ def basis_from_run(run_path: Path) -> Basis:
         base_bytes=None,
         gpu_memory_bytes=run.manifest.env.get("gpu_memory_bytes"),
         host_memory_bytes=run.manifest.env.get("host_memory_bytes"),
+        core_share=core_share(run.manifest.env, str(config.get("device", "cpu"))),
         steps_used=steps_used,
         spread_s=spread,
     )
+    if basis.core_share < 1:
+        env = run.manifest.env
+        basis.notes.append(
+            f"{env.get('local_world_size')} ranks of {env.get('threads')} thread(s) on {env.get('cpu_count')} cores: "
+            f"each had {basis.core_share:.2g} of a core while all computed, so a pipeline's stages compute faster "
+            "while their neighbours wait (its bubble is charged so)"
+        )
     costs = run.manifest.model.get("layout_costs")
     if isinstance(costs, dict) and costs:
         for key, value in costs.items():  # perfkit.trainer.costs's keys: the fields', two renamed
@@ -928,9 +974,11 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, f
     basis measured what a receive posted late costs, what the schedule's late receives add is a
     part of its own (GPipe's, mostly: a user's reason to choose 1F1B)."""
     lay = shape.layout
-    closed = busiest_s * (shape.pipeline_fill - 1)
+    # a CPU rank sharing its cores computes faster while its neighbours wait (``pipesim.step_seconds``)
+    share = basis.core_share
+    closed = max(busiest_s * share * shape.pipeline_fill, busiest_s if share < 1 else 0.0) - busiest_s
     if lay.stages_per_rank > 1 or basis.pipeline_stages_s() is None:
-        return {"pipeline bubble": closed}
+        return {"pipeline bubble": max(0.0, closed)}
     from perfkit.optimizer.pipesim import step_seconds
 
     m = lay.microbatches
@@ -939,9 +987,9 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, f
     latency = basis.pipeline_latency_s(lay.micro_batch, shape.act_bytes)
     fwd, bwd = [c / 3 for c in chunks], [2 * c / 3 for c in chunks]
     schedule = shape.cfg.parallel.pp_schedule
-    step = step_seconds(schedule, fwd, bwd, m, latency)
+    step = step_seconds(schedule, fwd, bwd, m, latency, share=share)
     parts = {"pipeline bubble": max(0.0, step - busiest_s)}
-    late = step_seconds(schedule, fwd, bwd, m, latency, basis.pipeline_late_receive_s()) - step
+    late = step_seconds(schedule, fwd, bwd, m, latency, basis.pipeline_late_receive_s(), share) - step
     if late > 0:
         parts[LATE_RECEIVES] = late
     return parts
