@@ -29,6 +29,14 @@ peak memory within 15%, no-change within 5% or no prediction at all.
   parameters) over eight layouts, 12 steps.
 - ``short``: a 4-step basis (1 step after the warm-up): the sweep must say why it predicts nothing
   and measure the layouts anyway (such a basis had predicted 2368 ms for a layout that measured 119).
+
+On request (``--case``), each 6-9 minutes:
+
+- ``layouts``: layouts beyond the issue's at d_model 64, 96 tokens: ZeRO-2, DDP's buckets at
+  0.05 MB, gradient accumulation, GPipe and interleaved 1F1B with 4 microbatches, checkpointing
+  with a pipeline, FSDP2 and TP.
+- ``ranks4``: 4 ranks on the host's cores (on 2 cores each has half a core while all compute): DDP,
+  FSDP2, TP over 2 and 4, pipelines of 2 and 4 stages, pipeline x TP.
 """
 
 from __future__ import annotations
@@ -83,15 +91,50 @@ CASES: dict[str, tuple[list[str], list[str], int, int]] = {
         12,
         3,
     ),
+    # run on request (--case): layouts beyond the issue's, and more ranks than cores
+    "layouts": (
+        ["model.d_model=64", "model.seq_len=96", "data.global_batch=24"],
+        [
+            "tp=1",
+            "zero=2",
+            "overlap.bucket_cap_mb=0.05",
+            "data.grad_accum=2",
+            "pp=2,microbatches=4,pp_schedule=gpipe",
+            "pp=2,microbatches=4,pp_schedule=interleaved-1f1b",
+            "pp=2,kernels.activation_checkpointing=true",
+            "zero=3,kernels.activation_checkpointing=true",
+            "tp=2,kernels.activation_checkpointing=true",
+        ],
+        16,
+        3,
+    ),
+    "ranks4": (
+        [],
+        [
+            "tp=1",
+            "zero=3",
+            "tp=2",
+            "pp=2",
+            "pp=4",
+            "pp=2,tp=2",
+            "tp=4",
+            "pp=4,microbatches=8,pp_schedule=gpipe",
+        ],
+        12,
+        3,
+    ),
 }
+ON_REQUEST = ("layouts", "ranks4")
+NPROC = {"ranks4": 4}
 WITHIN = 0.15
 
 
 def run_case(name: str, work: Path) -> dict[str, Any]:
     overrides, layouts, steps, repeats = CASES[name]
+    nproc = NPROC.get(name, 2)
     sweep = run_sweep(
         "tiny-cpu",
-        2,
+        nproc,
         [*overrides, f"steps={steps}"],
         layouts,
         repeats,
@@ -99,7 +142,7 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
         progress=lambda line, *_: print(f"  {line}", flush=True),
     )
     data = sweep.to_json()
-    print(f"\n{name}: tiny-cpu {' '.join(overrides)} on 2 CPU ranks, {steps} steps x {repeats} run(s)")
+    print(f"\n{name}: tiny-cpu {' '.join(overrides)} on {nproc} CPU ranks, {steps} steps x {repeats} run(s)")
     if data.get("no_predictions"):
         print(f"no predictions: {data['no_predictions']}")
     print(
@@ -210,12 +253,17 @@ def run_case(name: str, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", choices=list(CASES), help="default: every case")
+    ap.add_argument(
+        "--case",
+        action="append",
+        choices=list(CASES),
+        help=f"default: every case but {', '.join(ON_REQUEST)}",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.case or list(CASES):
+        for name in args.case or [c for c in CASES if c not in ON_REQUEST]:
             rows.append(run_case(name, Path(tmp)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

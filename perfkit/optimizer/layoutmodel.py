@@ -963,6 +963,8 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
 
 LATE_RECEIVES = "pipeline receives posted late"
 """The part of a pipeline's step its receives posted after their sends cost (``pipesim``)."""
+CORES_LENT = "cores lent by waiting stages"
+"""Under 0: what a pipeline's CPU ranks that share their cores save while their neighbours wait."""
 
 
 def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, float]:
@@ -972,27 +974,37 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, f
     machinery a microbatch is known apart from the waits), else the closed form's fill and drain
     (one microbatch of each other stage). Interleaved schedules take the closed form. Where the
     basis measured what a receive posted late costs, what the schedule's late receives add is a
-    part of its own (GPipe's, mostly: a user's reason to choose 1F1B)."""
+    part of its own (GPipe's, mostly: a user's reason to choose 1F1B). Where CPU ranks share
+    their cores (``Basis.core_share``), a stage computes faster while its neighbours wait, and the
+    step can come out under the busiest stage's work at the pace all ranks computing gave it: that
+    much is a part of its own, ``CORES_LENT``, under 0."""
     lay = shape.layout
-    # a CPU rank sharing its cores computes faster while its neighbours wait (``pipesim.step_seconds``)
     share = basis.core_share
-    closed = max(busiest_s * share * shape.pipeline_fill, busiest_s if share < 1 else 0.0) - busiest_s
+    weight = [shape.stage_flops_per_token(r) for r in range(lay.pp)]
     if lay.stages_per_rank > 1 or basis.pipeline_stages_s() is None:
-        return {"pipeline bubble": max(0.0, closed)}
+        step = busiest_s * shape.pipeline_fill
+        if share < 1:  # the fill and drain at the shared pace, the stages' mean work at least
+            step = max(step * share, busiest_s * sum(weight) / len(weight) / weight[shape.busiest])
+        return _bubble_parts(step, busiest_s)
     from perfkit.optimizer.pipesim import step_seconds
 
     m = lay.microbatches
-    weight = [shape.stage_flops_per_token(r) for r in range(lay.pp)]
     chunks = [busiest_s / m * w / weight[shape.busiest] for w in weight]
     latency = basis.pipeline_latency_s(lay.micro_batch, shape.act_bytes)
     fwd, bwd = [c / 3 for c in chunks], [2 * c / 3 for c in chunks]
     schedule = shape.cfg.parallel.pp_schedule
     step = step_seconds(schedule, fwd, bwd, m, latency, share=share)
-    parts = {"pipeline bubble": max(0.0, step - busiest_s)}
+    parts = _bubble_parts(step, busiest_s)
     late = step_seconds(schedule, fwd, bwd, m, latency, basis.pipeline_late_receive_s(), share) - step
     if late > 0:
         parts[LATE_RECEIVES] = late
     return parts
+
+
+def _bubble_parts(step: float, busiest_s: float) -> dict[str, float]:
+    if step < busiest_s:
+        return {"pipeline bubble": 0.0, CORES_LENT: step - busiest_s}
+    return {"pipeline bubble": step - busiest_s}
 
 
 def with_stalls(basis: Basis, parts: dict[str, float]) -> float:

@@ -243,6 +243,7 @@ class LayoutReplay:
         unprofiled step; plus what the layout model says the trace cannot hold, and the basis's
         stalls."""
         from perfkit.optimizer.layoutmodel import (
+            CORES_LENT,
             LATE_RECEIVES,
             dtensor_params,
             predict,
@@ -281,7 +282,7 @@ class LayoutReplay:
             parts["the basis's collectives beside its compute"] = hidden * (1 / change.link - 1)
         was = b.measured_parts(base)
         parts |= {k: v - was.get(k, 0.0) for k, v in b.measured_parts(shape).items()}
-        for k in ("pipeline bubble", LATE_RECEIVES):  # as the layout model simulates the schedule
+        for k in ("pipeline bubble", LATE_RECEIVES, CORES_LENT):  # as the layout model simulates the schedule
             parts[k] = model.time_parts.get(k, 0.0)
         parts["optimizer (DTensor parameters)"] = (b.dtensor_param_s or 0.0) * (
             dtensor_params(shape) - dtensor_params(base)
