@@ -711,6 +711,16 @@ def test_a_layout_is_predicted_by_replaying_the_basiss_traced_steps(
     gone = r.predict(tp, 2).time_parts["the basis's collectives beside its compute"]
     assert gone == pytest.approx(-sum(lm.step_parts(b, b.shape).values()))
     assert "the basis's collectives beside its compute" not in z1.time_parts  # DDP's all-reduce stays
+    # smaller DDP buckets on CPU: the trace's collectives are not stretched (their waits do not
+    # grow with the buckets); what the model adds is added, and the path replayed as it was
+    small = load_config("tiny-cpu", ["overlap.bucket_cap_mb=0.05"])
+    assert r.change(small, 2).link < 1
+    grown = r.predict(small, 2).time_parts
+    assert grown["the basis's steps, replayed"] == pytest.approx(0.030, rel=1e-6)
+    assert grown["the basis's collectives, as the layout has them"] == pytest.approx(
+        lm.predict(b, small, 2).time_parts["gradients (DDP)"]
+        - lm.predict(b, load_config("tiny-cpu"), 2).time_parts["gradients (DDP)"]
+    )
     # memory as the model predicts it, FSDP2's peak on CPU a lower bound there too
     z3 = replay("parallel.zero=3")
     assert (
