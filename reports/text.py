@@ -403,7 +403,7 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
         if "replay" in engines:
             names = {"replay": "replayed", "model": "the layout model alone"}
             lines.append(
-                "  by replaying its traced steps changed to each layout (ranking Spearman: "
+                "  by replaying its traced steps changed to each layout, pipelines by the layout model (ranking Spearman: "
                 + ", ".join(
                     f"{names[k]} {e['spearman']:.2f}"
                     for k, e in engines.items()
