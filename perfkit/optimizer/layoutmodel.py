@@ -590,7 +590,7 @@ def comm_seconds(
 def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
     """What a step spends beside its compute, in seconds: each kind of collective (``comm_seconds``
     at the basis's fit), ZeRO-1's broadcasts as the basis measured them a block and for the ends,
-    FSDP2's as the basis measured them where it did (ZeRO-3 over the data-parallel ranks), and
+    FSDP2's as the basis measured them where it did (ZeRO-2 or 3 over the data-parallel ranks), and
     tensor parallelism's collectives and DTensor's dispatch, as measured a block where they were
     (``measured_tp``), else modelled and DTensor's a module."""
     out = comm_seconds(shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s, basis.fit_group)
@@ -599,8 +599,8 @@ def step_parts(basis: Basis, shape: Shape) -> dict[str, float]:
         out.pop(PIPELINE_SENDS, None)
     if basis.ddp_step_s is not None and "gradients (DDP)" in out and lay.dp == basis.shape.layout.dp:
         # as the basis took it, and what other buckets change of it as modelled (an all-reduce more
-        # a bucket: at tiny-cpu's shape 0.05 MB buckets measured 7.2 ms a step over 25 MB's, the
-        # basis's; taken as the basis's, they were predicted 17% under)
+        # a bucket: at d_model 64 and 96 tokens 0.05 MB buckets measured 7.2 ms a step over 25
+        # MB's, the basis's; taken as the basis's, they were predicted 17% under)
         modelled = comm_seconds(
             basis.shape, basis.alpha_s, basis.beta_bytes_per_s, basis.wait_s, basis.fit_group
         )
