@@ -74,7 +74,9 @@ def test_report_from_a_cpu_run_with_a_hostile_name(tmp_path: Path) -> None:
         p = t.critical_path
         assert p is not None and p.steps == 2, rank
         assert 0.7 * p.step_ms <= p.length_ms <= 1.1 * p.step_ms, (rank, p)
-        assert p.by_kind_ms["compute"] > 0.3 * p.length_ms, (rank, p.by_kind_ms)
+        # compute a real share of it: on a loaded 2-core CI host the ops' Python grows, and one run's
+        # path held 19.9 ms of compute in 116.7 (17%), where unloaded runs hold over 30%
+        assert p.by_kind_ms["compute"] > 0.12 * p.length_ms, (rank, p.by_kind_ms)
         assert {"communication", "waiting"} & set(p.by_kind_ms), (rank, p.by_kind_ms)
     assert len(page.encode()) < 5_000_000
 
