@@ -164,7 +164,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
         fns,
         device,
         _rounds(repeats),
-        lambda plain, ckpt, *split: (ckpt - plain, *((split[0] - plain) / (chunks - 1) for _ in split)),
+        lambda plain, ckpt, *split: (ckpt - plain, *[(s - plain) / (chunks - 1) for s in split]),
     )
     out["checkpoint_block_s"] = figures[0]
     if chunks > 1:
