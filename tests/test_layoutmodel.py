@@ -434,15 +434,53 @@ def test_pipeline_schedule_is_simulated_where_its_stages_were_measured(tmp_path:
     one, gp = (lm.predict(b, load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=8", f"parallel.pp_schedule={s}"]), 2)
                for s in ("1f1b", "gpipe"))  # fmt: skip
     assert gp.time_parts["pipeline bubble"] > one.time_parts["pipeline bubble"]
-    # interleaved schedules keep the closed form
-    looped = lm.predict(b, load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b"]), 2)  # fmt: skip
-    shape = b.shape_of(load_config("tiny-cpu", ["parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b"]), 2)  # fmt: skip
+    # interleaved schedules are simulated too, each rank's two looped stages a chunk each
+    sets = ["parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b"]
+    looped = lm.predict(b, load_config("tiny-cpu", sets), 2)
+    shape = b.shape_of(load_config("tiny-cpu", sets), 2)
     staged = sum(
         looped.time_parts[k]
         for k in ("compute", "microbatches (dispatch)", "pipeline schedule (measured)")
         if k in looped.time_parts
     )
-    assert looped.time_parts["pipeline bubble"] == pytest.approx(staged * (shape.pipeline_fill - 1))
+    w = [shape.virtual_stage_flops_per_token(s) for s in range(4)]
+    assert sum(w) == pytest.approx(sum(shape.stage_flops_per_token(r) for r in range(2)))
+    chunks = [staged / 4 * x / shape.stage_flops_per_token(shape.busiest) for x in w]
+    step = step_seconds("interleaved-1f1b", [c / 3 for c in chunks], [2 * c / 3 for c in chunks], 4,
+                        b.pipeline_latency_s(shape.layout.micro_batch, 4), stages_per_rank=2)  # fmt: skip
+    assert looped.time_parts["pipeline bubble"] == pytest.approx(step - staged)
+    # the sends' waits (three transfers a microbatch each way): more than the closed form's fill
+    assert looped.time_parts["pipeline bubble"] > staged * (shape.pipeline_fill - 1)
+
+
+def test_a_looped_stage_pays_what_the_interleaved_copy_measured(tmp_path: Path) -> None:
+    """The copy with a second block a rank as a looped stage (interleaved 1F1B) took longer than
+    its one-block 1F1B copy beyond what the simulation of both says: that much a microbatch of each
+    second stage is charged in place of the 1F1B stage's machinery; without it, the machinery."""
+    from perfkit.optimizer.pipesim import step_seconds
+    from perfkit.trainer.costs import PIPE_MICROBATCHES
+
+    costs = {"chunk_overhead_s": 0.0005, "pipeline_microbatch_s": 0.0015, "pipeline_first_s": 0.002,
+             "pipeline_last_s": 0.0024, "pipeline_block_s": 0.0016}  # fmt: skip
+    plain = lm.basis_from_run(make_basis(tmp_path / "plain", costs=costs))
+    assert plain.pipeline_looped_chunk_s() is None
+    b = lm.basis_from_run(make_basis(tmp_path / "l", costs=costs | {"pipeline_looped_extra_s": 0.03}))
+    many = PIPE_MICROBATCHES[1] * 2
+    latency = b.pipeline_latency_s(b.shape.layout.micro_batch // 2, 4)
+    one, two = [0.002, 0.0024], [0.002, 0.0016, 0.0016, 0.0024]
+    sims = [step_seconds(s, [t / 3 for t in w], [2 * t / 3 for t in w], many, latency, stages_per_rank=v)
+            for s, w, v in (("1f1b", one, 1), ("interleaved-1f1b", two, 2))]  # fmt: skip
+    chunk = b.pipeline_looped_chunk_s()
+    assert chunk == pytest.approx((0.03 - (sims[1] - sims[0])) / many) and chunk > 0
+    sets = ["parallel.pp=2", "parallel.microbatches=4", "parallel.pp_schedule=interleaved-1f1b"]
+    machinery = b.pipeline_machinery_s()
+    assert machinery is not None
+    for basis, second in ((b, chunk), (plain, machinery)):
+        parts = lm.predict(basis, load_config("tiny-cpu", sets), 2).time_parts
+        assert parts["pipeline schedule (measured)"] == pytest.approx((machinery + second) * 4)
+    # no slower than its simulation: nothing added
+    fast = lm.basis_from_run(make_basis(tmp_path / "f", costs=costs | {"pipeline_looped_extra_s": 0.001}))
+    assert fast.pipeline_looped_chunk_s() == 0.0
 
 
 def test_gpipe_pays_its_late_receives_as_the_copy_measured(tmp_path: Path) -> None:

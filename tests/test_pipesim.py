@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from perfkit.optimizer.pipesim import fit_late_receive, gpipe, one_f_one_b, simulate, step_seconds
+from perfkit.optimizer.pipesim import (
+    Compute,
+    Post,
+    fit_late_receive,
+    gpipe,
+    interleaved,
+    one_f_one_b,
+    simulate,
+    step_seconds,
+)
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
@@ -74,3 +83,54 @@ def test_ranks_sharing_cores_compute_faster_while_their_neighbours_wait() -> Non
     # the late receive's fit sees the same schedule
     late = step_seconds("gpipe", f, b, 12, 0.1, 0.2, 0.5) - step_seconds("1f1b", f, b, 12, 0.1, 0.0, 0.5)
     assert fit_late_receive(f, b, 12, 0.1, late, share=0.5) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 4), (2, 8), (3, 6), (4, 4), (4, 8), (4, 12)])
+def test_interleaved_is_lowered_as_torch_lowers_it(p: int, m: int) -> None:
+    """Each rank's chunks, sends and receives in the order torch's own lowering of
+    ScheduleInterleaved1F1B puts them (its compute order and ``_add_send_recv``): where torch changes
+    it, this says so."""
+    from torch.distributed.pipelining import schedules
+
+    order = schedules.ScheduleInterleaved1F1B.__new__(schedules.ScheduleInterleaved1F1B)
+    order.pp_group_size, order.n_local_stages, order._n_microbatches = p, 2, m
+    order.number_of_rounds = max(1, m // p)
+    order.microbatches_per_round = m // order.number_of_rounds
+    compute = {r: [a for a in order._calculate_single_rank_operations(r) if a is not None] for r in range(p)}
+    lowered = schedules._add_send_recv(compute, stage_to_rank=lambda s: s % p, num_stages=2 * p)
+    names = {"FORWARD": "F", "FULL_BACKWARD": "B"}
+    n = 2 * p
+    programs = interleaved(p, 2, m, [float(s) for s in range(n)], [100.0 + s for s in range(n)])
+    for r in range(p):
+        theirs = []
+        for a in lowered[r]:
+            kind = names.get(a.computation_type.name, a.computation_type.name)
+            if kind in ("F", "B"):
+                theirs.append((kind, a.stage_index))
+            elif kind in ("SEND_F", "SEND_B", "RECV_F", "RECV_B"):
+                theirs.append((kind, a.stage_index, a.microbatch_index))
+        ours = []
+        for act in programs[r]:
+            if isinstance(act, Compute):
+                ours.append(("F", int(act.seconds)) if act.seconds < 100 else ("B", int(act.seconds) - 100))
+            elif isinstance(act, Post):
+                ((kind, src, _, mb),) = act.ops
+                stage = int(kind[1:])
+                if src == r:
+                    ours.append(("SEND_" + kind[0].upper(), stage, mb))
+                else:
+                    ours.append(("RECV_" + kind[0].upper(), stage + 1 if kind[0] == "f" else stage - 1, mb))
+        assert ours == theirs
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (2, 4), (2, 8), (4, 8), (4, 12)])
+def test_without_latency_interleaved_is_the_closed_form(p: int, m: int) -> None:
+    """Equal stages, free sends: m + (p - 1) / 2 microbatches of a rank's work, the fill and drain
+    halved by the second stage a rank (Narayanan et al. 2021)."""
+    n = 2 * p
+    step = step_seconds("interleaved-1f1b", [0.5] * n, [1.0] * n, m, 0.0, stages_per_rank=2)
+    assert step == pytest.approx((m + (p - 1) / 2) * 3.0)
+    # its receives posted early and its sends waited at the end: the link's latency costs it once
+    # a hop of the first microbatch's way through every stage and back, whatever the microbatches
+    cost = step_seconds("interleaved-1f1b", [0.5] * n, [1.0] * n, m, 0.2, stages_per_rank=2) - step
+    assert cost == pytest.approx((2 * n - 2) * 0.2)

@@ -139,7 +139,7 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
     assert set(costs) == {"chunk_overhead_s", "checkpoint_block_s", "tp_module_overhead_s", "fsdp_block_s", "fsdp_ends_s", "fsdp_keep_block_s", "fsdp_keep_ends_s",
                           "dtensor_param_s", "zero1_block_s", "zero1_ends_s", "tp_block_s", "tp_ends_s", "sp_block_s", "sp_ends_s", "pipeline_microbatch_s",
                           "pipeline_first_s", "pipeline_last_s", "pipeline_middle_s", "pipeline_block_s", "model_plain_s",
-                          "pipeline_gpipe_extra_s", "pipeline_gpipe_microbatches"}  # fmt: skip
+                          "pipeline_gpipe_extra_s", "pipeline_gpipe_microbatches", "pipeline_looped_extra_s"}  # fmt: skip
     assert costs["tp_module_overhead_s"] > 0 and costs["checkpoint_block_s"] > 0 and costs["fsdp_block_s"] > 0
     assert costs["fsdp_keep_block_s"] > 0  # ZeRO-2's block: its gathers once, its copies and scatters
     assert costs["zero1_block_s"] > 0  # a block's 12 broadcasts
@@ -152,6 +152,8 @@ def test_dp_run_has_every_table_and_the_ddp_collectives(tmp_path: Path) -> None:
     assert costs["model_plain_s"] > 4 * costs["pipeline_block_s"] / 2  # the whole model, twice the rows
     assert costs["pipeline_gpipe_extra_s"] >= 0  # GPipe's step over 1F1B's: 0 where it measured none
     assert costs["pipeline_gpipe_microbatches"] == 12  # 6 a stage, 2 stages
+    # a second block a rank as a looped stage: its work at least, over the one-block copy's step
+    assert costs["pipeline_looped_extra_s"] > 12 * costs["pipeline_block_s"] / 2
 
 
 @pytest.mark.parametrize(

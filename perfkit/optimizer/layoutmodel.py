@@ -105,18 +105,26 @@ class Shape:
         return max(range(self.layout.pp), key=self.stage_flops_per_token)
 
     def stage_flops_per_token(self, pp_rank: int) -> float:
+        last = pp_rank == (self.layout.n_stages - 1) % self.layout.pp
+        return self._flops_per_token(len(self.stage_layers[pp_rank]), pp_rank == 0, last)
+
+    def virtual_stage_flops_per_token(self, stage: int) -> float:
+        """A stage's FLOPs a token where a rank holds several (interleaved; stage ``s`` on rank
+        ``s % pp``)."""
+        n, stages = self.cfg.model.n_layers, self.layout.n_stages
+        layers = (stage + 1) * n // stages - stage * n // stages
+        return self._flops_per_token(layers, stage == 0, stage == stages - 1)
+
+    def _flops_per_token(self, layers: int, first: bool, last: bool) -> float:
         m = self.cfg.model
-        blocks: float = len(self.stage_layers[pp_rank]) * (6 * self.block_params + 12 * m.d_model * m.seq_len)
+        blocks: float = layers * (6 * self.block_params + 12 * m.d_model * m.seq_len)
         if self.cfg.kernels.activation_checkpointing and not self.recompute_measured:
             blocks *= 8 / 6  # the forward again in backward
-        last = pp_rank == (self.layout.n_stages - 1) % self.layout.pp
         if self.ends_in_blocks is None:
             return blocks / self.layout.tp + (6 * m.vocab_size * m.d_model if last else 0)
         block = 6 * self.block_params + 12 * m.d_model * m.seq_len
         first_end, last_end = self.ends_in_blocks
-        return blocks / self.layout.tp + block * (
-            (first_end if pp_rank == 0 else 0) + (last_end if last else 0)
-        )
+        return blocks / self.layout.tp + block * ((first_end if first else 0) + (last_end if last else 0))
 
     @property
     def tokens_per_rank(self) -> int:
@@ -372,6 +380,11 @@ class Basis:
     pipeline_gpipe_extra_s: float | None = None
     """The pipelined copy's step under GPipe over its step under 1F1B, with the many microbatches
     (``pipeline_costs``): what a receive posted late costs (``pipeline_late_receive_s``)."""
+    pipeline_looped_extra_s: float | None = None
+    """The pipelined copy with a second block a rank as a second stage, looped (stage ``s`` on rank
+    ``s % ranks``) under interleaved 1F1B, its step over the one-block copy's under 1F1B with the
+    many microbatches, in the same rounds: what a looped stage's microbatch costs
+    (``pipeline_looped_chunk_s``)."""
 
     @functools.cached_property
     def shape(self) -> Shape:
@@ -413,7 +426,9 @@ class Basis:
         machinery = self.pipeline_machinery_s()
         if machinery is not None and shape.layout.pp > 1:
             lay = shape.layout
-            out["pipeline schedule (measured)"] = machinery * lay.microbatches * lay.stages_per_rank
+            looped = self.pipeline_looped_chunk_s() if lay.stages_per_rank > 1 else None
+            added = (machinery if looped is None else looped) * (lay.stages_per_rank - 1)
+            out["pipeline schedule (measured)"] = (machinery + added) * lay.microbatches
         return out
 
     def pipeline_latency_s(self, rows: int, act_bytes: int) -> float:
@@ -479,6 +494,40 @@ class Basis:
         return fit_late_receive(
             fwd, bwd, PIPE_MICROBATCHES[1] * len(stages), latency, extra, share=self.core_share
         )
+
+    def pipeline_looped_chunk_s(self) -> float | None:
+        """What a microbatch of a rank's second looped stage (interleaved 1F1B) costs beyond its
+        work: the measured copy's step with a second block a rank as that stage over its one-block
+        step under 1F1B (``pipeline_looped_extra_s``) less the simulated difference (``pipesim``: the
+        stages' own work, the link's latency), over the microbatches. It takes the place of
+        ``pipeline_machinery_s`` for those: on 2 CPU ranks at d_model 64 a looped stage's
+        microbatch posts its sends and receives one by one, three a microbatch for the two stages
+        (c10d::send and recv_ 0.2 ms each, against 0.04-0.13 under 1F1B), and interleaved 1F1B
+        with 8 microbatches measured 84 ms a step where a looped stage's microbatch charged as a
+        1F1B stage's had predicted 71. None where not measured."""
+        stages, block, extra = self.pipeline_stages_s(), self.pipeline_block_s, self.pipeline_looped_extra_s
+        if stages is None or block is None or extra is None:
+            return None
+        from perfkit.optimizer.pipesim import step_seconds
+        from perfkit.trainer.costs import PIPE_MICROBATCHES
+
+        many = PIPE_MICROBATCHES[1] * len(stages)
+        latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
+        looped = [stages[0], *[block] * (2 * len(stages) - 2), stages[-1]]
+        simulated = [
+            step_seconds(
+                schedule,
+                [t / 3 for t in work],
+                [2 * t / 3 for t in work],
+                many,
+                latency,
+                0.0,
+                self.core_share,
+                v,
+            )
+            for schedule, work, v in (("1f1b", stages, 1), ("interleaved-1f1b", looped, 2))
+        ]
+        return max(0.0, extra - (simulated[1] - simulated[0])) / many
 
     def pipeline_stages_s(self) -> list[float] | None:
         """The measured copy's stages' own work a microbatch, in order, or None (not measured)."""
@@ -972,7 +1021,8 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, f
     its schedule simulated as torch runs it (``pipesim``: each stage's chunks, its sends waiting for
     their receives, the link's latency) where the basis measured the copy's stages (so the
     machinery a microbatch is known apart from the waits), else the closed form's fill and drain
-    (one microbatch of each other stage). Interleaved schedules take the closed form. Where the
+    (one microbatch of each other stage). Interleaved schedules are simulated too, their stages
+    looped over the ranks as torch lowers them (each rank's two stages' sends and receives). Where the
     basis measured what a receive posted late costs, what the schedule's late receives add is a
     part of its own (GPipe's, mostly: a user's reason to choose 1F1B). Where CPU ranks share
     their cores (``Basis.core_share``), a stage computes faster while its neighbours wait, and the
@@ -981,7 +1031,7 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, f
     lay = shape.layout
     share = basis.core_share
     weight = [shape.stage_flops_per_token(r) for r in range(lay.pp)]
-    if lay.stages_per_rank > 1 or basis.pipeline_stages_s() is None:
+    if basis.pipeline_stages_s() is None:
         step = busiest_s * shape.pipeline_fill
         if share < 1:  # the fill and drain at the shared pace, the stages' mean work at least
             step = max(step * share, busiest_s * sum(weight) / len(weight) / weight[shape.busiest])
@@ -989,13 +1039,17 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, f
     from perfkit.optimizer.pipesim import step_seconds
 
     m = lay.microbatches
-    chunks = [busiest_s / m * w / weight[shape.busiest] for w in weight]
+    if lay.stages_per_rank > 1:
+        weight = [shape.virtual_stage_flops_per_token(s) for s in range(lay.n_stages)]
+    chunks = [busiest_s / m * w / shape.stage_flops_per_token(shape.busiest) for w in weight]
     latency = basis.pipeline_latency_s(lay.micro_batch, shape.act_bytes)
     fwd, bwd = [c / 3 for c in chunks], [2 * c / 3 for c in chunks]
     schedule = shape.cfg.parallel.pp_schedule
-    step = step_seconds(schedule, fwd, bwd, m, latency, share=share)
+    v = lay.stages_per_rank
+    step = step_seconds(schedule, fwd, bwd, m, latency, share=share, stages_per_rank=v)
     parts = _bubble_parts(step, busiest_s)
-    late = step_seconds(schedule, fwd, bwd, m, latency, basis.pipeline_late_receive_s(), share) - step
+    late = basis.pipeline_late_receive_s()
+    late = step_seconds(schedule, fwd, bwd, m, latency, late, share, v) - step
     if late > 0:
         parts[LATE_RECEIVES] = late
     return parts

@@ -1,6 +1,8 @@
 """A pipeline step simulated as torch.distributed.pipelining runs it: each stage's program of
 forward and backward chunks, sends and receives, in the order ``Schedule1F1B`` and ``ScheduleGPipe``
-(torch 2.13) issue them, and the point where each waits. A transfer completes ``latency`` after
+(torch 2.13) issue them, and the point where each waits; ``ScheduleInterleaved1F1B`` as its runtime
+lowers it (each rank's looped stages, their receives posted ahead and their sends waited at the
+end, so the link's latency costs it its fill and drain only). A transfer completes ``latency`` after
 both its ends have posted it (gloo's and NCCL's point-to-point calls meet: a send waits for its
 receive), so a stage that waits on a batch holding its send to a busy neighbour waits for that
 neighbour too. The closed form (the busiest stage's microbatches and one of each other stage) has
@@ -134,6 +136,70 @@ def gpipe(r: int, p: int, m: int, f: float, b: float) -> list[Action]:
     return prog
 
 
+def _interleaved_order(r: int, p: int, v: int, m: int) -> list[tuple[str, int, int]]:
+    """Rank ``r``'s compute actions under ``ScheduleInterleaved1F1B`` (torch 2.13's
+    ``_calculate_single_rank_operations`` and ``_get_1f1b_rank_ops``, its idle slots dropped as its
+    lowering drops them): ("f" or "b", the stage, the microbatch). Stage ``s`` is on rank ``s % p``."""
+    rounds = max(1, m // p)
+    per_round = m // rounds
+    warmup = min((v - 1) * per_round + 2 * (p - 1 - r), m * v)
+    steady = m * v - warmup
+    fwd: dict[int, int] = {}
+    bwd: dict[int, int] = {}
+    out: list[tuple[str, int, int]] = []
+
+    def act(kind: str, stage: int, counts: dict[int, int]) -> None:
+        counts[stage] = counts.get(stage, 0) + 1
+        out.append((kind, stage, counts[stage] - 1))
+
+    for op in range(warmup + steady + warmup):
+        if op < warmup + steady:
+            act("f", (op // per_round) % v * p + r, fwd)
+        if op >= warmup:
+            act("b", (v - 1 - (op - warmup) // per_round % v) * p + r, bwd)
+    return out
+
+
+def interleaved(p: int, v: int, m: int, f: Sequence[float], b: Sequence[float]) -> list[list[Action]]:
+    """Every rank's program under ``ScheduleInterleaved1F1B`` with ``v`` stages a rank (stage ``s``
+    on rank ``s % p``, its forward chunk taking ``f[s]`` and its backward ``b[s]``), lowered as
+    torch's runtime runs it (``_add_send_recv``): the ranks' compute actions taken in turn, each
+    once its input's sender has been taken; an action with a neighbour appends its send to its own
+    program and the matching receive to the neighbour's, each posted alone; a chunk waits for its
+    receive, and the sends are waited at the end."""
+    n = p * v
+    todo = [_interleaved_order(r, p, v, m) for r in range(p)]
+    programs: list[list[Action]] = [[] for _ in range(p)]
+    sends: list[list[Op]] = [[] for _ in range(p)]
+    taken: set[tuple[str, int, int]] = set()
+    while any(todo):
+        moved = False
+        for r in range(p):
+            if not todo[r]:
+                continue
+            kind, s, mb = todo[r][0]
+            src, dst = (s - 1, s + 1) if kind == "f" else (s + 1, s - 1)
+            if 0 <= src < n and (kind, src, mb) not in taken:
+                continue
+            todo[r].pop(0)
+            taken.add((kind, s, mb))
+            moved = True
+            if 0 <= src < n:
+                programs[r].append(Wait(((f"{kind}{src}", src % p, r, mb),)))
+            programs[r].append(Compute(f[s] if kind == "f" else b[s]))
+            if 0 <= dst < n:
+                op = (f"{kind}{s}", r, dst % p, mb)
+                programs[r].append(Post((op,)))
+                programs[dst % p].append(Post((op,)))
+                sends[r].append(op)
+        if not moved:
+            raise RuntimeError("the interleaved schedule cannot be lowered: its stages do not pair")
+    for prog, sent in zip(programs, sends, strict=True):
+        if sent:
+            prog.append(Wait(tuple(sent)))
+    return programs
+
+
 def simulate(programs: list[list[Action]], latency: float) -> list[float]:
     """Each stage's finishing time, every stage starting at 0."""
     posted: dict[tuple[Op, int], float] = {}  # (op, the end that posted it: 0 sender, 1 receiver)
@@ -175,11 +241,13 @@ def step_seconds(
     latency: float,
     late_receive: float = 0.0,
     share: float = 1.0,
+    stages_per_rank: int = 1,
 ) -> float:
-    """The pipeline's step (its slowest stage's finish) under ``schedule`` ("1f1b" or "gpipe"),
-    stage ``r``'s forward chunk taking ``forward[r]`` and its backward ``backward[r]``; under GPipe
-    ``late_receive`` more for each forward but the first (its receive posted after its send while
-    the sender computes, ahead).
+    """The pipeline's step (its slowest stage's finish) under ``schedule`` ("1f1b", "gpipe" or
+    "interleaved-1f1b", whose ``stages_per_rank`` stages a rank are looped: stage ``s`` on rank
+    ``s % pp``), stage ``s``'s forward chunk taking ``forward[s]`` and its backward ``backward[s]``;
+    under GPipe ``late_receive`` more for each forward but the first (its receive posted after its
+    send while the sender computes, ahead).
 
     ``share``: the part of a core each rank had while every rank computed, where the chunks were
     timed so (CPU ranks over fewer cores: 0.5 for 4 ranks of a thread on 2 cores). A stage whose
@@ -187,9 +255,13 @@ def step_seconds(
     their time, and the step is then at least the stages' work shared over the cores (each stage's
     microbatches at the timed pace, on average): 4 CPU ranks on 2 cores took 38.5 ms a step in 4
     stages and 36.9 in DDP, where the fill and drain at the timed pace had predicted 79."""
-    p = len(forward)
-    build = gpipe if schedule == "gpipe" else one_f_one_b
-    programs = [build(r, p, microbatches, forward[r] * share, backward[r] * share) for r in range(p)]
+    p = len(forward) // stages_per_rank
+    if schedule == "interleaved-1f1b":
+        f, b = [x * share for x in forward], [x * share for x in backward]
+        programs = interleaved(p, stages_per_rank, microbatches, f, b)
+    else:
+        build = gpipe if schedule == "gpipe" else one_f_one_b
+        programs = [build(r, p, microbatches, forward[r] * share, backward[r] * share) for r in range(p)]
     late = late_receive * (microbatches - 1) if schedule == "gpipe" else 0.0
     step = max(simulate(programs, latency))
     if share < 1:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -225,8 +226,16 @@ def pipeline_costs(
     times and 2-6 ms one time in three, against under 0.1 where the sender waits): the trainer's
     tiny-cpu pp2 took 42.4 ms a step under GPipe with 8 microbatches against 37.7 under 1F1B, 30.8
     against 28.7 with 4 (one sweep). The layout model fits that post's cost to this
-    (``Basis.pipeline_late_receive_s``: 0.29 ms there, counted on each GPipe forward but the first). Every rank must call it."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    (``Basis.pipeline_late_receive_s``: 0.29 ms there, counted on each GPipe forward but the first).
+    And ``pipeline_looped_extra_s``: the copy with a second block a rank as a second stage, looped
+    (interleaved 1F1B), with the many microbatches, its step over the one-block 1F1B step's (the
+    layout model's ``Basis.pipeline_looped_chunk_s``). Every rank must call it."""
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
 
     from perfkit.trainer.parallelize import stage_ends
 
@@ -237,12 +246,34 @@ def pipeline_costs(
     rows = max(1, micro_batch // 2)  # a pipeline's microbatch: a share of a rank's batch
     counts = [k * world for k in PIPE_MICROBATCHES]
     runs: list[Callable[[], None]] = []
-    for n, kind in ((counts[0], Schedule1F1B), (counts[1], Schedule1F1B), (counts[1], ScheduleGPipe)):
-        stage = PipelineStage(part, rank, world, device, group=dist.group.WORLD)
-        schedule = kind(stage, n_microbatches=n, loss_fn=cross_entropy)
+    # and a second block a rank as a looped stage (stage s on rank s % world) under interleaved
+    # 1F1B, with the many microbatches: what a looped stage's microbatch costs
+    looped = [
+        PipelineStage(
+            stage_ends(
+                GPT(dataclasses.replace(m, n_layers=1), cfg.kernels.attention).to(device),
+                s == 0,
+                s == 2 * world - 1,
+            ),
+            s,
+            2 * world,
+            device,
+            group=dist.group.WORLD,
+        )
+        for s in (rank, rank + world)
+    ]
+    built = [
+        *(
+            kind(PipelineStage(part, rank, world, device, group=dist.group.WORLD), n, cross_entropy)
+            for n, kind in ((counts[0], Schedule1F1B), (counts[1], Schedule1F1B), (counts[1], ScheduleGPipe))
+        ),
+        ScheduleInterleaved1F1B(looped, counts[1], cross_entropy),
+    ]
+    for schedule in built:
+        n = schedule._n_microbatches
         batch = torch.randint(0, m.vocab_size, (n * rows, m.seq_len + 1), device=device)
 
-        def step(schedule: Schedule1F1B | ScheduleGPipe = schedule, batch: torch.Tensor = batch) -> None:
+        def step(schedule: Any = schedule, batch: torch.Tensor = batch) -> None:
             if rank == 0:
                 schedule.step(batch[:, :-1])
             elif rank == world - 1:
@@ -272,20 +303,21 @@ def pipeline_costs(
 
     runs += [plain, alone]
     few, many = counts
-    slope, gpipe_extra, own, one = _interleaved(
+    slope, gpipe_extra, looped_extra, own, one = _interleaved(
         runs,
         device,
         _rounds(repeats),
-        lambda a, b, g, own, one: ((b - a) / (many - few), g - b, own, one),
+        lambda a, b, g, loop, own, one: ((b - a) / (many - few), g - b, loop - b, own, one),
     )
     # the step is the busiest stage's: the slowest rank's growth less the busiest rank's work; each
     # stage's own work kept too (the first, the last, the busiest middle), for the layout model's
     # simulation of the copy's schedule (``perfkit.optimizer.pipesim``)
     where = 0 if rank == 0 else 1 if rank == world - 1 else 2
-    figures = torch.zeros(6, dtype=torch.float64, device=device)
+    figures = torch.zeros(7, dtype=torch.float64, device=device)
     figures[0], figures[1], figures[2], figures[3 + where] = slope, gpipe_extra, own, own
+    figures[6] = looped_extra
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-    slope, gpipe_extra, own, first, last, middle = (float(x) for x in figures)
+    slope, gpipe_extra, own, first, last, middle, looped_extra = (float(x) for x in figures)
     block_s = torch.tensor([one / world], dtype=torch.float64, device=device)
     dist.all_reduce(block_s)  # the ranks' mean
     return {
@@ -296,6 +328,7 @@ def pipeline_costs(
         "pipeline_first_s": first,
         "pipeline_last_s": last,
         "pipeline_middle_s": middle,
+        "pipeline_looped_extra_s": looped_extra,
     }
 
 
