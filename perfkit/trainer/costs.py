@@ -236,6 +236,7 @@ def pipeline_costs(
         ScheduleGPipe,
         ScheduleInterleaved1F1B,
     )
+    from torch.distributed.pipelining.stage import _PipelineStageBase
 
     from perfkit.trainer.parallelize import stage_ends
 
@@ -248,7 +249,7 @@ def pipeline_costs(
     runs: list[Callable[[], None]] = []
     # and a second block a rank as a looped stage (stage s on rank s % world) under interleaved
     # 1F1B, with the many microbatches: what a looped stage's microbatch costs
-    looped = [
+    looped: list[_PipelineStageBase] = [
         PipelineStage(
             stage_ends(
                 GPT(dataclasses.replace(m, n_layers=1), cfg.kernels.attention).to(device),
