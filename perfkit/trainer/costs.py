@@ -87,18 +87,38 @@ def _trimmed_mean(times: list[float]) -> float:
     return sum(kept) / len(kept)
 
 
-def _block_and_ends(one: float, two: float, blocks: int) -> tuple[float, float]:
-    """A block's cost and the rest's from what copies of one block and of two cost beyond plain
-    (each averaged over the rounds): the line through them, ``two - one`` a block and ``2 one -
-    two`` the rest. Where noise puts the rest under 0, the line is kept where the model is (its
-    ``blocks``), as a block's share of it with no rest: clamping the rest at 0 alone had charged
-    every block the line's slope (at 12.8M parameters FSDP2's block came out 38, 73 and 83 ms in
-    three runs, its root 2.5, 0 and 0, and FSDP2 was predicted +17%)."""
-    block, ends = two - one, 2 * one - two
+DEEP = 4
+"""Blocks of the deeper copy at most (``depth``): a copy of one block and one of the model's depth
+(up to this) put a model's cost on its own depth, where the line through one and two blocks
+stretched their noise threefold to 4 blocks. Tiny-cpu's tensor-parallel cost of its 4 blocks, 5
+measurements in one process: 55.4-65.1 ms through one and two blocks, 63.2-66.7 from the 4-block
+copy (and 59.7-84.3 against 66.0-84.5 in another minute of a busier host)."""
+
+
+def depth(cfg: TrainConfig) -> int:
+    """The deeper copy's blocks: the model's, from 2 to ``DEEP``."""
+    return max(2, min(cfg.model.n_layers, DEEP))
+
+
+def _deep_rounds(rounds: int, blocks: int) -> int:
+    """Rounds for copies of one block and of ``blocks``: as many blocks' calls as the copies of one
+    and two took in ``rounds`` (a deeper copy's calls are longer, and its line steadier)."""
+    return max(REPEATS // 3, rounds * 3 // (1 + blocks))
+
+
+def _block_and_ends(one: float, deep: float, blocks: int, model_blocks: int) -> tuple[float, float]:
+    """A block's cost and the rest's from what copies of one block and of ``blocks`` cost beyond
+    plain (each averaged over the rounds): the line through them, ``(deep - one) / (blocks - 1)`` a
+    block and ``one`` less that the rest. Where noise puts the rest under 0, the line is kept where
+    the model is (its ``model_blocks``), as a block's share of it with no rest: clamping the rest at
+    0 alone had charged every block the line's slope (at 12.8M parameters FSDP2's block came out 38,
+    73 and 83 ms in three runs, its root 2.5, 0 and 0, and FSDP2 was predicted +17%)."""
+    block = (deep - one) / (blocks - 1)
+    ends = one - block
     if ends < 0:
-        return max(0.0, (blocks * block + ends) / blocks), 0.0
+        return max(0.0, (model_blocks * block + ends) / model_blocks), 0.0
     if block < 0:
-        return 0.0, (one + two) / 2
+        return 0.0, (one + deep) / 2
     return block, ends
 
 
@@ -127,7 +147,7 @@ def layout_costs(cfg: TrainConfig, micro_batch: int, device: torch.device) -> di
             6 * FP32 * (12 * m.d_model**2 + 2 * m.vocab_size * m.d_model)
             + 64 * micro_batch * m.seq_len * m.d_model
         )
-        if free < 3 * need:  # and a copy of two blocks for ZeRO-1's step
+        if free < (1 + depth(cfg)) * need:  # and a copy of the deeper one's blocks beside it
             return {}
     model = GPT(one, cfg.kernels.attention).to(device)
     batch = torch.randint(0, m.vocab_size, (micro_batch, m.seq_len + 1), device=device)
@@ -340,7 +360,7 @@ def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) 
     collective), and ``sp_block_s``, ``sp_ends_s`` with sequence parallelism (its ends' slice and
     gather too). Its collectives happen between the block's own compute, and each waits for the
     other ranks (on 2 CPU ranks 1.2-1.5 ms a call, where the same call after a barrier takes 0.3);
-    DTensor dispatches each module. Copies of one and two blocks with each plan against plain ones,
+    DTensor dispatches each module. Copies of one block and of ``depth`` with each plan against plain ones,
     interleaved; none where the model cannot be split so (SP: none where only SP cannot)."""
     from perfkit.errors import ConfigError
     from perfkit.trainer.config import resolve_layout
@@ -375,28 +395,29 @@ def tensor_parallel_costs(cfg: TrainConfig, device: torch.device, repeats: int) 
 
         return run
 
-    runs = [copy(layers, plan) for plan in [None, *plans] for layers in (1, 2)]
+    deep = depth(cfg)
+    runs = [copy(layers, plan) for plan in [None, *plans] for layers in (1, deep)]
 
     # interleaved, and for a small model twice the repeats: one measurement of 15 calls each moved
     # 9.8 to 14.0 ms a block at tiny-cpu (a large model's calls are longer, and steadier)
-    def estimate(one: float, two: float, *planned: float) -> tuple[float, ...]:
+    def estimate(one: float, deeper: float, *planned: float) -> tuple[float, ...]:
         # each plan's copies beyond their share of the plain ones' (a rank's share of the blocks,
         # the ends whole)
-        per_block = two - one
+        per_block = (deeper - one) / (deep - 1)
         out = []
-        for plan1, plan2 in zip(planned[::2], planned[1::2], strict=True):
+        for plan1, plan_deep in zip(planned[::2], planned[1::2], strict=True):
             out += [
                 plan1 - (one - per_block + per_block / world),
-                plan2 - (one - per_block + 2 * per_block / world),
+                plan_deep - (one - per_block + deep * per_block / world),
             ]
         return tuple(out)
 
-    figures = _interleaved(runs, device, _rounds(repeats), estimate)
+    figures = _interleaved(runs, device, _deep_rounds(_rounds(repeats), deep), estimate)
     out = {}
     for k, sp in enumerate(plans):
         key = "sp" if sp else "tp"
-        one, two = figures[2 * k : 2 * k + 2]
-        out[f"{key}_block_s"], out[f"{key}_ends_s"] = _block_and_ends(one, two, m.n_layers)
+        one, deeper = figures[2 * k : 2 * k + 2]
+        out[f"{key}_block_s"], out[f"{key}_ends_s"] = _block_and_ends(one, deeper, deep, m.n_layers)
     return out
 
 
@@ -408,7 +429,7 @@ def _rounds(repeats: int) -> int:
 
 def fsdp_costs(cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repeats: int) -> dict[str, float]:
     """What FSDP2 (ZeRO-3) over every rank costs a microbatch beyond the same copy unsharded, for
-    copies of one and two blocks, each block a unit and the root (embeddings, final norm, head)
+    copies of one block and of ``depth``, each block a unit and the root (embeddings, final norm, head)
     another, interleaved: (``fsdp_block_s``, a block; ``fsdp_ends_s``, the root; ``dtensor_param_s``,
     a parameter tensor in the optimizer phase). A
     unit's gathers and scatters move its parameters' bytes, so a block and the root differ as their
@@ -427,7 +448,8 @@ def fsdp_costs(cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repe
     mesh = _world_mesh(device)
     runs: list[Callable[[], None]] = []
     copies: list[nn.Module] = []
-    for layers in (1, 2):
+    deep = depth(cfg)
+    for layers in (1, deep):
         for reshard in (None, True, False):  # plain, ZeRO-3, ZeRO-2
             model = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
             if reshard is not None:
@@ -442,12 +464,14 @@ def fsdp_costs(cfg: TrainConfig, batch: torch.Tensor, device: torch.device, repe
             copies.append(model)
 
     def estimate(*t: float) -> tuple[float, ...]:
-        plain1, fsdp1, keep1, plain2, fsdp2, keep2 = t
-        return fsdp1 - plain1, fsdp2 - plain2, keep1 - plain1, keep2 - plain2
+        plain1, fsdp1, keep1, plain_deep, fsdp_deep, keep_deep = t
+        return fsdp1 - plain1, fsdp_deep - plain_deep, keep1 - plain1, keep_deep - plain_deep
 
-    one, two, keep_one, keep_two = _interleaved(runs, device, _rounds(repeats), estimate)
-    block, ends = _block_and_ends(one, two, cfg.model.n_layers)
-    keep_block, keep_ends = _block_and_ends(keep_one, keep_two, cfg.model.n_layers)
+    one, deeper, keep_one, keep_deep = _interleaved(
+        runs, device, _deep_rounds(_rounds(repeats), deep), estimate
+    )
+    block, ends = _block_and_ends(one, deeper, deep, cfg.model.n_layers)
+    keep_block, keep_ends = _block_and_ends(keep_one, keep_deep, deep, cfg.model.n_layers)
     tensors = sum(1 for _ in copies[0].parameters())
     (per_tensor,) = _interleaved(  # over the gradients of the runs above
         [_optimizer_step(cfg, copies[0]), _optimizer_step(cfg, copies[1])],
@@ -485,15 +509,16 @@ def _optimizer_step(cfg: TrainConfig, model: nn.Module) -> Callable[[], None]:
 
 def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[float, float]:
     """What ZeroRedundancyOptimizer's step over every rank costs beyond AdamW on a rank's share of
-    the parameters, for copies of one and two blocks: (a block, the model's ends). Each parameter is
+    the parameters, for copies of one block and of ``depth``: (a block, the model's ends). Each parameter is
     broadcast from its owner after the step, one call a tensor, all issued then waited for: on 2
     CPU ranks 0.27 ms a tensor at tiny-cpu's sizes and 3.7 ms a step besides, where the fitted
     latency of a call (0.28-0.42 ms from run to run) missed tiny-cpu's ZeRO-1 by up to 23%. The two
     copies hold the job's own tensors (a block's, the ends'), so the step of any depth follows.
     Every rank must call it."""
     world = dist.get_world_size()
-    steps: list[Callable[[], None]] = []  # ZeRO-1's and plain AdamW's, for one block and two
-    for layers in (1, 2):
+    steps: list[Callable[[], None]] = []  # ZeRO-1's and plain AdamW's, for one block and more
+    deep = depth(cfg)
+    for layers in (1, deep):
         model = GPT(dataclasses.replace(cfg.model, n_layers=layers), cfg.kernels.attention).to(device)
         params = list(model.parameters())
         for p in params:
@@ -502,12 +527,12 @@ def zero1_costs(cfg: TrainConfig, device: torch.device, repeats: int) -> tuple[f
             opt = build_optimizer(_with_zero(cfg, zero), params, None)
             steps.append(lambda opt=opt: opt.step())  # type: ignore[misc]
 
-    def estimate(zero1: float, plain1: float, zero2: float, plain2: float) -> tuple[float, float]:
-        return zero1 - plain1 / world, zero2 - plain2 / world
+    def estimate(zero1: float, plain1: float, zero_deep: float, plain_deep: float) -> tuple[float, float]:
+        return zero1 - plain1 / world, zero_deep - plain_deep / world
 
     # interleaved, twice the repeats: measured one after the other, a block's 4 ms once came out 0
-    one, two = _interleaved(steps, device, 2 * repeats, estimate)
-    return _block_and_ends(one, two, cfg.model.n_layers)
+    one, deeper = _interleaved(steps, device, _deep_rounds(2 * repeats, deep), estimate)
+    return _block_and_ends(one, deeper, deep, cfg.model.n_layers)
 
 
 def _with_zero(cfg: TrainConfig, zero: int) -> TrainConfig:
