@@ -160,7 +160,9 @@ def test_every_collective_has_its_caller(clean: tuple[str, Profiled]) -> None:
 def test_a_clean_run_has_no_high_finding(clean: tuple[str, Profiled]) -> None:
     name, p = clean
     loud = [(f.id, f.title) for f in p.analysis.findings if f.severity in ("high", "critical")]
-    assert not loud, (name, loud)
+    # the straggler rule's evidence with it: on a loaded CI host a clean run once had rank 0 named
+    # (the tables go with the CI's temporary folder, so the failure must carry them)
+    assert not loud, (name, loud, p.analysis.metrics.stragglers)
     assert not any(f.id == "recompute_without_pressure" for f in p.analysis.findings)
     framework = p.run.manifest.model.get("framework", {}).get("name")
     assert framework == CASES[name].framework
