@@ -481,6 +481,8 @@ def test_a_looped_stage_pays_what_the_interleaved_copy_measured(tmp_path: Path) 
     # no slower than its simulation: nothing added
     fast = lm.basis_from_run(make_basis(tmp_path / "f", costs=costs | {"pipeline_looped_extra_s": 0.001}))
     assert fast.pipeline_looped_chunk_s() == 0.0
+    said = "\n".join(lm.whatif_lines(b, sets, 2))
+    assert f"a looped stage's microbatch (interleaved) {chunk * 1e3:.2f} ms" in said
 
 
 def test_gpipe_pays_its_late_receives_as_the_copy_measured(tmp_path: Path) -> None:

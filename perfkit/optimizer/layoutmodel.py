@@ -1173,6 +1173,7 @@ def whatif_lines(
             ("its ends", basis.sp_ends_s),
             ("a pipeline stage's microbatch (its schedule's machinery)", basis.pipeline_machinery_s()),
             ("a receive posted late, its sender computing", basis.pipeline_late_receive_s() or None),
+            ("a looped stage's microbatch (interleaved)", basis.pipeline_looped_chunk_s()),
         )
         if value is not None
     ]
