@@ -809,3 +809,20 @@ def test_a_cpu_basis_on_fewer_cores_than_ranks_and_another_group_size(tmp_path: 
     # the stages' work unequal (the head on the last): the others' waits lend the busiest cores
     assert half.get(lm.CORES_LENT, 0.0) <= 0.0
     assert lm.predict(shared, pp4, 4).step_s < lm.predict(b, pp4, 4).step_s
+
+
+def test_a_kernel_change_the_model_cannot_time_says_so(tmp_path: Path) -> None:
+    """Eager attention, bf16, compilation or another optimizer: the prediction keeps the basis's
+    kernels' time, and says so with what to do instead; checkpointing, which it times, and layouts
+    say nothing."""
+    b = lm.basis_from_run(make_basis(tmp_path / "b"))
+    for sets, named in (
+        (["kernels.attention=eager"], "kernels.attention=eager"),
+        (["kernels.precision=bf16", "parallel.tp=2"], "kernels.precision=bf16"),
+        (["kernels.compile=true"], "kernels.compile=True"),
+    ):
+        said = "\n".join(lm.whatif_lines(b, sets, 2))
+        assert f"note: {named}: the layout model does not time a kernel change" in said, said
+        assert "perfkit whatif --speedup" in said
+    for sets in (["kernels.activation_checkpointing=true"], ["parallel.tp=2"], []):
+        assert "does not time a kernel change" not in "\n".join(lm.whatif_lines(b, sets, 2))

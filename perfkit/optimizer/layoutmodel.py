@@ -1005,9 +1005,31 @@ def predict(basis: Basis, cfg: TrainConfig, world_size: int) -> Prediction:
             "FSDP2 on CPU: a rank's RSS grows step after step (the C allocator keeps freed all-gather "
             "buffers: 591 to 730 MiB over 6 steps at 12.8M parameters), so the peak is a lower bound"
         )
+    untimed = kernels_untimed(config_from_dict(basis.config), cfg)
+    if untimed:
+        notes.append(
+            f"{', '.join(untimed)}: the layout model does not time a kernel change (only its memory), so the "
+            "step is the basis's kernels' time; measure it (perfkit sweep --layout with the change), or "
+            "replay a faster op on the basis's traces (perfkit whatif --speedup FAMILY=K)"
+        )
     step = with_stalls(basis, parts)
     spread = basis.spread_s * step / basis.step_s if basis.step_s > 0 else 0.0
     return Prediction(step, peak, parts, mem, notes, spread, lower_bound)
+
+
+TIMED_KERNELS = frozenset({"activation_checkpointing"})
+"""The kernel options whose time the layout model charges (checkpointing: its forward again, as the
+basis measured it); the others' speed it cannot know from a basis that did not run them."""
+
+
+def kernels_untimed(base: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """``key=value`` of each kernel option ``cfg`` changes from ``base`` whose time the layout model
+    does not charge (eager attention, bf16, compilation, the optimizer's implementation)."""
+    return [
+        f"kernels.{f.name}={getattr(cfg.kernels, f.name)}"
+        for f in dataclasses.fields(cfg.kernels)
+        if f.name not in TIMED_KERNELS and getattr(cfg.kernels, f.name) != getattr(base.kernels, f.name)
+    ]
 
 
 LATE_RECEIVES = "pipeline receives posted late"
