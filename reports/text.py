@@ -413,6 +413,10 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
             )
         elif data.get("no_replay"):
             lines.append(f"  by the layout model alone: {data['no_replay']}")
+        for c in data["candidates"]:  # a kernel change's speed: not modelled, and said so
+            for note in (c.get("predicted") or {}).get("notes", []):
+                if note.startswith("kernels."):
+                    lines.append(f"  {c['label']}: {note}")
     return "\n".join(lines)
 
 

@@ -326,6 +326,21 @@ def test_sweep_ledger_resumes_without_measuring_twice(
     assert r.returncode == 2 and "holds a different sweep" in r.stderr
 
 
+def test_a_sweep_of_a_kernel_change_says_its_speed_is_not_predicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layout with eager attention is predicted at the basis's kernels' time: the sweep's summary
+    says so beside it, and not beside a plain layout."""
+    basis, out = make_basis(tmp_path), tmp_path / "sweep"
+    monkeypatch.setattr(sw, "measure", _fake_measure([]))
+    data = sw.run_sweep(
+        "tiny-cpu", 2, ["steps=12"], ["tp=1", "tp=1,kernels.attention=eager"], 1, out, basis_run=basis
+    ).to_json()
+    said = sweep_summary(data, 12).splitlines()
+    eager = [line for line in said if "does not time a kernel change" in line]
+    assert len(eager) == 1 and "kernels.attention=eager" in eager[0] and "whatif --speedup" in eager[0]
+
+
 def test_sweep_prunes_what_will_not_fit_and_halves_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,6 +26,7 @@ measures nothing twice, and a Ctrl-C keeps every finished run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -537,8 +538,11 @@ def run_sweep(
                         cfg = load_config(config, c.overrides)
                         replayed = replayer.predict(cfg, world)
                         engines["replay"] = replayed.step_s * 1e3
-                        if sweep.basis.shape_of(cfg, world).layout.pp == 1:
-                            p, engine = replayed, "replay"
+                        if sweep.basis.shape_of(cfg, world).layout.pp == 1:  # the model's notes kept
+                            p, engine = (
+                                dataclasses.replace(replayed, notes=[*p.notes, *replayed.notes]),
+                                "replay",
+                            )
                     c.predicted = {**p.to_json(), "engine": engine, "engines": engines}
                     if limit and p.peak_bytes and p.peak_bytes > limit:
                         c.skipped = f"predicted peak {p.peak_bytes / 2**30:.2f} GiB a rank exceeds {limit / 2**30:.2f} GiB ({what})"
