@@ -339,6 +339,10 @@ def test_a_sweep_of_a_kernel_change_says_its_speed_is_not_predicted(
     said = sweep_summary(data, 12).splitlines()
     eager = [line for line in said if "does not time a kernel change" in line]
     assert len(eager) == 1 and "kernels.attention=eager" in eager[0] and "whatif --speedup" in eager[0]
+    from perfkit.reports import trials
+
+    page = trials.render(data)
+    assert page.count("does not time a kernel change") == 1 and "dp2 kernels.attention=eager:" in page
 
 
 def test_sweep_prunes_what_will_not_fit_and_halves_the_rest(
