@@ -431,6 +431,10 @@ class Basis:
             out["pipeline schedule (measured)"] = (machinery + added) * lay.microbatches
         return out
 
+    def copy_latency_s(self) -> float:
+        """A send's transfer in the pipelined copy: half the basis's microbatch in fp32."""
+        return self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
+
     def pipeline_latency_s(self, rows: int, act_bytes: int) -> float:
         """A pipeline send's transfer at the basis's link fit: ``rows`` sequences of activations,
         over one hop of the ring the latency was fitted to (``comm_seconds``)."""
@@ -448,13 +452,13 @@ class Basis:
         stages = self.pipeline_stages_s()
         if stages is None:
             return self.pipeline_microbatch_s
-        from perfkit.optimizer.pipesim import step_seconds
+        from perfkit.optimizer.pipesim import split, step_seconds
         from perfkit.trainer.costs import PIPE_MICROBATCHES
 
         slope = self.pipeline_microbatch_s + max(stages)
         few, many = (k * len(stages) for k in PIPE_MICROBATCHES)
-        latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
-        fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
+        latency = self.copy_latency_s()
+        fwd, bwd = split(stages)
         simulated = step_seconds("1f1b", fwd, bwd, many, latency, share=self.core_share) - step_seconds(
             "1f1b", fwd, bwd, few, latency, share=self.core_share
         )
@@ -486,11 +490,11 @@ class Basis:
         stages, extra = self.pipeline_stages_s(), self.pipeline_gpipe_extra_s
         if stages is None or not extra:
             return 0.0
-        from perfkit.optimizer.pipesim import fit_late_receive
+        from perfkit.optimizer.pipesim import fit_late_receive, split
         from perfkit.trainer.costs import PIPE_MICROBATCHES
 
-        latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
-        fwd, bwd = [t / 3 for t in stages], [2 * t / 3 for t in stages]
+        latency = self.copy_latency_s()
+        fwd, bwd = split(stages)
         return fit_late_receive(
             fwd, bwd, PIPE_MICROBATCHES[1] * len(stages), latency, extra, share=self.core_share
         )
@@ -508,23 +512,14 @@ class Basis:
         stages, block, extra = self.pipeline_stages_s(), self.pipeline_block_s, self.pipeline_looped_extra_s
         if stages is None or block is None or extra is None:
             return None
-        from perfkit.optimizer.pipesim import step_seconds
+        from perfkit.optimizer.pipesim import split, step_seconds
         from perfkit.trainer.costs import PIPE_MICROBATCHES
 
         many = PIPE_MICROBATCHES[1] * len(stages)
-        latency = self.pipeline_latency_s(max(1, self.shape.layout.micro_batch // 2), FP32)
+        latency = self.copy_latency_s()
         looped = [stages[0], *[block] * (2 * len(stages) - 2), stages[-1]]
         simulated = [
-            step_seconds(
-                schedule,
-                [t / 3 for t in work],
-                [2 * t / 3 for t in work],
-                many,
-                latency,
-                0.0,
-                self.core_share,
-                v,
-            )
+            step_seconds(schedule, *split(work), many, latency, 0.0, self.core_share, v)
             for schedule, work, v in (("1f1b", stages, 1), ("interleaved-1f1b", looped, 2))
         ]
         return max(0.0, extra - (simulated[1] - simulated[0])) / many
@@ -1058,20 +1053,20 @@ def pipeline_bubble(basis: Basis, shape: Shape, busiest_s: float) -> dict[str, f
         if share < 1:  # the fill and drain at the shared pace, the stages' mean work at least
             step = max(step * share, busiest_s * sum(weight) / len(weight) / weight[shape.busiest])
         return _bubble_parts(step, busiest_s)
-    from perfkit.optimizer.pipesim import step_seconds
+    from perfkit.optimizer.pipesim import split, step_seconds
 
     m = lay.microbatches
     if lay.stages_per_rank > 1:
         weight = [shape.virtual_stage_flops_per_token(s) for s in range(lay.n_stages)]
     chunks = [busiest_s / m * w / shape.stage_flops_per_token(shape.busiest) for w in weight]
     latency = basis.pipeline_latency_s(lay.micro_batch, shape.act_bytes)
-    fwd, bwd = [c / 3 for c in chunks], [2 * c / 3 for c in chunks]
+    fwd, bwd = split(chunks)
     schedule = shape.cfg.parallel.pp_schedule
     v = lay.stages_per_rank
     step = step_seconds(schedule, fwd, bwd, m, latency, share=share, stages_per_rank=v)
     parts = _bubble_parts(step, busiest_s)
-    late = basis.pipeline_late_receive_s()
-    late = step_seconds(schedule, fwd, bwd, m, latency, late, share, v) - step
+    receive = basis.pipeline_late_receive_s()
+    late = step_seconds(schedule, fwd, bwd, m, latency, receive, share, v) - step
     if late > 0:
         parts[LATE_RECEIVES] = late
     return parts

@@ -200,6 +200,12 @@ def interleaved(p: int, v: int, m: int, f: Sequence[float], b: Sequence[float]) 
     return programs
 
 
+def split(work: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Each stage's microbatch of ``work`` as its forward chunk and its backward (a third, two
+    thirds: backward computes two matmuls for each of forward's)."""
+    return [t / 3 for t in work], [2 * t / 3 for t in work]
+
+
 def simulate(programs: list[list[Action]], latency: float) -> list[float]:
     """Each stage's finishing time, every stage starting at 0."""
     posted: dict[tuple[Op, int], float] = {}  # (op, the end that posted it: 0 sender, 1 receiver)
