@@ -90,9 +90,10 @@ def _trimmed_mean(times: list[float]) -> float:
 DEEP = 4
 """Blocks of the deeper copy at most (``depth``): a copy of one block and one of the model's depth
 (up to this) put a model's cost on its own depth, where the line through one and two blocks
-stretched their noise threefold to 4 blocks. Tiny-cpu's tensor-parallel cost of its 4 blocks, 5
-measurements in one process: 55.4-65.1 ms through one and two blocks, 63.2-66.7 from the 4-block
-copy (and 59.7-84.3 against 66.0-84.5 in another minute of a busier host)."""
+reaches 4 blocks by stretching their difference threefold. Side by side (``bench/copy_depth.py``:
+tiny-cpu's tensor-parallel cost of its 4 blocks, 5 measurements a run) the 4-block copy was the
+steadier in one run of four (63.2-66.7 ms against 55.4-65.1) and not in the others (70.5-93.4
+against 80.5-94.1 in one): the host's drift outweighs the stretch."""
 
 
 def depth(cfg: TrainConfig) -> int:
