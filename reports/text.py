@@ -395,10 +395,23 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
             f" (the host's drift between them, in every prediction); each layout's ratio to that layout"
             f" was predicted within {a['ratio_error_max']:.0%}"
         )
+    if a.get("runs_resolve") is not None:
+        rounds = a["runs_resolve_rounds"]
+        lines.append(
+            f"  the runs themselves resolve about {a['runs_resolve']:.0%}: one round's run of each layout came"
+            f" within that of the median of its other runs (the median over {len(rounds)} rounds;"
+            f" {max(rounds):.0%} at worst); layouts closer than that are not told apart, and no prediction"
+            " from one run can be held closer"
+        )
     if data.get("no_predictions"):
         lines.append(f"no predictions: {data['no_predictions']}")
     elif data.get("basis"):
         lines.append(f"predictions from {data['basis']['run']}")
+        if anchor := data.get("anchor"):
+            lines.append(
+                f"  scaled to {len(anchor['runs_ms'])} plain runs of {anchor['layout']}, made before the other layouts ran"
+                f" ({anchor['scale']:.2f}x the profiled basis's step)"
+            )
         engines = a.get("engines") or {}
         if "replay" in engines:
             names = {"replay": "replayed", "model": "the layout model alone"}

@@ -258,8 +258,8 @@ def test_ctrl_c_keeps_what_a_sweep_measured(tmp_path: Path) -> None:
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=user_env(), start_new_session=True,
     )  # fmt: skip
     assert proc.stderr is not None
-    for line in proc.stderr:
-        if "[1/6]" in line:
+    for line in proc.stderr:  # a run measured: the anchor's first (the basis layout's), or a layout's
+        if "plain run 2/2" in line or "[1/" in line:
             break
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
     _, err = proc.communicate(timeout=120)
@@ -639,3 +639,38 @@ def test_a_peak_predicted_as_a_lower_bound_is_held_not_scored() -> None:
     assert sweep.agreement()["memory_lower_bounds_held"] == 0
     sweep.candidates.pop(1)
     assert "memory_lower_bounds" not in sweep.agreement()
+
+
+def test_a_sweep_says_what_its_own_runs_resolve() -> None:
+    """On 2 CPU ranks at tiny-cpu one run of a layout missed the median of its other runs by over 15%
+    in half the bench's rounds: a prediction from one basis run cannot be held closer than that,
+    so the sweep says how far one round's runs came from the median of the others, each round."""
+    from perfkit.reports.text import sweep_summary
+
+    from perfkit.optimizer.sweep import Sweep
+
+    def layout(name: str, runs: list[float]) -> Candidate:
+        c = Candidate(name, [], [Measurement(ok=True, step_ms=ms) for ms in runs])
+        for r in c.runs:
+            r.steps = 8
+        c.predicted = {"step_ms": runs[0]}
+        return c
+
+    sweep = Sweep("tiny-cpu", 2, [], 1)
+    sweep.candidates = [layout("dp2", [10.0, 12.0, 10.0]), layout("tp2", [40.0, 40.0, 50.0])]
+    # round 0: dp2 10 against 11 (-9.1%), tp2 40 against 45 (-11.1%); round 1: dp2 12 against 10
+    # (+20%), tp2 40 against 45; round 2: dp2 10 against 11, tp2 50 against 40 (+25%)
+    assert sweep.resolution(8) == pytest.approx([1 / 9, 0.2, 0.25])
+    a = sweep.agreement()
+    assert a["runs_resolve"] == pytest.approx(0.2)
+    line = "the runs themselves resolve about 20%: one round's run of each layout came within that"
+    assert line in sweep_summary(sweep.to_json(), 8)
+    assert "25% at worst" in sweep_summary(sweep.to_json(), 8)
+    for c in sweep.candidates:  # measured only (--no-predict): the runs resolve the same
+        c.predicted = None
+    assert sweep.agreement()["runs_resolve"] == pytest.approx(0.2)
+    from perfkit.reports.trials import render
+
+    assert "The runs themselves resolve about 20%" in render(sweep.to_json())
+    sweep.candidates[1].runs.pop()  # two runs: nothing to hold one against
+    assert sweep.resolution(8) == [] and "runs_resolve" not in sweep.agreement()
