@@ -209,12 +209,7 @@ def run_case(name: str, work: Path, steps_override: int | None = None) -> dict[s
     basis = data.get("basis") or {}
     own = [c for c in data["candidates"] if c["label"] == data.get("basis_layout") and c.get("predicted")]
     # no change: the model's step for the basis's own layout against the basis's measured step
-    # (before the anchor: the anchor scales every prediction to its layout's first plain runs)
-    no_change = (
-        own[0]["predicted"].get("unanchored_ms", own[0]["predicted"]["step_ms"]) / (basis["step_s"] * 1e3) - 1
-        if own and basis
-        else None
-    )
+    no_change = own[0]["predicted"]["step_ms"] / (basis["step_s"] * 1e3) - 1 if own and basis else None
     if a.get("spearman") is not None:
         print(
             f"Spearman {a['spearman']:.2f} over {a['layouts_ranked']} layouts; step time error median "

@@ -407,11 +407,6 @@ def sweep_summary(data: dict[str, Any], steps: int) -> str:
         lines.append(f"no predictions: {data['no_predictions']}")
     elif data.get("basis"):
         lines.append(f"predictions from {data['basis']['run']}")
-        if anchor := data.get("anchor"):
-            lines.append(
-                f"  scaled to {len(anchor['runs_ms'])} plain runs of {anchor['layout']}, made before the other layouts ran"
-                f" ({anchor['scale']:.2f}x the profiled basis's step)"
-            )
         engines = a.get("engines") or {}
         if "replay" in engines:
             names = {"replay": "replayed", "model": "the layout model alone"}

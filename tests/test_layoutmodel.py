@@ -310,21 +310,8 @@ def test_sweep_ledger_resumes_without_measuring_twice(
     # the basis's own layout (dp2, the basis's 30 ms against the 10 ms its plain runs took here):
     # the host's drift every prediction carries, and each layout's ratio to it without that drift
     a = data["agreement"]
-    first = data["candidates"][0]["predicted"]
-    unanchored, own = first["unanchored_ms"], first["step_ms"]
-    assert a["basis_drift"] == pytest.approx(unanchored / 10.0 - 1)
-    # anchored: every prediction scaled to the first 2 plain runs of that layout, measured before any
-    # other layout (and counted among its runs: no run made twice, above)
-    assert calls[:2] == [calls[0]] * 2 and "parallel.tp=1" in calls[0]
-    assert data["anchor"]["runs_ms"] == [10.0, 10.0] and own == pytest.approx(10.0)
-    assert "scaled to 2 plain runs of dp2, made before the other layouts ran" in sweep_summary(data, 12)
-    from perfkit.reports import trials
-
-    assert "scaled to 2 plain runs of dp2 made before the other layouts ran" in trials.render(data)
-    for c in data["candidates"]:
-        p = c["predicted"]
-        assert p["step_ms"] == pytest.approx(p["unanchored_ms"] * data["anchor"]["scale"])
-        assert sum(p["time_ms"].values()) == pytest.approx(p["step_ms"])
+    own = data["candidates"][0]["predicted"]["step_ms"]
+    assert a["basis_drift"] == pytest.approx(own / 10.0 - 1)
     ratios = [(c["predicted"]["step_ms"] / own) / (c["step_ms"] / 10.0) - 1 for c in data["candidates"]]
     assert a["ratio_error_max"] == pytest.approx(max(abs(r) for r in ratios))
     assert (

@@ -156,8 +156,6 @@ class Sweep:
     """Why the basis gave no predictions (too few steps, a model that misses the basis itself)."""
     no_replay: str | None = None
     """Why the predictions are the layout model's alone (the basis has no trace that replays)."""
-    anchor: dict[str, Any] | None = None
-    """The plain runs of the basis's layout the predictions were scaled to (``_anchor``)."""
     rungs: list[tuple[int, int, int]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     interrupted: bool = False
@@ -267,8 +265,8 @@ class Sweep:
         (of those with 3 runs or more of ``steps`` steps) came from the median of its other runs, the
         largest over the layouts; empty where fewer than two layouts have 3 runs. A prediction from
         one profiled basis run can be held no closer than its own layout's single run: on 2 CPU ranks
-        at tiny-cpu (24-115 ms steps) one round's runs missed that median by over 15% in 35 of 70
-        rounds of the bench's time case, at 12.8M parameters in 3 of 48 (bench 2026-12-06)."""
+        at tiny-cpu (24-115 ms steps) one round's runs missed that median by over 15% in 50 of 90
+        rounds of the bench's time case, at 12.8M parameters in 3 of 48 (``bench/noise_floor.py``)."""
         runs = [
             good
             for c in self.candidates
@@ -289,26 +287,20 @@ class Sweep:
         took 30.6% longer than its layout's plain runs minutes later (bench 2026-12-06f)."""
         if self.basis is None or steps is None:
             return {}
-        own = self.own()
-        measured = self.median_at(own, steps) if own is not None else None
-        if own is None or not measured or not own.predicted:
-            return {}
-        predicted = own.predicted["step_ms"]
-        return {
-            "basis_drift": own.predicted.get("unanchored_ms", predicted) / measured - 1,
-            "ratio_error_max": max(abs((p / predicted) / (m / measured) - 1) for p, m in pairs if m),
-        }
-
-    def own(self) -> Candidate | None:
-        """The candidate of the basis's own layout, where the sweep has one to run."""
-        if self.basis is None:
-            return None
         from perfkit.trainer.config import config_from_dict
 
         name = self.basis_layout
         if name is None and self.basis.world_size == self.nproc * self.nodes:
             name = describe(config_from_dict(self.basis.config), self.basis.shape.layout)
-        return next((c for c in self.candidates if c.label == name and not c.skipped), None)
+        own = next((c for c in self.candidates if c.label == name and c.predicted), None)
+        measured = self.median_at(own, steps) if own is not None else None
+        if own is None or not measured or not own.predicted:
+            return {}
+        predicted = own.predicted["step_ms"]
+        return {
+            "basis_drift": predicted / measured - 1,
+            "ratio_error_max": max(abs((p / predicted) / (m / measured) - 1) for p, m in pairs if m),
+        }
 
     def to_json(self) -> dict[str, Any]:
         ranked = self.ranked()
@@ -331,7 +323,6 @@ class Sweep:
             **({"no_predictions": self.refusal} if self.refusal else {}),
             **({"no_replay": self.no_replay} if self.no_replay else {}),
             **({"basis_layout": self.basis_layout} if self.basis_layout else {}),
-            **({"anchor": self.anchor} if self.anchor else {}),
             "agreement": self.agreement(),
             "candidates": [
                 {
@@ -502,62 +493,6 @@ def _replayer(
         return None
 
 
-ANCHOR_RUNS = 2
-"""Plain runs of the basis's layout the predictions are scaled to, before any other layout runs."""
-
-
-def _anchor(sweep: Sweep, out: Path, nodes: Nodes, progress: Reporter, results: Path) -> float:
-    """The predictions' scale: the median of ``ANCHOR_RUNS`` plain runs of the basis's own layout
-    (the first of its runs, kept in the ledger and counted among them) over the profiled basis's step.
-    One profiled run's step had moved -10% to +12.5% against its layout's plain runs in the bench's
-    time case; scaled so, the predictions of that case's 19 recorded runs would have met 15% in 6,
-    where they met it in 3 (``bench/noise_floor.py``: the basis layout's first plain run in place
-    of the basis's step). 1 where the sweep has no such layout to run, or its runs fail, and under
-    successive halving (``top``), whose short first runs would not count them."""
-    own = sweep.own()
-    assert sweep.basis is not None
-    if own is None or not sweep.basis.step_s or sweep.top:
-        return 1.0
-    want = min(ANCHOR_RUNS, sweep.repeats)
-    with tempfile.TemporaryDirectory(dir=out) as work:
-        for r in range(len(sweep.runs_at(own, sweep.steps)), want):
-            if any(not m.ok for m in own.runs):
-                break
-            progress(
-                f"anchoring the predictions: plain run {r + 1}/{want} of the basis's layout ({own.label})",
-                0,
-                0,
-            )
-            _measure_once(sweep, own, sweep.steps, r, Path(work), nodes)
-            write_json_atomic(results, sweep.to_json())
-    good = [m.step_ms for m in sweep.runs_at(own, sweep.steps)[:want] if m.ok and m.step_ms]
-    if len(good) < want:
-        progress(f"predictions not anchored: {own.label}'s plain run failed", 0, 0)
-        return 1.0
-    scale = statistics.median(good) / (sweep.basis.step_s * 1e3)
-    sweep.anchor = {"layout": own.label, "runs_ms": good, "scale": scale}
-    return scale
-
-
-def _anchored(predicted: dict[str, Any], scale: float) -> dict[str, Any]:
-    """A prediction scaled to the anchor's plain runs: its step, spread and engines; the scaling is
-    a part of its own, and the figure before it kept (``unanchored_ms``)."""
-    if scale == 1.0:
-        return predicted
-    step = predicted["step_ms"]
-    return {
-        **predicted,
-        "step_ms": step * scale,
-        "unanchored_ms": step,
-        "uncertainty_ms": (predicted.get("uncertainty_ms") or 0.0) * scale,
-        "time_ms": {
-            **predicted.get("time_ms", {}),
-            "plain runs of the basis's layout (the anchor)": step * (scale - 1),
-        },
-        "engines": {k: v * scale for k, v in predicted.get("engines", {}).items()},
-    }
-
-
 def _limit(sweep: Sweep, memory_limit: float | None, basis: Basis) -> tuple[float | None, str]:
     """The per-rank memory a layout must fit in, and what it is."""
     if memory_limit:
@@ -623,7 +558,6 @@ def run_sweep(
                     predict = False
             if predict and sweep.basis is not None:
                 limit, what = _limit(sweep, memory_limit, sweep.basis)
-                scale = _anchor(sweep, Path(out), nodes, progress, results)
                 replayer = _replayer(sweep, basis_run, out, nodes, progress)
                 for c in sweep.candidates:
                     if c.skipped:
@@ -639,7 +573,7 @@ def run_sweep(
                                 dataclasses.replace(replayed, notes=[*p.notes, *replayed.notes]),
                                 "replay",
                             )
-                    c.predicted = _anchored({**p.to_json(), "engine": engine, "engines": engines}, scale)
+                    c.predicted = {**p.to_json(), "engine": engine, "engines": engines}
                     if limit and p.peak_bytes and p.peak_bytes > limit:
                         c.skipped = f"predicted peak {p.peak_bytes / 2**30:.2f} GiB a rank exceeds {limit / 2**30:.2f} GiB ({what})"
                 sweep.candidates.sort(key=lambda c: (c.predicted or {}).get("step_ms") or math.inf)
@@ -687,7 +621,12 @@ def _measure_rung(
             if todo[id(c)] <= 0 or any(not m.ok for m in c.runs):
                 continue
             todo[id(c)] -= 1
-            m = _measure_once(sweep, c, steps, r, work, nodes)
+            key = hashlib.sha1(f"{sweep.config}{c.overrides}{steps}{r}".encode()).hexdigest()[:12]
+            m = measure(
+                sweep.config, sweep.nproc, [*c.overrides, f"steps={steps}"], work, nodes, f"perfkit-{key}"
+            )
+            m.steps = steps
+            c.runs.append(m)
             done += 1
             write_json_atomic(results, sweep.to_json())
             figure = (
@@ -701,12 +640,3 @@ def _measure_rung(
                 else ""
             )
             progress(f"[{done}/{total}] {c.label} ({where}): {figure}{predicted}", done, total)
-
-
-def _measure_once(sweep: Sweep, c: Candidate, steps: int, r: int, work: Path, nodes: Nodes) -> Measurement:
-    """One plain run of ``c``, ``steps`` steps (its ``r``-th), added to its runs."""
-    key = hashlib.sha1(f"{sweep.config}{c.overrides}{steps}{r}".encode()).hexdigest()[:12]
-    m = measure(sweep.config, sweep.nproc, [*c.overrides, f"steps={steps}"], work, nodes, f"perfkit-{key}")
-    m.steps = steps
-    c.runs.append(m)
-    return m
