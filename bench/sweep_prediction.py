@@ -282,17 +282,30 @@ def main() -> None:
             rows.append(run_case(name, Path(tmp), args.steps))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    ok = all(
-        (r["no_predictions"] and r["case"] == "short")
-        or (
-            (r["spearman"] or 0) >= 0.9
-            and (r["time_error_max"] or 1) <= WITHIN
-            and (r["memory_error_max"] is None or r["memory_error_max"] <= WITHIN)
-            and r.get("memory_lower_bounds_held") == r.get("memory_lower_bounds")
-        )
-        for r in rows
+    met = {r["case"]: _met(r) for r in rows}
+    print()
+    for r in rows:
+        resolve = r.get("runs_resolve")
+        verdict = "met" if met[r["case"]] else "missed"
+        if not met[r["case"]] and resolve is not None and resolve > WITHIN:
+            # a miss where one run of each layout misses the others' median by more than the target
+            # too: the measurement cannot tell the prediction's error from its own
+            verdict += f" (unresolved: this run's runs resolve {resolve:.0%}, over the {WITHIN:.0%} target)"
+        print(f"{r['case']}: {verdict}")
+    sys.exit(0 if all(met.values()) else 1)
+
+
+def _met(r: dict[str, Any]) -> bool:
+    """The issue's targets: Spearman >= 0.9, every step time and point peak within 15%, every lower
+    bound held; the short case, no prediction at all."""
+    if r["case"] == "short":
+        return bool(r["no_predictions"])
+    return bool(
+        (r["spearman"] or 0) >= 0.9
+        and (r["time_error_max"] or 1) <= WITHIN
+        and (r["memory_error_max"] is None or r["memory_error_max"] <= WITHIN)
+        and r.get("memory_lower_bounds_held") == r.get("memory_lower_bounds")
     )
-    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
