@@ -24,19 +24,10 @@ import json
 import statistics
 from pathlib import Path
 
+from perfkit.optimizer.sweep import resolution
+
 WITHIN = 0.15
 RESULTS = Path(__file__).parent / "results"
-
-
-def resolve(runs: list[list[float]]) -> list[float]:
-    """Each round: the largest miss of one layout's run against the median of its other runs."""
-    runs = [r for r in runs if len(r) >= 3]
-    if len(runs) < 2:
-        return []
-    return [
-        max(abs(r[i] / statistics.median(r[:i] + r[i + 1 :]) - 1) for r in runs)
-        for i in range(min(len(r) for r in runs))
-    ]
 
 
 def anchored(layouts: list[dict], basis: str = "dp2") -> dict[str, float] | None:
@@ -64,7 +55,7 @@ def main() -> None:
     for f in files:
         for case in json.loads(Path(f).read_text()):
             layouts = case.get("layouts") or []
-            rounds.setdefault(case["case"], []).extend(resolve([row["runs_ms"] for row in layouts]))
+            rounds.setdefault(case["case"], []).extend(resolution([row["runs_ms"] for row in layouts]))
             if case["case"] == "time" and not case.get("anchored") and (a := anchored(layouts)):
                 anchors.append(a)
     print(f"{len(files)} recorded runs of bench/sweep_prediction.py")

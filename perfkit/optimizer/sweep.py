@@ -55,6 +55,19 @@ MIN_STEPS = WARMUP + 4
 """The fewest steps a short (halving) run trains: the warm-up and a few timed steps."""
 
 
+def resolution(runs: Sequence[Sequence[float]]) -> list[float]:
+    """Each round (a run's index), how far that run of each layout came from the median of the
+    layout's other runs, the largest over the layouts with 3 runs or more; empty where fewer than
+    two layouts have 3 (``Sweep.resolution``)."""
+    kept = [list(r) for r in runs if len(r) >= 3]
+    if len(kept) < 2:
+        return []
+    return [
+        max(abs(r[i] / statistics.median(r[:i] + r[i + 1 :]) - 1) for r in kept)
+        for i in range(min(len(r) for r in kept))
+    ]
+
+
 def parse_layout(spec: str) -> list[str]:
     """``tp=2,pp=2`` -> ``["parallel.tp=2", "parallel.pp=2"]``; a dotted key is kept as it is."""
     out = []
@@ -267,17 +280,9 @@ class Sweep:
         one profiled basis run can be held no closer than its own layout's single run: on 2 CPU ranks
         at tiny-cpu (24-115 ms steps) one round's runs missed that median by over 15% in 50 of 90
         rounds of the bench's time case, at 12.8M parameters in 3 of 48 (``bench/noise_floor.py``)."""
-        runs = [
-            good
-            for c in self.candidates
-            if len(good := [r.step_ms for r in self.runs_at(c, steps) if r.ok and r.step_ms]) >= 3
-        ]
-        if len(runs) < 2:
-            return []
-        return [
-            max(abs(r[i] / statistics.median(r[:i] + r[i + 1 :]) - 1) for r in runs)
-            for i in range(min(len(r) for r in runs))
-        ]
+        return resolution(
+            [[r.step_ms for r in self.runs_at(c, steps) if r.ok and r.step_ms] for c in self.candidates]
+        )
 
     def _basis_drift(self, steps: int | None, pairs: list[tuple[float, float]]) -> dict[str, float]:
         """Where the basis's own layout was measured: its predicted step (the basis's profiled run)
