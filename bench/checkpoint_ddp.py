@@ -5,9 +5,10 @@
 The layout model charges checkpointing by a one-block copy without DDP (``costs.layout_costs``:
 ``checkpoint_block_s``) times the blocks. An exploratory sweep at 8 blocks, d_model 64 and 128
 tokens (``bench/results/sweep-explore-2026-12-06i-cpu.json``, ``...-06j``) measured checkpointing
-42 ms over DDP where 30 were predicted. Here, on every rank, copies of 1 and 8 blocks, with and
+42 ms over DDP where 30 were predicted. Here, on every rank, copies of 1, 4 and 8 blocks, with and
 without DDP, plain and checkpointed, interleaved round by round (after a barrier), 20 rounds;
-rank 0 prints each median and what checkpointing adds, a block.
+rank 0 prints each median and what checkpointing adds, a block, and, for 8 blocks, what one block
+times 8 says against the line through 1 and 4 blocks (as the tensor-parallel copies are read).
 """
 
 import dataclasses
@@ -43,7 +44,7 @@ def fn(layers, ddp, ck):
     return run
 
 
-cases = {(n, d, c): fn(n, d, c) for n in (1, 8) for d in (False, True) for c in (False, True)}
+cases = {(n, d, c): fn(n, d, c) for n in (1, 4, 8) for d in (False, True) for c in (False, True)}
 for f in cases.values():
     f()
     f()
@@ -56,10 +57,16 @@ for _ in range(20):
         times[k].append(time.perf_counter() - t0)
 if dist.get_rank() == 0:
     med = {k: st.median(v) * 1e3 for k, v in times.items()}
-    for n in (1, 8):
+    for n in (1, 4, 8):
         for d in (False, True):
             a, b = med[(n, d, False)], med[(n, d, True)]
             print(
                 f"layers {n} ddp {d}: plain {a:.1f} ckpt {b:.1f} extra {b - a:.1f} per block {(b - a) / n:.2f}"
             )
+    for d in (False, True):  # what 8 blocks cost: one block times 8, and the line through 1 and 4
+        one, four, eight = (med[(n, d, True)] - med[(n, d, False)] for n in (1, 4, 8))
+        line = one + (four - one) / 3 * 7
+        print(
+            f"ddp {d}: 8 blocks took {eight:.1f}; one block x 8 says {8 * one:.1f}, the line through 1 and 4 {line:.1f}"
+        )
 dist.destroy_process_group()
